@@ -1,0 +1,29 @@
+# Two commands for a newcomer: `make test` and `make demo`. Both create .venv on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: test test-all demo bench clean-venv
+
+$(STAMP): requirements.txt requirements-test.txt pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check -U pip
+	$(VENV)/bin/pip install -q -r requirements-test.txt
+	$(VENV)/bin/pip install -q --no-deps -e .
+	touch $(STAMP)
+
+test: $(STAMP)  ## fast suite (slow tests excluded)
+	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
+
+test-all: $(STAMP)  ## everything, slow tests included
+	$(PY) -m pytest -q -n 2 -m "" $(PYTEST_ARGS)
+
+demo: $(STAMP)  ## train dense teacher + both Sparsifiner phases on digits, evaluate, print the table
+	$(PY) -m sparsifiner_jax.demo --workdir $${WORKDIR:-workdirs/demo}
+
+bench: $(STAMP)
+	$(PY) benchmarks/run.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,174 @@
+"""Attention masks and the executors that consume them.
+
+One mask interface serves every attention pattern (Sparsifiner's learned top-k, and later the fixed
+patterns of ``sparsifiner_jax.patterns``). A pattern provider returns a :class:`AttentionMask`:
+
+* ``indices`` ``[B|1, H|1, R, K] int32``: for each of the ``R = N - num_dense_rows`` *sparse* query rows,
+  the ``K`` key columns it keeps (padded entries are marked invalid by ``valid``);
+* ``valid`` ``[B|1, H|1, R, K] bool`` or ``None`` (all ``K`` entries are real);
+* ``num_dense_rows`` (static int): the first query rows attend to every key. Sparsifiner keeps the
+  CLS query dense, so this is 1 there.
+
+CLS handling lives here, in one place: the dense leading rows are never part of ``indices``.
+
+Executors (``EXECUTORS``), all with the same signature ``(q, k, v, mask) -> out`` on ``[B, N, H, d]``:
+
+* ``dense``  -- plain softmax attention; ignores the mask (the teacher).
+* ``masked`` -- the reference: dense logits, ``-inf`` outside the mask, softmax, rows with no kept key
+  return 0 (the official code's ``nan_to_num``).
+* ``sparse`` -- computes only the kept entries: gathers the kept keys/values per row and reduces with
+  segment ops (``jax.ops.segment_max``/``segment_sum``) over the flattened edge list, so the work is
+  proportional to the number of kept entries, not to N^2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AttentionMask:
+  """Row-sparse attention connectivity; see the module docstring for the layout."""
+
+  indices: Array
+  valid: Array | None = None
+  num_dense_rows: int = dataclasses.field(default=1, metadata=dict(static=True))
+  num_keys: int = dataclasses.field(default=0, metadata=dict(static=True))
+
+  @property
+  def keys_per_row(self) -> int:
+    return self.indices.shape[-1]
+
+  def to_dense(self) -> Array:
+    """Boolean mask ``[B|1, H|1, N, N]``; dense rows are all True."""
+    *lead, rows, _ = self.indices.shape
+    n = self.num_keys
+    sparse_rows = indices_to_dense(self.indices, n, self.valid)
+    dense_rows = jnp.ones((*lead, self.num_dense_rows, n), bool)
+    return jnp.concatenate([dense_rows, sparse_rows], axis=-2)
+
+  def nnz(self) -> Array:
+    """Kept entries per (batch, head): ``[B|1, H|1]``."""
+    per_sparse = (jnp.sum(self.valid, axis=(-1, -2)) if self.valid is not None
+                  else jnp.full(self.indices.shape[:-2], self.indices.shape[-2] * self.keys_per_row))
+    return per_sparse + self.num_dense_rows * self.num_keys
+
+  def density(self) -> Array:
+    """Mean fraction of the N x N attention matrix that is kept (scalar)."""
+    n_rows = self.num_dense_rows + self.indices.shape[-2]
+    return jnp.mean(self.nnz()) / (n_rows * self.num_keys)
+
+
+def indices_to_dense(indices: Array, n: int, valid: Array | None = None) -> Array:
+  """Scatters ``indices [..., R, K]`` into a boolean ``[..., R, n]`` (exactly the listed columns)."""
+  lead = indices.shape[:-1]
+  flat_idx = indices.reshape(-1, indices.shape[-1])
+  upd = (jnp.ones(flat_idx.shape, bool) if valid is None
+         else jnp.broadcast_to(valid, indices.shape).reshape(flat_idx.shape))
+  rows = jnp.arange(flat_idx.shape[0])[:, None]
+  out = jnp.zeros((flat_idx.shape[0], n), bool).at[rows, flat_idx].max(upd)
+  return out.reshape(*lead, n)
+
+
+def topk_mask(scores: Array, k: int, num_dense_rows: int = 1) -> AttentionMask:
+  """Keeps the ``k`` highest ``scores [B, H, R, N]`` per row (ties: lowest index first).
+
+  ``R`` are the sparse query rows (the dense leading rows are not scored). Uses ``lax.top_k`` on the
+  full row and keeps only the indices: slicing the *values* instead makes XLA rewrite TopK into a full
+  sort (ENVIRONMENT.md §4b).
+  """
+  n = scores.shape[-1]
+  if not 1 <= k <= n:
+    raise ValueError(f"top-k budget k={k} must be in [1, {n}] (the number of keys)")
+  _, idx = jax.lax.top_k(scores, k)
+  return AttentionMask(indices=jax.lax.stop_gradient(idx.astype(jnp.int32)),
+                       num_dense_rows=num_dense_rows, num_keys=n)
+
+
+# --------------------------------------------------------------------------------------------------
+# Executors. q, k, v: [B, N, H, d] (the layout of the fused qkv projection); out: [B, N, H, d].
+
+
+def attention_logits(q: Array, k: Array) -> Array:
+  """Scaled dot-product logits ``[B, H, N, N]`` (scale d^-1/2)."""
+  scale = q.shape[-1] ** -0.5
+  return jnp.einsum("bqhd,bkhd->bhqk", q * scale, k)
+
+
+def attention_probs(q: Array, k: Array) -> Array:
+  """Dense (unmasked) attention probabilities ``[B, H, N, N]`` in float32."""
+  return jax.nn.softmax(attention_logits(q, k).astype(jnp.float32), axis=-1)
+
+
+def dense_attention(q: Array, k: Array, v: Array, mask: AttentionMask | None = None) -> Array:
+  del mask
+  return jax.nn.dot_product_attention(q, k, v)
+
+
+def masked_attention(q: Array, k: Array, v: Array, mask: AttentionMask | None) -> Array:
+  if mask is None:
+    return dense_attention(q, k, v)
+  keep = mask.to_dense()
+  logits = attention_logits(q, k).astype(jnp.float32)
+  logits = jnp.where(keep, logits, -jnp.inf)
+  row_max = jnp.max(logits, axis=-1, keepdims=True)
+  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+  p = jnp.exp(logits - jax.lax.stop_gradient(row_max))
+  denom = jnp.sum(p, axis=-1, keepdims=True)
+  probs = jnp.where(denom > 0, p / jnp.where(denom > 0, denom, 1.0), 0.0)  # all-masked rows -> 0
+  return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+
+
+def sparse_attention(q: Array, k: Array, v: Array, mask: AttentionMask | None) -> Array:
+  """Computes only the kept entries: per-row gathers, then segment softmax over the edge list."""
+  if mask is None:
+    return dense_attention(q, k, v)
+  b, n, h, d = q.shape
+  nd = mask.num_dense_rows
+  out_dense = jax.nn.dot_product_attention(q[:, :nd], k, v) if nd else None
+
+  idx = jnp.broadcast_to(mask.indices, (b, h, n - nd, mask.keys_per_row))
+  kk = idx.shape[-1]
+  qs = jnp.transpose(q[:, nd:], (0, 2, 1, 3))              # [B, H, R, d]
+  kt = jnp.transpose(k, (0, 2, 1, 3))                      # [B, H, N, d]
+  vt = jnp.transpose(v, (0, 2, 1, 3))
+  gather = jax.vmap(jax.vmap(lambda t, i: t[i]))           # [N, d], [R, K] -> [R, K, d]
+  k_sel, v_sel = gather(kt, idx), gather(vt, idx)          # [B, H, R, K, d]
+  logits = jnp.einsum("bhrd,bhrkd->bhrk", qs * d ** -0.5, k_sel).astype(jnp.float32)
+  if mask.valid is not None:
+    logits = jnp.where(jnp.broadcast_to(mask.valid, logits.shape), logits, -jnp.inf)
+
+  # Segment softmax over the flattened edge list: one segment per (b, h, row).
+  num_seg = b * h * (n - nd)
+  seg = jnp.repeat(jnp.arange(num_seg), kk)
+  flat = logits.reshape(-1)
+  seg_max = jax.ops.segment_max(flat, seg, num_segments=num_seg, indices_are_sorted=True)
+  seg_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(seg_max), seg_max, 0.0))
+  p = jnp.exp(flat - seg_max[seg])
+  denom = jax.ops.segment_sum(p, seg, num_segments=num_seg, indices_are_sorted=True)
+  w = p / jnp.where(denom > 0, denom, 1.0)[seg]
+  weighted = w[:, None].astype(v.dtype) * v_sel.reshape(-1, d)
+  out = jax.ops.segment_sum(weighted, seg, num_segments=num_seg, indices_are_sorted=True)
+  out = jnp.transpose(out.reshape(b, h, n - nd, d), (0, 2, 1, 3))
+  return out if out_dense is None else jnp.concatenate([out_dense, out], axis=1)
+
+
+Executor = Callable[[Array, Array, Array, AttentionMask | None], Array]
+EXECUTORS: dict[str, Executor] = {
+    "dense": dense_attention,
+    "masked": masked_attention,
+    "sparse": sparse_attention,
+}
+
+
+def get_executor(name: str) -> Executor:
+  if name not in EXECUTORS:
+    raise ValueError(f"unknown attention executor {name!r}; allowed: {sorted(EXECUTORS)}")
+  return EXECUTORS[name]

@@ -1,0 +1,60 @@
+"""Model zoo: ``create(name, keep_rate=..., rngs=...)``.
+
+>>> from flax import nnx
+>>> from sparsifiner_jax import models
+>>> model = models.create("deit_small_patch16_224", keep_rate=0.25, rngs=nnx.Rngs(0))
+>>> logits, aux = model(images, train=False)   # images: [B, 224, 224, 3] float32, normalised
+
+``keep_rate=None`` builds the dense ViT (the teacher). Any ``ViTConfig`` field can be overridden by
+keyword (``num_classes``, ``img_size``, ``patch_size``, ``executor``, ``reduce_n``, ``reduce_c``, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from flax import nnx
+
+from sparsifiner_jax.models.predictor import MaskPredictor
+from sparsifiner_jax.models.vit import Attention, Block, ViTConfig, VisionTransformer
+
+# Architectures, named after timm where timm has them.
+VARIANTS: dict[str, ViTConfig] = {
+    "deit_tiny_patch16_224": ViTConfig(embed_dim=192, depth=12, num_heads=3),
+    "deit_small_patch16_224": ViTConfig(embed_dim=384, depth=12, num_heads=6),
+    "deit_base_patch16_224": ViTConfig(embed_dim=768, depth=12, num_heads=12),
+    # Small models for the embedded digits data (16x16 after upsampling) and for tests.
+    "vit_digits": ViTConfig(img_size=16, patch_size=2, in_chans=3, num_classes=10, embed_dim=96,
+                            depth=4, num_heads=4, mlp_ratio=2.0, reduce_n=4),
+    "vit_test": ViTConfig(img_size=16, patch_size=4, in_chans=3, num_classes=10, embed_dim=32,
+                          depth=2, num_heads=2, mlp_ratio=2.0, reduce_n=2, coef_topk=4),
+}
+
+
+def names() -> list[str]:
+  return sorted(VARIANTS)
+
+
+def get_config(name: str, **overrides: Any) -> ViTConfig:
+  """The validated ``ViTConfig`` of a named variant with keyword overrides applied."""
+  if name not in VARIANTS:
+    raise ValueError(f"unknown model {name!r}; known models: {', '.join(names())}")
+  fields = {f.name for f in dataclasses.fields(ViTConfig)}
+  unknown = sorted(set(overrides) - fields)
+  if unknown:
+    raise ValueError(f"unknown model option(s) {unknown}; allowed: {sorted(fields)}")
+  if isinstance(overrides.get("keep_rate"), (list, tuple)):
+    overrides["keep_rate"] = tuple(overrides["keep_rate"])
+  return dataclasses.replace(VARIANTS[name], **overrides).validate()
+
+
+def create(name: str, keep_rate: float | None = None, *, rngs: nnx.Rngs | None = None,
+           **overrides: Any) -> VisionTransformer:
+  """Builds a named model; ``keep_rate=None`` is the dense ViT, a float (or per-layer list) Sparsifiner."""
+  cfg = get_config(name, keep_rate=keep_rate, **overrides)
+  return VisionTransformer(cfg, rngs=rngs if rngs is not None else nnx.Rngs(0))
+
+
+__all__ = ["Attention", "Block", "MaskPredictor", "VARIANTS", "ViTConfig", "VisionTransformer",
+           "create", "get_config", "names"]

@@ -1,0 +1,110 @@
+"""Sparsifiner's connectivity (mask) predictor -- SPARSIFINER.md §1, as the official code does it.
+
+Parameter names follow the official ``MaskPredictor`` so its checkpoints load by name:
+``proj_c_q``, ``proj_c_k`` (Linear d -> c, shared across heads), ``proj_n`` and ``proj_back_n``
+(``[N, m]``: token down-projection of keys and the attention basis W_up, used transposed).
+
+Sizing: ``N`` is the token count of the model's configured image size (``(img/patch)^2 + 1``),
+``c = d // reduce_c`` and ``m = N // reduce_n``. The official code asserts N = 197; here any N works, but a
+predictor built for N tokens only takes N tokens. To move to another resolution, resample the patch rows of
+``proj_n``/``proj_back_n`` over the 2-D patch grid (``convert.resize_token_params``), keeping m.
+
+Two modes:
+
+* reconstruction (``recon=True``; phase 1 training): signed dense basis ``W_upᵀ``, dense coefficients;
+  no mask is produced (the attention stays dense).
+* sparse (everything else): basis ``T(|W_upᵀ|)`` keeping entries ``> basis_threshold`` (the official
+  code's abs; ``signed_basis=True`` keeps the sign instead, SPARSIFINER.md §8.2), coefficients cut to their
+  top-``coef_topk`` softmax values (not renormalised), then top-k keys per query row.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sparsifiner_jax import attention as attn_lib
+
+Array = jax.Array
+
+
+class MaskPredictor(nnx.Module):
+  """Low-rank approximation of one layer's attention, used to rank keys per query row.
+
+  Args:
+    num_heads, head_dim: H and d of the attention it predicts for.
+    num_tokens: N, including the CLS token.
+    keep_rate: rho; the budget is k = ceil(rho * N) keys per patch query row.
+    reduce_n, reduce_c: rn and rc (m = N // rn, c = d // rc).
+  """
+
+  def __init__(self, num_heads: int, head_dim: int, num_tokens: int, keep_rate: float, *,
+               reduce_n: int = 6, reduce_c: int = 2, basis_threshold: float = 0.02,
+               coef_topk: int = 8, signed_basis: bool = False, dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    self.num_heads = num_heads
+    self.num_tokens = num_tokens
+    self.keep_rate = keep_rate
+    self.budget = math.ceil(keep_rate * num_tokens)
+    self.basis_threshold = basis_threshold
+    self.signed_basis = signed_basis
+    reduced_c = head_dim // reduce_c
+    reduced_n = num_tokens // reduce_n
+    if reduced_c < 1 or reduced_n < 1:
+      raise ValueError(
+          f"predictor sizes must be >= 1: head_dim {head_dim} // reduce_c {reduce_c} = {reduced_c}, "
+          f"tokens {num_tokens} // reduce_n {reduce_n} = {reduced_n}; lower the reduce factors")
+    self.coef_topk = min(coef_topk, reduced_n)
+    linear = dict(kernel_init=nnx.initializers.truncated_normal(0.02),
+                  bias_init=nnx.initializers.zeros, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    self.proj_c_q = nnx.Linear(head_dim, reduced_c, **linear)
+    self.proj_c_k = nnx.Linear(head_dim, reduced_c, **linear)
+    init = nnx.initializers.normal(0.02)
+    self.proj_n = nnx.Param(init(rngs.params(), (num_tokens, reduced_n), jnp.float32))
+    self.proj_back_n = nnx.Param(init(rngs.params(), (num_tokens, reduced_n), jnp.float32))
+
+  def basis(self, recon: bool) -> Array:
+    """The up-projection basis ``[m, N]`` for the given mode."""
+    basis = self.proj_back_n[...].T
+    if recon:
+      return basis
+    magnitude = jnp.abs(basis)
+    keep = magnitude > self.basis_threshold
+    return jnp.where(keep, basis if self.signed_basis else magnitude, 0.0)
+
+  def approx_attention(self, q: Array, k: Array, recon: bool) -> Array:
+    """Low-rank attention approximation Â ``[B, H, N-1, N]`` from raw q, k ``[B, N, H, d]``."""
+    n = q.shape[1]
+    if n != self.num_tokens:
+      raise ValueError(f"predictor was built for {self.num_tokens} tokens but got {n}; resize its "
+                       "token parameters (convert.resize_token_params) for a new resolution")
+    q_r = self.proj_c_q(q)                                            # [B, N, H, c]
+    k_r = self.proj_c_k(k)
+    k_hat = jnp.einsum("bnhc,nm->bhcm", k_r, self.proj_n[...].astype(k_r.dtype))
+    scores = jnp.einsum("bnhc,bhcm->bhnm", q_r[:, 1:], k_hat) * self.num_heads ** -0.5
+    coef = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)        # [B, H, N-1, m]
+    if not recon:
+      coef = keep_topk_values(coef, self.coef_topk)
+    return jnp.einsum("bhnm,mk->bhnk", coef, self.basis(recon))
+
+  def __call__(self, q: Array, k: Array, *, recon: bool = False
+               ) -> tuple[attn_lib.AttentionMask | None, Array]:
+    """Returns ``(mask, approx_attn)``; the mask is None in reconstruction mode (dense attention)."""
+    approx = self.approx_attention(q, k, recon)
+    if recon:
+      return None, approx
+    return attn_lib.topk_mask(jax.lax.stop_gradient(approx), self.budget, num_dense_rows=1), approx
+
+
+def keep_topk_values(x: Array, k: int) -> Array:
+  """Zeroes all but the ``k`` largest entries of each row of ``x`` (values kept, not renormalised)."""
+  if k >= x.shape[-1]:
+    return x
+  vals, idx = jax.lax.top_k(x, k)
+  rows = x.reshape(-1, x.shape[-1])
+  r = jnp.arange(rows.shape[0])[:, None]
+  out = jnp.zeros_like(rows).at[r, idx.reshape(-1, k)].set(vals.reshape(-1, k))
+  return out.reshape(x.shape)

@@ -1,0 +1,251 @@
+"""DeiT/ViT backbone in Flax NNX with optional Sparsifiner attention.
+
+Attribute names follow timm's ``VisionTransformer`` state-dict keys (``patch_embed.proj``, ``cls_token``,
+``pos_embed``, ``blocks[i].norm1``, ``blocks[i].attn.qkv``, ``blocks[i].attn.proj``, ``blocks[i].mlp.fc1``,
+``norm``, ``head``) and the official Sparsifiner's (``blocks[i].attn.mask_predictor.*``), so weight
+conversion is transposes only (``sparsifiner_jax.convert``).
+
+Pre-LN blocks, LayerNorm eps 1e-6, exact-erf GELU, qkv bias. Activations and matmuls run in
+``config.dtype``; parameters are always float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sparsifiner_jax import attention as attn_lib
+from sparsifiner_jax.models.predictor import MaskPredictor
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+  """Architecture and sparsity of a model. ``keep_rate=None`` builds a dense ViT (no predictors)."""
+
+  img_size: int = 224
+  patch_size: int = 16
+  in_chans: int = 3
+  num_classes: int = 1000
+  embed_dim: int = 384
+  depth: int = 12
+  num_heads: int = 6
+  mlp_ratio: float = 4.0
+  qkv_bias: bool = True
+  drop_path_rate: float = 0.0
+  # Sparsifiner (SPARSIFINER.md §1). A float or one value per layer.
+  keep_rate: float | tuple[float, ...] | None = None
+  reduce_n: int = 6
+  reduce_c: int = 2
+  basis_threshold: float = 0.02
+  coef_topk: int = 8
+  signed_basis: bool = False
+  executor: str = "masked"
+  dtype: str = "float32"
+
+  @property
+  def grid_size(self) -> int:
+    return self.img_size // self.patch_size
+
+  @property
+  def num_tokens(self) -> int:
+    return self.grid_size ** 2 + 1
+
+  @property
+  def head_dim(self) -> int:
+    return self.embed_dim // self.num_heads
+
+  @property
+  def sparse(self) -> bool:
+    return self.keep_rate is not None
+
+  def layer_keep_rates(self) -> tuple[float, ...] | None:
+    if self.keep_rate is None:
+      return None
+    if isinstance(self.keep_rate, (int, float)):
+      return (float(self.keep_rate),) * self.depth
+    return tuple(float(r) for r in self.keep_rate)
+
+  def validate(self) -> "ViTConfig":
+    """Raises ValueError naming the bad field and what is allowed."""
+    def bad(msg):
+      raise ValueError(msg)
+    for name in ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depth",
+                 "num_heads", "reduce_n", "reduce_c", "coef_topk"):
+      v = getattr(self, name)
+      if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        bad(f"{name}={v!r} must be a positive integer")
+    if self.img_size % self.patch_size:
+      bad(f"patch_size={self.patch_size} must divide img_size={self.img_size}")
+    if self.embed_dim % self.num_heads:
+      bad(f"num_heads={self.num_heads} must divide embed_dim={self.embed_dim}")
+    if self.executor not in attn_lib.EXECUTORS:
+      bad(f"unknown attention executor {self.executor!r}; allowed: {sorted(attn_lib.EXECUTORS)}")
+    if self.dtype not in ("float32", "bfloat16", "float16"):
+      bad(f"dtype={self.dtype!r}; allowed: float32, bfloat16, float16")
+    if not 0.0 <= self.drop_path_rate < 1.0:
+      bad(f"drop_path_rate={self.drop_path_rate} must be in [0, 1)")
+    rates = self.layer_keep_rates()
+    if rates is not None:
+      if len(rates) != self.depth:
+        bad(f"keep_rate has {len(rates)} entries but the model has depth {self.depth}; "
+            "give one float or one per layer")
+      for r in rates:
+        if not 0.0 < r <= 1.0:
+          bad(f"keep_rate={r} must be in (0, 1] (None for a dense model)")
+    return self
+
+
+def _dtype(name: str):
+  return jnp.dtype(name)
+
+
+class PatchEmbed(nnx.Module):
+  """Non-overlapping patches -> tokens: ``[B, H, W, C] -> [B, P, D]``."""
+
+  def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+    p = cfg.patch_size
+    self.proj = nnx.Conv(cfg.in_chans, cfg.embed_dim, kernel_size=(p, p), strides=(p, p),
+                         padding="VALID", dtype=_dtype(cfg.dtype), param_dtype=jnp.float32,
+                         kernel_init=nnx.initializers.lecun_normal(), rngs=rngs)
+
+  def __call__(self, x: Array) -> Array:
+    x = self.proj(x)
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+class Mlp(nnx.Module):
+  def __init__(self, dim: int, hidden: int, dtype, *, rngs: nnx.Rngs):
+    kw = dict(kernel_init=nnx.initializers.truncated_normal(0.02),
+              bias_init=nnx.initializers.zeros, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    self.fc1 = nnx.Linear(dim, hidden, **kw)
+    self.fc2 = nnx.Linear(hidden, dim, **kw)
+
+  def __call__(self, x: Array) -> Array:
+    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+
+
+class Attention(nnx.Module):
+  """Multi-head self-attention; with a ``mask_predictor`` when the layer is sparse.
+
+  ``__call__(x [B, N, D], recon) -> (out [B, N, D], aux)`` with aux keys ``mask`` (AttentionMask or
+  None), ``approx_attn`` (``[B, H, N-1, N]`` or None), ``attn`` (dense probabilities ``[B, H, N, N]``,
+  float32; XLA drops it when no caller uses it).
+  """
+
+  def __init__(self, cfg: ViTConfig, keep_rate: float | None, *, rngs: nnx.Rngs):
+    dtype = _dtype(cfg.dtype)
+    kw = dict(kernel_init=nnx.initializers.truncated_normal(0.02),
+              bias_init=nnx.initializers.zeros, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    self.num_heads = cfg.num_heads
+    self.qkv = nnx.Linear(cfg.embed_dim, 3 * cfg.embed_dim, use_bias=cfg.qkv_bias, **kw)
+    self.proj = nnx.Linear(cfg.embed_dim, cfg.embed_dim, **kw)
+    self.executor = attn_lib.get_executor(cfg.executor)
+    self.mask_predictor = nnx.data(None if keep_rate is None else MaskPredictor(
+          cfg.num_heads, cfg.head_dim, cfg.num_tokens, keep_rate, reduce_n=cfg.reduce_n,
+          reduce_c=cfg.reduce_c, basis_threshold=cfg.basis_threshold, coef_topk=cfg.coef_topk,
+          signed_basis=cfg.signed_basis, dtype=dtype, rngs=rngs))
+
+  def __call__(self, x: Array, *, recon: bool = False) -> tuple[Array, dict[str, Any]]:
+    b, n, dim = x.shape
+    qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, dim // self.num_heads)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]               # [B, N, H, d]
+    mask, approx = None, None
+    if self.mask_predictor is not None:
+      mask, approx = self.mask_predictor(q, k, recon=recon)
+    out = self.executor(q, k, v, mask) if mask is not None else attn_lib.dense_attention(q, k, v)
+    out = self.proj(out.reshape(b, n, dim))
+    aux = dict(mask=mask, approx_attn=approx, attn=attn_lib.attention_probs(q, k))
+    return out, aux
+
+
+class Block(nnx.Module):
+  def __init__(self, cfg: ViTConfig, keep_rate: float | None, drop_path: float, *, rngs: nnx.Rngs):
+    dtype = _dtype(cfg.dtype)
+    norm = dict(epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    self.norm1 = nnx.LayerNorm(cfg.embed_dim, **norm)
+    self.attn = Attention(cfg, keep_rate, rngs=rngs)
+    self.norm2 = nnx.LayerNorm(cfg.embed_dim, **norm)
+    self.mlp = Mlp(cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio), dtype, rngs=rngs)
+    self.drop_path = drop_path
+
+  def _drop(self, x: Array, rng: Array | None) -> Array:
+    """Stochastic depth: drops the whole residual branch per sample, rescales the kept ones."""
+    if rng is None or self.drop_path == 0.0:
+      return x
+    keep = 1.0 - self.drop_path
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    return x * jax.random.bernoulli(rng, keep, shape).astype(x.dtype) / keep
+
+  def __call__(self, x: Array, *, recon: bool = False, rng: Array | None = None):
+    rngs = (None, None) if rng is None else tuple(jax.random.split(rng))
+    y, aux = self.attn(self.norm1(x), recon=recon)
+    x = x + self._drop(y, rngs[0])
+    x = x + self._drop(self.mlp(self.norm2(x)), rngs[1])
+    return x, aux
+
+
+class VisionTransformer(nnx.Module):
+  """DeiT/ViT with class token; Sparsifiner attention in every layer when ``cfg.keep_rate`` is set.
+
+  Call: ``logits, aux = model(images, train=False, recon=False, rng=None)``
+
+  * ``images``: ``[B, img_size, img_size, in_chans]`` float, normalised (ImageNet mean/std for DeiT).
+  * ``train``: enables stochastic depth (needs ``rng``).
+  * ``recon``: Sparsifiner phase-1 mode -- dense attention, predictors in reconstruction mode.
+  * ``logits``: ``[B, num_classes]`` float32.
+  * ``aux`` (per-layer lists have ``depth`` entries; entries are None for dense layers):
+      - ``masks``: ``AttentionMask`` per layer (``.to_dense()`` gives ``[B, H, N, N]`` bool);
+      - ``approx_attn``: predictor's Â per layer, ``[B, H, N-1, N]`` float32;
+      - ``attn``: dense softmax attention per layer, ``[B, H, N, N]`` float32 (for the losses);
+      - ``tokens``: final-LayerNorm patch tokens ``[B, N-1, D]`` (CLS excluded);
+      - ``pre_logits``: final-LayerNorm CLS token ``[B, D]``.
+  """
+
+  def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+    self.config = cfg.validate()
+    dtype = _dtype(cfg.dtype)
+    self.patch_embed = PatchEmbed(cfg, rngs=rngs)
+    self.cls_token = nnx.Param(1e-6 * jax.random.normal(rngs.params(), (1, 1, cfg.embed_dim)))
+    self.pos_embed = nnx.Param(
+        nnx.initializers.truncated_normal(0.02)(rngs.params(), (1, cfg.num_tokens, cfg.embed_dim)))
+    rates = cfg.layer_keep_rates() or (None,) * cfg.depth
+    dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+    self.blocks = nnx.List([Block(cfg, rates[i], dpr[i], rngs=rngs) for i in range(cfg.depth)])
+    self.norm = nnx.LayerNorm(cfg.embed_dim, epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32,
+                              rngs=rngs)
+    self.head = nnx.Linear(cfg.embed_dim, cfg.num_classes, dtype=dtype, param_dtype=jnp.float32,
+                           kernel_init=nnx.initializers.truncated_normal(0.02),
+                           bias_init=nnx.initializers.zeros, rngs=rngs)
+
+  def check_input(self, images: Array) -> None:
+    cfg = self.config
+    want = (cfg.img_size, cfg.img_size, cfg.in_chans)
+    if images.ndim != 4 or tuple(images.shape[1:]) != want:
+      raise ValueError(f"images must be [batch, {want[0]}, {want[1]}, {want[2]}] (NHWC, "
+                       f"img_size={cfg.img_size}, in_chans={cfg.in_chans}); got shape "
+                       f"{tuple(images.shape)}")
+
+  def __call__(self, images: Array, *, train: bool = False, recon: bool = False,
+               rng: Array | None = None) -> tuple[Array, dict[str, Any]]:
+    self.check_input(images)
+    x = self.patch_embed(images.astype(_dtype(self.config.dtype)))
+    cls = jnp.broadcast_to(self.cls_token[...], (x.shape[0], 1, x.shape[-1])).astype(x.dtype)
+    x = jnp.concatenate([cls, x], axis=1) + self.pos_embed[...].astype(x.dtype)
+    masks, approx, attn = [], [], []
+    for i, block in enumerate(self.blocks):
+      block_rng = jax.random.fold_in(rng, i) if (train and rng is not None) else None
+      x, aux = block(x, recon=recon, rng=block_rng)
+      masks.append(aux["mask"])
+      approx.append(aux["approx_attn"])
+      attn.append(aux["attn"])
+    x = self.norm(x)
+    logits = self.head(x[:, 0]).astype(jnp.float32)
+    return logits, dict(masks=masks, approx_attn=approx, attn=attn, tokens=x[:, 1:],
+                        pre_logits=x[:, 0])

@@ -1,0 +1,211 @@
+"""Model construction, parameter counts, mask semantics, modes, sharding, input validation."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sparsifiner_jax import attention as attn_lib
+from sparsifiner_jax import models
+
+
+def count_params(model, exclude=None):
+  leaves = jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))
+  return sum(int(np.prod(v.shape)) for p, v in leaves
+             if exclude is None or exclude not in jax.tree_util.keystr(p))
+
+
+def abstract(name, **kw):
+  return nnx.eval_shape(lambda: models.create(name, rngs=nnx.Rngs(0), **kw))
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("deit_tiny_patch16_224", 5_717_416),
+    ("deit_small_patch16_224", 22_050_664),
+    ("deit_base_patch16_224", 86_567_656),
+])
+def test_dense_param_counts_match_timm(name, expected):
+  assert count_params(abstract(name)) == expected
+
+
+def test_predictor_param_count_deit_s():
+  model = abstract("deit_small_patch16_224", keep_rate=0.25)
+  total = count_params(model)
+  assert total - count_params(model, exclude="mask_predictor") == 12 * 16_768 == 201_216
+  assert total == 22_050_664 + 201_216
+
+
+def test_unknown_name_lists_known():
+  with pytest.raises(ValueError, match="known models: .*deit_small_patch16_224"):
+    models.create("deit_huge", rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(keep_rate=0.0), r"keep_rate=0.0 must be in \(0, 1\]"),
+    (dict(keep_rate=1.5), r"keep_rate=1.5 must be in \(0, 1\]"),
+    (dict(keep_rate=[0.5, 0.5, 0.5]), "give one float or one per layer"),
+    (dict(patch_size=5), "patch_size=5 must divide img_size=16"),
+    (dict(executor="flash"), r"unknown attention executor 'flash'; allowed: \['dense', 'masked', 'sparse'\]"),
+    (dict(foo=1), r"unknown model option\(s\) \['foo'\]"),
+])
+def test_bad_config_raises_clear_error(kw, msg):
+  with pytest.raises(ValueError, match=msg):
+    models.create("vit_test", rngs=nnx.Rngs(0), **kw)
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 16), (2, 32, 32, 3), (2, 16, 16, 1)])
+def test_bad_image_shape_raises(shape):
+  model = models.create("vit_test", keep_rate=0.5, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"images must be \[batch, 16, 16, 3\]"):
+    model(jnp.zeros(shape))
+
+
+def test_any_image_and_patch_size():
+  model = models.create("vit_test", img_size=24, patch_size=3, keep_rate=0.3, rngs=nnx.Rngs(0))
+  logits, aux = model(jnp.ones((2, 24, 24, 3)))
+  n = 8 * 8 + 1
+  assert logits.shape == (2, 10)
+  assert aux["masks"][0].to_dense().shape == (2, 2, n, n)
+  assert aux["approx_attn"][1].shape == (2, 2, n - 1, n)
+  assert aux["tokens"].shape == (2, n - 1, 32)
+
+
+@pytest.fixture(scope="module")
+def deit_s_masks():
+  """Masks of a randomly initialised Sparsifiner DeiT-S at keep 0.25 on one image."""
+  model = models.create("deit_small_patch16_224", keep_rate=0.25, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (1, 224, 224, 3))
+  _, aux = nnx.jit(lambda m, x: m(x))(model, x)
+  return aux
+
+
+def test_deit_s_mask_density_exact(deit_s_masks):
+  mask = deit_s_masks["masks"][0]
+  dense = np.asarray(mask.to_dense())
+  assert dense.shape == (1, 6, 197, 197)
+  assert mask.keys_per_row == math.ceil(0.25 * 197) == 50
+  assert dense[:, :, 0, :].all()                                    # CLS query row all ones
+  np.testing.assert_array_equal(dense[:, :, 1:, :].sum(-1), 50)     # exactly k per patch row
+  per_head = dense.sum(axis=(-1, -2)) / 197 ** 2
+  np.testing.assert_array_equal(per_head, 9_997 / 38_809)
+  assert float(mask.density()) == pytest.approx(9_997 / 38_809, abs=1e-7)
+
+
+def test_mask_keeps_topk_of_approx_attention(deit_s_masks):
+  approx = np.asarray(deit_s_masks["approx_attn"][3])
+  dense = np.asarray(deit_s_masks["masks"][3].to_dense())[:, :, 1:]
+  kept_min = np.where(dense, approx, np.inf).min(-1)
+  dropped_max = np.where(dense, -np.inf, approx).max(-1)
+  assert (kept_min >= dropped_max).all()
+
+
+def _tiny_pair(keep_rate, executor="masked", seed=0):
+  dense = models.create("vit_test", rngs=nnx.Rngs(seed))
+  sparse = models.create("vit_test", keep_rate=keep_rate, executor=executor, rngs=nnx.Rngs(seed))
+  # Same backbone weights: copy the dense model's params into the sparse one.
+  from sparsifiner_jax import convert
+  convert.load_timm_state_dict(sparse, convert.timm_state_dict(dense))
+  return dense, sparse
+
+
+def test_keep_rate_one_reproduces_dense_logits():
+  dense, sparse = _tiny_pair(1.0)
+  x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
+  ld, _ = dense(x)
+  ls, aux = sparse(x)
+  assert bool(aux["masks"][0].to_dense().all())
+  np.testing.assert_allclose(ls, ld, atol=1e-5, rtol=0)
+
+
+def test_deit_s_keep_rate_one_reproduces_dense():
+  dense = models.create("deit_small_patch16_224", rngs=nnx.Rngs(0))
+  sparse = models.create("deit_small_patch16_224", keep_rate=1.0, rngs=nnx.Rngs(0))
+  from sparsifiner_jax import convert
+  convert.load_timm_state_dict(sparse, convert.timm_state_dict(dense))
+  x = jax.random.normal(jax.random.key(0), (1, 224, 224, 3))
+  np.testing.assert_allclose(sparse(x)[0], dense(x)[0], atol=1e-5, rtol=0)
+
+
+def test_recon_mode_is_dense_attention_and_signed_basis():
+  dense, sparse = _tiny_pair(0.25)
+  x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+  ls, aux = sparse(x, recon=True)
+  np.testing.assert_allclose(ls, dense(x)[0], atol=1e-5, rtol=0)
+  assert all(m is None for m in aux["masks"])
+  pred = sparse.blocks[0].attn.mask_predictor
+  assert (np.asarray(pred.basis(recon=True)) < 0).any()           # signed in recon mode
+  sb = np.asarray(pred.basis(recon=False))
+  assert (sb >= 0).all() and ((sb == 0) | (sb > 0.02)).all()       # |W_up| thresholded at 0.02
+  # Sparse mode differs from dense at keep 0.25.
+  assert np.abs(np.asarray(sparse(x)[0] - dense(x)[0])).max() > 1e-4
+
+
+def test_sparse_mode_coefficients_top_k_not_renormalised():
+  from sparsifiner_jax.models.predictor import keep_topk_values
+  x = jax.nn.softmax(jax.random.normal(jax.random.key(0), (3, 5, 32)), -1)
+  y = np.asarray(keep_topk_values(x, 8))
+  assert ((y != 0).sum(-1) == 8).all()
+  np.testing.assert_array_equal(np.sort(y, -1)[..., -8:], np.sort(np.asarray(x), -1)[..., -8:])
+  assert (y.sum(-1) < 1).all()
+
+
+def test_predictor_gradients_only_through_reconstruction():
+  _, model = _tiny_pair(0.25)
+  x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+  labels = jnp.array([1, 2])
+  is_pred = nnx.All(nnx.Param, nnx.PathContains("mask_predictor"))
+
+  def cls_loss(m):
+    logits, _ = m(x)
+    return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(2), labels])
+
+  def recon_loss(m):
+    _, aux = m(x, recon=True)
+    return sum(jnp.sum((a - t[:, :, 1:]) ** 2) for a, t in zip(aux["approx_attn"], aux["attn"]))
+
+  g_cls = nnx.grad(cls_loss, argnums=nnx.DiffState(0, is_pred))(model)
+  g_rec = nnx.grad(recon_loss, argnums=nnx.DiffState(0, is_pred))(model)
+  cls_norm = sum(float(jnp.abs(g).sum()) for g in jax.tree_util.tree_leaves(g_cls))
+  rec_norm = sum(float(jnp.abs(g).sum()) for g in jax.tree_util.tree_leaves(g_rec))
+  assert cls_norm == 0.0
+  assert rec_norm > 0.0
+  # Every predictor tensor gets gradient through the reconstruction target.
+  assert all(float(jnp.abs(g).sum()) > 0 for g in jax.tree_util.tree_leaves(g_rec))
+
+
+@pytest.mark.parametrize("executor", ["masked", "sparse"])
+def test_executors_agree_in_model(executor):
+  _, ref = _tiny_pair(0.3, "masked")
+  _, other = _tiny_pair(0.3, executor)
+  x = jax.random.normal(jax.random.key(2), (3, 16, 16, 3))
+  np.testing.assert_allclose(other(x)[0], ref(x)[0], atol=1e-5, rtol=0)
+
+
+def test_per_layer_keep_rates():
+  model = models.create("vit_test", keep_rate=[0.2, 0.9], rngs=nnx.Rngs(0))
+  _, aux = model(jnp.ones((1, 16, 16, 3)))
+  assert [m.keys_per_row for m in aux["masks"]] == [math.ceil(0.2 * 17), math.ceil(0.9 * 17)]
+
+
+def test_sharded_forward_equals_single_device():
+  assert jax.device_count() == 8, "conftest must set 8 host devices"
+  model = models.create("vit_test", keep_rate=0.25, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  x = jax.random.normal(jax.random.key(3), (16, 16, 16, 3))
+
+  def fwd(state, x):
+    logits, aux = nnx.merge(graphdef, state)(x)
+    return logits, aux["masks"][1].indices
+
+  ref_logits, ref_idx = jax.jit(fwd)(state, x)
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  repl = jax.sharding.NamedSharding(mesh, jax.P())
+  data = jax.sharding.NamedSharding(mesh, jax.P("data"))
+  sharded = jax.jit(fwd, in_shardings=(repl, data), out_shardings=(data, data))
+  logits, idx = sharded(jax.device_put(state, repl), jax.device_put(x, data))
+  assert len(logits.sharding.device_set) == 8
+  np.testing.assert_allclose(logits, ref_logits, atol=1e-5, rtol=0)
+  np.testing.assert_array_equal(idx, ref_idx)
