@@ -32,6 +32,10 @@ VARIANTS: dict[str, ViTConfig] = {
 }
 
 
+# Which module class builds a config of a given type (LV-ViT etc. register their own config type).
+BUILDERS: dict[type, type] = {ViTConfig: VisionTransformer}
+
+
 def names() -> list[str]:
   return sorted(VARIANTS)
 
@@ -40,7 +44,7 @@ def get_config(name: str, **overrides: Any) -> ViTConfig:
   """The validated ``ViTConfig`` of a named variant with keyword overrides applied."""
   if name not in VARIANTS:
     raise ValueError(f"unknown model {name!r}; known models: {', '.join(names())}")
-  fields = {f.name for f in dataclasses.fields(ViTConfig)}
+  fields = {f.name for f in dataclasses.fields(VARIANTS[name])}
   unknown = sorted(set(overrides) - fields)
   if unknown:
     raise ValueError(f"unknown model option(s) {unknown}; allowed: {sorted(fields)}")
@@ -53,8 +57,8 @@ def create(name: str, keep_rate: float | None = None, *, rngs: nnx.Rngs | None =
            **overrides: Any) -> VisionTransformer:
   """Builds a named model; ``keep_rate=None`` is the dense ViT, a float (or per-layer list) Sparsifiner."""
   cfg = get_config(name, keep_rate=keep_rate, **overrides)
-  return VisionTransformer(cfg, rngs=rngs if rngs is not None else nnx.Rngs(0))
+  return BUILDERS[type(cfg)](cfg, rngs=rngs if rngs is not None else nnx.Rngs(0))
 
 
-__all__ = ["Attention", "Block", "MaskPredictor", "VARIANTS", "ViTConfig", "VisionTransformer",
+__all__ = ["Attention", "BUILDERS", "Block", "MaskPredictor", "VARIANTS", "ViTConfig", "VisionTransformer",
            "create", "get_config", "names"]
