@@ -1,0 +1,69 @@
+"""Device mesh and shardings: batch over ("data", "fsdp"), parameters sharded over "fsdp" by rule.
+
+Rule for parameters (and everything shaped like them: optimizer moments, EMA): shard the largest
+dimension that the ``fsdp`` axis size divides; replicate scalars, small vectors and anything that does
+not divide. With ``fsdp=1`` this is plain data parallelism.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "fsdp")
+BATCH_SPEC = P(AXES)
+
+
+class MeshError(ValueError):
+  """The configured mesh does not fit the available devices."""
+
+
+def make_mesh(mesh_cfg: Sequence[Sequence] | None = None, devices=None) -> Mesh:
+  """Mesh from ``[("data", n), ("fsdp", m)]``; one ``-1`` takes the remaining devices."""
+  devices = list(devices if devices is not None else jax.devices())
+  spec = dict(mesh_cfg or [("data", -1), ("fsdp", 1)])
+  unknown = set(spec) - set(AXES)
+  if unknown:
+    raise MeshError(f"unknown mesh axes {sorted(unknown)}; allowed: {list(AXES)}")
+  sizes = [int(spec.get(a, 1)) for a in AXES]
+  if sizes.count(-1) > 1:
+    raise MeshError("at most one mesh axis may be -1")
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes:
+    if known <= 0 or len(devices) % known:
+      raise MeshError(f"mesh {spec} does not divide {len(devices)} devices")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if int(np.prod(sizes)) != len(devices):
+    raise MeshError(f"mesh {dict(zip(AXES, sizes))} needs {int(np.prod(sizes))} devices but "
+                    f"{len(devices)} are available; use -1 for one axis to take the rest")
+  return Mesh(np.asarray(devices).reshape(sizes), AXES,
+              axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, BATCH_SPEC)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def param_spec(shape: Sequence[int], fsdp: int) -> P:
+  if fsdp <= 1 or len(shape) == 0:
+    return P()
+  order = sorted(range(len(shape)), key=lambda i: -shape[i])
+  for i in order:
+    if shape[i] % fsdp == 0 and shape[i] >= fsdp:
+      spec = [None] * len(shape)
+      spec[i] = "fsdp"
+      return P(*spec)
+  return P()
+
+
+def tree_shardings(mesh: Mesh, tree):
+  """NamedShardings for every array leaf of ``tree`` (abstract or concrete) by the fsdp rule."""
+  fsdp = mesh.shape["fsdp"]
+  return jax.tree.map(lambda x: NamedSharding(mesh, param_spec(np.shape(x), fsdp)), tree)
