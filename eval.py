@@ -1,0 +1,10 @@
+"""Evaluate a checkpoint:
+
+  python eval.py --config configs/digits_sparsifiner.py --workdir DIR [--weights W] [--out F.json] \
+      [--config.model.keep_rate=0.1] [--config.input.eval_split=test]
+"""
+
+from sparsifiner_jax import cli
+
+if __name__ == "__main__":
+  cli.run_main("eval")

@@ -1,0 +1,13 @@
+"""Train Sparsifiner (or a dense ViT):
+
+  python train.py --config configs/digits_sparsifiner.py[:arg] --workdir DIR [--config.x.y=v ...]
+
+Resumes automatically from DIR. Multi-process: set SPARSIFINER_COORDINATOR=host:port,
+SPARSIFINER_NUM_PROCESSES and SPARSIFINER_PROCESS_ID (or run under a launcher that jax.distributed
+auto-detects, with SPARSIFINER_DISTRIBUTED=1).
+"""
+
+from sparsifiner_jax import cli
+
+if __name__ == "__main__":
+  cli.run_main("train")
