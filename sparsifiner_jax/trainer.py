@@ -296,20 +296,22 @@ def config_fingerprint(config) -> str:
   return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def train(config, workdir: str, *, stop_after: int | None = None) -> dict[str, Any]:
+def train(config, workdir: str, *, stop_after: int | None = None, devices=None) -> dict[str, Any]:
   """Runs (or resumes) the configured phases in ``workdir``. Returns the final metrics dict.
 
   ``stop_after``: return (after checkpointing) once the global step reaches this value (for tests).
+  ``devices``: the devices of the mesh (default: all).
   """
   from sparsifiner_jax import evaluate, input_pipeline
   from sparsifiner_jax.metrics import MetricWriter
 
   os.makedirs(workdir, exist_ok=True)
-  mesh = sharding.make_mesh(config.get("mesh"))
+  mesh = sharding.make_mesh(config.get("mesh"), devices)
+  input_pipeline.validate_input_config(config.input)
   info = input_pipeline.get_dataset_info(config.input)
   gbs = int(config.batch_size)
-  if gbs % jax.device_count():
-    raise ValueError(f"batch_size={gbs} must be divisible by the device count {jax.device_count()}")
+  if gbs % mesh.size:
+    raise ValueError(f"batch_size={gbs} must be divisible by the number of devices {mesh.size}")
   steps_per_epoch = max(info.splits[config.input.train_split] // gbs, 1)
   phases = resolve_phases(config, steps_per_epoch)
   if not phases:

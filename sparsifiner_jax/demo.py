@@ -1,0 +1,150 @@
+"""``make demo``: the whole method on the embedded digits data, end to end, in a few minutes on 2 CPUs.
+
+1. train a dense ViT teacher from scratch (``configs/digits_dense.py``);
+2. Sparsifiner phase 1 (``recon``: predictors fit the teacher's attention) and phase 2 (``distill``:
+   backbone fine-tuned under the top-k mask) from the teacher (``configs/digits_sparsifiner.py``);
+3. evaluate: dense teacher, Sparsifiner, and the teacher under a mask from untrained predictors (what the
+   two phases buy); agreement with the teacher's predictions; attention density; MHSA FLOPs cut;
+4. evaluate the Sparsifiner checkpoint at several keep rates -> table + Pareto plot, and draw one
+   connectivity picture.
+
+Writes ``WORKDIR/demo.json``, ``summary.md``, ``pareto.png``, ``connectivity.png`` and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+KEEP_RATES = (1.0, 0.5, 0.25, 0.1, 0.05)
+
+
+def _predictions(config, weights_path):
+  """Test-set predictions [N] and labels [N] of a weights dir under ``config.model``."""
+  import jax
+  import numpy as np
+  from flax import nnx
+  from sparsifiner_jax import input_pipeline, trainer, weights
+  model = weights.load_weights(weights_path, trainer.build_model(config))
+  graphdef, state = nnx.split(model)
+  fwd = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)[0].argmax(-1))
+  preds, labels = [], []
+  for b in input_pipeline.build_eval_iterator(config.input, config.input.eval_split,
+                                              img_size=config.model.img_size,
+                                              local_batch_size=int(config.eval_batch_size)):
+    keep = b["mask"]
+    preds.append(np.asarray(fwd(state, b["image"]))[keep])
+    labels.append(b["label"][keep])
+  return np.concatenate(preds), np.concatenate(labels)
+
+
+def run(workdir: str) -> dict:
+  import numpy as np
+  from configs import digits_dense, digits_sparsifiner
+  from sparsifiner_jax import eval_lib, flops, models, sweeps, trainer
+
+  os.makedirs(workdir, exist_ok=True)
+  t0 = time.time()
+  teacher_dir = os.path.join(workdir, "dense")
+  sparse_dir = os.path.join(workdir, "sparsifiner")
+
+  print("[1/4] dense teacher on digits", flush=True)
+  dense_cfg = digits_dense.get_config()
+  trainer.train(dense_cfg, teacher_dir)
+  teacher_w = os.path.join(teacher_dir, "final")
+
+  print("[2/4] Sparsifiner: recon + distill phases", flush=True)
+  sp_cfg = digits_sparsifiner.get_config()
+  sp_cfg.init = teacher_w
+  sp_cfg.teacher.weights = teacher_w
+  trainer.train(sp_cfg, sparse_dir)
+  sparse_w = os.path.join(sparse_dir, "final")
+
+  print("[3/4] evaluation", flush=True)
+  dense_eval = eval_lib.main(dense_cfg, weights_path=teacher_w, out=os.path.join(workdir, "eval_dense.json"))
+  sparse_eval = eval_lib.main(sp_cfg, weights_path=sparse_w, out=os.path.join(workdir, "eval_sparsifiner.json"))
+  untrained_eval = eval_lib.main(sp_cfg, weights_path=teacher_w,
+                                 out=os.path.join(workdir, "eval_untrained_mask.json"))
+  p_dense, labels = _predictions(dense_cfg, teacher_w)
+  p_sparse, _ = _predictions(sp_cfg, sparse_w)
+  agreement = float(np.mean(p_dense == p_sparse))
+
+  print("[4/4] keep-rate sweep, Pareto plot, connectivity picture", flush=True)
+  runs = []
+  for rate in KEEP_RATES:
+    cfg = digits_sparsifiner.get_config()
+    cfg.model.keep_rate = rate
+    runs.append(eval_lib.main(cfg, weights_path=sparse_w,
+                              out=os.path.join(workdir, "sweep", f"keep_{rate}.json")))
+  dense_run = dict(dense_eval, method="dense")
+  rows = sweeps.aggregate_runs([dense_run] + [dict(r, method="sparsifiner") for r in runs])
+  table_md = os.path.join(workdir, "sweep_table.md")
+  sweeps.write_table(rows, table_md, os.path.join(workdir, "sweep_table.csv"))
+  pareto = sweeps.pareto_plot(rows, os.path.join(workdir, "pareto.png"))
+  picture = _connectivity_picture(sp_cfg, sparse_w, os.path.join(workdir, "connectivity.png"))
+
+  mhsa_cut = 1 - sparse_eval["flops"]["attention_matrix"] / sparse_eval["flops"]["attention_matrix_dense"]
+  summary = dict(
+      dense_top1=dense_eval["top1"], sparsifiner_top1=sparse_eval["top1"],
+      untrained_mask_top1=untrained_eval["top1"], agreement_with_teacher=agreement,
+      keep_rate=sp_cfg.model.keep_rate, attention_density=sparse_eval["density"],
+      attention_matrix_flops_cut=mhsa_cut,
+      mhsa_flops_cut=1 - sparse_eval["flops"]["mhsa"] / sparse_eval["flops"]["mhsa_dense"],
+      total_flops_cut=1 - sparse_eval["flops"]["total"] / sparse_eval["flops"]["total_dense"],
+      test_examples=int(len(labels)), minutes=(time.time() - t0) / 60,
+      files=dict(table=table_md, pareto=pareto, connectivity=picture))
+  lines = [
+      "| model | test top-1 % | attention density % | agreement with teacher % |",
+      "|---|---|---|---|",
+      f"| dense ViT (teacher) | {100 * summary['dense_top1']:.2f} | 100.00 | 100.00 |",
+      f"| Sparsifiner keep {summary['keep_rate']} | {100 * summary['sparsifiner_top1']:.2f} | "
+      f"{100 * summary['attention_density']:.2f} | {100 * agreement:.2f} |",
+      f"| teacher + untrained predictor mask | {100 * summary['untrained_mask_top1']:.2f} | "
+      f"{100 * untrained_eval['density']:.2f} | - |",
+      "",
+      f"Attention-matrix MACs (QK^T, AV + predictor) cut: {100 * mhsa_cut:.1f} %; "
+      f"MHSA MACs cut: {100 * summary['mhsa_flops_cut']:.1f} %; total: "
+      f"{100 * summary['total_flops_cut']:.1f} %.",
+  ]
+  with open(os.path.join(workdir, "summary.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  with open(os.path.join(workdir, "demo.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+  print("\n".join(lines))
+  for k, v in summary["files"].items():
+    print(f"{k}: {v}")
+  print(f"summary: {os.path.join(workdir, 'demo.json')} ({summary['minutes']:.1f} min)")
+  return summary
+
+
+def _connectivity_picture(config, weights_path, out):
+  import jax.numpy as jnp
+  import numpy as np
+  from sparsifiner_jax import input_pipeline, trainer, viz, weights
+  model = weights.load_weights(weights_path, trainer.build_model(config))
+  batch = next(iter(input_pipeline.build_eval_iterator(
+      config.input, config.input.eval_split, img_size=config.model.img_size, local_batch_size=8)))
+  _, aux = model(jnp.asarray(batch["image"]))
+  mean, std = np.asarray(config.input.mean), np.asarray(config.input.std)
+  image = np.clip(batch["image"][0] * std + mean, 0, 1)
+  g = model.config.grid_size
+  return viz.connectivity_grid(image, aux["masks"], query_patch=(g // 2, g // 2), grid_size=g,
+                               out_path=out)
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--workdir", default="workdirs/demo")
+  args = ap.parse_args(argv)
+  try:
+    run(args.workdir)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  main()
