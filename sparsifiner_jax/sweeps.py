@@ -1,0 +1,456 @@
+"""Sweeps: expand override sets, run them, and aggregate their results into tables and Pareto plots.
+
+A sweep file (``configs/sweeps/*.py``) defines ``get_sweep(arg=None) -> list[dict[str, value]]``; each
+dict is one run's config overrides, keyed by dotted config path (``{"model.keep_rate": 0.25}``). ``arg``
+is the text after ``:`` in ``path.py:arg``, as for config files.
+
+Command line::
+
+  # one run after another on this machine (or --dry-run: print the shell commands, e.g. for a cluster)
+  python -m sparsifiner_jax.sweeps run --script eval.py --config configs/deit_s_sparsifiner.py \
+      --sweep configs/sweeps/keep_rate.py --workdir-root runs/kr [--dry-run] [-- --weights W]
+  # table (Markdown + CSV) and Pareto plot from the runs' result JSONs (written by eval.py)
+  python -m sparsifiner_jax.sweeps aggregate runs/kr/*/eval.json --out runs/kr
+
+Each run gets its own directory ``WORKDIR_ROOT/<name>`` (name built from the overrides, e.g.
+``keep_rate=0.25``). ``train.py`` gets ``--workdir`` there; an eval script (``eval`` in its file name,
+``train`` not) writes ``--out <dir>/eval.json``
+and, unless ``--weights``/``--workdir`` are passed through, evaluates the training run in that same
+directory (so a train sweep followed by an eval sweep over the same root lines up).
+
+Result JSON schema (eval.py): ``{"method", "model", "keep_rate", "top1", "top5", "loss", "density",
+"flops": {"total", "mhsa", "attention_matrix"} (MACs), "images_per_s", ...}``; only ``top1`` is required,
+everything else may be missing. ``top1``, ``top5`` and ``density`` are fractions (values above 1 are
+taken as percent already); tables and plots show percent. Errors in the CLI (missing sweep file, malformed JSON) print one line on
+stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import json
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+from typing import Any, Iterable, Sequence
+
+EXIT_USER_ERROR = 2
+
+
+class SweepError(ValueError):
+  """A user-facing problem with a sweep file, a run or a result file."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Sweep files and flags.
+
+
+def load_sweep(spec: str) -> list[dict[str, Any]]:
+  """Loads ``path.py[:arg]`` and returns ``get_sweep(arg)``, validated.
+
+  Args:
+    spec: path of a sweep file, optionally followed by ``:arg`` (passed to ``get_sweep`` as a string).
+
+  Returns:
+    A non-empty list of override dicts with dotted string keys.
+
+  Raises:
+    SweepError: the file is missing, has no ``get_sweep``, or returns something other than a list of
+      dicts with string keys.
+  """
+  path, arg = spec, None
+  if not os.path.exists(path) and ":" in spec:
+    path, _, arg = spec.rpartition(":")
+  if not os.path.isfile(path):
+    raise SweepError(f"sweep file {path!r} not found")
+  module_spec = importlib.util.spec_from_file_location(
+      "_sweep_" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0]), path)
+  module = importlib.util.module_from_spec(module_spec)
+  try:
+    module_spec.loader.exec_module(module)
+  except Exception as e:  # pylint: disable=broad-except
+    raise SweepError(f"sweep file {path!r} failed to load: {type(e).__name__}: {e}") from e
+  if not callable(getattr(module, "get_sweep", None)):
+    raise SweepError(f"sweep file {path!r} defines no get_sweep(arg=None)")
+  try:
+    sweep = module.get_sweep(arg)
+  except (ValueError, TypeError, KeyError) as e:
+    raise SweepError(f"{path}: get_sweep({arg!r}) failed: {e}") from e
+  if not isinstance(sweep, (list, tuple)) or not sweep:
+    raise SweepError(f"{path}: get_sweep must return a non-empty list of dicts; got {sweep!r}")
+  for i, overrides in enumerate(sweep):
+    if not isinstance(overrides, dict) or not all(isinstance(k, str) and k for k in overrides):
+      raise SweepError(f"{path}: entry {i} must be a dict of 'dotted.key' -> value; got {overrides!r}")
+  return [dict(o) for o in sweep]
+
+
+def format_value(value: Any) -> str:
+  """Command-line text of a config value (ml_collections ``--config.x=...`` syntax)."""
+  if isinstance(value, (list, tuple)):
+    return "(" + ",".join(format_value(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+  if isinstance(value, float):
+    return repr(value)
+  return str(value)
+
+
+def to_flags(overrides: dict[str, Any], prefix: str = "config") -> list[str]:
+  """``{"model.keep_rate": 0.25}`` -> ``["--config.model.keep_rate=0.25"]`` (in the dict's order)."""
+  return [f"--{prefix}.{key}={format_value(value)}" for key, value in overrides.items()]
+
+
+def run_name(overrides: dict[str, Any]) -> str:
+  """A directory-safe name for one run, from the last path component of each key.
+
+  ``{"model.keep_rate": 0.25, "model.coef_topk": 8}`` -> ``"keep_rate=0.25,coef_topk=8"``;
+  ``{}`` -> ``"default"``.
+  """
+  if not overrides:
+    return "default"
+  parts = [f"{key.rsplit('.', 1)[-1]}={format_value(value)}" for key, value in overrides.items()]
+  return re.sub(r"[^\w.,=+-]", "_", ",".join(parts))
+
+
+def _is_eval_script(script: str) -> bool:
+  stem = os.path.splitext(os.path.basename(script))[0].lower()
+  return "eval" in stem and "train" not in stem
+
+
+def build_commands(script: str, config: str, sweep: Sequence[dict[str, Any]], workdir_root: str,
+                   extra_args: Sequence[str] = ()) -> list[tuple[str, list[str]]]:
+  """``(workdir, argv)`` per run; see the module docstring for how ``train.py``/``eval.py`` are called."""
+  names = [run_name(o) for o in sweep]
+  commands = []
+  for i, (name, overrides) in enumerate(zip(names, sweep)):
+    if names.count(name) > 1:
+      name = f"{name}.{i}"
+    workdir = os.path.join(workdir_root, name)
+    argv = [sys.executable, script, f"--config={config}"]
+    if _is_eval_script(script):
+      if not any(a.split("=")[0] in ("--weights", "--workdir") for a in extra_args):
+        argv.append(f"--workdir={workdir}")
+      argv.append(f"--out={os.path.join(workdir, 'eval.json')}")
+    else:
+      argv.append(f"--workdir={workdir}")
+    commands.append((workdir, argv + to_flags(overrides) + list(extra_args)))
+  return commands
+
+
+def run(script: str, config: str, sweep: Sequence[dict[str, Any]] | str, workdir_root: str, *,
+        dry_run: bool = False, extra_args: Sequence[str] = (), keep_going: bool = False,
+        stream=None) -> list[dict[str, Any]]:
+  """Runs every override set of a sweep, one after another, with ``sys.executable``.
+
+  Args:
+    script: ``train.py`` or ``eval.py`` (or another absl script taking ``--config``/``--workdir``).
+    config: config spec passed as ``--config`` (``path.py[:arg]``).
+    sweep: override dicts, or a sweep-file spec for :func:`load_sweep`.
+    workdir_root: parent of the per-run directories.
+    dry_run: print the shell commands (one per line) instead of running them.
+    extra_args: appended to every command (e.g. ``["--weights=W"]``).
+    keep_going: continue after a failed run (default: stop at the first failure).
+    stream: where dry-run commands and progress go (default stdout).
+
+  Returns:
+    One dict per run: ``{"workdir", "command" (shell string), "returncode"}`` (``None`` when not run).
+  """
+  stream = stream or sys.stdout
+  if isinstance(sweep, str):
+    sweep = load_sweep(sweep)
+  if not dry_run and not os.path.isfile(script):
+    raise SweepError(f"script {script!r} not found")
+  results = []
+  commands = build_commands(script, config, sweep, workdir_root, extra_args)
+  for i, (workdir, argv) in enumerate(commands):
+    shell = shlex.join(argv)
+    record = {"workdir": workdir, "command": shell, "returncode": None}
+    results.append(record)
+    if dry_run:
+      print(shell, file=stream)
+      continue
+    print(f"[{i + 1}/{len(commands)}] {shell}", file=stream, flush=True)
+    os.makedirs(workdir, exist_ok=True)
+    record["returncode"] = subprocess.run(argv, check=False).returncode
+    if record["returncode"] != 0:
+      print(f"run {i + 1} ({workdir}) failed with exit status {record['returncode']}", file=stream,
+            flush=True)
+      if not keep_going:
+        break
+  return results
+
+
+# --------------------------------------------------------------------------------------------------
+# Aggregation.
+
+TABLE_COLUMNS = (  # (field, header, format)
+    ("method", "method", "{}"),
+    ("model", "model", "{}"),
+    ("keep_rate", "keep rate", "{:g}"),
+    ("top1", "top-1 %", "{:.2f}"),
+    ("top5", "top-5 %", "{:.2f}"),
+    ("density", "density %", "{:.2f}"),
+    ("gmacs_total", "total GMACs", "{:.3f}"),
+    ("gmacs_mhsa", "MHSA GMACs", "{:.3f}"),
+    ("gmacs_attention_matrix", "attn-matrix GMACs", "{:.4f}"),
+    ("images_per_s", "img/s", "{:.1f}"),
+)
+CSV_FIELDS = ("method", "model", "keep_rate", "top1", "top5", "loss", "density", "gmacs_total",
+              "gmacs_mhsa", "gmacs_attention_matrix", "images_per_s", "dense", "path")
+
+
+def _number(value) -> float | None:
+  if value is None or isinstance(value, bool):
+    return None
+  try:
+    out = float(value)
+  except (TypeError, ValueError):
+    return None
+  return out if math.isfinite(out) else None
+
+
+def _as_percent(value) -> float | None:
+  """Accuracies/densities are stored as fractions by eval.py; tables show percent."""
+  value = _number(value)
+  if value is None:
+    return None
+  return 100.0 * value if abs(value) <= 1.0 else value
+
+
+def is_dense(record: dict[str, Any]) -> bool:
+  """The dense baseline: no keep rate (or method ``dense``) and no attention sparsity."""
+  method = str(record.get("method") or "").lower()
+  if method.startswith("dense") or record.get("dense") is True:
+    return True
+  density = _number(record.get("density"))
+  return record.get("keep_rate") is None and (density is None or density >= 1.0 - 1e-9)
+
+
+def _row(record: dict[str, Any], path: str) -> dict[str, Any]:
+  if not isinstance(record, dict):
+    raise SweepError(f"{path}: a run result must be a JSON object; got {type(record).__name__}")
+  if _number(record.get("top1")) is None:
+    raise SweepError(f"{path}: missing or non-numeric 'top1'")
+  flops = record.get("flops") if isinstance(record.get("flops"), dict) else {}
+  gmacs = record.get("gmacs") if isinstance(record.get("gmacs"), dict) else {}
+
+  def g(name):
+    macs = _number(flops.get(name))
+    return macs / 1e9 if macs is not None else _number(gmacs.get(name))
+
+  keep_rate = record.get("keep_rate")
+  if isinstance(keep_rate, (list, tuple)):   # per-layer keep rates: show the mean
+    keep_rate = sum(keep_rate) / len(keep_rate) if keep_rate else None
+  dense = is_dense(record)
+  return {
+      "method": str(record.get("method") or ("dense" if dense else "sparsifiner")),
+      "model": str(record.get("model") or ""),
+      "keep_rate": _number(keep_rate),
+      "top1": _as_percent(record["top1"]),
+      "top5": _as_percent(record.get("top5")),
+      "loss": _number(record.get("loss")),
+      "density": _as_percent(record.get("density")),
+      "gmacs_total": g("total"),
+      "gmacs_mhsa": g("mhsa"),
+      "gmacs_attention_matrix": g("attention_matrix"),
+      "images_per_s": _number(record.get("images_per_s")),
+      "dense": dense,
+      "path": path,
+  }
+
+
+def aggregate(json_paths: Iterable[str]) -> list[dict[str, Any]]:
+  """Reads run result JSONs into flat table rows (percentages, GMACs).
+
+  Each file holds one result object or a list of them. Rows are sorted by method, then by total GMACs
+  (largest first). Row keys: ``CSV_FIELDS``; missing optional values are ``None``.
+
+  Raises:
+    SweepError: a file is missing, is not valid JSON, or a result lacks ``top1``.
+  """
+  rows = []
+  for path in json_paths:
+    if not os.path.isfile(path):
+      raise SweepError(f"result file {path!r} not found")
+    try:
+      with open(path) as f:
+        data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise SweepError(f"{path}: malformed JSON: {e}") from e
+    for record in data if isinstance(data, list) else [data]:
+      rows.append(_row(record, path))
+  if not rows:
+    raise SweepError("no run results to aggregate")
+  rows.sort(key=lambda r: (r["method"], -(r["gmacs_total"] or 0.0), -(r["keep_rate"] or 2.0)))
+  return rows
+
+
+def _fmt(value, fmt: str) -> str:
+  if value is None:
+    return "–"
+  try:
+    return fmt.format(value)
+  except (ValueError, TypeError):
+    return str(value)
+
+
+def format_markdown(rows: Sequence[dict[str, Any]]) -> str:
+  header = "| " + " | ".join(h for _, h, _ in TABLE_COLUMNS) + " |"
+  align = "|" + "|".join(":---" if f in ("method", "model") else "---:" for f, _, _ in TABLE_COLUMNS) + "|"
+  lines = [header, align]
+  for row in rows:
+    cells = [_fmt(row.get(f), fmt) for f, _, fmt in TABLE_COLUMNS]
+    if row.get("dense"):
+      cells[0] += " (dense)" if "dense" not in cells[0].lower() else ""
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def write_table(rows: Sequence[dict[str, Any]], md_path: str | None, csv_path: str | None
+                ) -> tuple[str | None, str | None]:
+  """Writes the rows as a Markdown table and/or a CSV (all ``CSV_FIELDS``). Returns the paths."""
+  if md_path:
+    os.makedirs(os.path.dirname(os.path.abspath(md_path)), exist_ok=True)
+    with open(md_path, "w") as f:
+      f.write("Top-1/top-5/density in %, FLOPs in GMACs per image (1 multiply-add = 1 MAC); "
+              "see sparsifiner_jax/flops.py for the definitions.\n\n")
+      f.write(format_markdown(rows))
+  if csv_path:
+    os.makedirs(os.path.dirname(os.path.abspath(csv_path)), exist_ok=True)
+    with open(csv_path, "w", newline="") as f:
+      writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+      writer.writeheader()
+      for row in rows:
+        writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in CSV_FIELDS})
+  return md_path, csv_path
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+  """Indices of the points not dominated under (lower cost x, higher accuracy y), sorted by x."""
+  order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+  front, best = [], -math.inf
+  for i in order:
+    if points[i][1] > best:
+      front.append(i)
+      best = points[i][1]
+  return front
+
+
+def pareto_plot(rows: Sequence[dict[str, Any]], png_path: str, *, title: str | None = None,
+                dpi: int = 110) -> str:
+  """Top-1 vs total GMACs (left) and vs MHSA GMACs (right): a line per method, Pareto front highlighted.
+
+  Dense baselines are drawn as stars; the front (over all methods) is a thick translucent step line
+  with ringed points. Rows without the panel's FLOPs are left out of that panel. Returns ``png_path``.
+  """
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  panels = (("gmacs_total", "total GMACs / image"), ("gmacs_mhsa", "MHSA GMACs / image"))
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), dpi=dpi)
+  methods = sorted({r["method"] for r in rows})
+  colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+  for ax, (field, xlabel) in zip(axes, panels):
+    pts = [r for r in rows if r.get(field) is not None and r.get("top1") is not None]
+    for method in methods:
+      mine = sorted((r for r in pts if r["method"] == method), key=lambda r: r[field])
+      if not mine:
+        continue
+      ax.plot([r[field] for r in mine], [r["top1"] for r in mine], marker="o", ms=5, lw=1.6,
+              color=colors[method], label=method, zorder=3)
+      for r in mine:
+        if r["dense"]:
+          ax.plot(r[field], r["top1"], marker="*", ms=16, color=colors[method], mec="black",
+                  mew=0.8, ls="none", zorder=5)
+        elif r.get("keep_rate") is not None:
+          ax.annotate(f"{r['keep_rate']:g}", (r[field], r["top1"]), textcoords="offset points",
+                      xytext=(4, 4), fontsize=7, color=colors[method])
+    if pts:
+      front = [pts[i] for i in pareto_front([(r[field], r["top1"]) for r in pts])]
+      xs, ys = [r[field] for r in front], [r["top1"] for r in front]
+      ax.step(xs, ys, where="post", color="black", alpha=0.25, lw=5, zorder=2, label="Pareto front")
+      ax.plot(xs, ys, "o", ms=11, mfc="none", mec="black", mew=1.2, zorder=4)
+    else:
+      ax.text(0.5, 0.5, "no runs report these FLOPs", ha="center", va="center",
+              transform=ax.transAxes, color="gray")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(f"Top-1 vs {xlabel.split(' /')[0]}")
+    ax.grid(alpha=0.3)
+  handles, labels = axes[0].get_legend_handles_labels()
+  if any(r["dense"] for r in rows):
+    from matplotlib.lines import Line2D  # pylint: disable=g-import-not-at-top
+    handles.append(Line2D([], [], marker="*", ms=12, color="gray", mec="black", ls="none"))
+    labels.append("dense baseline")
+  if handles:
+    axes[1].legend(handles, labels, fontsize=8, frameon=False, loc="lower right")
+  fig.suptitle(title or "Accuracy vs compute (MACs per image)", fontsize=12)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
+  fig.savefig(png_path, dpi=dpi, format="png")
+  plt.close(fig)
+  return png_path
+
+
+def aggregate_to_dir(json_paths: Sequence[str], out_dir: str, *, title: str | None = None
+                     ) -> dict[str, str]:
+  """``aggregate`` + ``write_table`` + ``pareto_plot`` into ``out_dir/{results.md,results.csv,pareto.png}``."""
+  rows = aggregate(json_paths)
+  md, csv_path = write_table(rows, os.path.join(out_dir, "results.md"),
+                             os.path.join(out_dir, "results.csv"))
+  png = pareto_plot(rows, os.path.join(out_dir, "pareto.png"), title=title)
+  return {"markdown": md, "csv": csv_path, "plot": png, "rows": str(len(rows))}
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line.
+
+
+class _Parser(argparse.ArgumentParser):
+  def error(self, message):
+    print(f"{self.prog}: error: {message}", file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = _Parser(prog="python -m sparsifiner_jax.sweeps", description=__doc__.split("\n")[0])
+  sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+  agg = sub.add_parser("aggregate", help="table + Pareto plot from run result JSONs")
+  agg.add_argument("paths", nargs="+", metavar="RUN_JSON")
+  agg.add_argument("--out", required=True, help="output directory")
+  agg.add_argument("--title", default=None)
+  run_p = sub.add_parser("run", help="run (or print) one command per override set")
+  run_p.add_argument("--script", default="eval.py", help="train.py or eval.py")
+  run_p.add_argument("--config", required=True, help="config spec, path.py[:arg]")
+  run_p.add_argument("--sweep", required=True, help="sweep spec, configs/sweeps/X.py[:arg]")
+  run_p.add_argument("--workdir-root", required=True)
+  run_p.add_argument("--dry-run", action="store_true", help="print the shell commands only")
+  run_p.add_argument("--keep-going", action="store_true", help="continue after a failed run")
+  run_p.add_argument("extra", nargs=argparse.REMAINDER,
+                     help="after '--': arguments appended to every command")
+  args = parser.parse_args(argv)
+  try:
+    if args.command == "aggregate":
+      out = aggregate_to_dir(args.paths, args.out, title=args.title)
+      print(f"aggregated {out['rows']} runs: {out['markdown']}, {out['csv']}, {out['plot']}")
+      return 0
+    extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
+    results = run(args.script, args.config, args.sweep, args.workdir_root, dry_run=args.dry_run,
+                  extra_args=extra, keep_going=args.keep_going)
+    failed = [r for r in results if r["returncode"] not in (0, None)]
+    if failed:
+      print(f"{parser.prog}: error: {len(failed)} of {len(results)} runs failed "
+            f"(first: {failed[0]['workdir']})", file=sys.stderr)
+      return 1
+    return 0
+  except (SweepError, OSError) as e:
+    print(f"{parser.prog}: error: {e}", file=sys.stderr)
+    return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+  sys.exit(main())
