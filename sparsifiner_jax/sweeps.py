@@ -156,23 +156,22 @@ def run(script: str, config: str, sweep: Sequence[dict[str, Any]] | str, workdir
     stream: where dry-run commands and progress go (default stdout).
 
   Returns:
-    One dict per run: ``{"workdir", "command" (shell string), "returncode"}`` (``None`` when not run).
+    One dict per override set: ``{"workdir", "command" (shell string), "returncode"}``; the return code
+    is ``None`` for runs not started (dry run, or after a failure without ``keep_going``).
   """
   stream = stream or sys.stdout
   if isinstance(sweep, str):
     sweep = load_sweep(sweep)
   if not dry_run and not os.path.isfile(script):
     raise SweepError(f"script {script!r} not found")
-  results = []
   commands = build_commands(script, config, sweep, workdir_root, extra_args)
-  for i, (workdir, argv) in enumerate(commands):
-    shell = shlex.join(argv)
-    record = {"workdir": workdir, "command": shell, "returncode": None}
-    results.append(record)
+  results = [{"workdir": workdir, "command": shlex.join(argv), "returncode": None}
+             for workdir, argv in commands]
+  for i, ((workdir, argv), record) in enumerate(zip(commands, results)):
     if dry_run:
-      print(shell, file=stream)
+      print(record["command"], file=stream)
       continue
-    print(f"[{i + 1}/{len(commands)}] {shell}", file=stream, flush=True)
+    print(f"[{i + 1}/{len(commands)}] {record['command']}", file=stream, flush=True)
     os.makedirs(workdir, exist_ok=True)
     record["returncode"] = subprocess.run(argv, check=False).returncode
     if record["returncode"] != 0:
@@ -443,8 +442,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                   extra_args=extra, keep_going=args.keep_going)
     failed = [r for r in results if r["returncode"] not in (0, None)]
     if failed:
+      not_run = sum(r["returncode"] is None for r in results)
       print(f"{parser.prog}: error: {len(failed)} of {len(results)} runs failed "
-            f"(first: {failed[0]['workdir']})", file=sys.stderr)
+            f"(first: {failed[0]['workdir']})" + (f"; {not_run} not run" if not_run else ""),
+            file=sys.stderr)
       return 1
     return 0
   except (SweepError, OSError) as e:

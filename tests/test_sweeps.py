@@ -91,11 +91,18 @@ def test_run_executes_sequentially(tmp_path):
       "           'flops': {'total': 1e9 * (1 + rate), 'mhsa': 1e8 * (1 + rate)}},\n"
       "          open(args['out'], 'w'))\n")
   results = sweeps.run(str(script), "cfg.py", KEEP_RATE, str(tmp_path / "runs"))
-  assert [r["returncode"] for r in results] == [0, 0, 0, 0, 3]        # stopped at the failure
+  assert [r["returncode"] for r in results] == [0, 0, 0, 0, 3]
   outs = [os.path.join(r["workdir"], "eval.json") for r in results[:4]]
   rows = sweeps.aggregate(outs)
   assert [r["keep_rate"] for r in rows] == [1.0, 0.5, 0.25, 0.1]
   assert rows[0]["top1"] == pytest.approx(75.0)
+  # Without keep_going a failure stops the sweep; the runs after it are reported as not run.
+  results = sweeps.run(str(script), "cfg.py", KEEP_RATE + ":0.05,0.5", str(tmp_path / "stop"))
+  assert [r["returncode"] for r in results] == [3, None]
+  assert not os.path.exists(results[1]["workdir"])
+  results = sweeps.run(str(script), "cfg.py", KEEP_RATE + ":0.05,0.5", str(tmp_path / "go"),
+                       keep_going=True)
+  assert [r["returncode"] for r in results] == [3, 0]
 
 
 def fake_runs(tmp_path):
