@@ -16,6 +16,7 @@ from typing import Any
 
 from flax import nnx
 
+from sparsifiner_jax.models.lvvit import LVViT, LVViTConfig
 from sparsifiner_jax.models.predictor import MaskPredictor
 from sparsifiner_jax.models.vit import Attention, Block, ViTConfig, VisionTransformer
 
