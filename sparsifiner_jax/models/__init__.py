@@ -30,11 +30,16 @@ VARIANTS: dict[str, ViTConfig] = {
                             depth=4, num_heads=4, mlp_ratio=2.0, reduce_n=4),
     "vit_test": ViTConfig(img_size=16, patch_size=4, in_chans=3, num_classes=10, embed_dim=32,
                           depth=2, num_heads=2, mlp_ratio=2.0, reduce_n=2, coef_topk=4),
+    # LV-ViT (Token Labeling), as in the official Sparsifiner LV-ViT student/teacher.
+    "lvvit_s": LVViTConfig(embed_dim=384, depth=16, num_heads=6),
+    "lvvit_m": LVViTConfig(embed_dim=512, depth=20, num_heads=8),
+    "lvvit_test": LVViTConfig(img_size=32, patch_size=8, num_classes=10, embed_dim=32, depth=2,
+                              num_heads=2, stem_channels=8, reduce_n=2, coef_topk=4),
 }
 
 
 # Which module class builds a config of a given type (LV-ViT etc. register their own config type).
-BUILDERS: dict[type, type] = {ViTConfig: VisionTransformer}
+BUILDERS: dict[type, type] = {ViTConfig: VisionTransformer, LVViTConfig: LVViT}
 
 
 def names() -> list[str]:
