@@ -261,7 +261,7 @@ def parse_randaugment(spec: str) -> RandAugmentConfig | None:
 
 
 def _blend(degenerate, image, factor):
-  return tf.clip_by_value(tf.round(degenerate + factor * (image - degenerate)), 0.0, 255.0)
+  return tf.clip_by_value(tf.floor(degenerate + factor * (image - degenerate)), 0.0, 255.0)
 
 
 def _grey(image):
@@ -296,24 +296,37 @@ def _equalize(image):
   return tf.stack([_equalize_channel(image[..., c]) for c in range(3)], axis=-1)
 
 
-def _affine(image, transform, fill):
-  """Warps [H, W, 3] with output->input map (a0 a1 a2 b0 b1 b2) (PIL convention), constant fill."""
-  t = tf.concat([tf.cast(transform, tf.float32), tf.zeros([2], tf.float32)], axis=0)[None]
-  fill = tf.constant(fill, tf.float32)
+def _affine(image, coeffs, fill):
+  """PIL ``Image.transform(AFFINE, coeffs, BILINEAR, fillcolor=fill)`` of float [H, W, 3] 0..255.
+
+  ``coeffs`` (a, b, c, d, e, f) map an output point to the input point (a x + b y + c, d x + e y + f)
+  in PIL's continuous coordinates (pixel centres at +0.5). As in PIL, an output pixel whose source
+  point falls outside the image takes ``fill``; inside, bilinear sampling clamps at the edges.
+  """
+  a, b, c, d, e, f = tf.unstack(tf.cast(coeffs, tf.float32))
+  # TF samples at integer pixel centres: shift the translation by half a pixel on both sides.
+  t = tf.stack([a, b, c + 0.5 * (a + b - 1.0), d, e, f + 0.5 * (d + e - 1.0), 0.0, 0.0])[None]
   shape = tf.shape(image)[:2]
   out = tf.raw_ops.ImageProjectiveTransformV3(
-      images=(image - fill)[None], transforms=t, output_shape=shape, fill_value=0.0,
-      interpolation="BILINEAR", fill_mode="CONSTANT")[0]
-  return tf.clip_by_value(tf.round(out + fill), 0.0, 255.0)
+      images=image[None], transforms=t, output_shape=shape, fill_value=0.0,
+      interpolation="BILINEAR", fill_mode="NEAREST")[0]
+  hw = tf.cast(shape, tf.float32)
+  ys = tf.range(hw[0])[:, None] + 0.5
+  xs = tf.range(hw[1])[None, :] + 0.5
+  x_in = a * xs + b * ys + c
+  y_in = d * xs + e * ys + f
+  inside = (x_in >= 0) & (x_in < hw[1]) & (y_in >= 0) & (y_in < hw[0])
+  out = tf.clip_by_value(tf.floor(out), 0.0, 255.0)
+  return tf.where(inside[:, :, None], out, tf.constant(fill, tf.float32))
 
 
 def _rotate(image, degrees, fill):
   """Counter-clockwise rotation about the centre (PIL ``Image.rotate``)."""
   theta = degrees * math.pi / 180.0
-  c, s = tf.cos(theta), tf.sin(theta)
+  cos, sin = tf.cos(theta), tf.sin(theta)
   hw = tf.cast(tf.shape(image)[:2], tf.float32)
-  cy, cx = (hw[0] - 1) / 2, (hw[1] - 1) / 2
-  t = tf.stack([c, -s, cx - c * cx + s * cy, s, c, cy - s * cx - c * cy])
+  cy, cx = hw[0] / 2, hw[1] / 2
+  t = tf.stack([cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy])
   return _affine(image, t, fill)
 
 
@@ -510,8 +523,8 @@ def mixup_cutmix(rng, images, labels_onehot, *, mixup_alpha: float = 0.8, cutmix
     use_cutmix = jax.random.uniform(k_switch) < switch_prob
   else:
     use_cutmix = jnp.asarray(cutmix_alpha > 0)
-  lam_mix = jax.random.beta(k_mix, mixup_alpha) if mixup_alpha > 0 else jnp.float32(1.0)
-  lam_cut = jax.random.beta(k_cut, cutmix_alpha) if cutmix_alpha > 0 else jnp.float32(1.0)
+  lam_mix = jax.random.beta(k_mix, mixup_alpha, mixup_alpha) if mixup_alpha > 0 else jnp.float32(1.0)
+  lam_cut = jax.random.beta(k_cut, cutmix_alpha, cutmix_alpha) if cutmix_alpha > 0 else jnp.float32(1.0)
   lam = jnp.where(use_cutmix, lam_cut, lam_mix).astype(jnp.float32)
   apply = jax.random.uniform(k_apply) < prob
   lam = jnp.where(apply, lam, 1.0)
