@@ -12,6 +12,7 @@ def get_config(arg=None):
   c.batch_size = 16
   c.eval_batch_size = 64
   for name in ("train", "recon", "distill"):
+    c.phases[name].epochs = 0
     c.phases[name].steps = a.steps
     c.phases[name].warmup_steps = 1
   c.phases.train.losses.cls = 1.0

@@ -34,6 +34,9 @@ class Checkpointer:
     return self._mngr.latest_step()
 
   def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+    """Saves ``state`` at ``step`` (a no-op if that step is already saved) and waits for it."""
+    if step in self._mngr.all_steps():
+      return
     self._mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                   meta=ocp.args.JsonSave(meta)), force=True)
     self._mngr.wait_until_finished()

@@ -73,14 +73,13 @@ def run(workdir: str) -> dict:
   agreement = float(np.mean(p_dense == p_sparse))
 
   print("[4/4] keep-rate sweep, Pareto plot, connectivity picture", flush=True)
-  runs = []
+  run_jsons = [os.path.join(workdir, "eval_dense.json")]
   for rate in KEEP_RATES:
     cfg = digits_sparsifiner.get_config()
     cfg.model.keep_rate = rate
-    runs.append(eval_lib.main(cfg, weights_path=sparse_w,
-                              out=os.path.join(workdir, "sweep", f"keep_{rate}.json")))
-  dense_run = dict(dense_eval, method="dense")
-  rows = sweeps.aggregate_runs([dense_run] + [dict(r, method="sparsifiner") for r in runs])
+    run_jsons.append(os.path.join(workdir, "sweep", f"keep_{rate}.json"))
+    eval_lib.main(cfg, weights_path=sparse_w, out=run_jsons[-1])
+  rows = sweeps.aggregate(run_jsons)
   table_md = os.path.join(workdir, "sweep_table.md")
   sweeps.write_table(rows, table_md, os.path.join(workdir, "sweep_table.csv"))
   pareto = sweeps.pareto_plot(rows, os.path.join(workdir, "pareto.png"))

@@ -26,7 +26,12 @@ class MetricWriter:
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if not self.active:
       return
-    clean = {k: float(v) for k, v in scalars.items()}
+    clean = {}
+    for k, v in scalars.items():
+      if isinstance(v, (list, tuple)):  # per-layer values -> key/0, key/1, ...
+        clean.update({f"{k}/{i}": float(x) for i, x in enumerate(v)})
+      elif v is not None:
+        clean[k] = float(v)
     self._jsonl.write(json.dumps(dict(step=int(step), time=time.time(), **clean)) + "\n")
     self._jsonl.flush()
     if self._tb is not None:
