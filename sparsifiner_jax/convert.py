@@ -727,12 +727,22 @@ def load_checkpoint(src: str, *, model: str | None = None, img_size: int | None 
     sd = {k: v for k, v in sd.items() if PREDICTOR not in k}
   name, cfg = resolve_config(sd, model=model, meta=meta, img_size=img_size, keep_rate=keep_rate)
   sd = adapt_state_dict(sd, cfg)
-  net = models.BUILDERS[type(cfg)](cfg, rngs=nnx.Rngs(seed))
+  net = _build(models.BUILDERS[type(cfg)], cfg, sd, seed)
   try:
     load_timm_state_dict(net, sd)
   except ConversionError as e:
     raise ConversionError(f"{src!r} does not fit {name} ({_describe(cfg)}): {e}") from e
   return net, name
+
+
+def _build(builder, cfg, sd: Mapping[str, Any], seed: int) -> nnx.Module:
+  """The model to load ``sd`` into: abstract (no initialisation cost) when ``sd`` has every weight."""
+  abstract = nnx.eval_shape(lambda: builder(cfg, rngs=nnx.Rngs(seed)))
+  paths = _flatten(nnx.to_pure_dict(_weight_state(abstract)))
+  others = jax.tree.leaves(nnx.state(abstract, nnx.Not(nnx.Any(*WEIGHT_TYPES))))
+  if others or any(timm_key(p) not in sd for p in paths):
+    return builder(cfg, rngs=nnx.Rngs(seed))  # new parameters (predictors) need their initialisers
+  return abstract  # every variable is replaced by load_timm_state_dict
 
 
 def _describe(cfg) -> str:
