@@ -427,9 +427,12 @@ RAND_OPS = tuple(name for name, _ in _op_fns((0, 0, 0), False))
 
 
 def apply_op(image, op_index, level, sign, *, fill=(124, 116, 104), increasing: bool = False):
-  """Applies RandAugment op ``RAND_OPS[op_index]`` at ``level`` (0..10) to float [H, W, 3] 0..255."""
+  """Applies RandAugment op ``RAND_OPS[op_index]`` at ``level`` (0..10) to float [H, W, 3] 0..255.
+
+  ``op_index == len(RAND_OPS)`` returns the image unchanged.
+  """
   fns = _op_fns(fill, increasing)
-  branches = [lambda f=f: f(image, level, sign) for _, f in fns]
+  branches = [lambda f=f: f(image, level, sign) for _, f in fns] + [lambda: image]
   out = tf.switch_case(tf.cast(op_index, tf.int32), branches)
   return tf.ensure_shape(out, image.shape)
 
@@ -439,11 +442,12 @@ def randaugment(image, seed, cfg: RandAugmentConfig, fill=(124, 116, 104)):
 
   Each op is applied with probability ``cfg.prob`` at magnitude N(m, mstd) clipped to [0, mmax]
   (mstd=inf: uniform in [0, m]); signed ops (rotate/shear/translate, increasing enhance) flip sign
-  with probability 1/2.
+  with probability 1/2. The layers run in a ``tf.while_loop`` so the op graph is built once.
   """
   seeds = split_seed(seed, cfg.num_layers)
-  for i in range(cfg.num_layers):
-    s = split_seed(seeds[i], 5)
+
+  def layer(i, img):
+    s = split_seed(seeds[i], 4)
     op = tf.random.stateless_uniform([], seed=s[0], minval=0, maxval=len(RAND_OPS), dtype=tf.int32)
     if math.isinf(cfg.magnitude_std):
       level = _uniform(s[1], (), 0.0, cfg.magnitude)
@@ -453,9 +457,10 @@ def randaugment(image, seed, cfg: RandAugmentConfig, fill=(124, 116, 104)):
       level = tf.constant(cfg.magnitude, tf.float32)
     level = tf.clip_by_value(level, 0.0, cfg.magnitude_max)
     sign = tf.where(_uniform(s[2]) < 0.5, -1.0, 1.0)
-    apply = _uniform(s[3]) < cfg.prob
-    image = tf.cond(apply, lambda img=image, op=op, level=level, sign=sign: apply_op(
-        img, op, level, sign, fill=fill, increasing=cfg.increasing), lambda img=image: img)
+    op = tf.where(_uniform(s[3]) < cfg.prob, op, len(RAND_OPS))  # len(RAND_OPS): identity
+    return i + 1, apply_op(img, op, level, sign, fill=fill, increasing=cfg.increasing)
+
+  _, image = tf.while_loop(lambda i, _: i < cfg.num_layers, layer, (tf.constant(0), image))
   return image
 
 

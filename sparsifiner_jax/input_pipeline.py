@@ -107,9 +107,9 @@ class InputConfigError(ValueError):
 class DatasetInfo:
   """What the trainer needs to know about a dataset: its classes and split sizes ({split: n})."""
 
-  name: str
   num_classes: int
   splits: dict[str, int]
+  name: str = ""
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -409,22 +409,41 @@ def _source_cached(dataset: str, data_dir: str | None, manual_dir: str | None, b
   return _TfdsSource(dataset, builder)
 
 
-def _source(input_cfg):
+def _dataset_name(input_cfg) -> str:
   dataset = _get(input_cfg, "dataset")
   if not isinstance(dataset, str) or not dataset:
     raise InputConfigError(f"input.dataset must be a non-empty string, got {dataset!r}")
-  return _source_cached(dataset, _get(input_cfg, "data_dir"), _get(input_cfg, "manual_dir"),
-                        _get(input_cfg, "bad_images"))
+  return dataset
+
+
+def _source(input_cfg):
+  return _source_cached(_dataset_name(input_cfg), _get(input_cfg, "data_dir"),
+                        _get(input_cfg, "manual_dir"), _get(input_cfg, "bad_images"))
+
+
+def _check_tfds_split(dataset: str, builder, split: str) -> None:
+  """Split check without preparing: declared splits if prepared (digits: always known)."""
+  if builder.is_prepared():
+    known = sorted(builder.info.splits.keys())
+  elif dataset == DIGITS:
+    known = sorted(digits.SPLITS)
+  else:
+    return
+  missing = [s for s in _split_names(split) if s not in known]
+  if missing:
+    raise InputConfigError(f"dataset {dataset!r} has no split {missing[0]!r} (from {split!r}); "
+                           f"its splits are {known}")
 
 
 # ----------------------------------------------------------------------------- public API
 
 
 def validate_input_config(input_cfg) -> None:
-  """Checks ``input_cfg`` cheaply; raises InputConfigError with one line saying what is wrong.
+  """Checks ``input_cfg``; raises InputConfigError with one line saying what is wrong.
 
-  Opens (and for ``digits`` prepares) the dataset's metadata; for image folders lists the files
-  (decoding each once to find bad ones, see ``bad_images``).
+  Never downloads or prepares anything: tfds names, manual_dir and (where known) split names are
+  checked from the builder's metadata. Image folders are listed and their train/eval files decoded
+  once (memoised) so bad images are reported now (see ``bad_images``).
   """
   def check(ok, msg):
     if not ok:
@@ -450,13 +469,20 @@ def validate_input_config(input_cfg) -> None:
     augment.parse_randaugment(_get(input_cfg, "randaugment"))
   except ValueError as e:
     raise InputConfigError(f"input.{e}") from None
-  source = _source(input_cfg)
-  for key in ("train_split", "eval_split"):
-    split = _get(input_cfg, key)
+  dataset = _dataset_name(input_cfg)
+  splits = [_get(input_cfg, "train_split"), _get(input_cfg, "eval_split")]
+  for key, split in zip(("train_split", "eval_split"), splits):
     check(isinstance(split, str) and split, f"input.{key} must be a split name, got {split!r}")
-    source.check_split(split)
-    if source.folder:
+  if dataset.startswith(FOLDER_PREFIX):
+    source = _source(input_cfg)
+    for split in splits:
+      source.check_split(split)
       source.files(split)  # raises on bad images with bad_images='fail'
+    return
+  builder = _builder(dataset, _get(input_cfg, "data_dir"))
+  _check_manual_dir(dataset, builder, _get(input_cfg, "manual_dir"))
+  for split in splits:
+    _check_tfds_split(dataset, builder, split)
 
 
 def get_dataset_info(input_cfg) -> DatasetInfo:
