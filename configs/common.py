@@ -57,8 +57,12 @@ def base_config() -> mlc.ConfigDict:
   c.model_name = "deit_small_patch16_224"
   c.model = mlc.ConfigDict(dict(
       img_size=224, num_classes=1000, keep_rate=mlc.FieldReference(None, field_type=float),
-      reduce_n=6, reduce_c=2, basis_threshold=0.02, coef_topk=8, signed_basis=False,
-      executor="masked", drop_path_rate=0.0, dtype="float32"))
+      # None: the model variant's default (DeiT: reduce_n 6, reduce_c 2, coef_topk 8).
+      reduce_n=mlc.FieldReference(None, field_type=int),
+      reduce_c=mlc.FieldReference(None, field_type=int),
+      coef_topk=mlc.FieldReference(None, field_type=int),
+      basis_threshold=0.02, signed_basis=False, executor="masked", drop_path_rate=0.0,
+      dtype="float32"))
   c.init = ""                       # weights dir (ours, or from `python -m sparsifiner_jax.convert`)
   c.teacher = mlc.ConfigDict(dict(weights="", model_name="", model={}))
   c.input = input_config("imagenet2012", eval_split="validation")

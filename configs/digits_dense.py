@@ -4,7 +4,7 @@ from configs import common
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, epochs=60.0)
+  a = common.parse_arg(arg, epochs=40.0)
   c = common.base_config()
   c.model_name = "vit_digits"
   c.model.img_size = 16

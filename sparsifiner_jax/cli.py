@@ -6,11 +6,11 @@ code 2; ``--debug`` shows the traceback instead.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).",
@@ -50,7 +50,7 @@ def run_main(kind: str) -> None:
       raise app.UsageError("--config is required")
     if _WORKDIR.value is None and kind == "train":
       raise app.UsageError("--workdir is required")
-    logging.getLogger().setLevel(logging.INFO)
+    absl_logging.set_verbosity(absl_logging.INFO if _DEBUG.value else absl_logging.WARNING)
     try:
       maybe_initialize_distributed()
       if kind == "train":

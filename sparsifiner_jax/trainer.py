@@ -104,14 +104,19 @@ def phase_at(phases: list[Phase], step: int) -> Phase | None:
 # Model, teacher, state.
 
 
+def model_kwargs(config) -> dict[str, Any]:
+  """``config.model`` as ``models.create`` keywords; None means the variant's default (not keep_rate)."""
+  return {k: v for k, v in config.model.to_dict().items() if v is not None or k == "keep_rate"}
+
+
 def build_model(config, *, seed: int | None = None) -> nnx.Module:
   return models.create(config.model_name, rngs=nnx.Rngs(config.seed if seed is None else seed),
-                       **config.model.to_dict())
+                       **model_kwargs(config))
 
 
 def teacher_model_kwargs(config) -> dict[str, Any]:
   """The teacher is the dense version of the student architecture unless ``teacher.model`` says more."""
-  kw = {k: v for k, v in config.model.to_dict().items()
+  kw = {k: v for k, v in model_kwargs(config).items()
         if k in ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depth",
                  "num_heads", "mlp_ratio", "qkv_bias", "dtype")}
   kw.update(config.teacher.get("model", {}) or {})
@@ -356,7 +361,7 @@ def train(config, workdir: str, *, stop_after: int | None = None, devices=None) 
       raise ValueError(f"workdir {workdir!r} holds a run of another config; use a new workdir, or set "
                        "--config.allow_config_change=True to continue it anyway")
     state_phase = meta["phase"]
-    logging.info("resumed from step %d (phase %s)", step, state_phase)
+    _log(f"resumed from step {step} (phase {state_phase}) in {workdir}")
   else:
     step, state, state_phase = 0, None, None
 
@@ -417,7 +422,8 @@ def train(config, workdir: str, *, stop_after: int | None = None, devices=None) 
       ev = eval_fn.run(graphdef, state["params"], rest)
       writer.write(step, {f"eval/{k}": v for k, v in ev.items()})
       results[phase.name] = ev
-      logging.info("phase %s done at step %d: %s", phase.name, step, ev)
+      _log(f"phase {phase.name} done at step {step}: top1 {ev['top1']:.4f}, loss {ev['loss']:.4f}, "
+           f"density {ev['density']:.4f}")
       if ev["top1"] > best:
         best = ev["top1"]
         _save_weights(graphdef, state["params"], rest, os.path.join(workdir, "best"), config)
@@ -428,6 +434,11 @@ def train(config, workdir: str, *, stop_after: int | None = None, devices=None) 
   ckpt.close()
   writer.close()
   return dict(step=step, phases=results, state=state)
+
+
+def _log(msg: str) -> None:
+  if jax.process_index() == 0:
+    print(msg, flush=True)
 
 
 def _check_finite(config, m, step):

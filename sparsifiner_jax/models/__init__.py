@@ -26,7 +26,7 @@ VARIANTS: dict[str, ViTConfig] = {
     "deit_small_patch16_224": ViTConfig(embed_dim=384, depth=12, num_heads=6),
     "deit_base_patch16_224": ViTConfig(embed_dim=768, depth=12, num_heads=12),
     # Small models for the embedded digits data (16x16 after upsampling) and for tests.
-    "vit_digits": ViTConfig(img_size=16, patch_size=2, in_chans=3, num_classes=10, embed_dim=96,
+    "vit_digits": ViTConfig(img_size=16, patch_size=2, in_chans=3, num_classes=10, embed_dim=64,
                             depth=4, num_heads=4, mlp_ratio=2.0, reduce_n=4),
     "vit_test": ViTConfig(img_size=16, patch_size=4, in_chans=3, num_classes=10, embed_dim=32,
                           depth=2, num_heads=2, mlp_ratio=2.0, reduce_n=2, coef_topk=4),

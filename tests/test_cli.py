@@ -1,0 +1,58 @@
+"""CLIs: user mistakes give one clear line on stderr and exit code 2, before anything is compiled."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from flax import nnx
+
+from sparsifiner_jax import models, weights
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(script, *args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("override,msg", [
+    ("--config.input.dataset=no_such_dataset", "no_such_dataset"),
+    ("--config.batch_size=15", "batch_size=15 must be divisible by the number of devices 2"),
+    ("--config.teacher.weights=/nonexistent/teacher", "'/nonexistent/teacher' does not exist"),
+    ("--config.model.keep_rate=1.5", "keep_rate=1.5 must be in (0, 1]"),
+])
+def test_train_bad_input_one_line(tmp_path, override, msg):
+  r = _run("train.py", "--config", "configs/tiny_test.py", "--workdir", str(tmp_path / "w"), override)
+  assert r.returncode == 2, r.stderr[-2000:]
+  last = r.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: ") and msg in last, r.stderr[-2000:]
+  assert "Traceback" not in r.stderr
+
+
+def test_eval_writes_json_and_rejects_other_architecture(tmp_path):
+  w = weights.save_weights(str(tmp_path / "w"), models.create("vit_test", keep_rate=0.5,
+                                                                rngs=nnx.Rngs(0)))
+  out = tmp_path / "eval.json"
+  r = _run("eval.py", "--config", "configs/tiny_test.py", "--weights", w, "--out", str(out),
+           "--config.model.keep_rate=0.25")
+  assert r.returncode == 0, r.stderr[-3000:]
+  res = json.loads(out.read_text())
+  for key in ("top1", "top5", "loss", "density", "layer_density", "tokens_per_layer", "flops",
+              "images_per_s", "peak_memory_bytes", "num_examples"):
+    assert key in res, key
+  assert res["num_examples"] == 360 and res["keep_rate"] == 0.25
+  assert 0 < res["density"] < 1
+  assert res["flops"]["attention_matrix"] < res["flops"]["attention_matrix_dense"]
+  other = weights.save_weights(str(tmp_path / "o"), models.create("vit_test", embed_dim=48,
+                                                                    rngs=nnx.Rngs(0)))
+  r = _run("eval.py", "--config", "configs/tiny_test.py", "--weights", other)
+  assert r.returncode == 2 and "do not fit the model" in r.stderr.strip().splitlines()[-1]
+  r = _run("eval.py", "--config", "configs/tiny_test.py", "--weights", str(tmp_path / "missing"))
+  assert r.returncode == 2 and "does not exist" in r.stderr.strip().splitlines()[-1]
+  r = _run("eval.py", "--config", "configs/tiny_test.py", "--weights", w,
+           "--config.input.eval_split=validation")
+  assert r.returncode == 2 and "validation" in r.stderr.strip().splitlines()[-1]
