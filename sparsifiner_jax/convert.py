@@ -52,6 +52,7 @@ row 0 (CLS) and ``m`` (:func:`resize_token_params`). The official Sparsifiner co
 with ``antialias=False`` (a = -0.75) for its 384 fine-tuning; results differ slightly (≈1e-2) from ours.
 
 Distilled DeiT checkpoints (``dist_token``/``head_dist``) are refused: our models have one class token.
+Note that big_vision/AugReg weights expect inputs scaled to [-1, 1], not the ImageNet mean/std of DeiT.
 """
 
 from __future__ import annotations
@@ -385,12 +386,23 @@ def _read_torch(path: str, trust_pickle: bool) -> dict[str, np.ndarray]:
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+  from safetensors import safe_open  # pylint: disable=import-outside-toplevel
   from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
   try:
-    return dict(load_file(path))
+    try:
+      sd = dict(load_file(path))
+    except TypeError:  # bfloat16 without ml_dtypes registered: read through JAX
+      with safe_open(path, framework="flax") as f:
+        sd = {k: np.asarray(f.get_tensor(k).astype(jnp.float32)) for k in f.keys()}
+    return {k: _float32(v) for k, v in sd.items()}
   except Exception as e:  # SafetensorError for a bad header or a short file
     raise ConversionError(f"cannot read {path!r} as safetensors ({_one_line(e)}); "
                           "is the file truncated or corrupt?") from e
+
+
+def _float32(v: np.ndarray) -> np.ndarray:
+  """Floating arrays (float16/bfloat16/float64) as float32, like the torch reader; others unchanged."""
+  return v.astype(np.float32) if v.dtype.kind == "f" or v.dtype.name == "bfloat16" else v
 
 
 def _read_npz(path: str) -> dict[str, np.ndarray]:
@@ -910,7 +922,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   except Exception as e:  # pylint: disable=broad-except
     if args.debug:
       traceback.print_exc()
-    known = isinstance(e, (ConversionError, OSError)) or type(e).__name__ == "WeightsError"
+    known = isinstance(e, (ConversionError, OSError, ValueError))  # user-facing messages
     msg = " ".join(str(e).split()) if known else (
         f"internal error: {_one_line(e)} (rerun with --debug for the traceback)")
     print(f"error: {msg}", file=sys.stderr)

@@ -244,12 +244,17 @@ def test_cli_errors_are_one_line(deit_tiny, tmp_path, capsys):
   (tmp_path / "trunc.safetensors").write_bytes(st[: len(st) // 3])
   (tmp_path / "corrupt.npz").write_bytes(b"PK\x03\x04" + os.urandom(200))
   (tmp_path / "weird.xyz").write_bytes(os.urandom(64))
+  import fractions
+  import torch
+  torch.save({"model": {"cls_token": torch.zeros(1, 1, 4)}, "extra": fractions.Fraction(1, 3)},
+             tmp_path / "pickled.pth")
   cases = [
       ((tmp_path / "nope.pth", dst), "does not exist"),
       ((tmp_path / "trunc.pth", dst), "truncated or corrupt"),
       ((tmp_path / "trunc.safetensors", dst), "truncated or corrupt"),
       ((tmp_path / "corrupt.npz", dst), "corrupt"),
       ((tmp_path / "weird.xyz", dst), "unknown checkpoint format"),
+      ((tmp_path / "pickled.pth", dst), "--trust-pickle"),
       ((d["dir"] / "deit_tiny.pth", dst, "--model", "deit_small_patch16_224"), "mis-shaped keys"),
       ((d["dir"] / "deit_tiny.pth", dst, "--model", "lvvit_test"), "unexpected keys"),
       ((d["dir"] / "deit_tiny.pth", dst, "--format", "npz", "--model", "nosuch"), "unknown model"),
@@ -279,3 +284,21 @@ def test_cli_end_to_end_subprocess(deit_tiny, tmp_path):
                        capture_output=True, text=True, env=env, timeout=120)
   assert bad.returncode == 2 and bad.stdout == ""
   assert bad.stderr.strip().splitlines() == [bad.stderr.strip()] and "does not exist" in bad.stderr
+
+
+def test_bfloat16_safetensors_and_backbone_only_export(tmp_path):
+  import ml_dtypes
+  from safetensors.numpy import save_file
+  model = models.create("vit_test", keep_rate=0.5, rngs=nnx.Rngs(0))
+  sd = convert.timm_state_dict(model)
+  save_file({k: v.astype(ml_dtypes.bfloat16) for k, v in sd.items()}, tmp_path / "bf16.safetensors")
+  out = convert.convert(str(tmp_path / "bf16.safetensors"), str(tmp_path / "w"), model="vit_test",
+                        keep_rate=0.5)
+  back = models.create("vit_test", keep_rate=0.5, rngs=nnx.Rngs(1))
+  weights.load_weights(out, back, allow_missing_predictor=False)
+  for k, v in convert.timm_state_dict(back).items():
+    np.testing.assert_array_equal(v, sd[k].astype(ml_dtypes.bfloat16).astype(np.float32), err_msg=k)
+  plain = convert.convert(out, str(tmp_path / "plain.safetensors"), backbone_only=True)
+  from safetensors.numpy import load_file
+  keys = set(load_file(plain))
+  assert keys == {k for k in sd if "mask_predictor" not in k}
