@@ -49,7 +49,8 @@ widened by the scale when downsampling, weights renormalised at the borders; imp
 ``jax.image.resize(method="bicubic")``, which matches timm to ~1e-6). The CLS slot is kept. The predictor's
 token-sized ``proj_n``/``proj_back_n`` ``[N, m]`` are resampled the same way over their patch rows, keeping
 row 0 (CLS) and ``m`` (:func:`resize_token_params`). The official Sparsifiner code interpolates
-with ``antialias=False`` (a = -0.75) for its 384 fine-tuning; results differ slightly (≈1e-2) from ours.
+with ``antialias=False`` (Keys a = -0.75, no border renormalisation) for its 384 fine-tuning, so its
+resampled tables differ from timm's and ours.
 
 Distilled DeiT checkpoints (``dist_token``/``head_dist``) are refused: our models have one class token.
 Note that big_vision/AugReg weights expect inputs scaled to [-1, 1], not the ImageNet mean/std of DeiT.
