@@ -38,7 +38,8 @@ def save_weights(path: str, model: nnx.Module, *, name: str | None = None) -> st
   tmp = f"{path}.tmp-{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
-  params = jax.device_get(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  from sparsifiner_jax import convert  # Params and BatchNorm statistics (LV-ViT)
+  params = jax.device_get(nnx.to_pure_dict(nnx.state(model, convert.WEIGHT_TYPES)))
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(os.path.join(tmp, "params"), params)
     ckptr.wait_until_finished()
