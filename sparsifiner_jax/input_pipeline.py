@@ -61,7 +61,6 @@ import dataclasses
 import difflib
 import functools
 import logging
-import math
 import os
 import re
 import sys
@@ -272,11 +271,10 @@ class _FolderSource:
     if not os.path.isdir(root):
       raise InputConfigError(f"imagefolder root {root!r} does not exist or is not a directory "
                              "(expected root/<split>/<class>/*.png|jpg)")
-    self.splits = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    self.splits = _subdirs(root)
     classes = set()
     for s in self.splits:
-      classes.update(c for c in os.listdir(os.path.join(root, s))
-                     if os.path.isdir(os.path.join(root, s, c)))
+      classes.update(_subdirs(os.path.join(root, s)))
     if not classes:
       raise InputConfigError(f"imagefolder root {root!r} has no root/<split>/<class>/ folders "
                              f"(found splits {self.splits})")
@@ -300,7 +298,7 @@ class _FolderSource:
       if not os.path.isdir(d):
         continue
       for f in sorted(os.listdir(d)):
-        if f.lower().endswith(IMAGE_EXTENSIONS):
+        if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."):
           paths.append(os.path.join(d, f))
           labels.append(label)
     return paths, labels
@@ -336,6 +334,12 @@ class _FolderSource:
     paths, labels = self.local_files(split, process_index, process_count)
     ds = tf.data.Dataset.from_tensor_slices((paths.astype(str), labels))
     return ds.map(lambda p, l: {"image": tf.io.read_file(p), "label": l}), len(paths)
+
+
+def _subdirs(path: str) -> list[str]:
+  """Sorted names of the visible sub-directories of ``path``."""
+  return sorted(d for d in os.listdir(path)
+                if not d.startswith(".") and os.path.isdir(os.path.join(path, d)))
 
 
 def _undecodable(paths: list[str]) -> list[int]:

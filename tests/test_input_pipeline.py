@@ -1,4 +1,4 @@
-"""Input pipeline: digits split, tfds (mocked cifar10/imagenet2012), image folders, determinism, exact eval."""
+"""Input pipeline: digits split, mocked tfds, image folders, determinism and resume, exact eval."""
 
 import collections
 import logging
