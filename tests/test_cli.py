@@ -45,8 +45,10 @@ def test_eval_writes_json_and_rejects_other_architecture(tmp_path):
               "images_per_s", "peak_memory_bytes", "num_examples"):
     assert key in res, key
   assert res["num_examples"] == 360 and res["keep_rate"] == 0.25
-  assert 0 < res["density"] < 1
-  assert res["flops"]["attention_matrix"] < res["flops"]["attention_matrix_dense"]
+  # 17 tokens at keep 0.25: k = 5 keys per patch row plus the dense CLS row.
+  assert res["density"] == pytest.approx((17 + 16 * 5) / 17 ** 2, abs=1e-6)
+  assert res["layer_density"] == pytest.approx([(17 + 16 * 5) / 17 ** 2] * 2, abs=1e-6)
+  assert res["flops"]["total"] > 0 and res["flops"]["total_dense"] > 0
   other = weights.save_weights(str(tmp_path / "o"), models.create("vit_test", embed_dim=48,
                                                                     rngs=nnx.Rngs(0)))
   r = _run("eval.py", "--config", "configs/tiny_test.py", "--weights", other)

@@ -83,8 +83,10 @@ def test_eight_devices_equal_one(tmp_path, teacher_dir):
   with jax.default_device(devs1[0]):
     out1 = trainer.train(c1, str(tmp_path / "d1"), devices=devs1)
   a, b = _flat(out8["state"]["params"]), _flat(out1["state"]["params"])
+  # Tolerance |a - b| <= 1e-5 + 1e-5 |b|: reduction order differs across 8 shards, and Adam's
+  # normalised update amplifies tiny gradient differences where gradients are near zero.
   for k in a:
-    np.testing.assert_allclose(a[k], b[k], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(a[k], b[k], atol=1e-5, rtol=1e-5)
 
 
 def test_workdir_of_other_config_refused(tmp_path, teacher_dir):
