@@ -44,7 +44,7 @@ def _predictions(config, weights_path):
 def run(workdir: str) -> dict:
   import numpy as np
   from configs import digits_dense, digits_sparsifiner
-  from sparsifiner_jax import eval_lib, flops, models, sweeps, trainer
+  from sparsifiner_jax import eval_lib, sweeps, trainer
 
   os.makedirs(workdir, exist_ok=True)
   t0 = time.time()

@@ -6,7 +6,6 @@ masked sum divided by the number of real examples, so nothing is dropped or coun
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax

@@ -42,16 +42,13 @@ def attention_reconstruction(approx: Sequence[Array], teacher_attn: Sequence[Arr
   Here the sum over the global batch is rescaled by ``reference_batch / B`` so the loss weight (0.01)
   means the same thing at any batch size or device count.
   """
-  terms = []
-  for a, t in zip(approx, teacher_attn):
-    if a is None:
-      continue
-    target = jax.lax.stop_gradient(t[:, :, 1:, :]).astype(jnp.float32)
-    terms.append(jnp.sum(jnp.square(a.astype(jnp.float32) - target)))
-  if not terms:
+  pairs = [(a, t) for a, t in zip(approx, teacher_attn) if a is not None]
+  if not pairs:
     raise ValueError("attention reconstruction needs a Sparsifiner model (no layer has a predictor)")
-  batch = approx[0].shape[0] if approx[0] is not None else next(a for a in approx if a is not None).shape[0]
-  return jnp.mean(jnp.stack(terms)) * (reference_batch / batch)
+  terms = [jnp.sum(jnp.square(a.astype(jnp.float32)
+                              - jax.lax.stop_gradient(t[:, :, 1:, :]).astype(jnp.float32)))
+           for a, t in pairs]
+  return jnp.mean(jnp.stack(terms)) * (reference_batch / pairs[0][0].shape[0])
 
 
 def topk_accuracy(logits: Array, labels: Array, k: int) -> Array:

@@ -20,9 +20,7 @@ data stream is a pure function of (seed, step), so a resumed run is identical to
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
-import math
 import os
 import signal
 import time

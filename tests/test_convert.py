@@ -1,6 +1,5 @@
 """timm parity: random timm weights loaded into our models give timm's logits (fp32, atol 1e-4)."""
 
-import jax
 import numpy as np
 import pytest
 from flax import nnx

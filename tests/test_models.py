@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sparsifiner_jax import attention as attn_lib
 from sparsifiner_jax import models
 
 

@@ -3,13 +3,12 @@
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from configs import tiny_test
-from sparsifiner_jax import convert, models, trainer, weights
+from sparsifiner_jax import models, trainer, weights
 
 
 @pytest.fixture(scope="module")
@@ -83,10 +82,15 @@ def test_eight_devices_equal_one(tmp_path, teacher_dir):
   with jax.default_device(devs1[0]):
     out1 = trainer.train(c1, str(tmp_path / "d1"), devices=devs1)
   a, b = _flat(out8["state"]["params"]), _flat(out1["state"]["params"])
-  # Tolerance |a - b| <= 1e-5 + 1e-5 |b|: reduction order differs across 8 shards, and Adam's
-  # normalised update amplifies tiny gradient differences where gradients are near zero.
+  assert out8["phases"]["train"]["loss"] == pytest.approx(out1["phases"]["train"]["loss"], abs=1e-5)
+  dim = 32
   for k in a:
-    np.testing.assert_allclose(a[k], b[k], atol=1e-5, rtol=1e-5)
+    x, y = a[k], b[k]
+    if "qkv" in k and "bias" in k:
+      # The key bias has an exactly-zero gradient (softmax is shift-invariant per query row), so Adam
+      # turns float rounding noise of either sign into +-lr steps; compare q and v biases only.
+      x, y = np.concatenate([x[:dim], x[2 * dim:]]), np.concatenate([y[:dim], y[2 * dim:]])
+    np.testing.assert_allclose(x, y, atol=1e-5, rtol=0, err_msg=k)
 
 
 def test_workdir_of_other_config_refused(tmp_path, teacher_dir):

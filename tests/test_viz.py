@@ -1,6 +1,5 @@
 """Connectivity grid and density histogram write non-empty PNGs of the expected size."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

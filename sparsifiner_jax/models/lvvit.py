@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparsifiner_jax.models.vit import Attention, Mlp, ViTConfig
+from sparsifiner_jax.models.vit import Block, ViTConfig
 
 Array = jax.Array
 
@@ -53,11 +53,12 @@ Array = jax.Array
 class LVViTConfig(ViTConfig):
   """An LV-ViT architecture; every ``ViTConfig`` field keeps its meaning (``patch_size`` is the token stride).
 
-  Extra fields:
+  Fields with LV-ViT defaults (the blocks are ``models.vit.Block``):
     skip_lam: residual branches are divided by this (2.0 for LV-ViT-S/M).
+    norm_eps: LayerNorm epsilon (torch default 1e-5 in LV-ViT).
+  Extra fields:
     stem_channels: width of the three stem convolutions (64 for "4_2").
     aux_weight: weight of the token-labelling max-pooled aux logits in the eval-mode output (0.5).
-    norm_eps: LayerNorm epsilon (torch default 1e-5 in LV-ViT).
     bn_eps: BatchNorm epsilon (torch default 1e-5).
     freeze_bn: use BatchNorm running averages in training too (see the module docstring).
   """
@@ -122,36 +123,6 @@ class PatchEmbed4_2(nnx.Module):  # noqa: N801 -- the official name
     return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
-class LVViTBlock(nnx.Module):
-  """Pre-LN transformer block with residual scaling ``1 / skip_lam``; ``[B, N, D] -> [B, N, D]``."""
-
-  def __init__(self, cfg: LVViTConfig, keep_rate: float | None, drop_path: float, *,
-               rngs: nnx.Rngs):
-    dtype = _dtype(cfg)
-    norm = dict(epsilon=cfg.norm_eps, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
-    self.norm1 = nnx.LayerNorm(cfg.embed_dim, **norm)
-    self.attn = Attention(cfg, keep_rate, rngs=rngs)
-    self.norm2 = nnx.LayerNorm(cfg.embed_dim, **norm)
-    self.mlp = Mlp(cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio), dtype, rngs=rngs)
-    self.skip_lam = cfg.skip_lam
-    self.drop_path = drop_path
-
-  def _drop(self, x: Array, rng: Array | None) -> Array:
-    """Stochastic depth per sample (kept branches rescaled by 1/keep)."""
-    if rng is None or self.drop_path == 0.0:
-      return x
-    keep = 1.0 - self.drop_path
-    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-    return x * jax.random.bernoulli(rng, keep, shape).astype(x.dtype) / keep
-
-  def __call__(self, x: Array, *, recon: bool = False, rng: Array | None = None):
-    rngs = (None, None) if rng is None else tuple(jax.random.split(rng))
-    y, aux = self.attn(self.norm1(x), recon=recon)
-    x = x + self._drop(y, rngs[0]) / self.skip_lam
-    x = x + self._drop(self.mlp(self.norm2(x)), rngs[1]) / self.skip_lam
-    return x, aux
-
-
 class LVViT(nnx.Module):
   """LV-ViT with class token and token-labelling head; Sparsifiner attention when ``keep_rate`` is set.
 
@@ -177,7 +148,7 @@ class LVViT(nnx.Module):
     self.pos_embed = nnx.Param(trunc(rngs.params(), (1, cfg.num_tokens, cfg.embed_dim)))
     rates = cfg.layer_keep_rates() or (None,) * cfg.depth
     dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
-    self.blocks = nnx.List([LVViTBlock(cfg, rates[i], dpr[i], rngs=rngs) for i in range(cfg.depth)])
+    self.blocks = nnx.List([Block(cfg, rates[i], dpr[i], rngs=rngs) for i in range(cfg.depth)])
     self.norm = nnx.LayerNorm(cfg.embed_dim, epsilon=cfg.norm_eps, dtype=dtype,
                               param_dtype=jnp.float32, rngs=rngs)
     head = dict(dtype=dtype, param_dtype=jnp.float32, kernel_init=trunc,

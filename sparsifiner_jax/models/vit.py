@@ -12,8 +12,7 @@ Pre-LN blocks, LayerNorm eps 1e-6, exact-erf GELU, qkv bias. Activations and mat
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +38,8 @@ class ViTConfig:
   mlp_ratio: float = 4.0
   qkv_bias: bool = True
   drop_path_rate: float = 0.0
+  norm_eps: float = 1e-6       # LayerNorm epsilon
+  skip_lam: float = 1.0        # residual branches are divided by this (LV-ViT: 2.0)
   # Sparsifiner (SPARSIFINER.md §1). A float or one value per layer.
   keep_rate: float | tuple[float, ...] | None = None
   reduce_n: int = 6
@@ -166,28 +167,31 @@ class Attention(nnx.Module):
 
 
 class Block(nnx.Module):
+  """Pre-LN block ``[B, N, D] -> [B, N, D]``: ``x += attn(norm1(x)) / skip_lam; x += mlp(norm2(x)) / skip_lam``."""
+
   def __init__(self, cfg: ViTConfig, keep_rate: float | None, drop_path: float, *, rngs: nnx.Rngs):
     dtype = _dtype(cfg.dtype)
-    norm = dict(epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    norm = dict(epsilon=cfg.norm_eps, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
     self.norm1 = nnx.LayerNorm(cfg.embed_dim, **norm)
     self.attn = Attention(cfg, keep_rate, rngs=rngs)
     self.norm2 = nnx.LayerNorm(cfg.embed_dim, **norm)
     self.mlp = Mlp(cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio), dtype, rngs=rngs)
     self.drop_path = drop_path
+    self.skip_lam = cfg.skip_lam
 
-  def _drop(self, x: Array, rng: Array | None) -> Array:
-    """Stochastic depth: drops the whole residual branch per sample, rescales the kept ones."""
-    if rng is None or self.drop_path == 0.0:
-      return x
-    keep = 1.0 - self.drop_path
-    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-    return x * jax.random.bernoulli(rng, keep, shape).astype(x.dtype) / keep
+  def _branch(self, x: Array, rng: Array | None) -> Array:
+    """Residual branch output: stochastic depth per sample (kept ones rescaled), then 1/skip_lam."""
+    if rng is not None and self.drop_path > 0.0:
+      keep = 1.0 - self.drop_path
+      shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+      x = x * jax.random.bernoulli(rng, keep, shape).astype(x.dtype) / keep
+    return x if self.skip_lam == 1.0 else x / self.skip_lam
 
   def __call__(self, x: Array, *, recon: bool = False, rng: Array | None = None):
     rngs = (None, None) if rng is None else tuple(jax.random.split(rng))
     y, aux = self.attn(self.norm1(x), recon=recon)
-    x = x + self._drop(y, rngs[0])
-    x = x + self._drop(self.mlp(self.norm2(x)), rngs[1])
+    x = x + self._branch(y, rngs[0])
+    x = x + self._branch(self.mlp(self.norm2(x)), rngs[1])
     return x, aux
 
 
@@ -218,7 +222,7 @@ class VisionTransformer(nnx.Module):
     rates = cfg.layer_keep_rates() or (None,) * cfg.depth
     dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
     self.blocks = nnx.List([Block(cfg, rates[i], dpr[i], rngs=rngs) for i in range(cfg.depth)])
-    self.norm = nnx.LayerNorm(cfg.embed_dim, epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32,
+    self.norm = nnx.LayerNorm(cfg.embed_dim, epsilon=cfg.norm_eps, dtype=dtype, param_dtype=jnp.float32,
                               rngs=rngs)
     self.head = nnx.Linear(cfg.embed_dim, cfg.num_classes, dtype=dtype, param_dtype=jnp.float32,
                            kernel_init=nnx.initializers.truncated_normal(0.02),
