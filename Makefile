@@ -23,7 +23,7 @@ demo: $(STAMP)  ## train dense teacher + both Sparsifiner phases on digits, eval
 	$(PY) -m sparsifiner_jax.demo --workdir $${WORKDIR:-workdirs/demo}
 
 bench: $(STAMP)
-	$(PY) benchmarks/run.py
+	$(PY) benchmarks/run.py --append BENCHMARKS.md
 
 clean-venv:
 	rm -rf $(VENV)
