@@ -58,3 +58,14 @@ def test_eval_writes_json_and_rejects_other_architecture(tmp_path):
   r = _run("eval.py", "--config", "configs/tiny_test.py", "--weights", w,
            "--config.input.eval_split=validation")
   assert r.returncode == 2 and "validation" in r.stderr.strip().splitlines()[-1]
+
+
+def test_train_teacher_of_other_architecture_one_line(tmp_path):
+  other = weights.save_weights(str(tmp_path / "t"), models.create("vit_test", embed_dim=48,
+                                                                    rngs=nnx.Rngs(0)))
+  r = _run("train.py", "--config", "configs/tiny_test.py", "--workdir", str(tmp_path / "w"),
+           f"--config.teacher.weights={other}")
+  assert r.returncode == 2, r.stderr[-2000:]
+  last = r.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: ") and "do not fit the model" in last
+  assert not os.path.exists(tmp_path / "w" / "ckpt") or not os.listdir(tmp_path / "w" / "ckpt")
