@@ -62,7 +62,12 @@ def base_config() -> mlc.ConfigDict:
       reduce_c=mlc.FieldReference(None, field_type=int),
       coef_topk=mlc.FieldReference(None, field_type=int),
       basis_threshold=0.02, signed_basis=False, executor="masked", drop_path_rate=0.0,
-      dtype="float32"))
+      dtype="float32",
+      # Attention pattern: "sparsifiner" (learned) or a fixed one (sparsifiner_jax/patterns.py).
+      attention_pattern="sparsifiner", pattern_options={},
+      # Token sparsity (EViT-style): None or a rate r; keep r^s of the patches after each listed layer.
+      token_keep_rate=mlc.FieldReference(None, field_type=float),
+      token_pruning_layers=(3, 6, 9), token_pruning_mode="drop"))
   c.init = ""                       # weights dir (ours, or from `python -m sparsifiner_jax.convert`)
   c.teacher = mlc.ConfigDict(dict(weights="", model_name="", model={}))
   c.input = input_config("imagenet2012", eval_split="validation")

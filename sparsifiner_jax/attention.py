@@ -8,6 +8,12 @@ patterns of ``sparsifiner_jax.patterns``). A pattern provider returns a :class:`
 * ``valid`` ``[B|1, H|1, R, K] bool`` or ``None`` (all ``K`` entries are real);
 * ``num_dense_rows`` (static int): the first query rows attend to every key. Sparsifiner keeps the
   CLS query dense, so this is 1 there.
+* ``num_keys`` (static int): N, the number of key columns.
+* ``key_valid`` ``[B, N] bool`` or ``None``: keys that exist for *every* row, the dense rows included
+  (token pruning simulated on a full-length sequence: pruned tokens are removed from all rows).
+* ``fill`` (static str): what a masked-out logit becomes. ``"neg_inf"`` (true sparse attention, the
+  default) or ``"zero_logit"`` (the logit is set to 0 and keeps weight e^0 -- the official Fibottention
+  code's multiply-by-mask semantics, BASELINES.md §1.2).
 
 CLS handling lives here, in one place: the dense leading rows are never part of ``indices``.
 
@@ -30,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 Array = jax.Array
+FILLS = ("neg_inf", "zero_logit")
 
 
 @jax.tree_util.register_dataclass
@@ -41,21 +48,32 @@ class AttentionMask:
   valid: Array | None = None
   num_dense_rows: int = dataclasses.field(default=1, metadata=dict(static=True))
   num_keys: int = dataclasses.field(default=0, metadata=dict(static=True))
+  key_valid: Array | None = None
+  fill: str = dataclasses.field(default="neg_inf", metadata=dict(static=True))
+
+  def __post_init__(self):
+    if self.fill not in FILLS:
+      raise ValueError(f"unknown mask fill {self.fill!r}; allowed: {FILLS}")
 
   @property
   def keys_per_row(self) -> int:
     return self.indices.shape[-1]
 
   def to_dense(self) -> Array:
-    """Boolean mask ``[B|1, H|1, N, N]``; dense rows are all True."""
+    """Boolean mask ``[B|1, H|1, N, N]``; dense rows are all True (up to ``key_valid``)."""
     *lead, rows, _ = self.indices.shape
     n = self.num_keys
     sparse_rows = indices_to_dense(self.indices, n, self.valid)
     dense_rows = jnp.ones((*lead, self.num_dense_rows, n), bool)
-    return jnp.concatenate([dense_rows, sparse_rows], axis=-2)
+    keep = jnp.concatenate([dense_rows, sparse_rows], axis=-2)
+    if self.key_valid is not None:
+      keep = keep & self.key_valid[:, None, None, :]
+    return keep
 
   def nnz(self) -> Array:
     """Kept entries per (batch, head): ``[B|1, H|1]``."""
+    if self.key_valid is not None:
+      return jnp.sum(self.to_dense(), axis=(-1, -2))
     per_sparse = (jnp.sum(self.valid, axis=(-1, -2)) if self.valid is not None
                   else jnp.full(self.indices.shape[:-2], self.indices.shape[-2] * self.keys_per_row))
     return per_sparse + self.num_dense_rows * self.num_keys
@@ -117,7 +135,7 @@ def masked_attention(q: Array, k: Array, v: Array, mask: AttentionMask | None) -
     return dense_attention(q, k, v)
   keep = mask.to_dense()
   logits = attention_logits(q, k).astype(jnp.float32)
-  logits = jnp.where(keep, logits, -jnp.inf)
+  logits = jnp.where(keep, logits, -jnp.inf if mask.fill == "neg_inf" else 0.0)
   row_max = jnp.max(logits, axis=-1, keepdims=True)
   row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
   p = jnp.exp(logits - jax.lax.stop_gradient(row_max))
@@ -130,9 +148,14 @@ def sparse_attention(q: Array, k: Array, v: Array, mask: AttentionMask | None) -
   """Computes only the kept entries: per-row gathers, then segment softmax over the edge list."""
   if mask is None:
     return dense_attention(q, k, v)
+  if mask.fill != "neg_inf":          # every key takes part: nothing to skip
+    return masked_attention(q, k, v, mask)
   b, n, h, d = q.shape
   nd = mask.num_dense_rows
-  out_dense = jax.nn.dot_product_attention(q[:, :nd], k, v) if nd else None
+  out_dense = None
+  if nd:
+    key_mask = None if mask.key_valid is None else mask.key_valid[:, None, None, :]
+    out_dense = jax.nn.dot_product_attention(q[:, :nd], k, v, mask=key_mask)
 
   idx = jnp.broadcast_to(mask.indices, (b, h, n - nd, mask.keys_per_row))
   kk = idx.shape[-1]
@@ -142,8 +165,12 @@ def sparse_attention(q: Array, k: Array, v: Array, mask: AttentionMask | None) -
   gather = jax.vmap(jax.vmap(lambda t, i: t[i]))           # [N, d], [R, K] -> [R, K, d]
   k_sel, v_sel = gather(kt, idx), gather(vt, idx)          # [B, H, R, K, d]
   logits = jnp.einsum("bhrd,bhrkd->bhrk", qs * d ** -0.5, k_sel).astype(jnp.float32)
-  if mask.valid is not None:
-    logits = jnp.where(jnp.broadcast_to(mask.valid, logits.shape), logits, -jnp.inf)
+  valid = None if mask.valid is None else jnp.broadcast_to(mask.valid, logits.shape)
+  if mask.key_valid is not None:
+    kv = jax.vmap(lambda row, i: row[i])(mask.key_valid, idx.reshape(b, -1)).reshape(idx.shape)
+    valid = kv if valid is None else valid & kv
+  if valid is not None:
+    logits = jnp.where(valid, logits, -jnp.inf)
 
   # Segment softmax over the flattened edge list: one segment per (b, h, row).
   num_seg = b * h * (n - nd)

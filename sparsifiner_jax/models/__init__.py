@@ -54,8 +54,11 @@ def get_config(name: str, **overrides: Any) -> ViTConfig:
   unknown = sorted(set(overrides) - fields)
   if unknown:
     raise ValueError(f"unknown model option(s) {unknown}; allowed: {sorted(fields)}")
-  if isinstance(overrides.get("keep_rate"), (list, tuple)):
-    overrides["keep_rate"] = tuple(overrides["keep_rate"])
+  for key in ("keep_rate", "token_pruning_layers"):
+    if isinstance(overrides.get(key), (list, tuple)):
+      overrides[key] = tuple(overrides[key])
+  if isinstance(overrides.get("pattern_options"), dict):   # hashable, order-independent
+    overrides["pattern_options"] = tuple(sorted(overrides["pattern_options"].items()))
   return dataclasses.replace(VARIANTS[name], **overrides).validate()
 
 

@@ -148,7 +148,7 @@ class LVViT(nnx.Module):
     self.pos_embed = nnx.Param(trunc(rngs.params(), (1, cfg.num_tokens, cfg.embed_dim)))
     rates = cfg.layer_keep_rates() or (None,) * cfg.depth
     dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
-    self.blocks = nnx.List([Block(cfg, rates[i], dpr[i], rngs=rngs) for i in range(cfg.depth)])
+    self.blocks = nnx.List([Block(cfg, rates[i], dpr[i], layer=i, rngs=rngs) for i in range(cfg.depth)])
     self.norm = nnx.LayerNorm(cfg.embed_dim, epsilon=cfg.norm_eps, dtype=dtype,
                               param_dtype=jnp.float32, rngs=rngs)
     head = dict(dtype=dtype, param_dtype=jnp.float32, kernel_init=trunc,

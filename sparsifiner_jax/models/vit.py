@@ -19,9 +19,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sparsifiner_jax import attention as attn_lib
+from sparsifiner_jax import patterns
 from sparsifiner_jax.models.predictor import MaskPredictor
 
 Array = jax.Array
+TOKEN_PRUNING_MODES = ("drop", "mask", "official")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +49,18 @@ class ViTConfig:
   basis_threshold: float = 0.02
   coef_topk: int = 8
   signed_basis: bool = False
+  # Attention pattern (sparsifiner_jax.patterns): "sparsifiner" (the learned predictor; dense when
+  # keep_rate is None) or a fixed/oracle pattern such as "fibottention", with its options as
+  # ((name, value), ...) pairs.
+  attention_pattern: str = "sparsifiner"
+  pattern_options: tuple[tuple[str, Any], ...] = ()
+  # Token sparsity (EViT-style, SPARSIFINER.md §3): after each layer in token_pruning_layers keep the
+  # top ceil(token_keep_rate^s * P) patch tokens (s = 1, 2, ...) by head-averaged CLS attention.
+  # token_pruning_mode: "drop" (shorten the sequence), "mask" (simulate on the full sequence; equals
+  # "drop"), "official" (the official code's zeroing: the dense CLS row still sees pruned tokens).
+  token_keep_rate: float | None = None
+  token_pruning_layers: tuple[int, ...] = (3, 6, 9)
+  token_pruning_mode: str = "drop"
   executor: str = "masked"
   dtype: str = "float32"
 
@@ -92,6 +106,16 @@ class ViTConfig:
       bad(f"dtype={self.dtype!r}; allowed: float32, bfloat16, float16")
     if not 0.0 <= self.drop_path_rate < 1.0:
       bad(f"drop_path_rate={self.drop_path_rate} must be in [0, 1)")
+    if self.token_keep_rate is not None:
+      if not 0.0 < self.token_keep_rate <= 1.0:
+        bad(f"token_keep_rate={self.token_keep_rate} must be in (0, 1] (None: no token pruning)")
+      layers = tuple(self.token_pruning_layers)
+      if not layers or any(not isinstance(i, int) or not 0 <= i < self.depth - 1 for i in layers) \
+          or list(layers) != sorted(set(layers)):
+        bad(f"token_pruning_layers={layers} must be increasing layer indices in [0, {self.depth - 2}]")
+      if self.token_pruning_mode not in TOKEN_PRUNING_MODES:
+        bad(f"token_pruning_mode={self.token_pruning_mode!r}; allowed: {', '.join(TOKEN_PRUNING_MODES)}")
+    patterns.validate(self)
     rates = self.layer_keep_rates()
     if rates is not None:
       if len(rates) != self.depth:
@@ -140,7 +164,7 @@ class Attention(nnx.Module):
   float32; XLA drops it when no caller uses it).
   """
 
-  def __init__(self, cfg: ViTConfig, keep_rate: float | None, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ViTConfig, keep_rate: float | None, *, layer: int = 0, rngs: nnx.Rngs):
     dtype = _dtype(cfg.dtype)
     kw = dict(kernel_init=nnx.initializers.truncated_normal(0.02),
               bias_init=nnx.initializers.zeros, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
@@ -148,7 +172,10 @@ class Attention(nnx.Module):
     self.qkv = nnx.Linear(cfg.embed_dim, 3 * cfg.embed_dim, use_bias=cfg.qkv_bias, **kw)
     self.proj = nnx.Linear(cfg.embed_dim, cfg.embed_dim, **kw)
     self.executor = attn_lib.get_executor(cfg.executor)
-    self.mask_predictor = nnx.data(None if keep_rate is None else MaskPredictor(
+    learned = cfg.attention_pattern == "sparsifiner"
+    # A fixed/oracle pattern: a hashable callable (q, k) -> AttentionMask, part of the graphdef.
+    self.pattern = None if learned else patterns.build(cfg, layer, keep_rate)
+    self.mask_predictor = nnx.data(None if keep_rate is None or not learned else MaskPredictor(
           cfg.num_heads, cfg.head_dim, cfg.num_tokens, keep_rate, reduce_n=cfg.reduce_n,
           reduce_c=cfg.reduce_c, basis_threshold=cfg.basis_threshold, coef_topk=cfg.coef_topk,
           signed_basis=cfg.signed_basis, dtype=dtype, rngs=rngs))
@@ -160,6 +187,8 @@ class Attention(nnx.Module):
     mask, approx = None, None
     if self.mask_predictor is not None:
       mask, approx = self.mask_predictor(q, k, recon=recon)
+    elif self.pattern is not None:
+      mask = self.pattern(q, k)
     out = self.executor(q, k, v, mask) if mask is not None else attn_lib.dense_attention(q, k, v)
     out = self.proj(out.reshape(b, n, dim))
     aux = dict(mask=mask, approx_attn=approx, attn=attn_lib.attention_probs(q, k))
@@ -169,11 +198,12 @@ class Attention(nnx.Module):
 class Block(nnx.Module):
   """Pre-LN block ``[B, N, D] -> [B, N, D]``: ``x += attn(norm1(x)) / skip_lam; x += mlp(norm2(x)) / skip_lam``."""
 
-  def __init__(self, cfg: ViTConfig, keep_rate: float | None, drop_path: float, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ViTConfig, keep_rate: float | None, drop_path: float, *, layer: int = 0,
+               rngs: nnx.Rngs):
     dtype = _dtype(cfg.dtype)
     norm = dict(epsilon=cfg.norm_eps, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
     self.norm1 = nnx.LayerNorm(cfg.embed_dim, **norm)
-    self.attn = Attention(cfg, keep_rate, rngs=rngs)
+    self.attn = Attention(cfg, keep_rate, layer=layer, rngs=rngs)
     self.norm2 = nnx.LayerNorm(cfg.embed_dim, **norm)
     self.mlp = Mlp(cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio), dtype, rngs=rngs)
     self.drop_path = drop_path
@@ -221,7 +251,7 @@ class VisionTransformer(nnx.Module):
         nnx.initializers.truncated_normal(0.02)(rngs.params(), (1, cfg.num_tokens, cfg.embed_dim)))
     rates = cfg.layer_keep_rates() or (None,) * cfg.depth
     dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
-    self.blocks = nnx.List([Block(cfg, rates[i], dpr[i], rngs=rngs) for i in range(cfg.depth)])
+    self.blocks = nnx.List([Block(cfg, rates[i], dpr[i], layer=i, rngs=rngs) for i in range(cfg.depth)])
     self.norm = nnx.LayerNorm(cfg.embed_dim, epsilon=cfg.norm_eps, dtype=dtype, param_dtype=jnp.float32,
                               rngs=rngs)
     self.head = nnx.Linear(cfg.embed_dim, cfg.num_classes, dtype=dtype, param_dtype=jnp.float32,
