@@ -66,8 +66,8 @@ class AttentionMask:
     sparse_rows = indices_to_dense(self.indices, n, self.valid)
     dense_rows = jnp.ones((*lead, self.num_dense_rows, n), bool)
     keep = jnp.concatenate([dense_rows, sparse_rows], axis=-2)
-    if self.key_valid is not None:
-      keep = keep & self.key_valid[:, None, None, :]
+    if self.key_valid is not None:       # pruned tokens are neither keys nor (live) queries
+      keep = keep & self.key_valid[:, None, None, :] & self.key_valid[:, None, :, None]
     return keep
 
   def nnz(self) -> Array:
@@ -78,10 +78,19 @@ class AttentionMask:
                   else jnp.full(self.indices.shape[:-2], self.indices.shape[-2] * self.keys_per_row))
     return per_sparse + self.num_dense_rows * self.num_keys
 
+  def live_tokens(self) -> Array:
+    """Tokens taking part (N, or the unpruned ones under ``key_valid``): ``[B|1]``."""
+    if self.key_valid is None:
+      return jnp.full(self.indices.shape[:1], self.num_keys)
+    return jnp.sum(self.key_valid, axis=-1)
+
+  def density_per_example(self) -> Array:
+    """Kept fraction of each example's live ``N_l x N_l`` attention matrix, head mean: ``[B|1]``."""
+    return jnp.mean(self.nnz(), axis=-1) / jnp.square(self.live_tokens().astype(jnp.float32))
+
   def density(self) -> Array:
-    """Mean fraction of the N x N attention matrix that is kept (scalar)."""
-    n_rows = self.num_dense_rows + self.indices.shape[-2]
-    return jnp.mean(self.nnz()) / (n_rows * self.num_keys)
+    """Mean fraction of the (live) attention matrix that is kept (scalar)."""
+    return jnp.mean(self.density_per_example())
 
 
 def indices_to_dense(indices: Array, n: int, valid: Array | None = None) -> Array:
@@ -199,3 +208,34 @@ def get_executor(name: str) -> Executor:
   if name not in EXECUTORS:
     raise ValueError(f"unknown attention executor {name!r}; allowed: {sorted(EXECUTORS)}")
   return EXECUTORS[name]
+
+
+# --------------------------------------------------------------------------------------------------
+# Sigmoid attention (Ramapuram et al. 2024, "Theory, Analysis, and Best Practices for Sigmoid
+# Self-Attention", arXiv 2409.04431): a drop-in replacement for the softmax.
+
+
+def sigmoid_attention(q: Array, k: Array, v: Array, mask: AttentionMask | None) -> Array:
+  """Sigmoid attention: ``out = sum_j sigmoid(l_ij + b) v_j`` with ``b = -log(N)``.
+
+  Each weight is an independent sigmoid of its scaled logit ``l_ij = q_i . k_j / sqrt(d)``; rows are not
+  normalised. The bias ``b = -log(N)`` (N = number of keys) keeps the initial row sums near 1, as the
+  paper recommends. Masked-out entries get weight 0 (``fill="neg_inf"``) or, with ``fill="zero_logit"``,
+  the weight of a zero logit ``sigmoid(b) = 1 / (1 + N)``; ``mask=None`` is dense. Computed masked-dense
+  (``[B, H, N, N]`` weights), in float32.
+
+  Args:
+    q, k, v: ``[B, N, H, d]``.
+    mask: an :class:`AttentionMask` or None.
+
+  Returns:
+    ``[B, N, H, d]`` in ``v.dtype``.
+  """
+  logits = attention_logits(q, k).astype(jnp.float32)
+  if mask is not None:
+    logits = jnp.where(mask.to_dense(), logits, -jnp.inf if mask.fill == "neg_inf" else 0.0)
+  weights = jax.nn.sigmoid(logits - jnp.log(jnp.float32(k.shape[1])))
+  return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
+
+
+EXECUTORS["sigmoid"] = sigmoid_attention

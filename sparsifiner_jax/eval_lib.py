@@ -24,6 +24,7 @@ from flax import nnx
 
 from sparsifiner_jax import flops, sharding, trainer, weights
 from sparsifiner_jax.evaluate import Evaluator
+from sparsifiner_jax.models.vit import token_schedule
 
 
 def resolve_weights(workdir: str | None, weights_path: str | None) -> str:
@@ -81,11 +82,11 @@ def evaluate_checkpoint(config, *, workdir=None, weights_path=None) -> dict[str,
   report = flops.from_aux(model.config, aux, model) if model.config.sparse else flops.count(model.config)
   bs = min(int(config.eval_batch_size), 32)
   out = dict(
-      method=config.get("method", "sparsifiner" if model.config.sparse else "dense"),
+      method=config.get("method", model.config.attention_pattern if model.config.sparse else "dense"),
       model=config.model_name, weights=os.path.abspath(path), split=split,
       keep_rate=config.model.keep_rate, num_examples=ev["num_examples"],
       top1=ev["top1"], top5=ev["top5"], loss=ev["loss"], density=ev["density"],
-      layer_density=ev["layer_density"], tokens_per_layer=[model.config.num_tokens] * model.config.depth,
+      layer_density=ev["layer_density"], tokens_per_layer=list(token_schedule(model.config)),
       flops=report.totals, gmacs=report.gmacs,
       images_per_s=throughput(model, bs, config.model.img_size, model.config.in_chans),
       throughput_batch=bs, peak_memory_bytes=peak_memory_bytes(),

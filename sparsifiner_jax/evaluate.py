@@ -29,9 +29,7 @@ def per_example_stats(model, images, labels):
     if m is None:
       dens.append(jnp.ones(logits.shape[:1]))
     else:
-      n_rows = m.num_dense_rows + m.indices.shape[-2]
-      dens.append(jnp.mean(jnp.broadcast_to(m.nnz(), (logits.shape[0], m.nnz().shape[-1])), -1)
-                  / (n_rows * m.num_keys))
+      dens.append(jnp.broadcast_to(m.density_per_example(), logits.shape[:1]))
   layer = jnp.stack(dens, axis=-1)
   out["layer_density"] = layer
   out["density"] = jnp.mean(layer, axis=-1)

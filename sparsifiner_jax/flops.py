@@ -31,6 +31,12 @@ the attention matrix and the basis product are counted dense (``N^2 C`` each, ``
 the masked-dense executor actually computes (and what fvcore would report).
 Outside the blocks: ``patch_embed = (N0-1) p^2 C_in C`` and ``head = C K`` (CLS token only).
 
+Fixed/oracle patterns (``cfg.attention_pattern`` other than ``"sparsifiner"``, ``sparsifiner_jax.patterns``):
+no predictor; ``nnz`` is the realised mean or the pattern's closed form (``Pattern.nnz_per_head``), and
+``predictor_scores`` holds the cost of choosing the mask (``Pattern.selection_macs``: the full logits for
+``oracle_topk``, the k-means distances for ``routing``, 0 for static patterns). A ``fill="zero_logit"``
+mask is not sparse (every key keeps weight e^0), so its attention matrix is counted dense (``nnz = N^2``).
+
 Token sparsity (``tokens_per_layer``): every per-layer term is evaluated at that layer's live token count
 ``N_l``, the attention budget becomes ``k = ceil(rho N_l)``, and ``m`` stays fixed.
 
@@ -63,6 +69,9 @@ import math
 from typing import Any, Sequence
 
 import numpy as np
+
+from sparsifiner_jax import patterns
+from sparsifiner_jax.models.vit import token_schedule
 
 # Per-layer keys summed into the named totals.
 ATTENTION_KEYS = ("attn_qk", "attn_av")
@@ -144,8 +153,8 @@ def count(cfg, *, nnz_per_head: Sequence[float | None] | None = None, coef_kept:
       dense layers (``N^2``).
     coef_kept: basis coefficients kept per query row (kappa); default ``cfg.coef_topk``, capped at m.
     basis_density: fraction of ``|W_up|`` entries above the threshold (delta_b), one value or per layer.
-    tokens_per_layer: live tokens (CLS included) entering each block, for token sparsity; default
-      ``cfg.num_tokens`` everywhere.
+    tokens_per_layer: live tokens (CLS included) entering each block; default the config's token
+      schedule (``models.vit.token_schedule``: ``cfg.num_tokens`` everywhere without token sparsity).
     sparse_kernels: if False, count what masked-dense execution does (dense attention matrix and basis
       product); the savings are then only the predictor's cost, negative.
 
@@ -160,10 +169,14 @@ def count(cfg, *, nnz_per_head: Sequence[float | None] | None = None, coef_kept:
   c = d // cfg.reduce_c
   m = n0 // cfg.reduce_n
   kappa = min(cfg.coef_topk if coef_kept is None else int(coef_kept), m)
+  if tokens_per_layer is None and getattr(cfg, "token_keep_rate", None) is not None:
+    tokens_per_layer = token_schedule(cfg)
+  pruned = getattr(cfg, "token_keep_rate", None) is not None
   tokens = _per_layer(tokens_per_layer, depth, "tokens_per_layer")
   nnzs = _per_layer(nnz_per_head, depth, "nnz_per_head")
   deltas = _per_layer(basis_density, depth, "basis_density")
 
+  learned = getattr(cfg, "attention_pattern", "sparsifiner") == "sparsifiner"
   per_layer = []
   for i in range(depth):
     n = n0 if tokens[i] is None else int(tokens[i])
@@ -172,13 +185,18 @@ def count(cfg, *, nnz_per_head: Sequence[float | None] | None = None, coef_kept:
     rho = rates[i]
     layer = {"tokens": float(n), "qkv": 3.0 * n * big_c ** 2, "proj": float(n) * big_c ** 2,
              "mlp": 2.0 * n * big_c * hidden, "attention_matrix_dense": 2.0 * n * n * big_c}
-    if rho is None:
+    if not learned:
+      nnz, delta = _pattern_nnz(cfg, i, rho, n, nnzs[i]), 0.0
+      layer.update(predictor_channel=0.0, predictor_token=0.0, predictor_recon=0.0, coef_kept=0.0,
+                   predictor_scores=patterns.build(cfg, i, rho).selection_macs(d))
+    elif rho is None:
       nnz, delta = float(n * n), 0.0
       layer.update(predictor_channel=0.0, predictor_token=0.0, predictor_scores=0.0,
                    predictor_recon=0.0, coef_kept=0.0)
     else:
       if nnzs[i] is None:
-        k = min(math.ceil(rho * n), n)
+        # The budget is a fraction of the full token count, capped by the live patches when pruning.
+        k = min(math.ceil(rho * n0), n - 1 if pruned else n)
         nnz = float(n + (n - 1) * k)
       else:
         nnz = float(nnzs[i])
@@ -225,12 +243,24 @@ def count(cfg, *, nnz_per_head: Sequence[float | None] | None = None, coef_kept:
   return FlopsReport(per_layer=per_layer, patch_embed=patch_embed, head=head, totals=totals)
 
 
+def _pattern_nnz(cfg, layer: int, rho, n: int, realised) -> float:
+  """Kept entries per head of a fixed/oracle pattern layer (N^2 for ``zero_logit``: not sparse)."""
+  pattern = patterns.build(cfg, layer, rho)
+  if pattern.fill == "zero_logit":
+    return float(n * n)
+  if realised is not None:
+    return float(realised)
+  # The closed form is for the full sequence; under token pruning scale the density to N_l^2.
+  return pattern.density() * n * n if n != cfg.num_tokens else float(np.mean(pattern.nnz_per_head()))
+
+
 def realised_stats(aux: dict[str, Any], model) -> dict[str, list]:
   """Realised sparsity of a forward pass: ``{"nnz_per_head", "density", "basis_density"}`` per layer.
 
-  ``nnz_per_head`` is the mean over batch and heads of ``mask.nnz()``; ``density`` is
-  ``mask.density()``; ``basis_density`` the fraction of nonzeros of the layer's inference basis
-  ``mask_predictor.basis(recon=False)``. Dense layers (mask ``None``) give ``None``.
+  ``nnz_per_head`` is the mean over batch and heads of ``mask.nnz()`` (``N^2`` for a ``zero_logit``
+  mask, which is not sparse); ``density`` is ``mask.density()``; ``basis_density`` the fraction of
+  nonzeros of the layer's inference basis ``mask_predictor.basis(recon=False)``. Dense layers (mask
+  ``None``) give ``None``.
   """
   nnz, density, basis = [], [], []
   for i, mask in enumerate(aux["masks"]):
@@ -239,7 +269,10 @@ def realised_stats(aux: dict[str, Any], model) -> dict[str, list]:
       nnz.append(None)
       density.append(None)
     else:
-      nnz.append(float(np.mean(np.asarray(mask.nnz(), np.float64))))
+      if mask.fill == "zero_logit":     # every key takes part: executed dense
+        nnz.append(float((mask.num_dense_rows + mask.indices.shape[-2]) * mask.num_keys))
+      else:
+        nnz.append(float(np.mean(np.asarray(mask.nnz(), np.float64))))
       density.append(float(mask.density()))
     basis.append(None if predictor is None
                  else float(np.mean(np.asarray(predictor.basis(recon=False)) != 0)))

@@ -173,8 +173,10 @@ def make_train_step(graphdef, rest, teacher_graphdef, phase: Phase, tx, config, 
       terms["cls"] = losses.soft_cross_entropy(logits, targets)
     if w["kd"]:
       terms["kd"] = losses.kd_kl(logits, t_logits)
-    if w["tok"]:
-      terms["tok"] = losses.token_mse(aux["tokens"], t_tokens)
+    if w["tok"]:   # with token sparsity, only the student's final live tokens are compared
+      index = aux.get("token_index")
+      t_live = t_tokens if index is None else jnp.take_along_axis(t_tokens, index[..., None], axis=1)
+      terms["tok"] = losses.token_mse(aux["tokens"], t_live)
     if w["recon"]:
       terms["recon"] = losses.attention_reconstruction(aux["approx_attn"], t_attn, ref_batch)
     total = sum(w[k] * v for k, v in terms.items())

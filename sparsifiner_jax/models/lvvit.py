@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparsifiner_jax.models.vit import Block, ViTConfig
+from sparsifiner_jax.models.vit import Block, ViTConfig, run_blocks
 
 Array = jax.Array
 
@@ -171,17 +171,10 @@ class LVViT(nnx.Module):
     x = self.patch_embed(images.astype(_dtype(cfg)), batch_stats=train and not cfg.freeze_bn)
     cls = jnp.broadcast_to(self.cls_token[...], (x.shape[0], 1, x.shape[-1])).astype(x.dtype)
     x = jnp.concatenate([cls, x], axis=1) + self.pos_embed[...].astype(x.dtype)
-    masks, approx, attn = [], [], []
-    for i, block in enumerate(self.blocks):
-      block_rng = jax.random.fold_in(rng, i) if (train and rng is not None) else None
-      x, aux = block(x, recon=recon, rng=block_rng)
-      masks.append(aux["mask"])
-      approx.append(aux["approx_attn"])
-      attn.append(aux["attn"])
+    x, aux = run_blocks(self.blocks, cfg, x, train=train, recon=recon, rng=rng)
     x = self.norm(x)
     cls_logits = self.head(x[:, 0]).astype(jnp.float32)
     aux_logits = self.aux_head(x[:, 1:]).astype(jnp.float32)
     logits = cls_logits if train else cls_logits + cfg.aux_weight * aux_logits.max(axis=1)
-    return logits, dict(masks=masks, approx_attn=approx, attn=attn, tokens=aux_logits,
-                        pre_logits=x[:, 0], cls_logits=cls_logits, aux_logits=aux_logits,
-                        features=x[:, 1:])
+    return logits, dict(aux, tokens=aux_logits, pre_logits=x[:, 0], cls_logits=cls_logits,
+                        aux_logits=aux_logits, features=x[:, 1:])

@@ -75,28 +75,52 @@ class MaskPredictor(nnx.Module):
     keep = magnitude > self.basis_threshold
     return jnp.where(keep, basis if self.signed_basis else magnitude, 0.0)
 
-  def approx_attention(self, q: Array, k: Array, recon: bool) -> Array:
-    """Low-rank attention approximation Â ``[B, H, N-1, N]`` from raw q, k ``[B, N, H, d]``."""
+  def approx_attention(self, q: Array, k: Array, recon: bool, *, token_index: Array | None = None,
+                       key_keep: Array | None = None) -> Array:
+    """Low-rank attention approximation Â ``[B, H, N-1, N]`` from raw q, k ``[B, N, H, d]``.
+
+    Token sparsity: ``token_index [B, N]`` gives the original positions of a shortened sequence (the
+    token-sized parameters are gathered at them); ``key_keep [B, N] bool`` marks the live tokens of a
+    full-length one (pruned keys contribute nothing to K̂, as in the official code).
+    """
     n = q.shape[1]
-    if n != self.num_tokens:
+    if token_index is None and n != self.num_tokens:
       raise ValueError(f"predictor was built for {self.num_tokens} tokens but got {n}; resize its "
                        "token parameters (convert.resize_token_params) for a new resolution")
     q_r = self.proj_c_q(q)                                            # [B, N, H, c]
     k_r = self.proj_c_k(k)
-    k_hat = jnp.einsum("bnhc,nm->bhcm", k_r, self.proj_n[...].astype(k_r.dtype))
+    if key_keep is not None:
+      k_r = k_r * key_keep[:, :, None, None].astype(k_r.dtype)
+    proj_n = self.proj_n[...].astype(k_r.dtype)                       # [N0, m]
+    if token_index is None:
+      k_hat = jnp.einsum("bnhc,nm->bhcm", k_r, proj_n)
+    else:
+      k_hat = jnp.einsum("bnhc,bnm->bhcm", k_r, proj_n[token_index])
     scores = jnp.einsum("bnhc,bhcm->bhnm", q_r[:, 1:], k_hat) * self.num_heads ** -0.5
     coef = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)        # [B, H, N-1, m]
     if not recon:
       coef = keep_topk_values(coef, self.coef_topk)
-    return jnp.einsum("bhnm,mk->bhnk", coef, self.basis(recon))
+    basis = self.basis(recon)                                         # [m, N0]
+    if token_index is None:
+      return jnp.einsum("bhnm,mk->bhnk", coef, basis)
+    return jnp.einsum("bhnm,bkm->bhnk", coef, basis.T[token_index])
 
-  def __call__(self, q: Array, k: Array, *, recon: bool = False
+  def __call__(self, q: Array, k: Array, *, recon: bool = False, token_index: Array | None = None,
+               key_keep: Array | None = None, kept_patches: int | None = None
                ) -> tuple[attn_lib.AttentionMask | None, Array]:
-    """Returns ``(mask, approx_attn)``; the mask is None in reconstruction mode (dense attention)."""
-    approx = self.approx_attention(q, k, recon)
+    """Returns ``(mask, approx_attn)``; the mask is None in reconstruction mode (dense attention).
+
+    With token sparsity the budget is capped at the ``kept_patches`` live patch tokens (the official
+    code's cap) and pruned keys (``key_keep`` False) are never selected.
+    """
+    approx = self.approx_attention(q, k, recon, token_index=token_index, key_keep=key_keep)
     if recon:
       return None, approx
-    return attn_lib.topk_mask(jax.lax.stop_gradient(approx), self.budget, num_dense_rows=1), approx
+    budget = self.budget if kept_patches is None else min(self.budget, kept_patches)
+    scores = jax.lax.stop_gradient(approx)
+    if key_keep is not None:
+      scores = jnp.where(key_keep[:, None, None, :], scores, -jnp.inf)
+    return attn_lib.topk_mask(scores, budget, num_dense_rows=1), approx
 
 
 def keep_topk_values(x: Array, k: int) -> Array:

@@ -12,6 +12,7 @@ Pre-LN blocks, LayerNorm eps 1e-6, exact-erf GELU, qkv bias. Activations and mat
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -78,7 +79,8 @@ class ViTConfig:
 
   @property
   def sparse(self) -> bool:
-    return self.keep_rate is not None
+    """Whether any attention is sparse (the learned predictor, or a fixed/oracle pattern)."""
+    return self.keep_rate is not None or self.attention_pattern != "sparsifiner"
 
   def layer_keep_rates(self) -> tuple[float, ...] | None:
     if self.keep_rate is None:
@@ -180,19 +182,41 @@ class Attention(nnx.Module):
           reduce_c=cfg.reduce_c, basis_threshold=cfg.basis_threshold, coef_topk=cfg.coef_topk,
           signed_basis=cfg.signed_basis, dtype=dtype, rngs=rngs))
 
-  def __call__(self, x: Array, *, recon: bool = False) -> tuple[Array, dict[str, Any]]:
+  def __call__(self, x: Array, *, recon: bool = False, tokens: "TokenState | None" = None
+               ) -> tuple[Array, dict[str, Any]]:
     b, n, dim = x.shape
     qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, dim // self.num_heads)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]               # [B, N, H, d]
+    keep = None if tokens is None else tokens.keep                   # [B, N] bool (full-length modes)
+    if keep is not None and tokens.mode == "official":                # the official code zeroes q, k, v
+      q, k, v = (t * keep[:, :, None, None].astype(t.dtype) for t in (q, k, v))
     mask, approx = None, None
     if self.mask_predictor is not None:
-      mask, approx = self.mask_predictor(q, k, recon=recon)
+      mask, approx = self.mask_predictor(
+          q, k, recon=recon, token_index=None if tokens is None else tokens.index, key_keep=keep,
+          kept_patches=None if tokens is None else n - 1 if keep is None else tokens.kept_patches)
     elif self.pattern is not None:
       mask = self.pattern(q, k)
-    out = self.executor(q, k, v, mask) if mask is not None else attn_lib.dense_attention(q, k, v)
+    key_valid = keep if tokens is not None and tokens.mode == "mask" else None
+    if mask is not None:
+      if key_valid is not None:
+        mask = dataclasses.replace(mask, key_valid=key_valid)
+      out = self.executor(q, k, v, mask)
+    else:
+      out = jax.nn.dot_product_attention(
+          q, k, v, mask=None if key_valid is None else key_valid[:, None, None, :])
     out = self.proj(out.reshape(b, n, dim))
-    aux = dict(mask=mask, approx_attn=approx, attn=attn_lib.attention_probs(q, k))
+    aux = dict(mask=mask, approx_attn=approx, attn=attn_lib.attention_probs(q, k),
+               cls_attn=cls_attention(q, k, key_valid))
     return out, aux
+
+
+def cls_attention(q: Array, k: Array, key_valid: Array | None = None) -> Array:
+  """Head-averaged attention of the CLS query (always a dense row): ``[B, N]`` float32."""
+  logits = jnp.einsum("bhd,bkhd->bhk", q[:, 0] * q.shape[-1] ** -0.5, k).astype(jnp.float32)
+  if key_valid is not None:
+    logits = jnp.where(key_valid[:, None, :], logits, -jnp.inf)
+  return jnp.mean(jax.nn.softmax(logits, axis=-1), axis=1)
 
 
 class Block(nnx.Module):
@@ -217,12 +241,107 @@ class Block(nnx.Module):
       x = x * jax.random.bernoulli(rng, keep, shape).astype(x.dtype) / keep
     return x if self.skip_lam == 1.0 else x / self.skip_lam
 
-  def __call__(self, x: Array, *, recon: bool = False, rng: Array | None = None):
+  def __call__(self, x: Array, *, recon: bool = False, rng: Array | None = None,
+               tokens: "TokenState | None" = None):
     rngs = (None, None) if rng is None else tuple(jax.random.split(rng))
-    y, aux = self.attn(self.norm1(x), recon=recon)
+    y, aux = self.attn(self.norm1(x), recon=recon, tokens=tokens)
     x = x + self._branch(y, rngs[0])
     x = x + self._branch(self.mlp(self.norm2(x)), rngs[1])
     return x, aux
+
+
+# --------------------------------------------------------------------------------------------------
+# Token sparsity (EViT-style, SPARSIFINER.md §3).
+
+
+def token_schedule(cfg: ViTConfig) -> tuple[int, ...]:
+  """Live tokens (CLS included) entering each block: ``ceil(r^s * P) + 1`` after the s-th pruning layer.
+
+  DeiT-S, r = 0.7 at layers (3, 6, 9): 197 x4, 139 x3, 98 x3, 69 x2.
+  """
+  patches = kept = cfg.num_tokens - 1
+  out, stage = [], 0
+  for i in range(cfg.depth):
+    out.append(kept + 1)
+    if cfg.token_keep_rate is not None and i in cfg.token_pruning_layers:
+      stage += 1
+      kept = min(kept, math.ceil(round(cfg.token_keep_rate ** stage * patches, 9)))
+  return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenState:
+  """Which tokens are live, per ``mode`` (see ``ViTConfig.token_pruning_mode``).
+
+  * ``drop``: the sequence is shortened; ``index [B, N_l]`` holds the original positions (CLS = 0).
+  * ``mask``/``official``: full length; ``keep [B, N] bool`` marks live tokens, ``kept_patches`` counts
+    the live patch tokens (the same for every sample).
+  """
+
+  mode: str
+  index: Array | None = None
+  keep: Array | None = None
+  kept_patches: int | None = None
+
+  def prune(self, x: Array, cls_attn: Array, num_keep: int) -> tuple[Array, "TokenState"]:
+    """Keeps the ``num_keep`` live patch tokens with the highest CLS attention ``[B, N_l]``."""
+    scores = cls_attn[:, 1:]
+    if self.keep is not None:
+      scores = jnp.where(self.keep[:, 1:], scores, -jnp.inf)
+    _, top = jax.lax.top_k(jax.lax.stop_gradient(scores), num_keep)
+    top = jnp.sort(top, axis=-1)                                 # original order: same tie-breaking
+    if self.mode == "drop":
+      kept = jnp.take_along_axis(x[:, 1:], top[:, :, None], axis=1)
+      index = jnp.take_along_axis(self.index[:, 1:], top, axis=1)
+      return (jnp.concatenate([x[:, :1], kept], axis=1),
+              TokenState("drop", index=jnp.concatenate([self.index[:, :1], index], axis=1)))
+    rows = jnp.arange(x.shape[0])[:, None]
+    keep = jnp.zeros(self.keep.shape, bool).at[:, 0].set(True).at[rows, top + 1].set(True)
+    return x, TokenState(self.mode, keep=keep, kept_patches=num_keep)
+
+  def patch_index(self) -> Array:
+    """Original patch positions (0-based, CLS excluded) of the live patch tokens ``[B, P_l]``."""
+    if self.mode == "drop":
+      return self.index[:, 1:] - 1
+    p = self.keep.shape[1] - 1
+    order = jnp.where(self.keep[:, 1:], p - jnp.arange(p), 0)    # live tokens, earlier ones higher
+    return jax.lax.top_k(order, self.kept_patches)[1]            # ascending positions
+
+
+def initial_token_state(cfg: ViTConfig, batch: int) -> TokenState:
+  n = cfg.num_tokens
+  if cfg.token_pruning_mode == "drop":
+    return TokenState("drop", index=jnp.broadcast_to(jnp.arange(n), (batch, n)))
+  return TokenState(cfg.token_pruning_mode, keep=jnp.ones((batch, n), bool), kept_patches=n - 1)
+
+
+def run_blocks(blocks, cfg: ViTConfig, x: Array, *, train: bool, recon: bool, rng: Array | None
+               ) -> tuple[Array, dict[str, Any]]:
+  """Runs the blocks with token sparsity (off in reconstruction mode, as in the official code).
+
+  Returns ``x`` (live tokens only) and aux with per-layer ``masks``, ``approx_attn``, ``attn`` and
+  ``token_index`` (``[B, P_L]`` original patch positions of the final live tokens, or None).
+  """
+  pruning = cfg.token_keep_rate is not None and not recon
+  tokens = initial_token_state(cfg, x.shape[0]) if pruning else None
+  schedule = token_schedule(cfg)
+  masks, approx, attn = [], [], []
+  for i, block in enumerate(blocks):
+    block_rng = jax.random.fold_in(rng, i) if (train and rng is not None) else None
+    x, aux = block(x, recon=recon, rng=block_rng, tokens=tokens)
+    masks.append(aux["mask"])
+    approx.append(aux["approx_attn"])
+    attn.append(aux["attn"])
+    if pruning and i + 1 < len(blocks) and schedule[i + 1] < schedule[i]:
+      x, tokens = tokens.prune(x, aux["cls_attn"], schedule[i + 1] - 1)
+    if pruning and tokens.mode == "official":               # pruned rows are zeroed after each block
+      x = x * tokens.keep[:, :, None].astype(x.dtype)
+  if not pruning:
+    return x, dict(masks=masks, approx_attn=approx, attn=attn, token_index=None)
+  index = tokens.patch_index()
+  if tokens.mode != "drop":
+    x = jnp.concatenate([x[:, :1], jnp.take_along_axis(x[:, 1:], index[:, :, None], axis=1)], axis=1)
+  return x, dict(masks=masks, approx_attn=approx, attn=attn, token_index=index)
 
 
 class VisionTransformer(nnx.Module):
@@ -272,14 +391,7 @@ class VisionTransformer(nnx.Module):
     x = self.patch_embed(images.astype(_dtype(self.config.dtype)))
     cls = jnp.broadcast_to(self.cls_token[...], (x.shape[0], 1, x.shape[-1])).astype(x.dtype)
     x = jnp.concatenate([cls, x], axis=1) + self.pos_embed[...].astype(x.dtype)
-    masks, approx, attn = [], [], []
-    for i, block in enumerate(self.blocks):
-      block_rng = jax.random.fold_in(rng, i) if (train and rng is not None) else None
-      x, aux = block(x, recon=recon, rng=block_rng)
-      masks.append(aux["mask"])
-      approx.append(aux["approx_attn"])
-      attn.append(aux["attn"])
+    x, aux = run_blocks(self.blocks, self.config, x, train=train, recon=recon, rng=rng)
     x = self.norm(x)
     logits = self.head(x[:, 0]).astype(jnp.float32)
-    return logits, dict(masks=masks, approx_attn=approx, attn=attn, tokens=x[:, 1:],
-                        pre_logits=x[:, 0])
+    return logits, dict(aux, tokens=x[:, 1:], pre_logits=x[:, 0])
