@@ -193,3 +193,23 @@ def test_recon_mode_and_unfrozen_batchnorm():
   assert aux["approx_attn"][1].shape == (4, 2, 16, 17)
   # freeze_bn=False + train: batch statistics are used and the running averages move.
   assert float(jnp.abs(model.patch_embed.bn1.mean[...]).max()) > 0
+
+
+def test_lvvit_config_and_two_phase_training_with_distillation(tmp_path):
+  from configs import lvvit_sparsifiner, tiny_test
+  from sparsifiner_jax import trainer, weights
+  for variant, depth in (("lvvit_s", 16), ("lvvit_m", 20)):
+    c = lvvit_sparsifiner.get_config(f"variant={variant}")
+    assert c.model_name == variant
+    assert models.get_config(c.model_name, **trainer.model_kwargs(c)).depth == depth
+  # The tiny LV-ViT through both phases with a dense LV-ViT teacher (KD on CLS logits, MSE on the
+  # aux head's per-token logits).
+  teacher = weights.save_weights(str(tmp_path / "t"), models.create("lvvit_test", rngs=nnx.Rngs(3)))
+  c = tiny_test.get_config("steps=2")
+  c.model_name, c.model.img_size = "lvvit_test", 32
+  c.teacher.weights = c.init = teacher
+  c.phases.train.steps = 0
+  out = trainer.train(c, str(tmp_path / "run"))
+  assert out["step"] == 4
+  assert set(out["phases"]) == {"recon", "distill"}
+  assert np.isfinite(out["phases"]["distill"]["loss"])
