@@ -123,10 +123,15 @@ def topk_mask(scores: Array, k: int, num_dense_rows: int = 1) -> AttentionMask:
 # Executors. q, k, v: [B, N, H, d] (the layout of the fused qkv projection); out: [B, N, H, d].
 
 
+def heads_first(t: Array) -> Array:
+  """``[B, N, H, d] -> [B, H, N, d]``: XLA:CPU runs the attention matmuls much faster in this layout."""
+  return jnp.swapaxes(t, 1, 2)
+
+
 def attention_logits(q: Array, k: Array) -> Array:
   """Scaled dot-product logits ``[B, H, N, N]`` (scale d^-1/2)."""
   scale = q.shape[-1] ** -0.5
-  return jnp.einsum("bqhd,bkhd->bhqk", q * scale, k)
+  return jnp.einsum("bhqd,bhkd->bhqk", heads_first(q * scale), heads_first(k))
 
 
 def attention_probs(q: Array, k: Array) -> Array:
@@ -150,7 +155,7 @@ def masked_attention(q: Array, k: Array, v: Array, mask: AttentionMask | None) -
   p = jnp.exp(logits - jax.lax.stop_gradient(row_max))
   denom = jnp.sum(p, axis=-1, keepdims=True)
   probs = jnp.where(denom > 0, p / jnp.where(denom > 0, denom, 1.0), 0.0)  # all-masked rows -> 0
-  return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+  return heads_first(jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), heads_first(v)))
 
 
 def sparse_attention(q: Array, k: Array, v: Array, mask: AttentionMask | None) -> Array:
