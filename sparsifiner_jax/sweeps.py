@@ -2,7 +2,9 @@
 
 A sweep file (``configs/sweeps/*.py``) defines ``get_sweep(arg=None) -> list[dict[str, value]]``; each
 dict is one run's config overrides, keyed by dotted config path (``{"model.keep_rate": 0.25}``). ``arg``
-is the text after ``:`` in ``path.py:arg``, as for config files.
+is the text after ``:`` in ``path.py:arg``, as for config files. The reserved key ``config_arg`` is not a
+config override: it replaces the run's config argument (``--config=path.py:<config_arg>``), for config
+files that build different models per argument (``configs/sweeps/patterns.py``).
 
 Command line::
 
@@ -40,6 +42,7 @@ import sys
 from typing import Any, Iterable, Sequence
 
 EXIT_USER_ERROR = 2
+CONFIG_ARG = "config_arg"   # sweep key: the run's config argument, not a --config.* flag
 
 
 class SweepError(ValueError):
@@ -111,7 +114,8 @@ def run_name(overrides: dict[str, Any]) -> str:
   """
   if not overrides:
     return "default"
-  parts = [f"{key.rsplit('.', 1)[-1]}={format_value(value)}" for key, value in overrides.items()]
+  parts = [str(value) if key == CONFIG_ARG else f"{key.rsplit('.', 1)[-1]}={format_value(value)}"
+           for key, value in overrides.items()]
   return re.sub(r"[^\w.,=+-]", "_", ",".join(parts))
 
 
@@ -129,7 +133,10 @@ def build_commands(script: str, config: str, sweep: Sequence[dict[str, Any]], wo
     if names.count(name) > 1:
       name = f"{name}.{i}"
     workdir = os.path.join(workdir_root, name)
-    argv = [sys.executable, script, f"--config={config}"]
+    overrides = dict(overrides)
+    config_arg = overrides.pop(CONFIG_ARG, None)
+    spec = config if config_arg is None else f"{config.split(':', 1)[0]}:{config_arg}"
+    argv = [sys.executable, script, f"--config={spec}"]
     if _is_eval_script(script):
       if not any(a.split("=")[0] in ("--weights", "--workdir") for a in extra_args):
         argv.append(f"--workdir={workdir}")
