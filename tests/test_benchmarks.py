@@ -2,21 +2,117 @@
 
 import importlib.util
 import json
+import math
 import os
+import sys
 
-_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "run.py")
-_spec = importlib.util.spec_from_file_location("benchmarks_run", _PATH)
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from sparsifiner_jax import convert, models
+
+_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+_spec = importlib.util.spec_from_file_location("benchmarks_run", os.path.join(_DIR, "run.py"))
 bench = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = bench  # dataclasses look their module up
 _spec.loader.exec_module(bench)
 
+TINY = ["--model", "vit_test", "--batch", "2", "--rounds", "2", "--reps", "1", "--token-layers", "0",
+        "--matmul-size", "128", "--torch-threads", "1"]
 
-def test_benchmark_runs_tiny(tmp_path):
-  out = tmp_path / "b.json"
-  md = tmp_path / "B.md"
-  rows = bench.main(["--model", "vit_test", "--batch", "2", "--rounds", "2", "--reps", "1",
-                     "--json", str(out), "--append", str(md)])
-  assert [r["case"] for r in rows] == ["dense", "masked@0.25", "sparse@0.25"]
-  assert all(r["img_per_s"] > 0 for r in rows)
-  assert rows[0]["time_vs_dense"] == 1.0
-  assert json.loads(out.read_text())["rows"][2]["batch"] == 2
-  assert "| vit_test | 2 | sparse@0.25 |" in md.read_text()
+
+def _finite_positive(stats):
+  return all(math.isfinite(stats[k]) and stats[k] > 0 for k in ("median", "min", "max"))
+
+
+def _check_result(result, path, md, cases):
+  on_disk = json.loads(path.read_text())
+  assert on_disk["cases"] == cases and on_disk["model"] == "vit_test" and on_disk["img_size"] == 16
+  assert on_disk["device"] == result["device"] and on_disk["date"] in md.read_text()
+  assert set(on_disk["definitions"]["peak_memory"]) == {"xla", "torch_live"}
+  for row in on_disk["rows"]:
+    assert row["batch"] == 2 and row["peak_mem_bytes"] > 0
+    assert row["peak_mem_definition"] in on_disk["definitions"]["peak_memory"]
+    assert _finite_positive(row["sec_per_call"])
+    if row["kind"] != "matmul":
+      assert _finite_positive(row["img_per_s"])
+    if row["impl"] == "jax":
+      assert _finite_positive(row["gflop_per_s"])
+  for comp in on_disk["comparisons"]:
+    assert _finite_positive(comp["ratio"]), comp
+    assert comp["ratio"]["min"] <= comp["ratio"]["median"] <= comp["ratio"]["max"]
+  return on_disk
+
+
+def test_benchmark_jax_cases_tiny(tmp_path):
+  out, md = tmp_path / "b.json", tmp_path / "B.md"
+  cases = ["b", "c", "e", "masked", "sparse"]
+  result = bench.main(TINY + ["--cases", *cases, "--json", str(out), "--append", str(md)])
+  data = _check_result(result, out, md, cases)
+  cases_run = [r["case"] for r in data["rows"]]
+  assert cases_run == ["sparsifiner@0.25/masked", "dense", "sparsifiner@0.25+tok0.7/masked",
+                       "sparsifiner@0.25/sparse", "matmul 128"]
+  ids = [c["id"] for c in data["comparisons"]]
+  assert ids[:4] == ["b,masked", "c", "sparse", "e"]   # b and masked are the same pair, listed once
+  tok = data["rows"][2]
+  assert tok["gflop_per_img"] < data["rows"][1]["gflop_per_img"]   # token dropping shortens the sequence
+  if data["peak"]["theoretical_gflops"]:
+    assert data["comparisons"][-1]["denominator"] == "theoretical fp32 peak"
+  assert data["peak"]["matmul_gflops_best"] > 0
+  text = md.read_text()
+  assert "| vit_test | 2 | sparsifiner@0.25/sparse | jax | eval forward |" in text
+  assert "| c | 2 | sparsifiner@0.25+tok0.7/masked / dense (img/s) |" in text
+
+
+def test_benchmark_torch_cases_tiny(tmp_path, timm):
+  del timm  # the fixture skips without torch/timm
+  out, md = tmp_path / "b.json", tmp_path / "B.md"
+  result = bench.main(TINY + ["--cases", "a", "d", "--json", str(out), "--append", str(md)])
+  data = _check_result(result, out, md, ["a", "d"])
+  assert [(r["case"], r["impl"], r["kind"]) for r in data["rows"]] == [
+      ("timm eager", "torch", "eval forward"), ("dense", "jax", "eval forward"),
+      ("train step (ours)", "jax", "train step"), ("train step (torch)", "torch", "train step")]
+  assert [(c["id"], c["numerator"], c["denominator"]) for c in data["comparisons"]] == [
+      ("a", "dense", "timm eager"), ("d", "train step (ours)", "train step (torch)")]
+  assert data["versions"]["torch_threads"] == 1 and "timm" in data["versions"]
+
+
+def test_cpu_peak_formula():
+  peak = bench.cpu_peak()
+  if peak["theoretical_gflops"] is not None:
+    assert peak["theoretical_gflops"] > 0 and "FMA" in peak["theoretical_formula"]
+
+
+def test_torch_student_matches_ours(timm):
+  """The PyTorch Sparsifiner student of case (d) computes our model's function (same weights)."""
+  del timm
+  import torch  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, _DIR)
+  import torch_reference as tr  # pylint: disable=g-import-not-at-top
+  cfg = models.get_config("vit_test", keep_rate=0.25)
+  ours = models.create("vit_test", keep_rate=0.25, rngs=nnx.Rngs(0))
+  for block in ours.blocks:   # basis all above the threshold: no tied scores, so top-k is unambiguous
+    p = block.attn.mask_predictor.proj_back_n
+    p[...] = 0.05 + abs(p[...]) * 10
+  student = tr.sparsifiner_student("vit_test", cfg)
+  sd = convert.timm_state_dict(ours)
+  student.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, strict=True)
+  x = np.random.default_rng(0).normal(size=(3, 16, 16, 3)).astype(np.float32)
+  graphdef, state = nnx.split(ours)
+  want = np.asarray(jax.jit(lambda s, im: nnx.merge(graphdef, s)(im)[0])(state, x))
+  with torch.no_grad():
+    got = student(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+  n, k = cfg.num_tokens, math.ceil(0.25 * cfg.num_tokens)
+  q = torch.randn(3, cfg.num_heads, n, cfg.head_dim)
+  mask = student.blocks[0].attn.mask_predictor(q, q)
+  assert mask.shape == (3, cfg.num_heads, n, n) and bool(mask[:, :, 0].all())
+  assert (mask[:, :, 1:].sum(-1) == k).all()
+
+
+@pytest.mark.parametrize("bad", [["--cases", "z"], ["--batch"]])
+def test_bad_arguments_exit(bad):
+  with pytest.raises(SystemExit):
+    bench.parse_args(bad)
