@@ -19,11 +19,11 @@ Methods (``pattern=``):
 Other arguments: ``fill`` (neg_inf | zero_logit), ``mode`` (sparse_transformer: strided | fixed),
 ``variant`` (window: clip | neighborhood), ``executor`` (masked | sparse | sigmoid), ``scratch``.
 
-Schedule: every method starts from the dense digits teacher and trains for ``epochs`` (default 25 = the
+Schedule: every method starts from the dense digits teacher and trains for ``epochs`` (0: 25, the
 Sparsifiner config's recon 10 + distill 15) in the distill phase (cls + kd + tok losses, the same
 teacher); Sparsifiner spends 10 of them on its predictor's reconstruction phase. ``scratch=True``
-instead trains from random init with the cls loss only, on ``configs/digits_dense.py``'s schedule (no
-teacher needed; not available for sparsifiner).
+instead trains from random init with the cls loss only, on ``configs/digits_dense.py``'s schedule
+(``epochs`` 0: 40; no teacher needed; not available for sparsifiner).
 """
 
 from configs import common, digits_dense, digits_sparsifiner
@@ -61,7 +61,7 @@ def pattern_model(a) -> tuple[str, dict, str]:
 
 def get_config(arg=None):
   a = common.parse_arg(arg, pattern="fibottention", budget=0.25, fill="neg_inf", mode="", variant="",
-                       executor="masked", epochs=25.0, scratch=False)
+                       executor="masked", epochs=0.0, scratch=False)
   if a.pattern not in METHODS:
     raise ValueError(f"unknown method pattern={a.pattern!r}; allowed: {', '.join(METHODS)}")
   if a.pattern == "sparsifiner":
@@ -77,9 +77,13 @@ def get_config(arg=None):
   c.model.pattern_options = options
   c.model.executor = executor
   c.method = method_name(a)
-  if not a.scratch:
+  if a.scratch:
+    c.phases.train.epochs = a.epochs or c.phases.train.epochs
+    c.phases.train.warmup_epochs = min(c.phases.train.warmup_epochs, c.phases.train.epochs)
+  else:
     c.model.drop_path_rate = 0.0
     c.phases.train.epochs = 0
-    c.phases.distill.epochs, c.phases.distill.warmup_epochs = a.epochs, 1
+    c.phases.distill.epochs = a.epochs or 25.0
+    c.phases.distill.warmup_epochs = min(1.0, c.phases.distill.epochs)
     c.phases.distill.lr, c.phases.distill.final_lr = 2e-4, 1e-6
   return c

@@ -400,6 +400,8 @@ def test_pattern_configs_match_the_budget():
   c = patterns_config.get_config("pattern=fibottention,fill=zero_logit")
   assert c.method == "fibottention(zero_logit)" and c.model.pattern_options.fill == "zero_logit"
   assert patterns_config.get_config("pattern=sparsifiner").model.keep_rate == 0.25
+  scratch = patterns_config.get_config("pattern=window,scratch=True,epochs=2")
+  assert (scratch.phases.train.epochs, scratch.phases.distill.epochs) == (2.0, 0)
   with pytest.raises(ValueError, match="unknown method pattern='foo'"):
     patterns_config.get_config("pattern=foo")
 
