@@ -22,6 +22,7 @@ Executors (``EXECUTORS``), all with the same signature ``(q, k, v, mask) -> out`
 * ``dense``  -- plain softmax attention; ignores the mask (the teacher).
 * ``masked`` -- the reference: dense logits, ``-inf`` outside the mask, softmax, rows with no kept key
   return 0 (the official code's ``nan_to_num``).
+* ``sigmoid`` -- sigmoid attention (weights ``sigmoid(logit - log N)``, not normalised), masked-dense.
 * ``sparse`` -- computes only the kept entries: gathers the kept keys/values per row and reduces with
   segment ops (``jax.ops.segment_max``/``segment_sum``) over the flattened edge list, so the work is
   proportional to the number of kept entries, not to N^2.
