@@ -171,7 +171,6 @@ def count(cfg, *, nnz_per_head: Sequence[float | None] | None = None, coef_kept:
   kappa = min(cfg.coef_topk if coef_kept is None else int(coef_kept), m)
   if tokens_per_layer is None and getattr(cfg, "token_keep_rate", None) is not None:
     tokens_per_layer = token_schedule(cfg)
-  pruned = getattr(cfg, "token_keep_rate", None) is not None
   tokens = _per_layer(tokens_per_layer, depth, "tokens_per_layer")
   nnzs = _per_layer(nnz_per_head, depth, "nnz_per_head")
   deltas = _per_layer(basis_density, depth, "basis_density")
@@ -196,7 +195,7 @@ def count(cfg, *, nnz_per_head: Sequence[float | None] | None = None, coef_kept:
     else:
       if nnzs[i] is None:
         # The budget is a fraction of the full token count, capped by the live patches when pruning.
-        k = min(math.ceil(rho * n0), n - 1 if pruned else n)
+        k = min(math.ceil(rho * n0), n - 1 if n < n0 else n)
         nnz = float(n + (n - 1) * k)
       else:
         nnz = float(nnzs[i])

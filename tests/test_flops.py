@@ -98,14 +98,15 @@ def test_per_layer_keep_rates_and_bad_lengths():
 
 
 def test_token_sparsity_scales_every_term():
-  """Layers with N_l live tokens follow the §5 formula evaluated at N_l (k = ceil(rho N_l), m fixed)."""
+  """Layers with N_l live tokens follow the §5 formula evaluated at N_l, m fixed; the budget stays
+  k = ceil(rho N) of the full token count, capped at the N_l - 1 live patches (the official cap)."""
   rho, n0 = 0.25, 197
   tokens = [197] * 3 + [138] * 3 + [97] * 3 + [68] * 3      # EViT/DynamicViT-like 0.7 schedule
   full = flops.count(deit_s(rho))
   pruned = flops.count(deit_s(rho), tokens_per_layer=tokens)
   big_c, h, d, c, m, f = 384, 6, 64, 32, 32, 1536
   for n, layer in zip(tokens, pruned.per_layer):
-    k = math.ceil(rho * n)
+    k = min(math.ceil(rho * n0), n - 1)
     nnz = n + (n - 1) * k
     expected = dict(qkv=3 * n * big_c ** 2, proj=n * big_c ** 2, attn_qk=nnz * d * h,
                     attn_av=nnz * d * h, predictor_channel=2 * n * big_c * c,
