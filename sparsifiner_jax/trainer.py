@@ -31,14 +31,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 
-from sparsifiner_jax import augment, losses, models, optim, sharding, weights
-from sparsifiner_jax.checkpoint import Checkpointer
+from sparsifiner_jax import augment, config_check, losses, models, optim, sharding, weights
+from sparsifiner_jax.checkpoint import Checkpointer, read_latest_meta
 
-PHASES = ("train", "recon", "distill", "joint")
+PHASES = config_check.PHASES
 TRAINABLE = {"train": ("backbone", "predictor"), "recon": ("predictor",),
              "distill": ("backbone",), "joint": ("backbone", "predictor")}
-LOSS_TERMS = ("cls", "kd", "tok", "recon")
+LOSS_TERMS = config_check.LOSS_TERMS
 PREEMPTED_EXIT_CODE = 75  # SIGTERM: checkpoint saved, run can be resumed
 
 IS_PREDICTOR = nnx.All(nnx.Param, nnx.PathContains("mask_predictor"))
@@ -292,13 +293,26 @@ def state_meta(config, phase: Phase, step: int) -> dict[str, Any]:
 
 
 def config_fingerprint(config) -> str:
-  """Hash of the fields that define a run's trajectory (not logging/eval cadence)."""
+  """Hash of the fields that define a run's trajectory (not logging/eval/checkpoint cadence, not the
+  mesh: a run may resume on another topology)."""
   import hashlib
   import json
   d = config.to_dict()
-  for k in ("log_every", "eval_every", "ckpt_every", "progress", "total_steps_cap"):
+  for k in ("log_every", "eval_every", "ckpt_every", "keep_ckpts", "progress", "total_steps_cap",
+            "mesh"):
     d.pop(k, None)
   return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def check_workdir(config, workdir: str) -> None:
+  """Refuses, before anything is written, a workdir that is a file or holds a run of another config."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f"workdir {workdir!r} exists and is not a directory")
+  meta = read_latest_meta(os.path.join(workdir, "ckpt"))
+  if (meta is not None and meta.get("config_fingerprint") != config_fingerprint(config)
+      and not config.get("allow_config_change")):
+    raise ValueError(f"workdir {workdir!r} holds a run of another config; use a new workdir, or set "
+                     "--config.allow_config_change=True to continue it anyway")
 
 
 def train(config, workdir: str, *, stop_after: int | None = None, devices=None) -> dict[str, Any]:
@@ -310,13 +324,10 @@ def train(config, workdir: str, *, stop_after: int | None = None, devices=None) 
   from sparsifiner_jax import evaluate, input_pipeline
   from sparsifiner_jax.metrics import MetricWriter
 
+  mesh, info = config_check.check_train(config, devices)  # every field, before anything is written
+  check_workdir(config, workdir)
   os.makedirs(workdir, exist_ok=True)
-  mesh = sharding.make_mesh(config.get("mesh"), devices)
-  input_pipeline.validate_input_config(config.input)
-  info = input_pipeline.get_dataset_info(config.input)
   gbs = int(config.batch_size)
-  if gbs % mesh.size:
-    raise ValueError(f"batch_size={gbs} must be divisible by the number of devices {mesh.size}")
   steps_per_epoch = max(info.splits[config.input.train_split] // gbs, 1)
   phases = resolve_phases(config, steps_per_epoch)
   if not phases:
@@ -352,14 +363,10 @@ def train(config, workdir: str, *, stop_after: int | None = None, devices=None) 
 
   ckpt = Checkpointer(os.path.join(workdir, "ckpt"), max_to_keep=int(config.get("keep_ckpts", 2)))
   writer = MetricWriter(workdir)
-  fingerprint = config_fingerprint(config)
   restored = ckpt.restore_latest_good(
       lambda meta: abstract_state(next(p for p in phases if p.name == meta["phase"]))[1])
   if restored is not None:
     step, state, meta = restored
-    if meta.get("config_fingerprint") != fingerprint and not config.get("allow_config_change"):
-      raise ValueError(f"workdir {workdir!r} holds a run of another config; use a new workdir, or set "
-                       "--config.allow_config_change=True to continue it anyway")
     state_phase = meta["phase"]
     _log(f"resumed from step {step} (phase {state_phase}) in {workdir}")
   else:
@@ -368,6 +375,7 @@ def train(config, workdir: str, *, stop_after: int | None = None, devices=None) 
   eval_fn = evaluate.Evaluator(config, mesh)
   results: dict[str, Any] = {}
   best = -1.0
+  pending: list = []  # (step, metrics) of the steps not yet checked for non-finite values
   with _Preemption() as preempt, mesh:
     for phase in phases:
       if step >= phase.end:
@@ -394,11 +402,12 @@ def train(config, workdir: str, *, stop_after: int | None = None, devices=None) 
           break
         state, metrics = step_fn(state, teacher_params, _global_batch(local, mesh))
         step += 1
+        pending.append((step, metrics))
         if bar is not None:
           bar.update(1)
         if step % int(config.log_every) == 0 or step == phase.end:
+          _check_finite(config, pending, ckpt)
           m = jax.device_get(metrics)
-          _check_finite(config, m, step)
           dt = max(time.time() - t0, 1e-9)
           m["img_per_s"] = (step - n0) * gbs / dt
           t0, n0 = time.time(), step
@@ -406,19 +415,19 @@ def train(config, workdir: str, *, stop_after: int | None = None, devices=None) 
           if bar is not None:
             bar.set_postfix(loss=f"{m['loss']:.4f}", img_s=f"{m['img_per_s']:.0f}")
         if preempt.requested:
-          _save(ckpt, config, phase, step, state, metrics)
+          _save(ckpt, config, phase, step, state, pending)
           raise Preempted()
         if config.get("ckpt_every") and step % int(config.ckpt_every) == 0:
-          _save(ckpt, config, phase, step, state, metrics)
+          _save(ckpt, config, phase, step, state, pending)
         if config.get("eval_every") and step % int(config.eval_every) == 0 and step != phase.end:
           ev = eval_fn.run(graphdef, state["params"], rest)
           writer.write(step, {f"eval/{k}": v for k, v in ev.items()})
       if bar is not None:
         bar.close()
       if stop_after is not None and step >= stop_after and step < phase.end:
-        _save(ckpt, config, phase, step, state, metrics)
+        _save(ckpt, config, phase, step, state, pending)
         break
-      _save(ckpt, config, phase, step, state, metrics)
+      _save(ckpt, config, phase, step, state, pending)
       ev = eval_fn.run(graphdef, state["params"], rest)
       writer.write(step, {f"eval/{k}": v for k, v in ev.items()})
       results[phase.name] = ev
@@ -441,25 +450,35 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _check_finite(config, m, step):
-  if m.get("finite", 1.0) >= 1.0:
-    return
-  terms = ", ".join(f"{k}={m[k]:.4g}" for k in LOSS_TERMS if k in m)
-  if config.get("nonfinite", "stop") == "skip":
-    logging.warning("step %d: non-finite loss or gradients (%s); update skipped", step, terms)
-    return
-  raise TrainingError(f"non-finite loss or gradients at step {step} ({terms}, loss={m['loss']:.4g}); "
-                      "the last checkpoint is intact. Lower the learning rate or set "
-                      "--config.nonfinite=skip")
+def _check_finite(config, pending: list, ckpt: Checkpointer) -> None:
+  """Checks the steps not checked yet (``pending``: [(step, metrics)], emptied) for non-finite values.
+
+  ``nonfinite="stop"``: raises TrainingError naming the first bad step and its loss terms; nothing
+  since the last checkpoint is saved. ``"skip"``: the jitted step dropped that update; warns.
+  """
+  for step, m in jax.device_get(pending):
+    if m.get("finite", 1.0) >= 1.0:
+      continue
+    terms = ", ".join(f"{k}={m[k]:.4g}" for k in (*LOSS_TERMS, "loss", "grad_norm") if k in m)
+    if config.get("nonfinite", "stop") == "skip":
+      logging.warning("step %d: non-finite loss or gradients (%s); update skipped", step, terms)
+      continue
+    last = ckpt.latest_step()
+    kept = ("no checkpoint was written" if last is None else
+            f"the last checkpoint (step {last}) is intact")
+    raise TrainingError(f"non-finite loss or gradients at step {step} ({terms}); {kept}. Lower the "
+                        "learning rate or set --config.nonfinite=skip")
+  pending.clear()
 
 
-def _save(ckpt, config, phase, step, state, metrics):
-  if config.get("nonfinite", "stop") == "stop":
-    _check_finite(config, jax.device_get(metrics), step)
+def _save(ckpt, config, phase, step, state, pending):
+  _check_finite(config, pending, ckpt)  # never checkpoint a non-finite state
   ckpt.save(step, state, state_meta(config, phase, step))
 
 
 def _save_weights(graphdef, params, rest, path, config):
+  if jax.process_count() > 1:  # every process takes part in gathering arrays sharded over processes
+    params = multihost_utils.process_allgather(params, tiled=True)
   if jax.process_index() != 0:
     return
   model = nnx.merge(graphdef, params["predictor"], params["backbone"], rest)
