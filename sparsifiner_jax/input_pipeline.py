@@ -34,9 +34,14 @@ Datasets (``input_cfg.dataset``):
   bad_images      str   image folders: "fail" raises InputConfigError naming the first unreadable or
                         corrupt file; "skip" drops them with a warning that lists them. Files are
                         checked once per process by one parallel decode pass over the split.
+  data_shards     int|None  number of data shards the train stream is cut into (None: one per
+                        process). A process reads ``data_shards / process_count`` shards and
+                        concatenates their batches, so a run on P processes and a run on one
+                        process with ``data_shards=P`` see the same global batches.
 
-Determinism. The train stream of a process is a pure function of (seed, process_index,
-process_count, start_batch) and the data:
+Determinism. The train stream of a shard is a pure function of (seed, shard index, number of
+shards, start_batch) and the data (below, "process" means "shard"; by default each process is
+one shard, see ``data_shards``):
 
   * Process ``p`` of ``P`` reads a fixed, disjoint part of the split: the contiguous range
     ``[p * n // P, (p + 1) * n // P)`` for tfds (tfds stores examples pre-shuffled; read by absolute
@@ -130,6 +135,7 @@ def default_config() -> ml_collections.ConfigDict:
       shuffle_buffer=10_000,
       cache=False,
       bad_images="fail",
+      data_shards=ml_collections.FieldReference(None, field_type=int),
   ))
 
 
@@ -138,7 +144,8 @@ _DEFAULTS = default_config().to_dict()
 
 def _get(input_cfg, key: str):
   value = input_cfg.get(key, None) if hasattr(input_cfg, "get") else getattr(input_cfg, key, None)
-  return _DEFAULTS[key] if value is None and key not in ("data_dir", "manual_dir") else value
+  nullable = ("data_dir", "manual_dir", "data_shards")
+  return _DEFAULTS[key] if value is None and key not in nullable else value
 
 
 # ----------------------------------------------------------------------------- seeds
@@ -620,18 +627,40 @@ def build_train_dataset(input_cfg, *, img_size: int, local_batch_size: int, seed
   return ds.with_options(_options())
 
 
+def num_data_shards(input_cfg, process_count: int = 1) -> int:
+  """``input_cfg.data_shards`` or, when unset, one shard per process; a multiple of process_count."""
+  shards = _get(input_cfg, "data_shards")
+  shards = process_count if shards is None else shards
+  if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1 or shards % process_count:
+    raise InputConfigError(f"input.data_shards={shards!r} must be a positive multiple of the number "
+                           f"of processes {process_count} (or None: one shard per process)")
+  return shards
+
+
 def build_train_iterator(input_cfg, *, img_size: int, local_batch_size: int, seed: int,
                          start_batch: int = 0, process_index: int = 0,
                          process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
   """Infinite iterator of this process's train batches.
 
   Yields ``{"image": float32 [b, img_size, img_size, 3] (normalised), "label": int32 [b]}``, a pure
-  function of (data, seed, process_index, process_count, start_batch) (module docstring):
-  ``start_batch=s`` yields exactly what the uninterrupted iterator yields from its s-th batch on.
+  function of (data, seed, data shards, start_batch) (module docstring): ``start_batch=s`` yields
+  exactly what the uninterrupted iterator yields from its s-th batch on. A process that owns several
+  shards (``input.data_shards``) yields their batches concatenated, in shard order.
   """
-  ds = build_train_dataset(input_cfg, img_size=img_size, local_batch_size=local_batch_size,
-                           seed=seed, start_batch=start_batch, process_index=process_index,
-                           process_count=process_count)
+  _check_process(process_index, process_count, local_batch_size)
+  shards = num_data_shards(input_cfg, process_count)
+  per = shards // process_count
+  if local_batch_size % per:
+    raise InputConfigError(f"local batch size {local_batch_size} must be divisible by the "
+                           f"{per} data shards of each process (input.data_shards={shards})")
+  parts = [build_train_dataset(input_cfg, img_size=img_size, local_batch_size=local_batch_size // per,
+                               seed=seed, start_batch=start_batch,
+                               process_index=process_index * per + i, process_count=shards)
+           for i in range(per)]
+  if per == 1:
+    return parts[0].as_numpy_iterator()
+  ds = tf.data.Dataset.zip(tuple(parts)).map(
+      lambda *xs: {k: tf.concat([x[k] for x in xs], 0) for k in xs[0]})
   return ds.as_numpy_iterator()
 
 

@@ -32,15 +32,26 @@ def model_meta(model: nnx.Module, name: str | None = None) -> dict[str, Any]:
   return {"name": name, "config_type": type(model.config).__name__, "config": cfg}
 
 
+def _this_process_only() -> ocp.options.MultiprocessingOptions:
+  """Orbax options for a write by this process alone (no barrier waits for the other processes)."""
+  if jax.process_count() == 1:
+    return ocp.options.MultiprocessingOptions()
+  p = jax.process_index()
+  return ocp.options.MultiprocessingOptions(primary_host=p, active_processes={p})
+
+
 def save_weights(path: str, model: nnx.Module, *, name: str | None = None) -> str:
-  """Saves ``model``'s parameters (and its config) to ``path`` atomically; returns the path."""
+  """Saves ``model``'s parameters (and its config) to ``path`` atomically; returns the path.
+
+  Multi-process: one process writes (the arrays must be fully addressable to it, e.g. gathered).
+  """
   path = os.path.abspath(path)
   tmp = f"{path}.tmp-{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
   from sparsifiner_jax import convert  # Params and BatchNorm statistics (LV-ViT)
   params = jax.device_get(nnx.to_pure_dict(nnx.state(model, convert.WEIGHT_TYPES)))
-  with ocp.StandardCheckpointer() as ckptr:
+  with ocp.StandardCheckpointer(multiprocessing_options=_this_process_only()) as ckptr:
     ckptr.save(os.path.join(tmp, "params"), params)
     ckptr.wait_until_finished()
   with open(os.path.join(tmp, "model.json"), "w") as f:
