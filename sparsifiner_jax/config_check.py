@@ -157,7 +157,7 @@ def check_teacher(config) -> None:
 def _running_phases(config):
   """(name, node) of the phases with a positive length."""
   phases = config.phases
-  return [(n, phases[n]) for n in phases.keys()
+  return [(n, phases[n]) for n in phases
           if (phases[n].get("steps", 0) or 0) > 0 or (phases[n].get("epochs", 0) or 0) > 0]
 
 
@@ -167,11 +167,11 @@ def check_phases(config) -> None:
   if phases is _MISSING or not hasattr(phases, "keys"):
     _fail("phases", phases, f"is not allowed; allowed: a ConfigDict of phases among "
           f"{', '.join(PHASES)}")
-  unknown = sorted(set(phases.keys()) - set(PHASES))
+  unknown = sorted(set(phases) - set(PHASES))
   if unknown:
     raise ConfigError(f"config.phases has unknown phase(s) {unknown}; allowed: {', '.join(PHASES)}")
   any_positive = False
-  for name in phases.keys():
+  for name in phases:
     p = f"phases.{name}"
     epochs = _num(config, f"{p}.epochs", 0) or 0
     steps = _int(config, f"{p}.steps", 0, optional=True) or 0
@@ -183,11 +183,11 @@ def check_phases(config) -> None:
     _num(config, f"{p}.weight_decay", 0)
     losses = _value(config, f"{p}.losses")
     losses = {} if losses in (_MISSING, None) else losses
-    bad = sorted(set(losses.keys()) - set(LOSS_TERMS))
+    bad = sorted(set(losses) - set(LOSS_TERMS))
     if bad:
       _fail(f"{p}.losses", dict(losses), f"has unknown loss term(s) {bad}; allowed: "
             f"{', '.join(LOSS_TERMS)}")
-    weights = {k: _num(config, f"{p}.losses.{k}", 0) for k in losses.keys()}
+    weights = {k: _num(config, f"{p}.losses.{k}", 0) for k in losses}
     if steps <= 0 and epochs <= 0:
       continue
     any_positive = True
