@@ -27,22 +27,14 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from sparsifiner_jax import timm_compat
+
 
 def import_timm():
-  """Imports timm with the CPU torch wheel (PyPI's torchvision is a CUDA build whose ops do not load).
-
-  timm imports torchvision unconditionally; defining the two op schemas torchvision's meta registrations
-  expect lets it import (only torchvision's C++ ops, unused here, stay unavailable). Also sets
-  ``HF_HUB_OFFLINE=1`` unless set (no weights are downloaded).
-  """
+  """Imports timm with the CPU torch wheel (``sparsifiner_jax.timm_compat``); sets ``HF_HUB_OFFLINE=1``
+  unless set (no weights are downloaded)."""
   os.environ.setdefault("HF_HUB_OFFLINE", "1")
-  try:
-    torch.ops.torchvision.nms  # noqa: B018
-  except (AttributeError, RuntimeError):
-    lib = torch.library.Library("torchvision", "DEF")
-    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    import_timm.lib = lib  # keep the registration alive
+  timm_compat.register_torchvision_op_schemas()
   import timm  # pylint: disable=g-import-not-at-top
   return timm
 

@@ -11,20 +11,10 @@ import pytest  # noqa: E402
 
 
 def import_timm():
-  """Imports timm against the CPU torch wheel, or skips the test with the reason.
-
-  PyPI's torchvision wheels are CUDA builds whose C++ ops fail to register against CPU torch; timm
-  imports torchvision unconditionally. Defining the two op schemas torchvision's meta registrations
-  expect lets it import (only torchvision's C++ ops, unused here, stay unavailable).
-  """
-  torch = pytest.importorskip("torch", reason="torch not installed (pip install -r requirements-test.txt)")
-  try:
-    torch.ops.torchvision.nms  # noqa: B018
-  except (AttributeError, RuntimeError):
-    lib = torch.library.Library("torchvision", "DEF")
-    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    import_timm._lib = lib  # keep the registration alive
+  """Imports timm against the CPU torch wheel (``sparsifiner_jax.timm_compat``), or skips with the reason."""
+  pytest.importorskip("torch", reason="torch not installed (pip install -r requirements-test.txt)")
+  from sparsifiner_jax import timm_compat  # pylint: disable=g-import-not-at-top
+  timm_compat.register_torchvision_op_schemas()
   return pytest.importorskip("timm", reason="timm not installed (pip install -r requirements-test.txt)")
 
 

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparsifiner_jax.models.vit import Block, ViTConfig, run_blocks
+from sparsifiner_jax.models.vit import Block, ViTConfig, check_images, run_blocks
 
 Array = jax.Array
 
@@ -157,12 +157,7 @@ class LVViT(nnx.Module):
     self.aux_head = nnx.Linear(cfg.embed_dim, cfg.num_classes, **head)
 
   def check_input(self, images: Array) -> None:
-    cfg = self.config
-    want = (cfg.img_size, cfg.img_size, cfg.in_chans)
-    if images.ndim != 4 or tuple(images.shape[1:]) != want:
-      raise ValueError(f"images must be [batch, {want[0]}, {want[1]}, {want[2]}] (NHWC, "
-                       f"img_size={cfg.img_size}, in_chans={cfg.in_chans}); got shape "
-                       f"{tuple(images.shape)}")
+    check_images(self.config, images)
 
   def __call__(self, images: Array, *, train: bool = False, recon: bool = False,
                rng: Array | None = None) -> tuple[Array, dict[str, Any]]:

@@ -194,7 +194,7 @@ class Attention(nnx.Module):
     if self.mask_predictor is not None:
       mask, approx = self.mask_predictor(
           q, k, recon=recon, token_index=None if tokens is None else tokens.index, key_keep=keep,
-          kept_patches=None if tokens is None else n - 1 if keep is None else tokens.kept_patches)
+          kept_patches=None if tokens is None else tokens.live_patches(n))
     elif self.pattern is not None:
       mask = self.pattern(q, k)
     key_valid = keep if tokens is not None and tokens.mode == "mask" else None
@@ -299,6 +299,10 @@ class TokenState:
     keep = jnp.zeros(self.keep.shape, bool).at[:, 0].set(True).at[rows, top + 1].set(True)
     return x, TokenState(self.mode, keep=keep, kept_patches=num_keep)
 
+  def live_patches(self, num_tokens: int) -> int:
+    """Live patch tokens of a ``num_tokens``-long sequence (static)."""
+    return num_tokens - 1 if self.mode == "drop" else self.kept_patches
+
   def patch_index(self) -> Array:
     """Original patch positions (0-based, CLS excluded) of the live patch tokens ``[B, P_l]``."""
     if self.mode == "drop":
@@ -344,6 +348,15 @@ def run_blocks(blocks, cfg: ViTConfig, x: Array, *, train: bool, recon: bool, rn
   return x, dict(masks=masks, approx_attn=approx, attn=attn, token_index=index)
 
 
+def check_images(cfg: ViTConfig, images: Array) -> None:
+  """Raises ValueError unless ``images`` is ``[B, img_size, img_size, in_chans]``."""
+  want = (cfg.img_size, cfg.img_size, cfg.in_chans)
+  if images.ndim != 4 or tuple(images.shape[1:]) != want:
+    raise ValueError(f"images must be [batch, {want[0]}, {want[1]}, {want[2]}] (NHWC, "
+                     f"img_size={cfg.img_size}, in_chans={cfg.in_chans}); got shape "
+                     f"{tuple(images.shape)}")
+
+
 class VisionTransformer(nnx.Module):
   """DeiT/ViT with class token; Sparsifiner attention in every layer when ``cfg.keep_rate`` is set.
 
@@ -378,12 +391,7 @@ class VisionTransformer(nnx.Module):
                            bias_init=nnx.initializers.zeros, rngs=rngs)
 
   def check_input(self, images: Array) -> None:
-    cfg = self.config
-    want = (cfg.img_size, cfg.img_size, cfg.in_chans)
-    if images.ndim != 4 or tuple(images.shape[1:]) != want:
-      raise ValueError(f"images must be [batch, {want[0]}, {want[1]}, {want[2]}] (NHWC, "
-                       f"img_size={cfg.img_size}, in_chans={cfg.in_chans}); got shape "
-                       f"{tuple(images.shape)}")
+    check_images(self.config, images)
 
   def __call__(self, images: Array, *, train: bool = False, recon: bool = False,
                rng: Array | None = None) -> tuple[Array, dict[str, Any]]:
