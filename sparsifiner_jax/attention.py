@@ -14,6 +14,9 @@ patterns of ``sparsifiner_jax.patterns``). A pattern provider returns a :class:`
 * ``fill`` (static str): what a masked-out logit becomes. ``"neg_inf"`` (true sparse attention, the
   default) or ``"zero_logit"`` (the logit is set to 0 and keeps weight e^0 -- the official Fibottention
   code's multiply-by-mask semantics, BASELINES.md §1.2).
+* ``keep`` ``[B|1, H|1, R, N] bool`` or ``None``: the same connectivity as ``indices``, already dense,
+  when the provider has it for free (``topk_mask`` computes it with the CPU top-k kernel). Executors that
+  want a dense mask use it and the ``indices`` are then never computed (XLA drops the unused TopK).
 
 CLS handling lives here, in one place: the dense leading rows are never part of ``indices``.
 
@@ -36,6 +39,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from sparsifiner_jax import kernels
+
 Array = jax.Array
 FILLS = ("neg_inf", "zero_logit")
 
@@ -51,6 +56,7 @@ class AttentionMask:
   num_keys: int = dataclasses.field(default=0, metadata=dict(static=True))
   key_valid: Array | None = None
   fill: str = dataclasses.field(default="neg_inf", metadata=dict(static=True))
+  keep: Array | None = None
 
   def __post_init__(self):
     if self.fill not in FILLS:
@@ -64,7 +70,7 @@ class AttentionMask:
     """Boolean mask ``[B|1, H|1, N, N]``; dense rows are all True (up to ``key_valid``)."""
     *lead, rows, _ = self.indices.shape
     n = self.num_keys
-    sparse_rows = indices_to_dense(self.indices, n, self.valid)
+    sparse_rows = self.keep if self.keep is not None else indices_to_dense(self.indices, n, self.valid)
     dense_rows = jnp.ones((*lead, self.num_dense_rows, n), bool)
     keep = jnp.concatenate([dense_rows, sparse_rows], axis=-2)
     if self.key_valid is not None:       # pruned tokens are neither keys nor (live) queries
@@ -108,16 +114,19 @@ def indices_to_dense(indices: Array, n: int, valid: Array | None = None) -> Arra
 def topk_mask(scores: Array, k: int, num_dense_rows: int = 1) -> AttentionMask:
   """Keeps the ``k`` highest ``scores [B, H, R, N]`` per row (ties: lowest index first).
 
-  ``R`` are the sparse query rows (the dense leading rows are not scored). Uses ``lax.top_k`` on the
-  full row and keeps only the indices: slicing the *values* instead makes XLA rewrite TopK into a full
-  sort (ENVIRONMENT.md §4b).
+  ``R`` are the sparse query rows (the dense leading rows are not scored). The mask carries both forms:
+  ``keep`` from ``kernels.topk_keep_mask`` (a radix select on CPU) for the dense executors, and the
+  ``lax.top_k`` indices for the gather executor, density counts and plots. XLA computes only what the
+  jitted function uses. Only the indices are taken from ``top_k``: slicing its *values* makes XLA
+  rewrite TopK into a full sort (ENVIRONMENT.md §4b).
   """
   n = scores.shape[-1]
   if not 1 <= k <= n:
     raise ValueError(f"top-k budget k={k} must be in [1, {n}] (the number of keys)")
+  scores = jax.lax.stop_gradient(scores)
   _, idx = jax.lax.top_k(scores, k)
-  return AttentionMask(indices=jax.lax.stop_gradient(idx.astype(jnp.int32)),
-                       num_dense_rows=num_dense_rows, num_keys=n)
+  return AttentionMask(indices=idx.astype(jnp.int32), num_dense_rows=num_dense_rows, num_keys=n,
+                       keep=kernels.topk_keep_mask(scores, k))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -140,9 +149,20 @@ def attention_probs(q: Array, k: Array) -> Array:
   return jax.nn.softmax(attention_logits(q, k).astype(jnp.float32), axis=-1)
 
 
+def softmax_attention(q: Array, k: Array, v: Array, key_valid: Array | None = None) -> Array:
+  """Dense softmax attention ``[B, N, H, d] -> [B, N, H, d]``, optionally over the ``key_valid [B, N]``
+  keys only. Heads-first einsums: on XLA:CPU about 2x faster than ``jax.nn.dot_product_attention`` for
+  DeiT-S shapes (BENCHMARKS.md); equal to it to float rounding."""
+  logits = attention_logits(q, k).astype(jnp.float32)
+  if key_valid is not None:
+    logits = jnp.where(key_valid[:, None, None, :], logits, -jnp.inf)
+  probs = jax.nn.softmax(logits, axis=-1)
+  return heads_first(jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), heads_first(v)))
+
+
 def dense_attention(q: Array, k: Array, v: Array, mask: AttentionMask | None = None) -> Array:
   del mask
-  return jax.nn.dot_product_attention(q, k, v)
+  return softmax_attention(q, k, v)
 
 
 def masked_attention(q: Array, k: Array, v: Array, mask: AttentionMask | None) -> Array:

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sparsifiner_jax import attention as attn_lib
+from sparsifiner_jax import kernels
 
 Array = jax.Array
 
@@ -124,11 +125,8 @@ class MaskPredictor(nnx.Module):
 
 
 def keep_topk_values(x: Array, k: int) -> Array:
-  """Zeroes all but the ``k`` largest entries of each row of ``x`` (values kept, not renormalised)."""
+  """Zeroes all but the ``k`` largest entries of each row of ``x`` (values kept, not renormalised;
+  ties: lowest index). Gradients flow to the kept entries."""
   if k >= x.shape[-1]:
     return x
-  vals, idx = jax.lax.top_k(x, k)
-  rows = x.reshape(-1, x.shape[-1])
-  r = jnp.arange(rows.shape[0])[:, None]
-  out = jnp.zeros_like(rows).at[r, idx.reshape(-1, k)].set(vals.reshape(-1, k))
-  return out.reshape(x.shape)
+  return jnp.where(kernels.topk_keep_mask(x, k), x, jnp.zeros_like(x))

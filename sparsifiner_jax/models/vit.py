@@ -203,8 +203,7 @@ class Attention(nnx.Module):
         mask = dataclasses.replace(mask, key_valid=key_valid)
       out = self.executor(q, k, v, mask)
     else:
-      out = jax.nn.dot_product_attention(
-          q, k, v, mask=None if key_valid is None else key_valid[:, None, None, :])
+      out = attn_lib.softmax_attention(q, k, v, key_valid)
     out = self.proj(out.reshape(b, n, dim))
     aux = dict(mask=mask, approx_attn=approx, attn=attn_lib.attention_probs(q, k),
                cls_attn=cls_attention(q, k, key_valid))
