@@ -309,10 +309,6 @@ def test_batch_sharded_matches_reference():
 
 
 @pytest.mark.usefixtures("needs_kernel")
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "performance, not correctness: the ffi_call has no sharding rule, so the SPMD partitioner "
-    "all-gathers the batch and every device runs the kernel on the global batch (lax.top_k is "
-    "replicated the same way). Remove this marker once topk_keep_mask is partitioned per shard."))
 def test_batch_sharded_kernel_runs_per_shard():
   f, xs, x, _ = _batch_sharded()
   hlo = f.lower(xs).compile().as_text()
@@ -323,3 +319,10 @@ def test_batch_sharded_kernel_runs_per_shard():
     out_shape = re.search(r"= pred\[(\d+),", line)
     assert out_shape and int(out_shape.group(1)) == local, line
   assert " all-gather(" not in hlo
+
+
+def test_float64_input_keeps_its_precision():
+  """The kernel compares in float32; float64 rows that only differ below that take the XLA path."""
+  with jax.enable_x64(True):
+    x = jnp.array([[1.0, 1.0 + 1e-12, 0.0]], jnp.float64)
+    assert kernels.topk_keep_mask(x, 1).tolist() == [[False, True, False]]

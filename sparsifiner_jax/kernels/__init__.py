@@ -29,6 +29,8 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 Array = jax.Array
 
@@ -107,24 +109,71 @@ def topk_keep_mask_xla(x: Array, k: int) -> Array:
   return out.reshape(x.shape)
 
 
-def _topk_keep_mask_cpu(x: Array, k: int) -> Array:
+def _ffi_topk_keep_mask(x: Array, k: int) -> Array:
   call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct(x.shape, jnp.bool_),
                           vmap_method="broadcast_all")
   return call(x, k=np.int64(k))
 
 
+def _rows_sharding(sharding, rank: int):
+  """The operand's sharding with the last (row) axis replicated: rows never split across devices."""
+  spec = tuple(sharding.spec) + (None,) * (rank - len(sharding.spec))
+  return NamedSharding(sharding.mesh, P(*spec[:rank - 1], None))
+
+
+def _infer_sharding(k, mesh, arg_shapes, result_shape):
+  del k, mesh, result_shape
+  return _rows_sharding(arg_shapes[0].sharding, len(arg_shapes[0].shape))
+
+
+def _partition(k, mesh, arg_shapes, result_shape):
+  del result_shape
+  sharding = _rows_sharding(arg_shapes[0].sharding, len(arg_shapes[0].shape))
+  return mesh, functools.partial(_ffi_topk_keep_mask, k=k), sharding, (sharding,)
+
+
+# Under a sharded jit every device selects on its own shard's rows (without this, XLA's partitioner would
+# all-gather the operand and run the custom call on the global batch on every device).
+@functools.partial(custom_partitioning, static_argnums=(1,))
+def _topk_keep_mask_cpu(x: Array, k: int) -> Array:
+  return _ffi_topk_keep_mask(x, k)
+
+
+_topk_keep_mask_cpu.def_partition(partition=_partition, infer_sharding_from_operands=_infer_sharding,
+                                  sharding_rule="... n -> ... n", need_replication_factors=("n",))
+
+
+@functools.cache
+def _batchable_topk_keep_mask_cpu(k: int):
+  """``_topk_keep_mask_cpu`` at budget ``k`` under ``vmap``: a vmapped axis is one more row axis."""
+
+  @jax.custom_batching.custom_vmap
+  def fn(x):
+    return _topk_keep_mask_cpu(x, k)
+
+  @fn.def_vmap
+  def _vmap_rule(axis_size, in_batched, x):      # x arrives with its batched axis in front
+    del axis_size, in_batched
+    return fn(x), True
+
+  return fn
+
+
 def topk_keep_mask(x: Array, k: int) -> Array:
   """Boolean ``[..., n]``: True at each row's ``k`` largest entries of ``x`` (ties: lowest index).
 
-  Not differentiable (a selection): the input is wrapped in ``stop_gradient``. Computed in float32.
+  Not differentiable (a selection): the input is wrapped in ``stop_gradient``. Float32, bfloat16 and
+  float16 inputs are compared in float32 (exact); float64 ones take the XLA path.
   """
   n = x.shape[-1]
   if not 1 <= k <= n:
     raise ValueError(f"top-k budget k={k} must be in [1, {n}] (the row length)")
-  x = jax.lax.stop_gradient(x.astype(jnp.float32))
   if k == n:
     return jnp.ones(x.shape, bool)
+  if x.dtype == jnp.float64:            # the kernel compares in float32; keep float64 exact
+    return topk_keep_mask_xla(jax.lax.stop_gradient(x), k)
+  x = jax.lax.stop_gradient(x.astype(jnp.float32))    # exact for bf16/f16 inputs
   if x.size == 0 or not _load():
     return topk_keep_mask_xla(x, k)
-  return jax.lax.platform_dependent(x, cpu=functools.partial(_topk_keep_mask_cpu, k=k),
+  return jax.lax.platform_dependent(x, cpu=_batchable_topk_keep_mask_cpu(k),
                                     default=functools.partial(topk_keep_mask_xla, k=k))
