@@ -77,6 +77,23 @@ class AttentionMask:
       keep = keep & self.key_valid[:, None, None, :] & self.key_valid[:, None, :, None]
     return keep
 
+  @property
+  def rows_nonempty(self) -> bool:
+    """Static: every query row is guaranteed at least one key (no padding, no pruned tokens)."""
+    return self.valid is None and self.key_valid is None and self.keys_per_row >= 1
+
+  def logit_bias(self) -> Array:
+    """Additive ``[B|1, H|1, N, N]`` float32 bias: 0 where kept, -inf elsewhere (``key_valid`` ignored).
+
+    Same connectivity as ``to_dense``; XLA:CPU fuses a bias add into the softmax better than a select
+    on a concatenated boolean mask (~1 ms a DeiT-S layer at batch 8, BENCHMARKS.md).
+    """
+    sparse_rows = self.keep if self.keep is not None else indices_to_dense(
+        self.indices, self.num_keys, self.valid)
+    bias = jnp.where(sparse_rows, 0.0, -jnp.inf).astype(jnp.float32)
+    pad = [(0, 0)] * (bias.ndim - 2) + [(self.num_dense_rows, 0), (0, 0)]
+    return jnp.pad(bias, pad)
+
   def nnz(self) -> Array:
     """Kept entries per (batch, head): ``[B|1, H|1]``."""
     if self.key_valid is not None:
@@ -168,8 +185,11 @@ def dense_attention(q: Array, k: Array, v: Array, mask: AttentionMask | None = N
 def masked_attention(q: Array, k: Array, v: Array, mask: AttentionMask | None) -> Array:
   if mask is None:
     return dense_attention(q, k, v)
-  keep = mask.to_dense()
   logits = attention_logits(q, k).astype(jnp.float32)
+  if mask.fill == "neg_inf" and mask.rows_nonempty:      # fast path: no row can be empty
+    probs = jax.nn.softmax(logits + mask.logit_bias(), axis=-1)
+    return heads_first(jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), heads_first(v)))
+  keep = mask.to_dense()
   logits = jnp.where(keep, logits, -jnp.inf if mask.fill == "neg_inf" else 0.0)
   row_max = jnp.max(logits, axis=-1, keepdims=True)
   row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
