@@ -11,6 +11,12 @@ Building: the C++ source is compiled once per (source, jaxlib, CPU) into a cache
 (``$SPARSIFINER_JAX_CACHE``, default ``~/.cache/sparsifiner_jax``) with ``$CXX`` (default ``g++``), written
 atomically, so concurrent processes are safe. ``SPARSIFINER_JAX_CPU_KERNELS=0`` disables the kernels (the
 XLA path is then used everywhere); ``kernel_status()`` says which path is active and why.
+
+Known limitation: the custom call has no partitioning rule, so under a batch-sharded ``jit`` XLA gathers
+its operand and every device selects over the global batch (correct, but the work is replicated; plain
+``lax.top_k`` is partitioned the same way here). A ``custom_partitioning`` rule worked for plain batch
+sharding but failed inside the trainer's gradient-accumulation reshape (JAX could not express that
+sharding as a mesh spec), so it is not used.
 """
 
 from __future__ import annotations
@@ -29,8 +35,6 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental.custom_partitioning import custom_partitioning
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 Array = jax.Array
 
@@ -115,50 +119,6 @@ def _ffi_topk_keep_mask(x: Array, k: int) -> Array:
   return call(x, k=np.int64(k))
 
 
-def _rows_sharding(sharding, rank: int):
-  """The operand's sharding with the last (row) axis replicated: rows never split across devices."""
-  spec = tuple(sharding.spec) + (None,) * (rank - len(sharding.spec))
-  return NamedSharding(sharding.mesh, P(*spec[:rank - 1], None))
-
-
-def _infer_sharding(k, mesh, arg_shapes, result_shape):
-  del k, mesh, result_shape
-  return _rows_sharding(arg_shapes[0].sharding, len(arg_shapes[0].shape))
-
-
-def _partition(k, mesh, arg_shapes, result_shape):
-  del result_shape
-  sharding = _rows_sharding(arg_shapes[0].sharding, len(arg_shapes[0].shape))
-  return mesh, functools.partial(_ffi_topk_keep_mask, k=k), sharding, (sharding,)
-
-
-# Under a sharded jit every device selects on its own shard's rows (without this, XLA's partitioner would
-# all-gather the operand and run the custom call on the global batch on every device).
-@functools.partial(custom_partitioning, static_argnums=(1,))
-def _topk_keep_mask_cpu(x: Array, k: int) -> Array:
-  return _ffi_topk_keep_mask(x, k)
-
-
-_topk_keep_mask_cpu.def_partition(partition=_partition, infer_sharding_from_operands=_infer_sharding,
-                                  sharding_rule="... n -> ... n", need_replication_factors=("n",))
-
-
-@functools.cache
-def _batchable_topk_keep_mask_cpu(k: int):
-  """``_topk_keep_mask_cpu`` at budget ``k`` under ``vmap``: a vmapped axis is one more row axis."""
-
-  @jax.custom_batching.custom_vmap
-  def fn(x):
-    return _topk_keep_mask_cpu(x, k)
-
-  @fn.def_vmap
-  def _vmap_rule(axis_size, in_batched, x):      # x arrives with its batched axis in front
-    del axis_size, in_batched
-    return fn(x), True
-
-  return fn
-
-
 def topk_keep_mask(x: Array, k: int) -> Array:
   """Boolean ``[..., n]``: True at each row's ``k`` largest entries of ``x`` (ties: lowest index).
 
@@ -175,5 +135,5 @@ def topk_keep_mask(x: Array, k: int) -> Array:
   x = jax.lax.stop_gradient(x.astype(jnp.float32))    # exact for bf16/f16 inputs
   if x.size == 0 or not _load():
     return topk_keep_mask_xla(x, k)
-  return jax.lax.platform_dependent(x, cpu=_batchable_topk_keep_mask_cpu(k),
+  return jax.lax.platform_dependent(x, cpu=functools.partial(_ffi_topk_keep_mask, k=k),
                                     default=functools.partial(topk_keep_mask_xla, k=k))
