@@ -69,13 +69,17 @@ class AttentionMask:
   def to_dense(self) -> Array:
     """Boolean mask ``[B|1, H|1, N, N]``; dense rows are all True (up to ``key_valid``)."""
     *lead, rows, _ = self.indices.shape
-    n = self.num_keys
-    sparse_rows = self.keep if self.keep is not None else indices_to_dense(self.indices, n, self.valid)
-    dense_rows = jnp.ones((*lead, self.num_dense_rows, n), bool)
-    keep = jnp.concatenate([dense_rows, sparse_rows], axis=-2)
+    dense_rows = jnp.ones((*lead, self.num_dense_rows, self.num_keys), bool)
+    keep = jnp.concatenate([dense_rows, self.sparse_rows()], axis=-2)
     if self.key_valid is not None:       # pruned tokens are neither keys nor (live) queries
       keep = keep & self.key_valid[:, None, None, :] & self.key_valid[:, None, :, None]
     return keep
+
+  def sparse_rows(self) -> Array:
+    """Boolean ``[B|1, H|1, R, N]`` of the sparse rows: ``keep`` when given, else scattered ``indices``."""
+    if self.keep is not None:
+      return self.keep
+    return indices_to_dense(self.indices, self.num_keys, self.valid)
 
   @property
   def rows_nonempty(self) -> bool:
@@ -88,9 +92,7 @@ class AttentionMask:
     Same connectivity as ``to_dense``; XLA:CPU fuses a bias add into the softmax better than a select
     on a concatenated boolean mask (~1 ms a DeiT-S layer at batch 8, BENCHMARKS.md).
     """
-    sparse_rows = self.keep if self.keep is not None else indices_to_dense(
-        self.indices, self.num_keys, self.valid)
-    bias = jnp.where(sparse_rows, 0.0, -jnp.inf).astype(jnp.float32)
+    bias = jnp.where(self.sparse_rows(), 0.0, -jnp.inf).astype(jnp.float32)
     pad = [(0, 0)] * (bias.ndim - 2) + [(self.num_dense_rows, 0), (0, 0)]
     return jnp.pad(bias, pad)
 
@@ -166,6 +168,11 @@ def attention_probs(q: Array, k: Array) -> Array:
   return jax.nn.softmax(attention_logits(q, k).astype(jnp.float32), axis=-1)
 
 
+def weighted_values(probs: Array, v: Array) -> Array:
+  """``probs [B, H, N, N] @ v``, with ``v`` and the result in the ``[B, N, H, d]`` layout."""
+  return heads_first(jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), heads_first(v)))
+
+
 def softmax_attention(q: Array, k: Array, v: Array, key_valid: Array | None = None) -> Array:
   """Dense softmax attention ``[B, N, H, d] -> [B, N, H, d]``, optionally over the ``key_valid [B, N]``
   keys only. Heads-first einsums: on XLA:CPU about 2x faster than ``jax.nn.dot_product_attention`` for
@@ -174,7 +181,7 @@ def softmax_attention(q: Array, k: Array, v: Array, key_valid: Array | None = No
   if key_valid is not None:
     logits = jnp.where(key_valid[:, None, None, :], logits, -jnp.inf)
   probs = jax.nn.softmax(logits, axis=-1)
-  return heads_first(jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), heads_first(v)))
+  return weighted_values(probs, v)
 
 
 def dense_attention(q: Array, k: Array, v: Array, mask: AttentionMask | None = None) -> Array:
@@ -188,7 +195,7 @@ def masked_attention(q: Array, k: Array, v: Array, mask: AttentionMask | None) -
   logits = attention_logits(q, k).astype(jnp.float32)
   if mask.fill == "neg_inf" and mask.rows_nonempty:      # fast path: no row can be empty
     probs = jax.nn.softmax(logits + mask.logit_bias(), axis=-1)
-    return heads_first(jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), heads_first(v)))
+    return weighted_values(probs, v)
   keep = mask.to_dense()
   logits = jnp.where(keep, logits, -jnp.inf if mask.fill == "neg_inf" else 0.0)
   row_max = jnp.max(logits, axis=-1, keepdims=True)
@@ -196,7 +203,7 @@ def masked_attention(q: Array, k: Array, v: Array, mask: AttentionMask | None) -
   p = jnp.exp(logits - jax.lax.stop_gradient(row_max))
   denom = jnp.sum(p, axis=-1, keepdims=True)
   probs = jnp.where(denom > 0, p / jnp.where(denom > 0, denom, 1.0), 0.0)  # all-masked rows -> 0
-  return heads_first(jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), heads_first(v)))
+  return weighted_values(probs, v)
 
 
 def sparse_attention(q: Array, k: Array, v: Array, mask: AttentionMask | None) -> Array:
