@@ -4,8 +4,12 @@
   python benchmarks/run.py --img-size 448 --cases b          # (b) at 448 px (785 tokens)
   python benchmarks/run.py --cases masked sparse             # the attention executors vs dense
   python benchmarks/run.py --append BENCHMARKS.md            # also append a dated section
+  python benchmarks/run.py --dtype bfloat16                  # bf16 matmuls; torch under autocast
 
-Cases (``--cases``, default ``a b c d e``); "ours" is ``sparsifiner_jax``, jitted, fp32:
+Cases (``--cases``, default ``a b c d e``); "ours" is ``sparsifiner_jax``, jitted, in ``--dtype``
+(``float32``, or ``bfloat16``: the models' mixed precision -- bf16 matmul inputs, float32 products and
+everything else, ``vit.py`` -- with eval forwards on kernels cast to bf16 once, ``models.cast_kernels``; the
+torch sides then run under ``torch.autocast("cpu", torch.bfloat16)``, timm's ``--amp`` mode):
 
 * ``a``  our dense eval forward vs timm's eager forward (``torch.inference_mode``);
 * ``b``  our Sparsifiner eval forward at ``--keep-rate`` (``--executor``) vs our dense forward;
@@ -17,9 +21,9 @@ Cases (``--cases``, default ``a b c d e``); "ours" is ``sparsifiner_jax``, jitte
   with Sparsifiner attention (``benchmarks/torch_reference.py``), ``torch.optim.AdamW``. Both sides:
   label-smoothed one-hot targets (0.1), no mixup/cutmix (data-side in the official code) and no EMA;
   predictors frozen, as in phase 2;
-* ``e``  achieved GFLOP/s of our dense forward (XLA's ``cost_analysis()`` FLOPs / time) vs the fp32
-  peak: a jitted N x N fp32 matmul (N = ``--matmul-size``, 2048; 2 N^3 FLOPs) timed in the same rounds
-  (the achievable peak), and, on CPU, the theoretical peak ``logical CPUs x clock x SIMD fp32 lanes x 2
+* ``e``  achieved GFLOP/s of our dense forward (XLA's ``cost_analysis()`` FLOPs / time) vs the
+  peak: a jitted N x N matmul in ``--dtype`` (N = ``--matmul-size``, 2048; 2 N^3 FLOPs) timed in the same
+  rounds (the achievable peak), and, on CPU in float32, the theoretical peak ``logical CPUs x clock x SIMD fp32 lanes x 2
   (FMA) x 2 FMA units`` from ``/proc/cpuinfo`` (clock from the model name's "@ x GHz", else "cpu MHz",
   no turbo; the 2 FMA units per core are an assumption, and hyperthreads share them);
 * ``masked``, ``sparse``  our Sparsifiner forward with that executor vs our dense forward.
@@ -129,6 +133,7 @@ def jax_forward(name: str, model_name: str, batch: int, **kw) -> Side:
   model = models.create(model_name, rngs=nnx.Rngs(0), **kw)
   graphdef, state = nnx.split(model)
   cfg = model.config
+  state = models.cast_kernels(state, cfg.dtype)
   x = jax.random.normal(jax.random.key(0), (batch, cfg.img_size, cfg.img_size, cfg.in_chans))
   compiled = jax.jit(lambda s, im: nnx.merge(graphdef, s)(im)[0]).lower(state, x).compile()
   compiled(state, x).block_until_ready()
@@ -136,10 +141,12 @@ def jax_forward(name: str, model_name: str, batch: int, **kw) -> Side:
               _flops(compiled), _memory_bytes(compiled), "xla")
 
 
-def jax_matmul(n: int) -> Side:
-  a = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.key(2), (n, n), jnp.float32)
-  compiled = jax.jit(jnp.matmul).lower(a, b).compile()
+def jax_matmul(n: int, dtype: str) -> Side:
+  """An n x n matmul with inputs in ``dtype`` and a float32 result (the models' matmul precision)."""
+  a = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
+  b = jax.random.normal(jax.random.key(2), (n, n), jnp.float32).astype(dtype)
+  mm = lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32)  # noqa: E731
+  compiled = jax.jit(mm).lower(a, b).compile()
   compiled(a, b).block_until_ready()
   return Side(f"matmul {n}", "jax", "matmul", lambda: compiled(a, b).block_until_ready(), None,
               2.0 * n ** 3, _memory_bytes(compiled), "xla")
@@ -155,6 +162,7 @@ def distill_phase(model_name: str, cfg, batch: int, executor: str):
   c.model.num_classes = cfg.num_classes
   c.model.keep_rate = float(cfg.keep_rate)
   c.model.executor = executor
+  c.model.dtype = cfg.dtype
   c.batch_size = batch
   c.mixup.prob = 0.0
   c.ema_decay = 0.0
@@ -207,17 +215,19 @@ def _torch():
 
 
 def torch_forward(model_name: str, cfg, batch: int, compile_: bool) -> Side:
-  """timm's eval forward under ``torch.inference_mode`` (memory measured on the eager module)."""
+  """timm's eval forward under ``torch.inference_mode`` (memory measured on the eager module), under
+  ``torch.autocast`` when ``cfg.dtype`` is bfloat16."""
   torch, tr = _torch()
   model = tr.create_timm(model_name, cfg)
   x = torch.randn(batch, cfg.in_chans, cfg.img_size, cfg.img_size)
-  with torch.inference_mode():
+  amp = tr.autocast(cfg.dtype)
+  with torch.inference_mode(), amp:
     model(x)
     peak = tr.peak_bytes(lambda: model(x), [*model.parameters(), *model.buffers(), x])
   run_model = torch.compile(model) if compile_ else model
 
   def call():
-    with torch.inference_mode():
+    with torch.inference_mode(), amp:
       return run_model(x)
 
   call()
@@ -236,7 +246,7 @@ def torch_train_step(model_name: str, cfg, batch: int, phase, label_smoothing: f
   teacher = tr.create_timm(model_name, dataclasses.replace(cfg, keep_rate=None))
   step = tr.TrainStep(student, teacher, lr=phase.lr, weight_decay=phase.weight_decay,
                       loss_weights=dict(phase.loss_weights), num_classes=cfg.num_classes,
-                      label_smoothing=label_smoothing)
+                      label_smoothing=label_smoothing, dtype=cfg.dtype)
   x = torch.randn(batch, cfg.in_chans, cfg.img_size, cfg.img_size)
   y = torch.randint(0, cfg.num_classes, (batch,))
   step(x, y)
@@ -257,6 +267,7 @@ def build(args, batch: int) -> tuple[dict[str, Side], list[Comparison]]:
   """The sides and comparisons of the selected cases at one batch size (each side built once)."""
   cases = set(args.cases)
   img = dict(img_size=args.img_size) if args.img_size else {}
+  img["dtype"] = args.dtype
   base = models.get_config(args.model, **img)
   k = args.keep_rate
   sides: dict[str, Side] = {}
@@ -304,7 +315,7 @@ def build(args, batch: int) -> tuple[dict[str, Side], list[Comparison]]:
     comps.append(Comparison("d", ours, theirs, "img/s",
                             "ours / PyTorch phase-2 training step (>1: ours faster)"))
   if "e" in cases:
-    mm = side(f"matmul {args.matmul_size}", lambda: jax_matmul(args.matmul_size))
+    mm = side(f"matmul {args.matmul_size}", lambda: jax_matmul(args.matmul_size, args.dtype))
     comps.append(Comparison("e", dense(), mm, "GFLOP/s",
                             "dense forward GFLOP/s / measured matmul GFLOP/s (fraction of peak)"))
   return sides, _dedupe(comps)
@@ -460,7 +471,8 @@ def _fmt(s: dict | None, digits: int = 2) -> str:
 
 def to_markdown(result: dict) -> str:
   """A dated section: header, side table, comparison table, peak and definitions."""
-  lines = [f"## {result['date']}, {result['device']}: {result['model']} at {result['img_size']} px, fp32",
+  lines = [f"## {result['date']}, {result['device']}: {result['model']} at {result['img_size']} px, "
+           f"{result['dtype']}",
            "", f"`{result['command']}` -- {result['rounds']} rounds x {result['reps']} reps; "
            + ", ".join(f"{k} {v}" for k, v in result["versions"].items()), "",
            "| model | batch | case | impl | what | img/s (median, min-max) | GFLOP/s | peak memory MiB |",
@@ -476,7 +488,7 @@ def to_markdown(result: dict) -> str:
   peak = result["peak"]
   lines += [""]
   if peak.get("matmul_gflops_best"):
-    lines.append(f"Peak fp32: {peak['matmul']} best round {peak['matmul_gflops_best']:.1f} GFLOP/s "
+    lines.append(f"Peak: {peak['matmul']} best round {peak['matmul_gflops_best']:.1f} GFLOP/s "
                  "(the achievable peak used in case e).")
   if peak.get("theoretical_gflops") and "e" in result["cases"]:
     lines.append(f"Theoretical: {peak['theoretical_gflops']:.1f} GFLOP/s = "
@@ -486,9 +498,10 @@ def to_markdown(result: dict) -> str:
   return "\n".join(lines)
 
 
-def default_json_path(model: str, img_size: int) -> str:
+def default_json_path(model: str, img_size: int, dtype: str = "float32") -> str:
   date = datetime.date.today().isoformat()
-  return os.path.join(_REPO, "benchmarks", "results", f"{date}_{model}_{img_size}px.json")
+  suffix = "" if dtype == "float32" else f"_{dtype}"
+  return os.path.join(_REPO, "benchmarks", "results", f"{date}_{model}_{img_size}px{suffix}.json")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -506,6 +519,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--executor", default="masked", help="executor of cases b, c, d")
   ap.add_argument("--token-keep-rate", type=float, default=0.7)
   ap.add_argument("--token-layers", type=int, nargs="+", default=[3, 6, 9])
+  ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                  help="compute dtype of our models (bf16 matmuls) and torch autocast")
   ap.add_argument("--rounds", type=int, default=5)
   ap.add_argument("--reps", type=int, default=3)
   ap.add_argument("--matmul-size", type=int, default=2048, help="side of the peak matmul (case e)")
@@ -524,7 +539,8 @@ def run(args) -> dict:
     torch, _ = _torch()
     torch.set_num_threads(args.torch_threads)
   rows, comparisons, matmul = [], [], []
-  peak = cpu_peak() if jax.devices()[0].platform == "cpu" else dict(theoretical_gflops=None)
+  on_cpu = jax.devices()[0].platform == "cpu" and args.dtype == "float32"   # theoretical: fp32 only
+  peak = cpu_peak() if on_cpu else dict(theoretical_gflops=None)
   for b in args.batch:
     sides, comps = build(args, b)
     secs = measure(sides, args.rounds, args.reps)
@@ -533,11 +549,12 @@ def run(args) -> dict:
     matmul += [float(np.max(_rate(s, secs[n], "GFLOP/s"))) for n, s in sides.items()
                if s.kind == "matmul"]
   if matmul:
-    peak.update(matmul=f"jitted {args.matmul_size}x{args.matmul_size} fp32 matmul",
+    peak.update(matmul=f"jitted {args.matmul_size}x{args.matmul_size} {args.dtype} matmul (f32 result)",
                 matmul_gflops_best=max(matmul))
   return dict(date=datetime.date.today().isoformat(), device=device_name(),
               command=" ".join(["python benchmarks/run.py", *args.argv]), model=args.model,
-              img_size=args.img_size_resolved, batches=list(args.batch), cases=list(args.cases),
+              img_size=args.img_size_resolved, dtype=args.dtype, batches=list(args.batch),
+              cases=list(args.cases),
               keep_rate=args.keep_rate, executor=args.executor, token_keep_rate=args.token_keep_rate,
               token_layers=list(args.token_layers), rounds=args.rounds, reps=args.reps,
               versions=versions(args.torch_threads), peak=peak,
@@ -555,7 +572,7 @@ def main(argv=None) -> dict:
   result = run(args)
   table = to_markdown(result)
   print(table)
-  path = args.json or default_json_path(args.model, args.img_size_resolved)
+  path = args.json or default_json_path(args.model, args.img_size_resolved, args.dtype)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "w") as f:
     json.dump(result, f, indent=1)

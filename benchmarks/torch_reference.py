@@ -39,6 +39,13 @@ def import_timm():
   return timm
 
 
+def autocast(dtype_name: str):
+  """``torch.autocast("cpu", bfloat16)`` for ``"bfloat16"`` (timm's ``--amp`` mode), else a no-op context."""
+  if dtype_name not in ("float32", "bfloat16"):
+    raise ValueError(f"torch sides run in float32 or bfloat16, not {dtype_name!r}")
+  return torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype_name == "bfloat16")
+
+
 def create_timm(name: str, cfg) -> nn.Module:
   """timm's ViT with the architecture of our ``ViTConfig`` (randomly initialised, eval mode).
 
@@ -158,7 +165,8 @@ def distill_losses(logits, tokens, t_logits, t_tokens, targets, weights) -> torc
 
 
 class TrainStep:
-  """``step(images [B, C, H, W], labels [B])``: student fwd/bwd + teacher fwd (no_grad) + AdamW.
+  """``step(images [B, C, H, W], labels [B])``: student fwd/bwd + teacher fwd (no_grad) + AdamW; the
+  forwards under ``autocast(dtype)``.
 
   The student's mask predictors are frozen (phase 2 trains everything else). Targets are label-smoothed
   one-hot vectors; the gradients are dropped after the update, so nothing but parameters and optimizer
@@ -166,7 +174,8 @@ class TrainStep:
   """
 
   def __init__(self, student: nn.Module, teacher: nn.Module, *, lr: float, weight_decay: float,
-               loss_weights: dict[str, float], num_classes: int, label_smoothing: float):
+               loss_weights: dict[str, float], num_classes: int, label_smoothing: float,
+               dtype: str = "float32"):
     self.student = student.train()
     self.teacher = teacher.eval()
     for name, p in student.named_parameters():
@@ -177,19 +186,21 @@ class TrainStep:
     self.weights = dict(loss_weights)
     self.num_classes = num_classes
     self.smoothing = label_smoothing
+    self.dtype = dtype
 
   def targets(self, labels: torch.Tensor) -> torch.Tensor:
     off = self.smoothing / self.num_classes
     return F.one_hot(labels, self.num_classes).float() * (1.0 - self.smoothing) + off
 
   def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-      t_feats = self.teacher.forward_features(images)
-      t_logits = self.teacher.forward_head(t_feats)
-    feats = self.student.forward_features(images)
-    logits = self.student.forward_head(feats)
-    loss = distill_losses(logits, feats[:, 1:], t_logits, t_feats[:, 1:], self.targets(labels),
-                          self.weights)
+    with autocast(self.dtype):        # forwards and losses; backward and AdamW outside, as in timm
+      with torch.no_grad():
+        t_feats = self.teacher.forward_features(images)
+        t_logits = self.teacher.forward_head(t_feats)
+      feats = self.student.forward_features(images)
+      logits = self.student.forward_head(feats)
+      loss = distill_losses(logits.float(), feats[:, 1:].float(), t_logits.float(),
+                            t_feats[:, 1:].float(), self.targets(labels), self.weights)
     loss.backward()
     self.optimizer.step()
     self.optimizer.zero_grad(set_to_none=True)

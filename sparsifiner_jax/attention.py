@@ -20,7 +20,8 @@ patterns of ``sparsifiner_jax.patterns``). A pattern provider returns a :class:`
 
 CLS handling lives here, in one place: the dense leading rows are never part of ``indices``.
 
-Executors (``EXECUTORS``), all with the same signature ``(q, k, v, mask) -> out`` on ``[B, N, H, d]``:
+Executors (``EXECUTORS``), all with the same signature ``(q, k, v, mask) -> out`` on ``[B, N, H, d]``
+(products in q/v's dtype, logits, softmax and ``out`` in float32 -- ``mixed_einsum``):
 
 * ``dense``  -- plain softmax attention; ignores the mask (the teacher).
 * ``masked`` -- the reference: dense logits, ``-inf`` outside the mask, softmax, rows with no kept key
@@ -149,7 +150,17 @@ def topk_mask(scores: Array, k: int, num_dense_rows: int = 1) -> AttentionMask:
 
 
 # --------------------------------------------------------------------------------------------------
-# Executors. q, k, v: [B, N, H, d] (the layout of the fused qkv projection); out: [B, N, H, d].
+# Executors. q, k, v: [B, N, H, d] (the layout of the fused qkv projection); out: [B, N, H, d] float32.
+
+
+def mixed_einsum(spec: str, a: Array, b: Array, dtype) -> Array:
+  """``jnp.einsum`` of ``a`` and ``b`` cast to ``dtype``, accumulated and returned in float32.
+
+  The models' mixed-precision rule for every matmul (``vit.MATMUL``): inputs in the compute dtype,
+  products in float32. On XLA:CPU only bf16 dots that *return* float32 take the AMX path (about 6x a
+  float32 dot); bf16 -> bf16 dots are slower than float32 ones (BENCHMARKS.md).
+  """
+  return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
 
 
 def heads_first(t: Array) -> Array:
@@ -158,26 +169,26 @@ def heads_first(t: Array) -> Array:
 
 
 def attention_logits(q: Array, k: Array) -> Array:
-  """Scaled dot-product logits ``[B, H, N, N]`` (scale d^-1/2)."""
+  """Scaled dot-product logits ``[B, H, N, N]`` float32 (scale d^-1/2; products in ``q.dtype``)."""
   scale = q.shape[-1] ** -0.5
-  return jnp.einsum("bhqd,bhkd->bhqk", heads_first(q * scale), heads_first(k))
+  return mixed_einsum("bhqd,bhkd->bhqk", heads_first(q * scale), heads_first(k), q.dtype)
 
 
 def attention_probs(q: Array, k: Array) -> Array:
   """Dense (unmasked) attention probabilities ``[B, H, N, N]`` in float32."""
-  return jax.nn.softmax(attention_logits(q, k).astype(jnp.float32), axis=-1)
+  return jax.nn.softmax(attention_logits(q, k), axis=-1)
 
 
 def weighted_values(probs: Array, v: Array) -> Array:
-  """``probs [B, H, N, N] @ v``, with ``v`` and the result in the ``[B, N, H, d]`` layout."""
-  return heads_first(jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), heads_first(v)))
+  """``probs [B, H, N, N] @ v``, with ``v`` and the result (float32) in the ``[B, N, H, d]`` layout."""
+  return heads_first(mixed_einsum("bhqk,bhkd->bhqd", probs, heads_first(v), v.dtype))
 
 
 def softmax_attention(q: Array, k: Array, v: Array, key_valid: Array | None = None) -> Array:
   """Dense softmax attention ``[B, N, H, d] -> [B, N, H, d]``, optionally over the ``key_valid [B, N]``
   keys only. Heads-first einsums: on XLA:CPU about 2x faster than ``jax.nn.dot_product_attention`` for
   DeiT-S shapes (BENCHMARKS.md); equal to it to float rounding."""
-  logits = attention_logits(q, k).astype(jnp.float32)
+  logits = attention_logits(q, k)
   if key_valid is not None:
     logits = jnp.where(key_valid[:, None, None, :], logits, -jnp.inf)
   probs = jax.nn.softmax(logits, axis=-1)
@@ -192,7 +203,7 @@ def dense_attention(q: Array, k: Array, v: Array, mask: AttentionMask | None = N
 def masked_attention(q: Array, k: Array, v: Array, mask: AttentionMask | None) -> Array:
   if mask is None:
     return dense_attention(q, k, v)
-  logits = attention_logits(q, k).astype(jnp.float32)
+  logits = attention_logits(q, k)
   if mask.fill == "neg_inf" and mask.rows_nonempty:      # fast path: no row can be empty
     probs = jax.nn.softmax(logits + mask.logit_bias(), axis=-1)
     return weighted_values(probs, v)
@@ -217,7 +228,7 @@ def sparse_attention(q: Array, k: Array, v: Array, mask: AttentionMask | None) -
   out_dense = None
   if nd:
     key_mask = None if mask.key_valid is None else mask.key_valid[:, None, None, :]
-    out_dense = jax.nn.dot_product_attention(q[:, :nd], k, v, mask=key_mask)
+    out_dense = jax.nn.dot_product_attention(q[:, :nd], k, v, mask=key_mask).astype(jnp.float32)
 
   idx = jnp.broadcast_to(mask.indices, (b, h, n - nd, mask.keys_per_row))
   kk = idx.shape[-1]
@@ -226,7 +237,7 @@ def sparse_attention(q: Array, k: Array, v: Array, mask: AttentionMask | None) -
   vt = jnp.transpose(v, (0, 2, 1, 3))
   gather = jax.vmap(jax.vmap(lambda t, i: t[i]))           # [N, d], [R, K] -> [R, K, d]
   k_sel, v_sel = gather(kt, idx), gather(vt, idx)          # [B, H, R, K, d]
-  logits = jnp.einsum("bhrd,bhrkd->bhrk", qs * d ** -0.5, k_sel).astype(jnp.float32)
+  logits = mixed_einsum("bhrd,bhrkd->bhrk", qs * d ** -0.5, k_sel, q.dtype)
   valid = None if mask.valid is None else jnp.broadcast_to(mask.valid, logits.shape)
   if mask.key_valid is not None:
     kv = jax.vmap(lambda row, i: row[i])(mask.key_valid, idx.reshape(b, -1)).reshape(idx.shape)
@@ -243,7 +254,7 @@ def sparse_attention(q: Array, k: Array, v: Array, mask: AttentionMask | None) -
   p = jnp.exp(flat - seg_max[seg])
   denom = jax.ops.segment_sum(p, seg, num_segments=num_seg, indices_are_sorted=True)
   w = p / jnp.where(denom > 0, denom, 1.0)[seg]
-  weighted = w[:, None].astype(v.dtype) * v_sel.reshape(-1, d)
+  weighted = w[:, None] * v_sel.reshape(-1, d).astype(jnp.float32)
   out = jax.ops.segment_sum(weighted, seg, num_segments=num_seg, indices_are_sorted=True)
   out = jnp.transpose(out.reshape(b, h, n - nd, d), (0, 2, 1, 3))
   return out if out_dense is None else jnp.concatenate([out_dense, out], axis=1)
@@ -282,13 +293,13 @@ def sigmoid_attention(q: Array, k: Array, v: Array, mask: AttentionMask | None) 
     mask: an :class:`AttentionMask` or None.
 
   Returns:
-    ``[B, N, H, d]`` in ``v.dtype``.
+    ``[B, N, H, d]`` float32.
   """
-  logits = attention_logits(q, k).astype(jnp.float32)
+  logits = attention_logits(q, k)
   if mask is not None:
     logits = jnp.where(mask.to_dense(), logits, -jnp.inf if mask.fill == "neg_inf" else 0.0)
   weights = jax.nn.sigmoid(logits - jnp.log(jnp.float32(k.shape[1])))
-  return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
+  return mixed_einsum("bhqk,bkhd->bqhd", weights, v, v.dtype)
 
 
 EXECUTORS["sigmoid"] = sigmoid_attention

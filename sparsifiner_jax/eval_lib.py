@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparsifiner_jax import flops, sharding, trainer, weights
+from sparsifiner_jax import flops, models, sharding, trainer, weights
 from sparsifiner_jax.evaluate import Evaluator
 from sparsifiner_jax.models.vit import token_schedule
 
@@ -49,6 +49,7 @@ def peak_memory_bytes() -> int:
 
 def throughput(model, batch: int, img_size: int, in_chans: int, reps: int = 3) -> float:
   graphdef, state = nnx.split(model)
+  state = models.cast_kernels(state, model.config.dtype)
   fwd = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)[0])
   x = jnp.zeros((batch, img_size, img_size, in_chans), jnp.float32)
   fwd(state, x).block_until_ready()

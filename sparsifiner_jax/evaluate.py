@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparsifiner_jax import losses, sharding
+from sparsifiner_jax import losses, models, sharding
 
 
 def per_example_stats(model, images, labels):
@@ -68,6 +68,7 @@ class Evaluator:
         local_batch_size=int(cfg.get("eval_batch_size", cfg.batch_size)) // jax.process_count(),
         process_index=jax.process_index(), process_count=jax.process_count())
     bs = sharding.batch_sharding(self.mesh)
+    params = models.cast_kernels(params, cfg.model.dtype)    # once, not in every batch's forward
     total = None
     for local in it:
       arrays = [jax.make_array_from_process_local_data(bs, local[k]) for k in ("image", "label", "mask")]

@@ -346,6 +346,7 @@ def train(config, workdir: str, *, stop_after: int | None = None, devices=None) 
                             rngs=nnx.Rngs(0), **teacher_model_kwargs(config))
     weights.load_weights(config.teacher.weights, teacher, allow_missing_predictor=False)
     teacher_graphdef, teacher_params = nnx.split(teacher)
+    teacher_params = models.cast_kernels(teacher_params, teacher.config.dtype)  # frozen: cast once
     teacher_sh = sharding.tree_shardings(mesh, teacher_params)
     teacher_params = jax.device_put(teacher_params, teacher_sh)
 

@@ -79,6 +79,18 @@ def test_benchmark_torch_cases_tiny(tmp_path, timm):
   assert data["versions"]["torch_threads"] == 1 and "timm" in data["versions"]
 
 
+def test_benchmark_bfloat16_tiny(tmp_path, timm):
+  del timm
+  out, md = tmp_path / "b.json", tmp_path / "B.md"
+  result = bench.main(TINY + ["--dtype", "bfloat16", "--cases", "a", "b", "d", "e", "--json", str(out),
+                              "--append", str(md)])
+  data = _check_result(result, out, md, ["a", "b", "d", "e"])
+  assert data["dtype"] == "bfloat16" and "px, bfloat16" in md.read_text()
+  assert data["peak"]["theoretical_gflops"] is None          # the formula is fp32 only
+  assert "bfloat16 matmul" in data["peak"]["matmul"]
+  assert bench.default_json_path("m", 16, "bfloat16").endswith("_m_16px_bfloat16.json")
+
+
 def test_cpu_peak_formula():
   peak = bench.cpu_peak()
   if peak["theoretical_gflops"] is not None:

@@ -208,3 +208,57 @@ def test_sharded_forward_equals_single_device():
   assert len(logits.sharding.device_set) == 8
   np.testing.assert_allclose(logits, ref_logits, atol=1e-5, rtol=0)
   np.testing.assert_array_equal(idx, ref_idx)
+
+
+# Mixed precision (vit.py's policy): bf16 matmul inputs, float32 products and everything else.
+# Tolerances, measured on vit_test at init (logits up to ~0.25): bf16 vs float32 logits differ by
+# <= 0.4 % of the largest |logit| (asserted: 1.5 %); the sparse (gather) executor vs the masked
+# reference in bf16 by ~2e-4 (asserted: 1e-3) -- they differ only in where the probabilities round to bf16.
+
+
+def _matmuls(fn, *args):
+  """(operand dtypes, result dtype) of every dot_general/convolution in ``fn``'s StableHLO."""
+  import re
+  text = jax.jit(fn).lower(*args).as_text()
+  ops = re.findall(r"stablehlo\.(?:dot_general|convolution)[^\n]*: \((.*)\) -> tensor<([^>]*)>", text)
+  return [(tuple(t.rsplit("x", 1)[-1] for t in re.findall(r"tensor<([^>]*)>", ins)),
+           out.rsplit("x", 1)[-1]) for ins, out in ops]
+
+
+@pytest.mark.parametrize("kw", [{}, dict(keep_rate=0.3, token_keep_rate=0.7, token_pruning_layers=(0,))])
+def test_bfloat16_matmuls_take_bf16_and_return_float32(kw):
+  model = models.create("vit_test", dtype="bfloat16", rngs=nnx.Rngs(0), **kw)
+  mm = _matmuls(lambda im: model(im), jnp.zeros((2, 16, 16, 3)))
+  assert len(mm) >= 2 * 6 + 2      # qkv, q.k, p.v, proj, fc1, fc2 per block; patch conv, head
+  assert all(ins == ("bf16", "bf16") and out == "f32" for ins, out in mm), mm
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_bfloat16_logits_close_to_float32(seed):
+  x = jax.random.normal(jax.random.key(seed), (4, 16, 16, 3))
+  for kw in ({}, dict(keep_rate=1.0)):
+    f32 = models.create("vit_test", rngs=nnx.Rngs(seed), **kw)
+    bf16 = models.create("vit_test", dtype="bfloat16", rngs=nnx.Rngs(seed), **kw)
+    l32, (l16, aux) = f32(x)[0], bf16(x)
+    assert l16.dtype == jnp.float32 and aux["tokens"].dtype == jnp.float32
+    np.testing.assert_allclose(l16, l32, atol=0.015 * float(jnp.abs(l32).max()), rtol=0)
+
+
+def test_bfloat16_sparse_executor_matches_masked_reference():
+  x = jax.random.normal(jax.random.key(2), (3, 16, 16, 3))
+  ref, fast = (models.create("vit_test", keep_rate=0.3, executor=ex, dtype="bfloat16",
+                             rngs=nnx.Rngs(0)) for ex in ("masked", "sparse"))
+  np.testing.assert_allclose(fast(x)[0], ref(x)[0], atol=1e-3, rtol=0)
+
+
+def test_cast_kernels_casts_only_kernels_and_keeps_logits():
+  model = models.create("vit_test", keep_rate=0.3, dtype="bfloat16", rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  cast = models.cast_kernels(state, "bfloat16")
+  dtypes = {jax.tree_util.keystr(p): v.dtype for p, v in jax.tree_util.tree_leaves_with_path(cast)}
+  assert dtypes and all((v == jnp.bfloat16) == ("['kernel']" in k) for k, v in dtypes.items()), dtypes
+  assert any("mask_predictor']['proj_c_q']['kernel" in k for k in dtypes)
+  assert models.cast_kernels(state, "float32") is state
+  fwd = jax.jit(lambda s, im: nnx.merge(graphdef, s)(im)[0])
+  x = jax.random.normal(jax.random.key(3), (2, 16, 16, 3))
+  np.testing.assert_allclose(fwd(cast, x), fwd(state, x), atol=1e-6, rtol=0)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from sparsifiner_jax.models.lvvit import LVViT, LVViTConfig
@@ -69,5 +71,24 @@ def create(name: str, keep_rate: float | None = None, *, rngs: nnx.Rngs | None =
   return BUILDERS[type(cfg)](cfg, rngs=rngs if rngs is not None else nnx.Rngs(0))
 
 
+def cast_kernels(state: Any, dtype_name: str) -> Any:
+  """``state`` (an ``nnx.State`` or a tree of them) with every matmul kernel in the compute dtype.
+
+  The models cast each ``kernel`` to ``config.dtype`` inside every call (``vit.matmul_kwargs``); for
+  weights that stay fixed over many calls -- evaluation, the distillation teacher -- casting once ahead
+  gives bit-identical outputs and saves that conversion (~50 ms of a ~190 ms bf16 DeiT-S forward at
+  batch 8 on a 2-core CPU). float32: ``state`` unchanged.
+  """
+  dtype = jnp.dtype(dtype_name)
+  if dtype == jnp.float32:
+    return state
+
+  def cast(path, x):
+    names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+    return x.astype(dtype) if names and names[-1] == "kernel" else x
+
+  return jax.tree_util.tree_map_with_path(cast, state)
+
+
 __all__ = ["Attention", "BUILDERS", "Block", "MaskPredictor", "VARIANTS", "ViTConfig", "VisionTransformer",
-           "create", "get_config", "names"]
+           "cast_kernels", "create", "get_config", "names"]

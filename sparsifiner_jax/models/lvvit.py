@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparsifiner_jax.models.vit import Block, ViTConfig, check_images, run_blocks
+from sparsifiner_jax.models.vit import Block, ViTConfig, check_images, matmul_kwargs, run_blocks
 
 Array = jax.Array
 
@@ -86,10 +86,6 @@ class LVViTConfig(ViTConfig):
     return self
 
 
-def _dtype(cfg: ViTConfig):
-  return jnp.dtype(cfg.dtype)
-
-
 # torch's default Conv2d init (kaiming_uniform with a=sqrt(5)) is U(+-1/sqrt(fan_in)).
 _TORCH_CONV_INIT = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
@@ -98,10 +94,9 @@ class PatchEmbed4_2(nnx.Module):  # noqa: N801 -- the official name
   """Convolutional stem + patch projection: ``[B, H, W, C] -> [B, (H/p)*(W/p), D]``."""
 
   def __init__(self, cfg: LVViTConfig, *, rngs: nnx.Rngs):
-    dtype, ch = _dtype(cfg), cfg.stem_channels
-    conv = dict(use_bias=False, dtype=dtype, param_dtype=jnp.float32, kernel_init=_TORCH_CONV_INIT,
-                rngs=rngs)
-    bn = dict(use_running_average=True, momentum=0.9, epsilon=cfg.bn_eps, dtype=dtype,
+    ch = cfg.stem_channels
+    conv = dict(use_bias=False, **matmul_kwargs(cfg.dtype), kernel_init=_TORCH_CONV_INIT, rngs=rngs)
+    bn = dict(use_running_average=True, momentum=0.9, epsilon=cfg.bn_eps, dtype=jnp.float32,
               param_dtype=jnp.float32, rngs=rngs)
     self.conv1 = nnx.Conv(cfg.in_chans, ch, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), **conv)
     self.bn1 = nnx.BatchNorm(ch, **bn)
@@ -110,8 +105,8 @@ class PatchEmbed4_2(nnx.Module):  # noqa: N801 -- the official name
     self.conv3 = nnx.Conv(ch, ch, (3, 3), padding=((1, 1), (1, 1)), **conv)
     self.bn3 = nnx.BatchNorm(ch, **bn)
     p = cfg.patch_size // 2
-    self.proj = nnx.Conv(ch, cfg.embed_dim, (p, p), strides=(p, p), padding="VALID", dtype=dtype,
-                         param_dtype=jnp.float32, kernel_init=_TORCH_CONV_INIT, rngs=rngs)
+    self.proj = nnx.Conv(ch, cfg.embed_dim, (p, p), strides=(p, p), padding="VALID",
+                         **matmul_kwargs(cfg.dtype), kernel_init=_TORCH_CONV_INIT, rngs=rngs)
 
   def __call__(self, x: Array, *, batch_stats: bool = False) -> Array:
     """``batch_stats=True`` normalises with batch statistics and updates the running averages."""
@@ -141,7 +136,6 @@ class LVViT(nnx.Module):
 
   def __init__(self, cfg: LVViTConfig, *, rngs: nnx.Rngs):
     self.config = cfg.validate()
-    dtype = _dtype(cfg)
     self.patch_embed = PatchEmbed4_2(cfg, rngs=rngs)
     trunc = nnx.initializers.truncated_normal(0.02)
     self.cls_token = nnx.Param(trunc(rngs.params(), (1, 1, cfg.embed_dim)))
@@ -149,9 +143,9 @@ class LVViT(nnx.Module):
     rates = cfg.layer_keep_rates() or (None,) * cfg.depth
     dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
     self.blocks = nnx.List([Block(cfg, rates[i], dpr[i], layer=i, rngs=rngs) for i in range(cfg.depth)])
-    self.norm = nnx.LayerNorm(cfg.embed_dim, epsilon=cfg.norm_eps, dtype=dtype,
+    self.norm = nnx.LayerNorm(cfg.embed_dim, epsilon=cfg.norm_eps, dtype=jnp.float32,
                               param_dtype=jnp.float32, rngs=rngs)
-    head = dict(dtype=dtype, param_dtype=jnp.float32, kernel_init=trunc,
+    head = dict(**matmul_kwargs(cfg.dtype), kernel_init=trunc,
                 bias_init=nnx.initializers.zeros, rngs=rngs)
     self.head = nnx.Linear(cfg.embed_dim, cfg.num_classes, **head)
     self.aux_head = nnx.Linear(cfg.embed_dim, cfg.num_classes, **head)
@@ -163,13 +157,13 @@ class LVViT(nnx.Module):
                rng: Array | None = None) -> tuple[Array, dict[str, Any]]:
     self.check_input(images)
     cfg = self.config
-    x = self.patch_embed(images.astype(_dtype(cfg)), batch_stats=train and not cfg.freeze_bn)
+    x = self.patch_embed(images, batch_stats=train and not cfg.freeze_bn)
     cls = jnp.broadcast_to(self.cls_token[...], (x.shape[0], 1, x.shape[-1])).astype(x.dtype)
     x = jnp.concatenate([cls, x], axis=1) + self.pos_embed[...].astype(x.dtype)
     x, aux = run_blocks(self.blocks, cfg, x, train=train, recon=recon, rng=rng)
     x = self.norm(x)
-    cls_logits = self.head(x[:, 0]).astype(jnp.float32)
-    aux_logits = self.aux_head(x[:, 1:]).astype(jnp.float32)
+    cls_logits = self.head(x[:, 0])
+    aux_logits = self.aux_head(x[:, 1:])
     logits = cls_logits if train else cls_logits + cfg.aux_weight * aux_logits.max(axis=1)
     return logits, dict(aux, tokens=aux_logits, pre_logits=x[:, 0], cls_logits=cls_logits,
                         aux_logits=aux_logits, features=x[:, 1:])

@@ -59,8 +59,10 @@ class MaskPredictor(nnx.Module):
           f"predictor sizes must be >= 1: head_dim {head_dim} // reduce_c {reduce_c} = {reduced_c}, "
           f"tokens {num_tokens} // reduce_n {reduce_n} = {reduced_n}; lower the reduce factors")
     self.coef_topk = min(coef_topk, reduced_n)
+    self.dtype = jnp.dtype(dtype)
     linear = dict(kernel_init=nnx.initializers.truncated_normal(0.02),
-                  bias_init=nnx.initializers.zeros, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+                  bias_init=nnx.initializers.zeros, dtype=self.dtype, param_dtype=jnp.float32,
+                  preferred_element_type=jnp.float32, rngs=rngs)
     self.proj_c_q = nnx.Linear(head_dim, reduced_c, **linear)
     self.proj_c_k = nnx.Linear(head_dim, reduced_c, **linear)
     init = nnx.initializers.normal(0.02)
@@ -88,23 +90,24 @@ class MaskPredictor(nnx.Module):
     if token_index is None and n != self.num_tokens:
       raise ValueError(f"predictor was built for {self.num_tokens} tokens but got {n}; resize its "
                        "token parameters (convert.resize_token_params) for a new resolution")
-    q_r = self.proj_c_q(q)                                            # [B, N, H, c]
+    mm = lambda spec, a, b: attn_lib.mixed_einsum(spec, a, b, self.dtype)  # noqa: E731
+    q_r = self.proj_c_q(q)                                            # [B, N, H, c] float32
     k_r = self.proj_c_k(k)
     if key_keep is not None:
       k_r = k_r * key_keep[:, :, None, None].astype(k_r.dtype)
-    proj_n = self.proj_n[...].astype(k_r.dtype)                       # [N0, m]
+    proj_n = self.proj_n[...]                                         # [N0, m]
     if token_index is None:
-      k_hat = jnp.einsum("bnhc,nm->bhcm", k_r, proj_n)
+      k_hat = mm("bnhc,nm->bhcm", k_r, proj_n)
     else:
-      k_hat = jnp.einsum("bnhc,bnm->bhcm", k_r, proj_n[token_index])
-    scores = jnp.einsum("bnhc,bhcm->bhnm", q_r[:, 1:], k_hat) * self.num_heads ** -0.5
-    coef = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)        # [B, H, N-1, m]
+      k_hat = mm("bnhc,bnm->bhcm", k_r, proj_n[token_index])
+    scores = mm("bnhc,bhcm->bhnm", q_r[:, 1:], k_hat) * self.num_heads ** -0.5
+    coef = jax.nn.softmax(scores, axis=-1)                           # [B, H, N-1, m]
     if not recon:
       coef = keep_topk_values(coef, self.coef_topk)
     basis = self.basis(recon)                                         # [m, N0]
     if token_index is None:
-      return jnp.einsum("bhnm,mk->bhnk", coef, basis)
-    return jnp.einsum("bhnm,bkm->bhnk", coef, basis.T[token_index])
+      return mm("bhnm,mk->bhnk", coef, basis)
+    return mm("bhnm,bkm->bhnk", coef, basis.T[token_index])
 
   def __call__(self, q: Array, k: Array, *, recon: bool = False, token_index: Array | None = None,
                key_keep: Array | None = None, kept_patches: int | None = None

@@ -5,8 +5,13 @@ Attribute names follow timm's ``VisionTransformer`` state-dict keys (``patch_emb
 ``norm``, ``head``) and the official Sparsifiner's (``blocks[i].attn.mask_predictor.*``), so weight
 conversion is transposes only (``sparsifiner_jax.convert``).
 
-Pre-LN blocks, LayerNorm eps 1e-6, exact-erf GELU, qkv bias. Activations and matmuls run in
-``config.dtype``; parameters are always float32.
+Pre-LN blocks, LayerNorm eps 1e-6, exact-erf GELU, qkv bias.
+
+Precision (``config.dtype``): every matmul -- Linear, Conv, attention, predictor -- takes its inputs in
+``config.dtype`` and accumulates and returns float32 (``matmul_kwargs``, ``attention.mixed_einsum``);
+LayerNorm, softmax, GELU, the residual stream and the logits are float32; parameters are always float32.
+With ``bfloat16`` this is bf16 compute at float32 accuracy of everything between the matmuls (and on
+XLA:CPU the only bf16 dots that take the AMX path are those returning float32).
 """
 
 from __future__ import annotations
@@ -129,8 +134,11 @@ class ViTConfig:
     return self
 
 
-def _dtype(name: str):
-  return jnp.dtype(name)
+def matmul_kwargs(dtype_name: str) -> dict:
+  """``nnx.Linear``/``nnx.Conv`` precision arguments: float32 parameters, inputs cast to the compute dtype,
+  products accumulated and returned in float32."""
+  return dict(dtype=jnp.dtype(dtype_name), param_dtype=jnp.float32,
+              preferred_element_type=jnp.float32)
 
 
 class PatchEmbed(nnx.Module):
@@ -139,8 +147,8 @@ class PatchEmbed(nnx.Module):
   def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
     p = cfg.patch_size
     self.proj = nnx.Conv(cfg.in_chans, cfg.embed_dim, kernel_size=(p, p), strides=(p, p),
-                         padding="VALID", dtype=_dtype(cfg.dtype), param_dtype=jnp.float32,
-                         kernel_init=nnx.initializers.lecun_normal(), rngs=rngs)
+                         padding="VALID", kernel_init=nnx.initializers.lecun_normal(),
+                         **matmul_kwargs(cfg.dtype), rngs=rngs)
 
   def __call__(self, x: Array) -> Array:
     x = self.proj(x)
@@ -148,14 +156,20 @@ class PatchEmbed(nnx.Module):
 
 
 class Mlp(nnx.Module):
-  def __init__(self, dim: int, hidden: int, dtype, *, rngs: nnx.Rngs):
+  def __init__(self, dim: int, hidden: int, dtype_name: str, *, rngs: nnx.Rngs):
     kw = dict(kernel_init=nnx.initializers.truncated_normal(0.02),
-              bias_init=nnx.initializers.zeros, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+              bias_init=nnx.initializers.zeros, **matmul_kwargs(dtype_name), rngs=rngs)
     self.fc1 = nnx.Linear(dim, hidden, **kw)
     self.fc2 = nnx.Linear(hidden, dim, **kw)
 
   def __call__(self, x: Array) -> Array:
-    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+    return self.fc2(gelu(self.fc1(x)))
+
+
+def gelu(x: Array) -> Array:
+  """Exact GELU in torch's erf form ``x/2 (1 + erf(x/sqrt 2))``; equals ``jax.nn.gelu(x, approximate=False)``
+  (its erfc form) to 1 ulp, and XLA:CPU evaluates it ~3x faster (0.8 vs 2.2 ms on a DeiT-S MLP at batch 8)."""
+  return x * 0.5 * (1.0 + jax.lax.erf(x * (2.0 ** -0.5)))
 
 
 class Attention(nnx.Module):
@@ -167,10 +181,10 @@ class Attention(nnx.Module):
   """
 
   def __init__(self, cfg: ViTConfig, keep_rate: float | None, *, layer: int = 0, rngs: nnx.Rngs):
-    dtype = _dtype(cfg.dtype)
     kw = dict(kernel_init=nnx.initializers.truncated_normal(0.02),
-              bias_init=nnx.initializers.zeros, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+              bias_init=nnx.initializers.zeros, **matmul_kwargs(cfg.dtype), rngs=rngs)
     self.num_heads = cfg.num_heads
+    self.compute_dtype = jnp.dtype(cfg.dtype)
     self.qkv = nnx.Linear(cfg.embed_dim, 3 * cfg.embed_dim, use_bias=cfg.qkv_bias, **kw)
     self.proj = nnx.Linear(cfg.embed_dim, cfg.embed_dim, **kw)
     self.executor = attn_lib.get_executor(cfg.executor)
@@ -180,12 +194,12 @@ class Attention(nnx.Module):
     self.mask_predictor = nnx.data(None if keep_rate is None or not learned else MaskPredictor(
           cfg.num_heads, cfg.head_dim, cfg.num_tokens, keep_rate, reduce_n=cfg.reduce_n,
           reduce_c=cfg.reduce_c, basis_threshold=cfg.basis_threshold, coef_topk=cfg.coef_topk,
-          signed_basis=cfg.signed_basis, dtype=dtype, rngs=rngs))
+          signed_basis=cfg.signed_basis, dtype=self.compute_dtype, rngs=rngs))
 
   def __call__(self, x: Array, *, recon: bool = False, tokens: "TokenState | None" = None
                ) -> tuple[Array, dict[str, Any]]:
     b, n, dim = x.shape
-    qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, dim // self.num_heads)
+    qkv = self.qkv(x).astype(self.compute_dtype).reshape(b, n, 3, self.num_heads, dim // self.num_heads)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]               # [B, N, H, d]
     keep = None if tokens is None else tokens.keep                   # [B, N] bool (full-length modes)
     if keep is not None and tokens.mode == "official":                # the official code zeroes q, k, v
@@ -212,7 +226,7 @@ class Attention(nnx.Module):
 
 def cls_attention(q: Array, k: Array, key_valid: Array | None = None) -> Array:
   """Head-averaged attention of the CLS query (always a dense row): ``[B, N]`` float32."""
-  logits = jnp.einsum("bhd,bkhd->bhk", q[:, 0] * q.shape[-1] ** -0.5, k).astype(jnp.float32)
+  logits = attn_lib.mixed_einsum("bhd,bkhd->bhk", q[:, 0] * q.shape[-1] ** -0.5, k, q.dtype)
   if key_valid is not None:
     logits = jnp.where(key_valid[:, None, :], logits, -jnp.inf)
   return jnp.mean(jax.nn.softmax(logits, axis=-1), axis=1)
@@ -223,12 +237,11 @@ class Block(nnx.Module):
 
   def __init__(self, cfg: ViTConfig, keep_rate: float | None, drop_path: float, *, layer: int = 0,
                rngs: nnx.Rngs):
-    dtype = _dtype(cfg.dtype)
-    norm = dict(epsilon=cfg.norm_eps, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    norm = dict(epsilon=cfg.norm_eps, dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
     self.norm1 = nnx.LayerNorm(cfg.embed_dim, **norm)
     self.attn = Attention(cfg, keep_rate, layer=layer, rngs=rngs)
     self.norm2 = nnx.LayerNorm(cfg.embed_dim, **norm)
-    self.mlp = Mlp(cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio), dtype, rngs=rngs)
+    self.mlp = Mlp(cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio), cfg.dtype, rngs=rngs)
     self.drop_path = drop_path
     self.skip_lam = cfg.skip_lam
 
@@ -375,7 +388,6 @@ class VisionTransformer(nnx.Module):
 
   def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
     self.config = cfg.validate()
-    dtype = _dtype(cfg.dtype)
     self.patch_embed = PatchEmbed(cfg, rngs=rngs)
     self.cls_token = nnx.Param(1e-6 * jax.random.normal(rngs.params(), (1, 1, cfg.embed_dim)))
     self.pos_embed = nnx.Param(
@@ -383,9 +395,9 @@ class VisionTransformer(nnx.Module):
     rates = cfg.layer_keep_rates() or (None,) * cfg.depth
     dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
     self.blocks = nnx.List([Block(cfg, rates[i], dpr[i], layer=i, rngs=rngs) for i in range(cfg.depth)])
-    self.norm = nnx.LayerNorm(cfg.embed_dim, epsilon=cfg.norm_eps, dtype=dtype, param_dtype=jnp.float32,
-                              rngs=rngs)
-    self.head = nnx.Linear(cfg.embed_dim, cfg.num_classes, dtype=dtype, param_dtype=jnp.float32,
+    self.norm = nnx.LayerNorm(cfg.embed_dim, epsilon=cfg.norm_eps, dtype=jnp.float32,
+                              param_dtype=jnp.float32, rngs=rngs)
+    self.head = nnx.Linear(cfg.embed_dim, cfg.num_classes, **matmul_kwargs(cfg.dtype),
                            kernel_init=nnx.initializers.truncated_normal(0.02),
                            bias_init=nnx.initializers.zeros, rngs=rngs)
 
@@ -395,10 +407,10 @@ class VisionTransformer(nnx.Module):
   def __call__(self, images: Array, *, train: bool = False, recon: bool = False,
                rng: Array | None = None) -> tuple[Array, dict[str, Any]]:
     self.check_input(images)
-    x = self.patch_embed(images.astype(_dtype(self.config.dtype)))
+    x = self.patch_embed(images)
     cls = jnp.broadcast_to(self.cls_token[...], (x.shape[0], 1, x.shape[-1])).astype(x.dtype)
     x = jnp.concatenate([cls, x], axis=1) + self.pos_embed[...].astype(x.dtype)
     x, aux = run_blocks(self.blocks, self.config, x, train=train, recon=recon, rng=rng)
     x = self.norm(x)
-    logits = self.head(x[:, 0]).astype(jnp.float32)
+    logits = self.head(x[:, 0])
     return logits, dict(aux, tokens=x[:, 1:], pre_logits=x[:, 0])
