@@ -262,3 +262,15 @@ def test_cast_kernels_casts_only_kernels_and_keeps_logits():
   fwd = jax.jit(lambda s, im: nnx.merge(graphdef, s)(im)[0])
   x = jax.random.normal(jax.random.key(3), (2, 16, 16, 3))
   np.testing.assert_allclose(fwd(cast, x), fwd(state, x), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype,size,atol", [("float32", 18, 1e-5), ("bfloat16", 16, 1e-5)])
+def test_patch_projection_equals_the_strided_conv(dtype, size, atol):
+  from sparsifiner_jax.models import vit
+  conv = nnx.Conv(3, 8, kernel_size=(4, 4), strides=(4, 4), padding="VALID",
+                  **vit.matmul_kwargs(dtype), rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (2, size, size, 3))   # 18: VALID drops the last 2 pixels
+  want = conv(x)
+  got = vit.patch_projection(conv, x)
+  assert got.shape == (2, want.shape[1] * want.shape[2], 8) and got.dtype == jnp.float32
+  np.testing.assert_allclose(got, want.reshape(got.shape), atol=atol, rtol=0)

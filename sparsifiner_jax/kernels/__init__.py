@@ -40,7 +40,8 @@ Array = jax.Array
 
 _SOURCE = pathlib.Path(__file__).with_name("topk_mask_cpu.cc")
 _TARGET = "sparsifiner_topk_mask"
-_CXXFLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+_CXXFLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-std=c++17", "-shared", "-fPIC",
+             "-w")
 _status = {"available": False, "reason": "not loaded yet"}
 
 

@@ -44,7 +44,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparsifiner_jax.models.vit import Block, ViTConfig, check_images, matmul_kwargs, run_blocks
+from sparsifiner_jax.models.vit import (Block, ViTConfig, check_images, matmul_kwargs,
+                                        patch_projection, run_blocks)
 
 Array = jax.Array
 
@@ -114,8 +115,7 @@ class PatchEmbed4_2(nnx.Module):  # noqa: N801 -- the official name
     x = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=ura))
     x = jax.nn.relu(self.bn2(self.conv2(x), use_running_average=ura))
     x = jax.nn.relu(self.bn3(self.conv3(x), use_running_average=ura))
-    x = self.proj(x)
-    return x.reshape(x.shape[0], -1, x.shape[-1])
+    return patch_projection(self.proj, x)
 
 
 class LVViT(nnx.Module):

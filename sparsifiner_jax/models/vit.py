@@ -151,8 +151,22 @@ class PatchEmbed(nnx.Module):
                          **matmul_kwargs(cfg.dtype), rngs=rngs)
 
   def __call__(self, x: Array) -> Array:
-    x = self.proj(x)
-    return x.reshape(x.shape[0], -1, x.shape[-1])
+    return patch_projection(self.proj, x)
+
+
+def patch_projection(conv: nnx.Conv, x: Array) -> Array:
+  """``conv`` (kernel = stride, VALID) applied as patchify + one matmul: ``[B, H, W, C] -> [B, P, D]``.
+
+  Same result as ``conv(x)`` flattened (to float32 rounding: 3e-6 on DeiT-S), 1.4x (float32) to 3x (bf16)
+  faster on XLA:CPU, whose strided convolutions miss the GEMM paths (BENCHMARKS.md).
+  """
+  (p, _), (c, d) = conv.kernel_size, conv.kernel[...].shape[-2:]
+  b, h, w, _ = x.shape
+  hp, wp = h // p, w // p
+  patches = x[:, :hp * p, :wp * p].reshape(b, hp, p, wp, p, c).transpose(0, 1, 3, 2, 4, 5)
+  out = attn_lib.mixed_einsum("bnk,kd->bnd", patches.reshape(b, hp * wp, p * p * c),
+                              conv.kernel[...].reshape(p * p * c, d), conv.dtype)
+  return out if conv.bias is None else out + conv.bias[...]
 
 
 class Mlp(nnx.Module):
