@@ -274,3 +274,34 @@ def test_patch_projection_equals_the_strided_conv(dtype, size, atol):
   got = vit.patch_projection(conv, x)
   assert got.shape == (2, want.shape[1] * want.shape[2], 8) and got.dtype == jnp.float32
   np.testing.assert_allclose(got, want.reshape(got.shape), atol=atol, rtol=0)
+
+
+def test_bfloat16_backward_matmuls_take_bf16():
+  """The training step's backward products follow the same rule as the forward (mixed_einsum's VJP)."""
+  model = models.create("vit_test", keep_rate=0.3, dtype="bfloat16", rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  loss = lambda s, im: jnp.sum(nnx.merge(graphdef, s)(im)[0] ** 2)  # noqa: E731
+  mm = _matmuls(jax.grad(loss), state, jnp.ones((2, 16, 16, 3)))
+  assert len(mm) >= 3 * (2 * 6 + 1)          # forward + two gradient products per matmul
+  assert all(ins == ("bf16", "bf16") and out == "f32" for ins, out in mm), mm
+
+
+@pytest.mark.parametrize("dims,a_shape,b_shape", [
+    ((((2,), (0,)), ((), ())), (2, 5, 8), (8, 3)),                     # Linear: [B, N, D] x [D, F]
+    ((((3,), (3,)), ((0, 1), (0, 1))), (2, 3, 4, 8), (2, 3, 6, 8)),   # q.k
+    ((((1,), (2,)), ((0,), (0,))), (2, 7, 4), (2, 5, 7)),             # dims out of order
+])
+def test_mixed_dot_general_values_and_gradients(dims, a_shape, b_shape):
+  from sparsifiner_jax import attention
+  a = jax.random.normal(jax.random.key(0), a_shape)
+  b = jax.random.normal(jax.random.key(1), b_shape)
+  ref = lambda a, b: jax.lax.dot_general(a, b, dims)  # noqa: E731
+  np.testing.assert_allclose(attention.mixed_dot_general(a, b, dims), ref(a, b), atol=1e-5, rtol=0)
+  bf = lambda t: t.astype(jnp.bfloat16).astype(jnp.float32)  # noqa: E731
+  ct = jax.random.normal(jax.random.key(2), ref(a, b).shape)
+  got = jax.vjp(lambda a, b: attention.mixed_dot_general(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16),
+                                                         dims), a, b)[1](ct)
+  want = jax.vjp(ref, bf(a), bf(b))[1](bf(ct))       # float32 products of the rounded operands
+  for g, w in zip(got, want):
+    assert g.dtype == jnp.float32
+    np.testing.assert_allclose(g, w, rtol=2 ** -8, atol=1e-5)   # one bf16 rounding of the result

@@ -44,8 +44,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparsifiner_jax.models.vit import (Block, ViTConfig, check_images, matmul_kwargs,
-                                        patch_projection, run_blocks)
+from sparsifiner_jax.models.vit import (Block, ViTConfig, check_images, linear_kwargs,
+                                        matmul_kwargs, patch_projection, run_blocks)
 
 Array = jax.Array
 
@@ -145,7 +145,7 @@ class LVViT(nnx.Module):
     self.blocks = nnx.List([Block(cfg, rates[i], dpr[i], layer=i, rngs=rngs) for i in range(cfg.depth)])
     self.norm = nnx.LayerNorm(cfg.embed_dim, epsilon=cfg.norm_eps, dtype=jnp.float32,
                               param_dtype=jnp.float32, rngs=rngs)
-    head = dict(**matmul_kwargs(cfg.dtype), kernel_init=trunc,
+    head = dict(**linear_kwargs(cfg.dtype), kernel_init=trunc,
                 bias_init=nnx.initializers.zeros, rngs=rngs)
     self.head = nnx.Linear(cfg.embed_dim, cfg.num_classes, **head)
     self.aux_head = nnx.Linear(cfg.embed_dim, cfg.num_classes, **head)

@@ -136,9 +136,14 @@ class ViTConfig:
 
 def matmul_kwargs(dtype_name: str) -> dict:
   """``nnx.Linear``/``nnx.Conv`` precision arguments: float32 parameters, inputs cast to the compute dtype,
-  products accumulated and returned in float32."""
+  products accumulated and returned in float32 -- in the backward pass too (``attention.mixed_einsum``)."""
   return dict(dtype=jnp.dtype(dtype_name), param_dtype=jnp.float32,
               preferred_element_type=jnp.float32)
+
+
+def linear_kwargs(dtype_name: str) -> dict:
+  """``matmul_kwargs`` plus the ``dot_general`` that keeps a Linear's backward products in the compute dtype."""
+  return dict(matmul_kwargs(dtype_name), dot_general=attn_lib.mixed_dot_general)
 
 
 class PatchEmbed(nnx.Module):
@@ -172,7 +177,7 @@ def patch_projection(conv: nnx.Conv, x: Array) -> Array:
 class Mlp(nnx.Module):
   def __init__(self, dim: int, hidden: int, dtype_name: str, *, rngs: nnx.Rngs):
     kw = dict(kernel_init=nnx.initializers.truncated_normal(0.02),
-              bias_init=nnx.initializers.zeros, **matmul_kwargs(dtype_name), rngs=rngs)
+              bias_init=nnx.initializers.zeros, **linear_kwargs(dtype_name), rngs=rngs)
     self.fc1 = nnx.Linear(dim, hidden, **kw)
     self.fc2 = nnx.Linear(hidden, dim, **kw)
 
@@ -196,7 +201,7 @@ class Attention(nnx.Module):
 
   def __init__(self, cfg: ViTConfig, keep_rate: float | None, *, layer: int = 0, rngs: nnx.Rngs):
     kw = dict(kernel_init=nnx.initializers.truncated_normal(0.02),
-              bias_init=nnx.initializers.zeros, **matmul_kwargs(cfg.dtype), rngs=rngs)
+              bias_init=nnx.initializers.zeros, **linear_kwargs(cfg.dtype), rngs=rngs)
     self.num_heads = cfg.num_heads
     self.compute_dtype = jnp.dtype(cfg.dtype)
     self.qkv = nnx.Linear(cfg.embed_dim, 3 * cfg.embed_dim, use_bias=cfg.qkv_bias, **kw)
@@ -411,7 +416,7 @@ class VisionTransformer(nnx.Module):
     self.blocks = nnx.List([Block(cfg, rates[i], dpr[i], layer=i, rngs=rngs) for i in range(cfg.depth)])
     self.norm = nnx.LayerNorm(cfg.embed_dim, epsilon=cfg.norm_eps, dtype=jnp.float32,
                               param_dtype=jnp.float32, rngs=rngs)
-    self.head = nnx.Linear(cfg.embed_dim, cfg.num_classes, **matmul_kwargs(cfg.dtype),
+    self.head = nnx.Linear(cfg.embed_dim, cfg.num_classes, **linear_kwargs(cfg.dtype),
                            kernel_init=nnx.initializers.truncated_normal(0.02),
                            bias_init=nnx.initializers.zeros, rngs=rngs)
 
