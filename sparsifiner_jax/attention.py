@@ -157,7 +157,7 @@ def topk_mask(scores: Array, k: int, num_dense_rows: int = 1) -> AttentionMask:
 def mixed_einsum(spec: str, a: Array, b: Array, dtype) -> Array:
   """``jnp.einsum`` of ``a`` and ``b`` cast to ``dtype``, accumulated and returned in float32.
 
-  The models' mixed-precision rule for every matmul (``vit.matmul_kwargs``): inputs in the compute dtype,
+  The models' mixed-precision rule for every matmul (``matmul_kwargs``): inputs in the compute dtype,
   products in float32. On XLA:CPU only bf16 dots that *return* float32 take the AMX path (about 6x a
   float32 dot); bf16 -> bf16 dots are slower than float32 ones (BENCHMARKS.md). Below float32 the
   backward pass follows the same rule: the incoming float32 cotangent is rounded to ``dtype`` and both
@@ -212,6 +212,18 @@ def mixed_dot_general(lhs: Array, rhs: Array, dimension_numbers, precision=None,
   out = ([sl[i] for i in lb] + [c for i, c in enumerate(sl) if i not in (*lb, *lc)]
          + [c for j, c in enumerate(sr) if j not in (*rb, *rc)])
   return mixed_einsum(f"{''.join(sl)},{''.join(sr)}->{''.join(out)}", lhs, rhs, lhs.dtype)
+
+
+def matmul_kwargs(dtype_name) -> dict:
+  """``nnx.Linear``/``nnx.Conv`` precision arguments: float32 parameters, inputs cast to the compute dtype,
+  products accumulated and returned in float32 -- in the backward pass too (``mixed_einsum``)."""
+  return dict(dtype=jnp.dtype(dtype_name), param_dtype=jnp.float32,
+              preferred_element_type=jnp.float32)
+
+
+def linear_kwargs(dtype_name) -> dict:
+  """``matmul_kwargs`` plus the ``dot_general`` that keeps a Linear's backward products in the compute dtype."""
+  return dict(matmul_kwargs(dtype_name), dot_general=mixed_dot_general)
 
 
 def heads_first(t: Array) -> Array:

@@ -266,9 +266,10 @@ def test_cast_kernels_casts_only_kernels_and_keeps_logits():
 
 @pytest.mark.parametrize("dtype,size,atol", [("float32", 18, 1e-5), ("bfloat16", 16, 1e-5)])
 def test_patch_projection_equals_the_strided_conv(dtype, size, atol):
+  from sparsifiner_jax import attention
   from sparsifiner_jax.models import vit
   conv = nnx.Conv(3, 8, kernel_size=(4, 4), strides=(4, 4), padding="VALID",
-                  **vit.matmul_kwargs(dtype), rngs=nnx.Rngs(0))
+                  **attention.matmul_kwargs(dtype), rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(0), (2, size, size, 3))   # 18: VALID drops the last 2 pixels
   want = conv(x)
   got = vit.patch_projection(conv, x)

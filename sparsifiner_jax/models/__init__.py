@@ -74,7 +74,7 @@ def create(name: str, keep_rate: float | None = None, *, rngs: nnx.Rngs | None =
 def cast_kernels(state: Any, dtype_name: str) -> Any:
   """``state`` (an ``nnx.State`` or a tree of them) with every matmul kernel in the compute dtype.
 
-  The models cast each ``kernel`` to ``config.dtype`` inside every call (``vit.matmul_kwargs``); for
+  The models cast each ``kernel`` to ``config.dtype`` inside every call (``attention.matmul_kwargs``); for
   weights that stay fixed over many calls -- evaluation, the distillation teacher -- casting once ahead
   gives bit-identical outputs and saves that conversion (~50 ms of a ~190 ms bf16 DeiT-S forward at
   batch 8 on a 2-core CPU). float32: ``state`` unchanged.

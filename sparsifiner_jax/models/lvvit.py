@@ -44,8 +44,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparsifiner_jax.models.vit import (Block, ViTConfig, check_images, linear_kwargs,
-                                        matmul_kwargs, patch_projection, run_blocks)
+from sparsifiner_jax.attention import linear_kwargs, matmul_kwargs
+from sparsifiner_jax.models.vit import Block, ViTConfig, check_images, patch_projection, run_blocks
 
 Array = jax.Array
 

@@ -61,9 +61,7 @@ class MaskPredictor(nnx.Module):
     self.coef_topk = min(coef_topk, reduced_n)
     self.dtype = jnp.dtype(dtype)
     linear = dict(kernel_init=nnx.initializers.truncated_normal(0.02),
-                  bias_init=nnx.initializers.zeros, dtype=self.dtype, param_dtype=jnp.float32,
-                  preferred_element_type=jnp.float32, dot_general=attn_lib.mixed_dot_general,
-                  rngs=rngs)
+                  bias_init=nnx.initializers.zeros, **attn_lib.linear_kwargs(self.dtype), rngs=rngs)
     self.proj_c_q = nnx.Linear(head_dim, reduced_c, **linear)
     self.proj_c_k = nnx.Linear(head_dim, reduced_c, **linear)
     init = nnx.initializers.normal(0.02)

@@ -8,7 +8,7 @@ conversion is transposes only (``sparsifiner_jax.convert``).
 Pre-LN blocks, LayerNorm eps 1e-6, exact-erf GELU, qkv bias.
 
 Precision (``config.dtype``): every matmul -- Linear, Conv, attention, predictor -- takes its inputs in
-``config.dtype`` and accumulates and returns float32 (``matmul_kwargs``, ``attention.mixed_einsum``);
+``config.dtype`` and accumulates and returns float32 (``attention.matmul_kwargs``, ``attention.mixed_einsum``);
 LayerNorm, softmax, GELU, the residual stream and the logits are float32; parameters are always float32.
 With ``bfloat16`` this is bf16 compute at float32 accuracy of everything between the matmuls (and on
 XLA:CPU the only bf16 dots that take the AMX path are those returning float32).
@@ -134,18 +134,6 @@ class ViTConfig:
     return self
 
 
-def matmul_kwargs(dtype_name: str) -> dict:
-  """``nnx.Linear``/``nnx.Conv`` precision arguments: float32 parameters, inputs cast to the compute dtype,
-  products accumulated and returned in float32 -- in the backward pass too (``attention.mixed_einsum``)."""
-  return dict(dtype=jnp.dtype(dtype_name), param_dtype=jnp.float32,
-              preferred_element_type=jnp.float32)
-
-
-def linear_kwargs(dtype_name: str) -> dict:
-  """``matmul_kwargs`` plus the ``dot_general`` that keeps a Linear's backward products in the compute dtype."""
-  return dict(matmul_kwargs(dtype_name), dot_general=attn_lib.mixed_dot_general)
-
-
 class PatchEmbed(nnx.Module):
   """Non-overlapping patches -> tokens: ``[B, H, W, C] -> [B, P, D]``."""
 
@@ -153,7 +141,7 @@ class PatchEmbed(nnx.Module):
     p = cfg.patch_size
     self.proj = nnx.Conv(cfg.in_chans, cfg.embed_dim, kernel_size=(p, p), strides=(p, p),
                          padding="VALID", kernel_init=nnx.initializers.lecun_normal(),
-                         **matmul_kwargs(cfg.dtype), rngs=rngs)
+                         **attn_lib.matmul_kwargs(cfg.dtype), rngs=rngs)
 
   def __call__(self, x: Array) -> Array:
     return patch_projection(self.proj, x)
@@ -177,7 +165,7 @@ def patch_projection(conv: nnx.Conv, x: Array) -> Array:
 class Mlp(nnx.Module):
   def __init__(self, dim: int, hidden: int, dtype_name: str, *, rngs: nnx.Rngs):
     kw = dict(kernel_init=nnx.initializers.truncated_normal(0.02),
-              bias_init=nnx.initializers.zeros, **linear_kwargs(dtype_name), rngs=rngs)
+              bias_init=nnx.initializers.zeros, **attn_lib.linear_kwargs(dtype_name), rngs=rngs)
     self.fc1 = nnx.Linear(dim, hidden, **kw)
     self.fc2 = nnx.Linear(hidden, dim, **kw)
 
@@ -201,7 +189,7 @@ class Attention(nnx.Module):
 
   def __init__(self, cfg: ViTConfig, keep_rate: float | None, *, layer: int = 0, rngs: nnx.Rngs):
     kw = dict(kernel_init=nnx.initializers.truncated_normal(0.02),
-              bias_init=nnx.initializers.zeros, **linear_kwargs(cfg.dtype), rngs=rngs)
+              bias_init=nnx.initializers.zeros, **attn_lib.linear_kwargs(cfg.dtype), rngs=rngs)
     self.num_heads = cfg.num_heads
     self.compute_dtype = jnp.dtype(cfg.dtype)
     self.qkv = nnx.Linear(cfg.embed_dim, 3 * cfg.embed_dim, use_bias=cfg.qkv_bias, **kw)
@@ -416,7 +404,7 @@ class VisionTransformer(nnx.Module):
     self.blocks = nnx.List([Block(cfg, rates[i], dpr[i], layer=i, rngs=rngs) for i in range(cfg.depth)])
     self.norm = nnx.LayerNorm(cfg.embed_dim, epsilon=cfg.norm_eps, dtype=jnp.float32,
                               param_dtype=jnp.float32, rngs=rngs)
-    self.head = nnx.Linear(cfg.embed_dim, cfg.num_classes, **linear_kwargs(cfg.dtype),
+    self.head = nnx.Linear(cfg.embed_dim, cfg.num_classes, **attn_lib.linear_kwargs(cfg.dtype),
                            kernel_init=nnx.initializers.truncated_normal(0.02),
                            bias_init=nnx.initializers.zeros, rngs=rngs)
 
