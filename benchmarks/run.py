@@ -516,7 +516,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                   help="comparisons to run (default: a b c d e)")
   ap.add_argument("--img-size", type=int, default=None, help="default: the model's (224 for DeiT-S)")
   ap.add_argument("--keep-rate", type=float, default=0.25)
-  ap.add_argument("--executor", default="masked", help="executor of cases b, c, d")
+  ap.add_argument("--executor", default="auto", help="executor of cases b, c, d")
   ap.add_argument("--token-keep-rate", type=float, default=0.7)
   ap.add_argument("--token-layers", type=int, nargs="+", default=[3, 6, 9])
   ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",

@@ -61,7 +61,7 @@ def base_config() -> mlc.ConfigDict:
       reduce_n=mlc.FieldReference(None, field_type=int),
       reduce_c=mlc.FieldReference(None, field_type=int),
       coef_topk=mlc.FieldReference(None, field_type=int),
-      basis_threshold=0.02, signed_basis=False, executor="masked", drop_path_rate=0.0,
+      basis_threshold=0.02, signed_basis=False, executor="auto", drop_path_rate=0.0,
       dtype="float32",
       # Attention pattern: "sparsifiner" (learned) or a fixed one (sparsifiner_jax/patterns.py).
       attention_pattern="sparsifiner", pattern_options={},

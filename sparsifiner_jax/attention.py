@@ -23,6 +23,8 @@ CLS handling lives here, in one place: the dense leading rows are never part of 
 Executors (``EXECUTORS``), all with the same signature ``(q, k, v, mask) -> out`` on ``[B, N, H, d]``
 (products in q/v's dtype, logits, softmax and ``out`` in float32 -- ``mixed_einsum``):
 
+* ``auto``   -- the default: the fastest measured per backend. On CPU the C++ sparse-row kernel
+  (``kernels.sparse_attention``), elsewhere ``masked``; gradients are ``masked``'s.
 * ``dense``  -- plain softmax attention; ignores the mask (the teacher).
 * ``masked`` -- the reference: dense logits, ``-inf`` outside the mask, softmax, rows with no kept key
   return 0 (the official code's ``nan_to_num``).
@@ -323,8 +325,27 @@ def sparse_attention(q: Array, k: Array, v: Array, mask: AttentionMask | None) -
   return out if out_dense is None else jnp.concatenate([out_dense, out], axis=1)
 
 
+def auto_attention(q: Array, k: Array, v: Array, mask: AttentionMask | None) -> Array:
+  """The fastest executor measured per backend (BENCHMARKS.md): on CPU the sparse-row kernel
+  (``kernels.sparse_attention``: only kept entries, about 3x faster than dense attention at keep 0.25
+  for DeiT-S), elsewhere ``masked``. Gradients are always ``masked``'s (the kernel is forward-only).
+  Masks with ``key_valid`` (simulated token pruning) or ``fill="zero_logit"`` take ``masked`` everywhere."""
+  if mask is None:
+    return dense_attention(q, k, v)
+  if mask.fill != "neg_inf" or mask.key_valid is not None:
+    return masked_attention(q, k, v, mask)
+  nd = mask.num_dense_rows
+
+  def reference(q, k, v, keep):
+    return masked_attention(q, k, v, dataclasses.replace(mask, keep=keep))
+
+  return kernels.sparse_attention(q, k, v, mask.sparse_rows(), num_dense_rows=nd,
+                                  scale=q.shape[-1] ** -0.5, reference=reference)
+
+
 Executor = Callable[[Array, Array, Array, AttentionMask | None], Array]
 EXECUTORS: dict[str, Executor] = {
+    "auto": auto_attention,
     "dense": dense_attention,
     "masked": masked_attention,
     "sparse": sparse_attention,

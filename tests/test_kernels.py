@@ -331,3 +331,77 @@ def test_float64_input_keeps_its_precision():
   with jax.enable_x64(True):
     x = jnp.array([[1.0, 1.0 + 1e-12, 0.0]], jnp.float64)
     assert kernels.topk_keep_mask(x, 1).tolist() == [[False, True, False]]
+
+
+# ------------------------------------------------------------------------------------------------
+# The sparse attention kernel (kernels.sparse_attention, the `auto` executor on CPU) against the
+# masked reference in float32: 1e-5 (unit-normal q, k, v: measured <= 1e-6 -- dot products summed in
+# another order, and an exp within ~1 ulp of XLA's; with q, k of std 3, i.e. logits of std 9, the
+# conditioning of the softmax grows the difference to ~2e-5).
+
+ATTENTION_TARGET = "sparsifiner_sparse_attention"
+
+
+def _masked_reference(nd):
+  def ref(q, k, v, keep):
+    return attn_lib.masked_attention(q, k, v, attn_lib.AttentionMask(
+        indices=jnp.zeros((*keep.shape[:-1], 1), jnp.int32), num_dense_rows=nd,
+        num_keys=q.shape[1], keep=keep, valid=jnp.ones((*keep.shape[:-1], 1), bool)))
+  return ref
+
+
+@pytest.mark.usefixtures("needs_kernel")
+@pytest.mark.parametrize("b,n,h,d,nd,mask_b,mask_h,density", [
+    (2, 197, 3, 64, 1, 2, 3, 0.25),    # DeiT-S-like rows, AVX-512 path (d % 16 == 0)
+    (1, 33, 3, 20, 0, 1, 3, 0.3),      # portable path (d = 20), no dense rows
+    (3, 17, 2, 32, 2, 1, 1, 0.5),      # a mask shared over batch and heads, two dense rows
+    (2, 50, 2, 128, 1, 2, 1, 0.1),     # head-shared mask, sparse enough to leave rows empty
+])
+def test_sparse_attention_kernel_matches_masked(b, n, h, d, nd, mask_b, mask_h, density):
+  ks = jax.random.split(jax.random.key(n + d), 4)
+  q, k, v = (jax.random.normal(kk, (b, n, h, d)) for kk in ks[:3])
+  keep = jax.random.uniform(ks[3], (mask_b, mask_h, n - nd, n)) < density
+  ref = _masked_reference(nd)
+  f = functools.partial(kernels.sparse_attention, num_dense_rows=nd, scale=d ** -0.5, reference=ref)
+  assert ATTENTION_TARGET in str(jax.make_jaxpr(f)(q, k, v, keep))
+  out, want = jax.jit(f)(q, k, v, keep), ref(q, k, v, keep)
+  assert out.dtype == jnp.float32 and out.shape == q.shape
+  np.testing.assert_allclose(out, want, atol=1e-5, rtol=0)
+  empty = ~np.asarray(jnp.broadcast_to(keep, (b, h, n - nd, n))).any(-1)   # [B, H, R]
+  if density == 0.1:
+    assert empty.any()
+  np.testing.assert_array_equal(np.asarray(out)[:, nd:].transpose(0, 2, 1, 3)[empty], 0.0)
+
+
+@pytest.mark.usefixtures("needs_kernel")
+def test_sparse_attention_kernel_gradient_is_the_references():
+  """The kernel is forward-only: under differentiation the reference runs, values and gradients."""
+  q, k, v = (jax.random.normal(kk, (2, 17, 2, 16)) for kk in jax.random.split(jax.random.key(0), 3))
+  keep = jax.random.uniform(jax.random.key(1), (2, 2, 16, 17)) < 0.4
+  ref = _masked_reference(1)
+  w = jax.random.normal(jax.random.key(2), q.shape)
+  loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v, keep) * w)  # noqa: E731
+  fast = functools.partial(kernels.sparse_attention, num_dense_rows=1, scale=0.25, reference=ref)
+  got = jax.jit(jax.value_and_grad(loss(fast), argnums=(0, 1, 2)))(q, k, v)
+  want = jax.value_and_grad(loss(ref), argnums=(0, 1, 2))(q, k, v)
+  for g, r in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+    np.testing.assert_allclose(g, r, atol=1e-6, rtol=1e-6)
+
+
+def test_sparse_attention_without_kernel_is_the_reference(no_kernel):
+  q = k = v = jax.random.normal(jax.random.key(0), (1, 9, 2, 16))
+  keep = jnp.ones((1, 2, 8, 9), bool)
+  ref = _masked_reference(1)
+  f = functools.partial(kernels.sparse_attention, num_dense_rows=1, scale=0.25, reference=ref)
+  assert ATTENTION_TARGET not in str(jax.make_jaxpr(f)(q, k, v, keep))
+  np.testing.assert_array_equal(f(q, k, v, keep), ref(q, k, v, keep))
+
+
+@pytest.mark.parametrize("keep_shape,match", [((1, 2, 9, 9), r"keep must be \[B\|1, H\|1, 8, 9\]"),
+                                              ((3, 2, 8, 9), r"keep must be"),
+                                              ((2, 8, 9), r"keep must be")])
+def test_sparse_attention_bad_mask_shape(keep_shape, match):
+  q = jnp.zeros((2, 9, 2, 16))
+  with pytest.raises(ValueError, match=match):
+    kernels.sparse_attention(q, q, q, jnp.ones(keep_shape, bool), num_dense_rows=1, scale=1.0,
+                             reference=None)

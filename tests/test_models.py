@@ -47,7 +47,7 @@ def test_unknown_name_lists_known():
     (dict(keep_rate=1.5), r"keep_rate=1.5 must be in \(0, 1\]"),
     (dict(keep_rate=[0.5, 0.5, 0.5]), "give one float or one per layer"),
     (dict(patch_size=5), "patch_size=5 must divide img_size=16"),
-    (dict(executor="flash"), r"unknown attention executor 'flash'; allowed: \['dense', 'masked', 'sigmoid', 'sparse'\]"),
+    (dict(executor="flash"), r"unknown attention executor 'flash'; allowed: \['auto', 'dense', 'masked', 'sigmoid', 'sparse'\]"),
     (dict(foo=1), r"unknown model option\(s\) \['foo'\]"),
 ])
 def test_bad_config_raises_clear_error(kw, msg):
@@ -175,7 +175,7 @@ def test_predictor_gradients_only_through_reconstruction():
   assert all(float(jnp.abs(g).sum()) > 0 for g in jax.tree_util.tree_leaves(g_rec))
 
 
-@pytest.mark.parametrize("executor", ["masked", "sparse"])
+@pytest.mark.parametrize("executor", ["auto", "sparse"])
 def test_executors_agree_in_model(executor):
   _, ref = _tiny_pair(0.3, "masked")
   _, other = _tiny_pair(0.3, executor)
@@ -212,8 +212,9 @@ def test_sharded_forward_equals_single_device():
 
 # Mixed precision (vit.py's policy): bf16 matmul inputs, float32 products and everything else.
 # Tolerances, measured on vit_test at init (logits up to ~0.25): bf16 vs float32 logits differ by
-# <= 0.4 % of the largest |logit| (asserted: 1.5 %); the sparse (gather) executor vs the masked
-# reference in bf16 by ~2e-4 (asserted: 1e-3) -- they differ only in where the probabilities round to bf16.
+# <= 0.4 % of the largest |logit| (asserted: 1.5 %); the sparse (gather) executor and the CPU kernel
+# (auto; float32 inside) vs the masked reference in bf16 by ~2e-4 (asserted: 1e-3) -- they differ only in
+# where the probabilities (and, for the kernel, q.k and p.v) round to bf16.
 
 
 def _matmuls(fn, *args):
@@ -244,10 +245,11 @@ def test_bfloat16_logits_close_to_float32(seed):
     np.testing.assert_allclose(l16, l32, atol=0.015 * float(jnp.abs(l32).max()), rtol=0)
 
 
-def test_bfloat16_sparse_executor_matches_masked_reference():
+@pytest.mark.parametrize("executor", ["auto", "sparse"])
+def test_bfloat16_fast_executors_match_masked_reference(executor):
   x = jax.random.normal(jax.random.key(2), (3, 16, 16, 3))
   ref, fast = (models.create("vit_test", keep_rate=0.3, executor=ex, dtype="bfloat16",
-                             rngs=nnx.Rngs(0)) for ex in ("masked", "sparse"))
+                             rngs=nnx.Rngs(0)) for ex in ("masked", executor))
   np.testing.assert_allclose(fast(x)[0], ref(x)[0], atol=1e-3, rtol=0)
 
 

@@ -166,7 +166,8 @@ EXECUTOR_CASES = [CASES[i] for i in (1, 4, 8, 10, 11, 13, 15, 16)]
 
 @pytest.mark.parametrize("name,options,keep_rate,layer", EXECUTOR_CASES,
                          ids=[c[0] for c in EXECUTOR_CASES])
-def test_masked_and_sparse_executors_agree(name, options, keep_rate, layer):
+def test_executors_agree(name, options, keep_rate, layer):
+  """masked (reference), sparse (gathers) and auto (the CPU kernel) on every pattern's mask."""
   pattern = make(name, options, keep_rate, layer)
   q, k, v = qkv(1)
   w = jax.random.normal(jax.random.key(9), q.shape)
@@ -176,16 +177,17 @@ def test_masked_and_sparse_executors_agree(name, options, keep_rate, layer):
   @jax.jit
   def run(q, k, v):
     outs = []
-    for ex in (attn_lib.masked_attention, attn_lib.sparse_attention):
+    for ex in (attn_lib.masked_attention, attn_lib.sparse_attention, attn_lib.auto_attention):
       f = lambda q, k, v, ex=ex: jnp.sum(ex(q, k, v, pattern(q, k)) * w)
       grads = jax.grad(f, argnums=(0, 1, 2))(q, k, v) if with_grads else ()
       outs.append((ex(q, k, v, pattern(q, k)), grads))
     return outs
 
-  (a, ga), (b, gb) = run(q, k, v)
-  np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
-  for x, y in zip(ga, gb):
-    np.testing.assert_allclose(x, y, atol=1e-5, rtol=0)
+  (a, ga), *others = run(q, k, v)
+  for b, gb in others:
+    np.testing.assert_allclose(b, a, atol=1e-5, rtol=0)
+    for x, y in zip(gb, ga):
+      np.testing.assert_allclose(x, y, atol=1e-5, rtol=0)
 
 
 def _hand_fibottention_keep(grid, heads):

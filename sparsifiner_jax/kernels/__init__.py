@@ -1,13 +1,20 @@
 """Native CPU kernels (XLA FFI custom calls) for the sparse path, with pure-XLA fallbacks.
 
-``topk_keep_mask(x, k)`` is the one public entry point: a boolean ``[..., n]`` mask of each row's ``k``
-largest entries (ties: lowest index -- the set ``jax.lax.top_k`` returns). On CPU it runs
-``topk_mask_cpu.cc``, a multi-threaded radix select (~30x faster than XLA:CPU's TopK plus a scatter on
-Sparsifiner's ``[B, H, N-1, N]`` scores; BENCHMARKS.md); on other backends, or when the kernel cannot be
-built, it runs the XLA reference (``lax.top_k`` and a scatter). The choice is made per platform at
-lowering time (``lax.platform_dependent``), so one jitted function serves CPU and accelerators.
+Two entry points, each choosing per platform at lowering time (``lax.platform_dependent``), so one jitted
+function serves CPU and accelerators:
 
-Building: the C++ source is compiled once per (source, jaxlib, CPU) into a cache directory
+* ``topk_keep_mask(x, k)``: a boolean ``[..., n]`` mask of each row's ``k`` largest entries (ties: lowest
+  index -- the set ``jax.lax.top_k`` returns). On CPU it runs ``topk_mask_cpu.cc``, a multi-threaded
+  radix select (~30x faster than XLA:CPU's TopK plus a scatter on Sparsifiner's ``[B, H, N-1, N]``
+  scores; BENCHMARKS.md); elsewhere the XLA reference (``lax.top_k`` and a scatter).
+* ``sparse_attention(q, k, v, keep, ...)``: softmax attention over the kept entries only. On CPU it runs
+  ``sparse_attention_cpu.cc`` (per row: the kept columns, their logits, exps and value products -- a
+  quarter of dense attention's work at keep 0.25, where XLA's masked attention does all of it and more);
+  elsewhere, and for gradients, the caller's XLA reference.
+
+Both fall back to XLA when the kernels cannot be built.
+
+Building: the C++ sources are compiled once per (sources, jaxlib, CPU) into one library in a cache directory
 (``$SPARSIFINER_JAX_CACHE``, default ``~/.cache/sparsifiner_jax``) with ``$CXX`` (default ``g++``), written
 atomically, so concurrent processes are safe. ``SPARSIFINER_JAX_CPU_KERNELS=0`` disables the kernels (the
 XLA path is then used everywhere); ``kernel_status()`` says which path is active and why.
@@ -38,8 +45,9 @@ import numpy as np
 
 Array = jax.Array
 
-_SOURCE = pathlib.Path(__file__).with_name("topk_mask_cpu.cc")
+_SOURCES = tuple(pathlib.Path(__file__).with_name(f) for f in ("topk_mask_cpu.cc", "sparse_attention_cpu.cc"))
 _TARGET = "sparsifiner_topk_mask"
+_ATTENTION_TARGET = "sparsifiner_sparse_attention"
 _CXXFLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-std=c++17", "-shared", "-fPIC",
              "-w")
 _status = {"available": False, "reason": "not loaded yet"}
@@ -66,7 +74,7 @@ def _build() -> pathlib.Path:
   if shutil.which(cxx) is None:
     raise RuntimeError(f"no C++ compiler {cxx!r} on PATH")
   include = jax.ffi.include_dir()
-  key = hashlib.sha256("\n".join([_SOURCE.read_text(), jax.__version__, cxx, " ".join(_CXXFLAGS),
+  key = hashlib.sha256("\n".join([*(src.read_text() for src in _SOURCES), jax.__version__, cxx, " ".join(_CXXFLAGS),
                                   _cpu_signature()]).encode()).hexdigest()[:16]
   lib = _cache_dir() / f"topk_mask_cpu_{key}.so"
   if lib.exists():
@@ -74,7 +82,7 @@ def _build() -> pathlib.Path:
   lib.parent.mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
     out = pathlib.Path(tmp) / lib.name
-    cmd = [cxx, *_CXXFLAGS, f"-I{include}", str(_SOURCE), "-o", str(out)]
+    cmd = [cxx, *_CXXFLAGS, f"-I{include}", *map(str, _SOURCES), "-o", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
       raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip()[-500:]}")
@@ -91,16 +99,17 @@ def _load() -> bool:
   try:
     lib = ctypes.cdll.LoadLibrary(str(_build()))
     jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.TopkMask), platform="cpu")
+    jax.ffi.register_ffi_target(_ATTENTION_TARGET, jax.ffi.pycapsule(lib.SparseAttention), platform="cpu")
   except (OSError, RuntimeError, subprocess.SubprocessError) as e:
     _status.update(available=False, reason=str(e))
-    logging.warning("sparsifiner_jax: CPU top-k kernel unavailable, using XLA's TopK (slower): %s", e)
+    logging.warning("sparsifiner_jax: CPU kernels unavailable, using XLA (slower): %s", e)
     return False
   _status.update(available=True, reason=f"loaded {lib._name}")
   return True
 
 
 def kernel_status() -> dict:
-  """``{"available": bool, "reason": str}`` for the CPU top-k kernel (builds it if needed)."""
+  """``{"available": bool, "reason": str}`` for the CPU kernels (builds them if needed)."""
   _load()
   return dict(_status)
 
@@ -138,3 +147,61 @@ def topk_keep_mask(x: Array, k: int) -> Array:
     return topk_keep_mask_xla(x, k)
   return jax.lax.platform_dependent(x, cpu=functools.partial(_ffi_topk_keep_mask, k=k),
                                     default=functools.partial(topk_keep_mask_xla, k=k))
+
+
+def _ffi_sparse_attention(q, k, v, keep, *, num_dense_rows: int, scale: float) -> Array:
+  call = jax.ffi.ffi_call(_ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32),
+                          vmap_method="sequential")
+  f32 = lambda t: t.astype(jnp.float32)  # noqa: E731
+  return call(f32(q), f32(k), f32(v), keep, num_dense_rows=np.int64(num_dense_rows),
+              scale=np.float32(scale))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _sparse_attention(q, k, v, keep, num_dense_rows, scale, reference):
+  return jax.lax.platform_dependent(
+      q, k, v, keep,
+      cpu=functools.partial(_ffi_sparse_attention, num_dense_rows=num_dense_rows, scale=scale),
+      default=reference)
+
+
+def _sparse_attention_fwd(q, k, v, keep, num_dense_rows, scale, reference):
+  # Under differentiation the reference runs instead of the kernel and keeps its own residuals, so a
+  # training step costs exactly what the reference costs (no recomputation in the backward pass).
+  del num_dense_rows, scale
+  out, vjp = jax.vjp(lambda q, k, v: reference(q, k, v, keep), q, k, v)
+  return out, vjp
+
+
+def _sparse_attention_bwd(num_dense_rows, scale, reference, vjp, ct):
+  del num_dense_rows, scale, reference
+  return (*vjp(ct), None)
+
+
+_sparse_attention.defvjp(_sparse_attention_fwd, _sparse_attention_bwd)
+
+
+def sparse_attention(q: Array, k: Array, v: Array, keep: Array, *, num_dense_rows: int, scale: float,
+                     reference) -> Array:
+  """Softmax attention over the kept entries only; ``[B, N, H, d]`` float32.
+
+  Args:
+    q, k, v: ``[B, N, H, d]`` (float32 or lower; the kernel computes in float32).
+    keep: ``[B|1, H|1, N - num_dense_rows, N] bool``: the keys each sparse query row keeps; the first
+      ``num_dense_rows`` rows keep every key. Rows that keep nothing give 0.
+    scale: the logit scale (``d ** -0.5``).
+    reference: ``(q, k, v, keep) -> out``, the same computation in XLA. It runs on other backends, when
+      the kernels are unavailable, and under differentiation (the kernel is forward-only, so a gradient
+      and the forward values it is taken at come from the reference).
+  """
+  if q.shape != k.shape or q.shape != v.shape or q.ndim != 4:
+    raise ValueError(f"sparse_attention: q, k, v must share one [B, N, H, d] shape; got {q.shape}, "
+                     f"{k.shape}, {v.shape}")
+  b, n, h, _ = q.shape
+  want = (n - num_dense_rows, n)
+  if (keep.ndim != 4 or keep.shape[2:] != want or keep.shape[0] not in (1, b)
+      or keep.shape[1] not in (1, h)):
+    raise ValueError(f"sparse_attention: keep must be [B|1, H|1, {want[0]}, {want[1]}]; got {keep.shape}")
+  if q.size == 0 or not _load():
+    return reference(q, k, v, keep)
+  return _sparse_attention(q, k, v, keep.astype(bool), num_dense_rows, float(scale), reference)

@@ -67,7 +67,7 @@ class ViTConfig:
   token_keep_rate: float | None = None
   token_pruning_layers: tuple[int, ...] = (3, 6, 9)
   token_pruning_mode: str = "drop"
-  executor: str = "masked"
+  executor: str = "auto"
   dtype: str = "float32"
 
   @property
