@@ -152,6 +152,17 @@ def topk_mask(scores: Array, k: int, num_dense_rows: int = 1) -> AttentionMask:
                        keep=kernels.topk_keep_mask(scores, k))
 
 
+def keep_mask(keep: Array, k: int, num_dense_rows: int = 1) -> AttentionMask:
+  """The mask of boolean rows ``keep [B, H, R, N]`` with exactly ``k`` True each (a top-k selection).
+
+  Its ``indices`` are the kept columns in increasing order, derived from ``keep`` (so both forms always
+  agree); XLA computes them only if a consumer uses them.
+  """
+  _, idx = jax.lax.top_k(keep.astype(jnp.float32), k)   # the k ones; ties -> lowest index first
+  return AttentionMask(indices=idx.astype(jnp.int32), num_dense_rows=num_dense_rows,
+                       num_keys=keep.shape[-1], keep=keep)
+
+
 # --------------------------------------------------------------------------------------------------
 # Executors. q, k, v: [B, N, H, d] (the layout of the fused qkv projection); out: [B, N, H, d] float32.
 

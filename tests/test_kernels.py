@@ -1,6 +1,7 @@
-"""The CPU top-k mask kernel (``sparsifiner_jax.kernels``): build status and fallbacks, exact agreement
-with the ``lax.top_k`` reference (ties, infinities, signed zeros, NaN), jit/vmap, gradients through
-``keep_topk_values``, whole-model equality with the XLA fallback, and batch-sharded execution."""
+"""The CPU kernels (``sparsifiner_jax.kernels``): build status and fallbacks; the top-k mask kernel's exact
+agreement with the ``lax.top_k`` reference (ties, infinities, signed zeros, NaN), jit/vmap, gradients
+through ``keep_topk_values``; the fused low-rank mask kernel and the sparse attention kernel against
+their XLA references; whole-model equality with the XLA fallback, and batch-sharded execution."""
 
 import dataclasses
 import functools
@@ -258,25 +259,33 @@ def _forward_fn(graphdef):
   return fwd
 
 
+KERNEL_TARGETS = {"topk": TARGET, "lowrank": "sparsifiner_lowrank_topk_mask",
+                  "attention": "sparsifiner_sparse_attention"}
+
+
 @pytest.mark.usefixtures("needs_kernel")
-@pytest.mark.parametrize("kw", [
-    {"keep_rate": 0.25},
-    {"keep_rate": 0.25, "token_keep_rate": 0.6, "token_pruning_layers": (0,),
-     "token_pruning_mode": "mask"},
-    {"keep_rate": 0.25, "token_keep_rate": 0.6, "token_pruning_layers": (0,),
-     "token_pruning_mode": "drop"},
-], ids=["masked", "tokens-mask", "tokens-drop"])
-def test_model_forward_same_with_and_without_kernel(monkeypatch, kw):
+@pytest.mark.parametrize("kw,used", [
+    ({"keep_rate": 0.25}, {"topk", "lowrank", "attention"}),    # topk: keep_topk_values of approx_attn
+    ({"keep_rate": 0.25, "executor": "masked"}, {"topk", "lowrank"}),
+    ({"keep_rate": 0.25, "token_keep_rate": 0.6, "token_pruning_layers": (0,),
+      "token_pruning_mode": "mask"}, {"topk"}),
+    ({"keep_rate": 0.25, "token_keep_rate": 0.6, "token_pruning_layers": (0,),
+      "token_pruning_mode": "drop"}, {"topk", "lowrank", "attention"}),
+], ids=["auto", "masked", "tokens-mask", "tokens-drop"])
+def test_model_forward_same_with_and_without_kernel(monkeypatch, kw, used):
+  """Same masks exactly and logits to 1e-5 (the fused mask kernel's coefficients differ from XLA's by
+  float rounding only; at init they are ranked on the logits, so near-equal softmax values cannot flip)."""
   model = models.create("vit_test", rngs=nnx.Rngs(0), **kw)
   graphdef, state = nnx.split(model)
   x = jax.random.normal(jax.random.key(9), (3, 16, 16, 3))
   traced = jax.jit(_forward_fn(graphdef)).trace(state, x)
-  assert TARGET in str(traced.jaxpr)
+  jaxpr = str(traced.jaxpr)
+  assert {name for name, target in KERNEL_TARGETS.items() if target in jaxpr} == used
   logits, dense = traced.lower().compile()(state, x)
 
   monkeypatch.setattr(kernels, "_load", lambda: False)
   traced = jax.jit(_forward_fn(graphdef)).trace(state, x)
-  assert TARGET not in str(traced.jaxpr)
+  assert not any(target in str(traced.jaxpr) for target in KERNEL_TARGETS.values())
   logits_xla, dense_xla = traced.lower().compile()(state, x)
   assert np.all(np.isfinite(logits))
   np.testing.assert_allclose(logits, logits_xla, atol=1e-5, rtol=0)
@@ -405,3 +414,57 @@ def test_sparse_attention_bad_mask_shape(keep_shape, match):
   with pytest.raises(ValueError, match=match):
     kernels.sparse_attention(q, q, q, jnp.ones(keep_shape, bool), num_dense_rows=1, scale=1.0,
                              reference=None)
+
+
+# ------------------------------------------------------------------------------------------------
+# The fused low-rank mask kernel (kernels.lowrank_topk_mask) against predictor math in XLA and float64.
+
+
+def _lowrank_reference(coef_k, k):
+  def ref(scores, basis):
+    coef = predictor.keep_topk_values(jax.nn.softmax(scores, -1), coef_k, by=scores)
+    return kernels.topk_keep_mask_xla(jnp.einsum("bhrm,bmn->bhrn", coef, jnp.broadcast_to(
+        basis, (scores.shape[0], *basis.shape[1:]))), k)
+  return ref
+
+
+@pytest.mark.usefixtures("needs_kernel")
+@pytest.mark.parametrize("b,h,r,m,n,basis_b,coef_k,k", [
+    (2, 3, 196, 32, 197, 1, 8, 50),    # DeiT-S at keep 0.25
+    (3, 2, 10, 8, 11, 3, 4, 3),        # per-example bases (token dropping)
+    (1, 2, 16, 70, 17, 1, 8, 17),      # long coefficient rows (exact-rank path), k = N
+    (1, 1, 5, 6, 9, 1, 6, 1),          # coef_k >= m: nothing cut
+])
+def test_lowrank_topk_mask_matches_reference(b, h, r, m, n, basis_b, coef_k, k):
+  ks = jax.random.split(jax.random.key(m + n), 2)
+  scores = jax.random.normal(ks[0], (b, h, r, m))
+  basis = jnp.abs(jax.random.normal(ks[1], (basis_b, m, n))) * 0.02
+  ref = _lowrank_reference(coef_k, k)
+  f = functools.partial(kernels.lowrank_topk_mask, coef_k=coef_k, k=k, reference=ref)
+  assert KERNEL_TARGETS["lowrank"] in str(jax.make_jaxpr(f)(scores, basis))
+  got = np.asarray(jax.jit(f)(scores, basis))
+  np.testing.assert_array_equal(got.sum(-1), k)
+  # A top-k of the approximation computed in float64 up to float32 rounding (1e-6 of the row's scale).
+  s64, b64 = np.asarray(scores, np.float64), np.broadcast_to(np.asarray(basis, np.float64), (b, m, n))
+  coef = np.exp(s64 - s64.max(-1, keepdims=True))
+  coef /= coef.sum(-1, keepdims=True)
+  order = np.argsort(-s64, axis=-1, kind="stable")
+  cut = np.zeros_like(coef, bool)
+  np.put_along_axis(cut, order[..., :coef_k], True, axis=-1)
+  approx = np.einsum("bhrm,bmn->bhrn", np.where(cut, coef, 0.0), b64)
+  kept_min = np.where(got, approx, np.inf).min(-1)
+  dropped_max = np.where(got, -np.inf, approx).max(-1)
+  assert (kept_min >= dropped_max - 1e-6 * approx.max(-1)).all()
+  # Random inputs have no near-ties: the same sets as XLA's.
+  np.testing.assert_array_equal(got, ref(scores, basis))
+
+
+@pytest.mark.parametrize("scores,basis,kw,match", [
+    ((1, 2, 3, 4), (1, 5, 6), dict(coef_k=2, k=2), "scores must be"),
+    ((1, 2, 3, 4), (2, 4, 6), dict(coef_k=2, k=2), "scores must be"),
+    ((1, 2, 3, 4), (1, 4, 6), dict(coef_k=2, k=7), "need 1 <= k=7 <= 6"),
+    ((1, 2, 3, 4), (1, 4, 6), dict(coef_k=0, k=2), "coef_k=0 >= 1"),
+])
+def test_lowrank_topk_mask_bad_arguments(scores, basis, kw, match):
+  with pytest.raises(ValueError, match=match):
+    kernels.lowrank_topk_mask(jnp.zeros(scores), jnp.zeros(basis), reference=None, **kw)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from sparsifiner_jax import attention as attn_lib
 from sparsifiner_jax import models
 
 
@@ -308,3 +309,12 @@ def test_mixed_dot_general_values_and_gradients(dims, a_shape, b_shape):
   for g, w in zip(got, want):
     assert g.dtype == jnp.float32
     np.testing.assert_allclose(g, w, rtol=2 ** -8, atol=1e-5)   # one bf16 rounding of the result
+
+
+def test_keep_mask_indices_are_the_kept_columns():
+  keep = jax.random.uniform(jax.random.key(0), (2, 3, 5, 9)).argsort(-1).argsort(-1) < 4   # 4 per row
+  mask = attn_lib.keep_mask(keep, 4, num_dense_rows=1)
+  want = np.stack([np.flatnonzero(row) for row in np.asarray(keep).reshape(-1, 9)]).reshape(2, 3, 5, 4)
+  np.testing.assert_array_equal(mask.indices, want)
+  np.testing.assert_array_equal(mask.sparse_rows(), keep)
+  np.testing.assert_array_equal(attn_lib.indices_to_dense(mask.indices, 9), keep)

@@ -1,12 +1,15 @@
 """Native CPU kernels (XLA FFI custom calls) for the sparse path, with pure-XLA fallbacks.
 
-Two entry points, each choosing per platform at lowering time (``lax.platform_dependent``), so one jitted
+Three entry points, each choosing per platform at lowering time (``lax.platform_dependent``), so one jitted
 function serves CPU and accelerators:
 
 * ``topk_keep_mask(x, k)``: a boolean ``[..., n]`` mask of each row's ``k`` largest entries (ties: lowest
   index -- the set ``jax.lax.top_k`` returns). On CPU it runs ``topk_mask_cpu.cc``, a multi-threaded
   radix select (~30x faster than XLA:CPU's TopK plus a scatter on Sparsifiner's ``[B, H, N-1, N]``
   scores; BENCHMARKS.md); elsewhere the XLA reference (``lax.top_k`` and a scatter).
+* ``lowrank_topk_mask(scores, basis, ...)``: Sparsifiner's whole mask selection from the predictor's
+  coefficient logits (softmax, top coefficients, basis product, top-k) in one pass on CPU, so the
+  ``[B, H, R, N]`` approximation is never written; elsewhere the caller's XLA reference.
 * ``sparse_attention(q, k, v, keep, ...)``: softmax attention over the kept entries only. On CPU it runs
   ``sparse_attention_cpu.cc`` (per row: the kept columns, their logits, exps and value products -- a
   quarter of dense attention's work at keep 0.25, where XLA's masked attention does all of it and more);
@@ -14,7 +17,7 @@ function serves CPU and accelerators:
 
 Both fall back to XLA when the kernels cannot be built.
 
-Building: the C++ sources are compiled once per (sources, jaxlib, CPU) into one library in a cache directory
+Building: the C++ sources (``*_cpu.cc`` and ``cpu_common.h``) are compiled once per (sources, jaxlib, CPU) into one library in a cache directory
 (``$SPARSIFINER_JAX_CACHE``, default ``~/.cache/sparsifiner_jax``) with ``$CXX`` (default ``g++``), written
 atomically, so concurrent processes are safe. ``SPARSIFINER_JAX_CPU_KERNELS=0`` disables the kernels (the
 XLA path is then used everywhere); ``kernel_status()`` says which path is active and why.
@@ -46,7 +49,9 @@ import numpy as np
 Array = jax.Array
 
 _SOURCES = tuple(pathlib.Path(__file__).with_name(f) for f in ("topk_mask_cpu.cc", "sparse_attention_cpu.cc"))
+_HEADERS = (pathlib.Path(__file__).with_name("cpu_common.h"),)
 _TARGET = "sparsifiner_topk_mask"
+_LOWRANK_TARGET = "sparsifiner_lowrank_topk_mask"
 _ATTENTION_TARGET = "sparsifiner_sparse_attention"
 _CXXFLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-std=c++17", "-shared", "-fPIC",
              "-w")
@@ -74,7 +79,7 @@ def _build() -> pathlib.Path:
   if shutil.which(cxx) is None:
     raise RuntimeError(f"no C++ compiler {cxx!r} on PATH")
   include = jax.ffi.include_dir()
-  key = hashlib.sha256("\n".join([*(src.read_text() for src in _SOURCES), jax.__version__, cxx, " ".join(_CXXFLAGS),
+  key = hashlib.sha256("\n".join([*(src.read_text() for src in _SOURCES + _HEADERS), jax.__version__, cxx, " ".join(_CXXFLAGS),
                                   _cpu_signature()]).encode()).hexdigest()[:16]
   lib = _cache_dir() / f"topk_mask_cpu_{key}.so"
   if lib.exists():
@@ -99,6 +104,7 @@ def _load() -> bool:
   try:
     lib = ctypes.cdll.LoadLibrary(str(_build()))
     jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.TopkMask), platform="cpu")
+    jax.ffi.register_ffi_target(_LOWRANK_TARGET, jax.ffi.pycapsule(lib.LowRankTopkMask), platform="cpu")
     jax.ffi.register_ffi_target(_ATTENTION_TARGET, jax.ffi.pycapsule(lib.SparseAttention), platform="cpu")
   except (OSError, RuntimeError, subprocess.SubprocessError) as e:
     _status.update(available=False, reason=str(e))
@@ -149,12 +155,51 @@ def topk_keep_mask(x: Array, k: int) -> Array:
                                     default=functools.partial(topk_keep_mask_xla, k=k))
 
 
+def _ffi_lowrank_topk_mask(scores, basis, *, coef_k: int, k: int) -> Array:
+  call = jax.ffi.ffi_call(_LOWRANK_TARGET, jax.ShapeDtypeStruct((*scores.shape[:-1], basis.shape[-1]), jnp.bool_),
+                          vmap_method="sequential")
+  return call(scores, basis, coef_k=np.int64(coef_k), k=np.int64(k))
+
+
+def lowrank_topk_mask(scores: Array, basis: Array, *, coef_k: int, k: int, reference) -> Array:
+  """Sparsifiner's mask from its low-rank attention approximation, without writing the approximation.
+
+  Per row: ``coef = softmax(scores)`` over ``m``, all but its ``coef_k`` largest entries zeroed (ties:
+  lowest index; not renormalised), ``approx = coef @ basis``, then the top-``k`` mask of ``approx``
+  (``topk_keep_mask``). On CPU one kernel call does all of it; elsewhere, or without the kernels,
+  ``reference(scores, basis)`` runs. The two agree up to float rounding of ``approx`` (near-ties may
+  resolve differently).
+
+  Args:
+    scores: ``[B, H, R, m]`` coefficient logits (any float dtype; compared in float32).
+    basis: ``[B|1, m, N]`` the (thresholded) up-projection basis, per example under token dropping.
+    coef_k, k: coefficients kept per row, keys kept per row (``1 <= k <= N``).
+    reference: ``(scores, basis) -> keep [B, H, R, N] bool`` in XLA.
+
+  Returns:
+    ``keep [B, H, R, N] bool`` (no gradient: a selection).
+  """
+  n = basis.shape[-1]
+  if scores.ndim != 4 or basis.ndim != 3 or basis.shape[1] != scores.shape[-1] or basis.shape[0] not in (
+      1, scores.shape[0]):
+    raise ValueError(f"lowrank_topk_mask: scores must be [B, H, R, m] and basis [B|1, m, N]; got "
+                     f"{scores.shape} and {basis.shape}")
+  if not 1 <= k <= n or coef_k < 1:
+    raise ValueError(f"lowrank_topk_mask: need 1 <= k={k} <= {n} and coef_k={coef_k} >= 1")
+  scores = jax.lax.stop_gradient(scores.astype(jnp.float32))
+  basis = jax.lax.stop_gradient(basis.astype(jnp.float32))
+  if scores.size == 0 or not _load():
+    return reference(scores, basis)
+  return jax.lax.platform_dependent(
+      scores, basis, cpu=functools.partial(_ffi_lowrank_topk_mask, coef_k=coef_k, k=k), default=reference)
+
+
 def _ffi_sparse_attention(q, k, v, keep, *, num_dense_rows: int, scale: float) -> Array:
   call = jax.ffi.ffi_call(_ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32),
                           vmap_method="sequential")
-  f32 = lambda t: t.astype(jnp.float32)  # noqa: E731
-  return call(f32(q), f32(k), f32(v), keep, num_dense_rows=np.int64(num_dense_rows),
-              scale=np.float32(scale))
+  # One operand in the qkv projection's own layout: XLA folds the stack of its slices back into it.
+  qkv = jnp.stack([q, k, v], axis=2).astype(jnp.float32)           # [B, N, 3, H, d]
+  return call(qkv, keep, num_dense_rows=np.int64(num_dense_rows), scale=np.float32(scale))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))

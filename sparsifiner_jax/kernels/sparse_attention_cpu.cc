@@ -11,21 +11,16 @@
 // a softmax over them and the weighted sum of their values. At Sparsifiner's keep 0.25 that is about a
 // quarter of the exps and products of dense attention, with no [N, N] intermediates.
 //
-// Shapes: q, k, v float32 [B, N, H, d] (the fused qkv projection's layout; no transposes needed);
+// Shapes: qkv float32 [B, N, 3, H, d] (the fused qkv projection's output as it is: q, k, v = qkv[:, :, i]);
 // keep bool [Bm, Hm, N - num_dense_rows, N] with Bm in {1, B}, Hm in {1, H} (broadcast);
 // out float32 [B, N, H, d]. Attributes: num_dense_rows in [0, N], scale (the logit scale).
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <memory>
 #include <vector>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
+#include "cpu_common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -33,15 +28,16 @@ namespace ffi = xla::ffi;
 namespace {
 
 struct Problem {
-  const float *q, *k, *v;
+  const float* qkv;
   const bool* keep;
   float* out;
   int64_t b, n, h, d, dense_rows, mask_b, mask_h;
   float scale;
 
-  int64_t TokenStride() const { return h * d; }
-  const float* Row(const float* t, int64_t bi, int64_t tok, int64_t hi) const {
-    return t + ((bi * n + tok) * h + hi) * d;
+  int64_t TokenStride() const { return 3 * h * d; }
+  // Row `tok` of head `hi` of q (which = 0), k (1) or v (2).
+  const float* Row(int which, int64_t bi, int64_t tok, int64_t hi) const {
+    return qkv + (((bi * n + tok) * 3 + which) * h + hi) * d;
   }
 };
 
@@ -68,67 +64,30 @@ int64_t KeptColumns(const bool* keep_row, int64_t n, int32_t* cols) {
 }
 
 #if defined(__AVX512F__)
-// exp(x) for x <= 0 (logits minus their row max), about 1 ulp: Cody-Waite reduction by ln 2, a degree-6
-// polynomial (Cephes expf), and scalef for the power of two. Inputs below -87.3 give ~1e-38, not 0.
-inline __m512 ExpNonPositive(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
-}
-
 // One query row with head dim d = 16 * C: logits, softmax and the weighted sum over `count` columns.
 template <int C>
 void AttendRow512(const Problem& p, int64_t bi, int64_t hi, const float* q_row, const int32_t* cols,
                   int64_t count, float* logits, float* out_row) {
   const int64_t stride = p.TokenStride();
-  const float* k_base = p.Row(p.k, bi, 0, hi);
-  const float* v_base = p.Row(p.v, bi, 0, hi);
+  const float* k_base = p.Row(1, bi, 0, hi);
+  const float* v_base = p.Row(2, bi, 0, hi);
   __m512 q[C];
   const __m512 scale = _mm512_set1_ps(p.scale);
   for (int c = 0; c < C; ++c) q[c] = _mm512_mul_ps(_mm512_loadu_ps(q_row + 16 * c), scale);
-  __m512 row_max = _mm512_set1_ps(-INFINITY);
-  int64_t t = 0;
-  for (; t < count; t += 16) {   // logits of 16 columns at a time, one lane each
-    const int64_t m = std::min<int64_t>(16, count - t);
-    alignas(64) float s[16];
-    for (int64_t u = 0; u < m; ++u) {
-      const float* kr = k_base + cols[t + u] * stride;
-      __m512 acc = _mm512_mul_ps(q[0], _mm512_loadu_ps(kr));
-      for (int c = 1; c < C; ++c) acc = _mm512_fmadd_ps(q[c], _mm512_loadu_ps(kr + 16 * c), acc);
-      s[u] = _mm512_reduce_add_ps(acc);
-    }
-    const __mmask16 lanes = static_cast<__mmask16>((1u << m) - 1u);
-    const __m512 sv = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), lanes, s);
-    _mm512_storeu_ps(logits + t, sv);
-    row_max = _mm512_max_ps(row_max, sv);
+  for (int64_t t = 0; t < count; ++t) {
+    const float* kr = k_base + cols[t] * stride;
+    __m512 acc = _mm512_mul_ps(q[0], _mm512_loadu_ps(kr));
+    for (int c = 1; c < C; ++c) acc = _mm512_fmadd_ps(q[c], _mm512_loadu_ps(kr + 16 * c), acc);
+    logits[t] = _mm512_reduce_add_ps(acc);
   }
-  const float mx = _mm512_reduce_max_ps(row_max);
-  __m512 total = _mm512_setzero_ps();
-  const __m512 mxv = _mm512_set1_ps(mx);
-  for (t = 0; t < count; t += 16) {
-    const __mmask16 lanes = static_cast<__mmask16>((1u << std::min<int64_t>(16, count - t)) - 1u);
-    const __m512 e = _mm512_maskz_mov_ps(lanes, ExpNonPositive(_mm512_sub_ps(_mm512_loadu_ps(logits + t), mxv)));
-    _mm512_storeu_ps(logits + t, e);
-    total = _mm512_add_ps(total, e);
-  }
+  const float sum = sparsifiner_kernels::ExpMinusMaxInPlace(logits, count);
   __m512 acc[C];
   for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
-  for (t = 0; t < count; ++t) {
+  for (int64_t t = 0; t < count; ++t) {
     const __m512 w = _mm512_set1_ps(logits[t]);
     const float* vr = v_base + cols[t] * stride;
     for (int c = 0; c < C; ++c) acc[c] = _mm512_fmadd_ps(w, _mm512_loadu_ps(vr + 16 * c), acc[c]);
   }
-  const float sum = _mm512_reduce_add_ps(total);
   const __m512 inv = _mm512_set1_ps(count > 0 ? 1.0f / sum : 0.0f);
   for (int c = 0; c < C; ++c) _mm512_storeu_ps(out_row + 16 * c, _mm512_mul_ps(acc[c], inv));
 }
@@ -138,18 +97,15 @@ void AttendRow512(const Problem& p, int64_t bi, int64_t hi, const float* q_row, 
 void AttendRowScalar(const Problem& p, int64_t bi, int64_t hi, const float* q_row, const int32_t* cols,
                      int64_t count, float* logits, float* out_row) {
   const int64_t stride = p.TokenStride();
-  const float* k_base = p.Row(p.k, bi, 0, hi);
-  const float* v_base = p.Row(p.v, bi, 0, hi);
-  float mx = -INFINITY;
+  const float* k_base = p.Row(1, bi, 0, hi);
+  const float* v_base = p.Row(2, bi, 0, hi);
   for (int64_t t = 0; t < count; ++t) {
     const float* kr = k_base + cols[t] * stride;
     float s = 0.0f;
     for (int64_t c = 0; c < p.d; ++c) s += q_row[c] * kr[c];
     logits[t] = s * p.scale;
-    mx = std::max(mx, logits[t]);
   }
-  float sum = 0.0f;
-  for (int64_t t = 0; t < count; ++t) sum += (logits[t] = std::exp(logits[t] - mx));
+  const float sum = sparsifiner_kernels::ExpMinusMaxInPlace(logits, count);
   for (int64_t c = 0; c < p.d; ++c) out_row[c] = 0.0f;
   for (int64_t t = 0; t < count; ++t) {
     const float* vr = v_base + cols[t] * stride;
@@ -179,70 +135,50 @@ RowFn PickRowFn(int64_t d) {
   return AttendRowScalar;
 }
 
-// Work items are (batch, head, block of rows), handed out dynamically; the calling thread works too and
-// waits only for items another thread has claimed, so a busy (or one-thread) pool cannot deadlock it.
-struct Work {
+// One query row per Row(i) (i = (b * H + h) * N + token): rows of one (batch, head) are adjacent, so a
+// thread's chunk reuses that head's K and V from cache.
+struct AttentionRows {
   Problem p;
   RowFn row_fn;
-  int64_t rows_per_item, items_per_head, num_items;
-  std::atomic<int64_t> next{0}, done{0};
 
-  void Drain() {
-    std::vector<int32_t> cols(p.n);
-    std::vector<float> logits(p.n + 16);
-    for (int64_t item; (item = next.fetch_add(1)) < num_items;) {
-      const int64_t head_item = item / items_per_head;
-      const int64_t bi = head_item / p.h, hi = head_item % p.h;
-      const int64_t row0 = (item % items_per_head) * rows_per_item;
-      const int64_t row1 = std::min(p.n, row0 + rows_per_item);
+  struct Buffers {
+    std::vector<int32_t> cols;
+    std::vector<float> logits;
+  };
+  Buffers Scratch() const { return Buffers{std::vector<int32_t>(p.n), std::vector<float>(p.n + 16)}; }
+
+  void Row(int64_t item, Buffers& s) const {
+    const int64_t i = item % p.n, head_item = item / p.n;
+    const int64_t bi = head_item / p.h, hi = head_item % p.h;
+    int64_t count;
+    if (i < p.dense_rows) {
+      for (int64_t j = 0; j < p.n; ++j) s.cols[j] = static_cast<int32_t>(j);
+      count = p.n;
+    } else {
       const bool* keep_head = p.keep + ((p.mask_b == 1 ? 0 : bi) * p.mask_h + (p.mask_h == 1 ? 0 : hi)) *
                                            (p.n - p.dense_rows) * p.n;
-      for (int64_t i = row0; i < row1; ++i) {
-        int64_t count;
-        if (i < p.dense_rows) {
-          for (int64_t j = 0; j < p.n; ++j) cols[j] = static_cast<int32_t>(j);
-          count = p.n;
-        } else {
-          count = KeptColumns(keep_head + (i - p.dense_rows) * p.n, p.n, cols.data());
-        }
-        row_fn(p, bi, hi, p.Row(p.q, bi, i, hi), cols.data(), count, logits.data(),
-               p.out + ((bi * p.n + i) * p.h + hi) * p.d);
-      }
-      done.fetch_add(1, std::memory_order_release);
+      count = KeptColumns(keep_head + (i - p.dense_rows) * p.n, p.n, s.cols.data());
     }
+    row_fn(p, bi, hi, p.Row(0, bi, i, hi), s.cols.data(), count, s.logits.data(),
+           p.out + ((bi * p.n + i) * p.h + hi) * p.d);
   }
 };
 
-ffi::Error SparseAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                               ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> keep,
+ffi::Error SparseAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::PRED> keep,
                                ffi::ResultBuffer<ffi::F32> out, int64_t num_dense_rows, float scale) {
-  const auto qd = q.dimensions(), md = keep.dimensions();
-  if (qd.size() != 4 || md.size() != 4) {
-    return ffi::Error::InvalidArgument("sparse_attention: q/k/v must be [B, N, H, d], keep [B, H, R, N]");
+  const auto qd = qkv.dimensions(), md = keep.dimensions();
+  if (qd.size() != 5 || qd[2] != 3 || md.size() != 4) {
+    return ffi::Error::InvalidArgument("sparse_attention: qkv must be [B, N, 3, H, d], keep [B, H, R, N]");
   }
-  Problem p{q.typed_data(), k.typed_data(), v.typed_data(), keep.typed_data(), out->typed_data(),
-            qd[0], qd[1], qd[2], qd[3], num_dense_rows, md[0], md[1], scale};
-  const auto kd = k.dimensions(), vd = v.dimensions();
-  if (kd.size() != 4 || vd.size() != 4 || !std::equal(qd.begin(), qd.end(), kd.begin()) ||
-      !std::equal(qd.begin(), qd.end(), vd.begin())) {
-    return ffi::Error::InvalidArgument("sparse_attention: q, k and v must have the same shape");
-  }
+  Problem p{qkv.typed_data(), keep.typed_data(), out->typed_data(), qd[0], qd[1], qd[3], qd[4],
+            num_dense_rows, md[0], md[1], scale};
   if (num_dense_rows < 0 || num_dense_rows > p.n || md[2] != p.n - num_dense_rows || md[3] != p.n ||
       (md[0] != 1 && md[0] != p.b) || (md[1] != 1 && md[1] != p.h)) {
     return ffi::Error::InvalidArgument("sparse_attention: keep must be [B|1, H|1, N - num_dense_rows, N]");
   }
   if (p.n >= (int64_t{1} << 31)) return ffi::Error::InvalidArgument("sparse_attention: N must be < 2^31");
-  auto work = std::make_shared<Work>();
-  work->p = p;
-  work->row_fn = PickRowFn(p.d);
-  work->rows_per_item = std::max<int64_t>(1, std::min<int64_t>(p.n, 64));
-  work->items_per_head = (p.n + work->rows_per_item - 1) / work->rows_per_item;
-  work->num_items = p.b * p.h * work->items_per_head;
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  for (int64_t t = 1; t < std::min(threads, work->num_items); ++t) pool.Schedule([work] { work->Drain(); });
-  work->Drain();
-  while (work->done.load(std::memory_order_acquire) < work->num_items) {
-  }
+  auto work = std::make_shared<const AttentionRows>(AttentionRows{p, PickRowFn(p.d)});
+  sparsifiner_kernels::ParallelRows(pool, work, p.b * p.h * p.n, 16);
   return ffi::Error::Success();
 }
 
@@ -251,8 +187,6 @@ ffi::Error SparseAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SparseAttention, SparseAttentionImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::PRED>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()

@@ -11,14 +11,24 @@
 // mask in one pass. Rows are split over XLA's intra-op thread pool.
 //
 // Shapes: x float32 [..., n] (any leading dims, treated as rows), out bool [..., n]; attribute k in [1, n].
+//
+// LowRankTopkMask fuses Sparsifiner's whole mask selection (models/predictor.py, sparse mode) so that the
+// [B, H, R, N] approximation is never written out: per row, coef = softmax(scores) over the m basis
+// rows, cut to its coef_k largest entries (chosen on the scores, ties: lowest index; not renormalised),
+// approx = coef @ basis,
+// then the top-k mask of approx as above. scores float32 [B, H, R, m]; basis float32 [Bb, m, N] with
+// Bb in {1, B} (per-example bases under token dropping); out bool [B, H, R, N].
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <memory>
 #include <vector>
 
+#include "cpu_common.h"
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -32,11 +42,24 @@ inline uint32_t OrderKey(float x) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-// 32-bit counts (rows are < 2^31 long): the compiler keeps 16 of them per AVX-512 register, twice the lanes of int64.
+// How many of key[0..n) are >= c. AVX-512: 16 compares per instruction, counted by mask popcounts.
 inline int64_t CountAtLeast(const uint32_t* key, int64_t n, uint32_t c) {
-  uint32_t count = 0;
+#if defined(__AVX512F__)
+  const __m512i cv = _mm512_set1_epi32(static_cast<int32_t>(c));
+  int64_t count = 0, j = 0;
+  for (; j + 16 <= n; j += 16) {
+    count += __builtin_popcount(_mm512_cmpge_epu32_mask(_mm512_loadu_si512(key + j), cv));
+  }
+  if (j < n) {
+    const __mmask16 tail = sparsifiner_kernels::FirstLanes(n - j);
+    count += __builtin_popcount(_mm512_mask_cmpge_epu32_mask(tail, _mm512_maskz_loadu_epi32(tail, key + j), cv));
+  }
+  return count;
+#else
+  uint32_t count = 0;  // 32-bit counts (rows are < 2^31 long): twice the SIMD lanes of int64
   for (int64_t j = 0; j < n; ++j) count += key[j] >= c;
   return count;
+#endif
 }
 
 void SelectRow(const float* x, int64_t n, int64_t k, uint32_t* key, bool* out) {
@@ -75,22 +98,57 @@ void SelectRow(const float* x, int64_t n, int64_t k, uint32_t* key, bool* out) {
   }
 }
 
-// Rows are handed out in chunks; the calling thread works too and waits only for chunks another thread
-// has claimed, so a busy (or one-thread) pool cannot deadlock it.
-struct Work {
-  const float* x;
-  bool* out;
-  int64_t n, k, rows, chunk, num_chunks;
-  std::atomic<int64_t> next{0}, done{0};
-
-  void Drain() {
-    std::vector<uint32_t> key(n);
-    for (int64_t c; (c = next.fetch_add(1)) < num_chunks;) {
-      const int64_t end = std::min(rows, (c + 1) * chunk);
-      for (int64_t i = c * chunk; i < end; ++i) SelectRow(x + i * n, n, k, key.data(), out + i * n);
-      done.fetch_add(1, std::memory_order_release);
+// The same selection for short rows (the predictor's m coefficients), by rank instead of a radix select:
+// out[i] = true iff fewer than k entries beat x[i] (are larger, or equal at a lower index). O(n^2) but
+// without the select's serial count steps, so faster for rows of a few dozen.
+void SelectShortRow(const float* x, int64_t n, int64_t k, uint32_t* key, bool* out) {
+  for (int64_t j = 0; j < n; ++j) key[j] = OrderKey(x[j]);
+#if defined(__AVX512F__)
+  if (n <= 64) {
+    // Strict ranks (how many entries are larger) decide the set unless ties straddle the budget, which
+    // shows as more than k entries of rank < k; then the exact loop below breaks the ties.
+    __m512i keys[4], rank[4];
+    const int64_t blocks = (n + 15) / 16;
+    for (int64_t c = 0; c < blocks; ++c) {
+      keys[c] = _mm512_maskz_loadu_epi32(sparsifiner_kernels::FirstLanes(n - 16 * c), key + 16 * c);
+      rank[c] = _mm512_setzero_si512();
+    }
+    const __m512i one = _mm512_set1_epi32(1);
+    for (int64_t j = 0; j < n; ++j) {
+      const __m512i kj = _mm512_set1_epi32(static_cast<int32_t>(key[j]));
+      for (int64_t c = 0; c < blocks; ++c) {
+        rank[c] = _mm512_mask_add_epi32(rank[c], _mm512_cmpgt_epu32_mask(kj, keys[c]), rank[c], one);
+      }
+    }
+    const __m512i kv = _mm512_set1_epi32(static_cast<int32_t>(k));
+    int64_t kept = 0;
+    __mmask16 masks[4];
+    for (int64_t c = 0; c < blocks; ++c) {
+      masks[c] = _mm512_mask_cmplt_epi32_mask(sparsifiner_kernels::FirstLanes(n - 16 * c), rank[c], kv);
+      kept += __builtin_popcount(masks[c]);
+    }
+    if (kept == k) {
+      for (int64_t c = 0; c < blocks; ++c) {
+        for (int64_t u = 0; u < 16 && 16 * c + u < n; ++u) out[16 * c + u] = (masks[c] >> u) & 1;
+      }
+      return;
     }
   }
+#endif
+  for (int64_t i = 0; i < n; ++i) {
+    int64_t rank = 0;
+    for (int64_t j = 0; j < n; ++j) rank += key[j] > key[i] || (key[j] == key[i] && j < i);
+    out[i] = rank < k;
+  }
+}
+
+struct TopkRows {
+  const float* x;
+  bool* out;
+  int64_t n, k;
+
+  std::vector<uint32_t> Scratch() const { return std::vector<uint32_t>(n); }
+  void Row(int64_t i, std::vector<uint32_t>& key) const { SelectRow(x + i * n, n, k, key.data(), out + i * n); }
 };
 
 ffi::Error TopkMaskImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::PRED> out,
@@ -100,21 +158,93 @@ ffi::Error TopkMaskImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Resu
   const int64_t n = dims.back();
   if (k < 1 || k > n) return ffi::Error::InvalidArgument("topk_mask: k must be in [1, n]");
   if (n >= (int64_t{1} << 31)) return ffi::Error::InvalidArgument("topk_mask: rows must be < 2^31 long");
-  auto work = std::make_shared<Work>();
-  work->x = x.typed_data();
-  work->out = out->typed_data();
-  work->n = n;
-  work->k = k;
-  work->rows = n == 0 ? 0 : static_cast<int64_t>(x.element_count()) / n;
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  work->chunk = std::max<int64_t>(64, work->rows / (threads * 8) + 1);
-  work->num_chunks = (work->rows + work->chunk - 1) / work->chunk;
-  for (int64_t t = 1; t < std::min(threads, work->num_chunks); ++t) {
-    pool.Schedule([work] { work->Drain(); });
+  auto work = std::make_shared<const TopkRows>(TopkRows{x.typed_data(), out->typed_data(), n, k});
+  sparsifiner_kernels::ParallelRows(pool, work, n == 0 ? 0 : static_cast<int64_t>(x.element_count()) / n, 64);
+  return ffi::Error::Success();
+}
+
+struct LowRankRows {
+  const float *scores, *basis;
+  bool* out;
+  int64_t rows_per_example, m, n, basis_per_example, coef_k, k;
+
+  struct Buffers {
+    std::vector<float> coef, approx;
+    std::vector<uint32_t> key;
+    std::vector<int32_t> used;
+    std::unique_ptr<bool[]> coef_keep;
+  };
+  Buffers Scratch() const {
+    return Buffers{std::vector<float>(m + 16), std::vector<float>(n), std::vector<uint32_t>(std::max(m, n)),
+                   std::vector<int32_t>(m), std::make_unique<bool[]>(m)};
   }
-  work->Drain();
-  while (work->done.load(std::memory_order_acquire) < work->num_chunks) {
+
+  void Row(int64_t i, Buffers& s) const {
+    const bool cut = coef_k < m;   // chosen on the logits: the softmax's order, without its rounding
+    if (cut) SelectShortRow(scores + i * m, m, coef_k, s.key.data(), s.coef_keep.get());
+    float* coef = s.coef.data();
+    std::copy(scores + i * m, scores + (i + 1) * m, coef);
+    const float total = sparsifiner_kernels::ExpMinusMaxInPlace(coef, m);
+    for (int64_t t = 0; t < m; ++t) coef[t] /= total;          // softmax, divided as XLA does
+    const float* base = basis + (basis_per_example ? (i / rows_per_example) * m * n : 0);
+    int64_t used = 0;                                            // kept coefficients, in order
+    for (int64_t t = 0; t < m; ++t) {
+      s.used[used] = static_cast<int32_t>(t);
+      used += !cut || s.coef_keep[t];
+    }
+    float* approx = s.approx.data();
+#if defined(__AVX512F__)
+    constexpr int64_t kGroup = 8;   // 8 independent accumulators (128 columns) hide the FMA latency
+    for (int64_t j0 = 0; j0 < n; j0 += 16 * kGroup) {
+      __m512 acc[kGroup];
+      for (int64_t g = 0; g < kGroup; ++g) acc[g] = _mm512_setzero_ps();
+      for (int64_t u = 0; u < used; ++u) {
+        const __m512 w = _mm512_set1_ps(coef[s.used[u]]);
+        const float* row = base + s.used[u] * n + j0;
+        for (int64_t g = 0; g < kGroup; ++g) {
+          const int64_t j = j0 + 16 * g;
+          if (j < n) {
+            acc[g] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(sparsifiner_kernels::FirstLanes(n - j), row + 16 * g), acc[g]);
+          }
+        }
+      }
+      for (int64_t g = 0; g < kGroup && j0 + 16 * g < n; ++g) {
+        _mm512_mask_storeu_ps(approx + j0 + 16 * g, sparsifiner_kernels::FirstLanes(n - j0 - 16 * g), acc[g]);
+      }
+    }
+#else
+    std::fill(approx, approx + n, 0.0f);
+    for (int64_t u = 0; u < used; ++u) {
+      const float w = coef[s.used[u]];
+      const float* row = base + s.used[u] * n;
+      for (int64_t j = 0; j < n; ++j) approx[j] += w * row[j];
+    }
+#endif
+    SelectRow(approx, n, k, s.key.data(), out + i * n);
   }
+};
+
+ffi::Error LowRankTopkMaskImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scores,
+                               ffi::Buffer<ffi::F32> basis, ffi::ResultBuffer<ffi::PRED> out,
+                               int64_t coef_k, int64_t k) {
+  const auto sd = scores.dimensions(), bd = basis.dimensions(), od = out->dimensions();
+  if (sd.size() != 4 || bd.size() != 3 || od.size() != 4) {
+    return ffi::Error::InvalidArgument("lowrank_topk_mask: scores [B, H, R, m], basis [B|1, m, N]");
+  }
+  const int64_t m = sd[3], n = bd[2];
+  if (bd[1] != m || (bd[0] != 1 && bd[0] != sd[0]) || od[3] != n || !std::equal(sd.begin(), sd.end() - 1, od.begin())) {
+    return ffi::Error::InvalidArgument("lowrank_topk_mask: scores [B, H, R, m], basis [B|1, m, N], out [B, H, R, N]");
+  }
+  if (k < 1 || k > n || coef_k < 1) {
+    return ffi::Error::InvalidArgument("lowrank_topk_mask: k must be in [1, N] and coef_k >= 1");
+  }
+  if (n >= (int64_t{1} << 31) || m >= (int64_t{1} << 31)) {
+    return ffi::Error::InvalidArgument("lowrank_topk_mask: N and m must be < 2^31");
+  }
+  auto work = std::make_shared<const LowRankRows>(LowRankRows{
+      scores.typed_data(), basis.typed_data(), out->typed_data(), sd[1] * sd[2], m, n, bd[0] != 1,
+      coef_k, k});
+  sparsifiner_kernels::ParallelRows(pool, work, sd[0] * sd[1] * sd[2], 64);
   return ffi::Error::Success();
 }
 
@@ -125,4 +255,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TopkMask, TopkMaskImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::PRED>>()
+                                  .Attr<int64_t>("k"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LowRankTopkMask, LowRankTopkMaskImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::PRED>>()
+                                  .Attr<int64_t>("coef_k")
                                   .Attr<int64_t>("k"));

@@ -15,7 +15,8 @@ Two modes:
   no mask is produced (the attention stays dense).
 * sparse (everything else): basis ``T(|W_upᵀ|)`` keeping entries ``> basis_threshold`` (the official
   code's abs; ``signed_basis=True`` keeps the sign instead, SPARSIFINER.md §8.2), coefficients cut to their
-  top-``coef_topk`` softmax values (not renormalised), then top-k keys per query row.
+  top-``coef_topk`` softmax values (not renormalised; ranked by the logits, the same order without the
+  softmax's rounding), then top-k keys per query row.
 """
 
 from __future__ import annotations
@@ -77,9 +78,9 @@ class MaskPredictor(nnx.Module):
     keep = magnitude > self.basis_threshold
     return jnp.where(keep, basis if self.signed_basis else magnitude, 0.0)
 
-  def approx_attention(self, q: Array, k: Array, recon: bool, *, token_index: Array | None = None,
-                       key_keep: Array | None = None) -> Array:
-    """Low-rank attention approximation Â ``[B, H, N-1, N]`` from raw q, k ``[B, N, H, d]``.
+  def coefficient_logits(self, q: Array, k: Array, *, token_index: Array | None = None,
+                         key_keep: Array | None = None) -> Array:
+    """Logits of the basis coefficients ``[B, H, N-1, m]`` float32 from raw q, k ``[B, N, H, d]``.
 
     Token sparsity: ``token_index [B, N]`` gives the original positions of a shortened sequence (the
     token-sized parameters are gathered at them); ``key_keep [B, N] bool`` marks the live tokens of a
@@ -99,14 +100,20 @@ class MaskPredictor(nnx.Module):
       k_hat = mm("bnhc,nm->bhcm", k_r, proj_n)
     else:
       k_hat = mm("bnhc,bnm->bhcm", k_r, proj_n[token_index])
-    scores = mm("bnhc,bhcm->bhnm", q_r[:, 1:], k_hat) * self.num_heads ** -0.5
-    coef = jax.nn.softmax(scores, axis=-1)                           # [B, H, N-1, m]
-    if not recon:
-      coef = keep_topk_values(coef, self.coef_topk)
+    return mm("bnhc,bhcm->bhnm", q_r[:, 1:], k_hat) * self.num_heads ** -0.5
+
+  def basis_rows(self, recon: bool, token_index: Array | None = None) -> Array:
+    """The basis for the tokens present: ``[m, N]``, or ``[B, m, N]`` at ``token_index [B, N]``."""
     basis = self.basis(recon)                                         # [m, N0]
-    if token_index is None:
-      return mm("bhnm,mk->bhnk", coef, basis)
-    return mm("bhnm,bkm->bhnk", coef, basis.T[token_index])
+    return basis if token_index is None else jnp.swapaxes(basis.T[token_index], 1, 2)
+
+  def combine(self, logits: Array, basis: Array, recon: bool) -> Array:
+    """Â ``[B, H, N-1, N]`` from coefficient logits ``[B, H, N-1, m]`` and ``basis_rows``."""
+    coef = jax.nn.softmax(logits, axis=-1)
+    if not recon:   # ranked by the logits: the softmax's order exactly, where its rounding could tie
+      coef = keep_topk_values(coef, self.coef_topk, by=logits)
+    spec = "bhnm,mk->bhnk" if basis.ndim == 2 else "bhnm,bmk->bhnk"
+    return attn_lib.mixed_einsum(spec, coef, basis, self.dtype)
 
   def __call__(self, q: Array, k: Array, *, recon: bool = False, token_index: Array | None = None,
                key_keep: Array | None = None, kept_patches: int | None = None
@@ -114,21 +121,28 @@ class MaskPredictor(nnx.Module):
     """Returns ``(mask, approx_attn)``; the mask is None in reconstruction mode (dense attention).
 
     With token sparsity the budget is capped at the ``kept_patches`` live patch tokens (the official
-    code's cap) and pruned keys (``key_keep`` False) are never selected.
+    code's cap) and pruned keys (``key_keep`` False) are never selected. Without ``key_keep`` the mask
+    comes from ``kernels.lowrank_topk_mask`` (one fused CPU pass; ``approx_attn`` is then only computed
+    if the caller uses it).
     """
-    approx = self.approx_attention(q, k, recon, token_index=token_index, key_keep=key_keep)
+    logits = self.coefficient_logits(q, k, token_index=token_index, key_keep=key_keep)
+    basis = self.basis_rows(recon, token_index)
+    approx = self.combine(logits, basis, recon)
     if recon:
       return None, approx
     budget = self.budget if kept_patches is None else min(self.budget, kept_patches)
-    scores = jax.lax.stop_gradient(approx)
-    if key_keep is not None:
-      scores = jnp.where(key_keep[:, None, None, :], scores, -jnp.inf)
+    if key_keep is None:
+      keep = kernels.lowrank_topk_mask(
+          logits, basis if basis.ndim == 3 else basis[None], coef_k=self.coef_topk, k=budget,
+          reference=lambda lg, bs: kernels.topk_keep_mask(self.combine(lg, bs, recon=False), budget))
+      return attn_lib.keep_mask(keep, budget, num_dense_rows=1), approx
+    scores = jnp.where(key_keep[:, None, None, :], jax.lax.stop_gradient(approx), -jnp.inf)
     return attn_lib.topk_mask(scores, budget, num_dense_rows=1), approx
 
 
-def keep_topk_values(x: Array, k: int) -> Array:
+def keep_topk_values(x: Array, k: int, by: Array | None = None) -> Array:
   """Zeroes all but the ``k`` largest entries of each row of ``x`` (values kept, not renormalised;
-  ties: lowest index). Gradients flow to the kept entries."""
+  ties: lowest index), ranked by ``by`` (same shape; default ``x``). Gradients flow to the kept entries."""
   if k >= x.shape[-1]:
     return x
-  return jnp.where(kernels.topk_keep_mask(x, k), x, jnp.zeros_like(x))
+  return jnp.where(kernels.topk_keep_mask(x if by is None else by, k), x, jnp.zeros_like(x))
