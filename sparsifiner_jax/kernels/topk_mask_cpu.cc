@@ -100,11 +100,18 @@ void SelectRow(const float* x, int64_t n, int64_t k, uint32_t* key, bool* out) {
 
 // The same selection for short rows (the predictor's m coefficients), by rank instead of a radix select:
 // out[i] = true iff fewer than k entries beat x[i] (are larger, or equal at a lower index). O(n^2) but
-// without the select's serial count steps, so faster for rows of a few dozen.
+// without the select's serial count steps, so faster for rows of a few dozen; longer rows (m = 130 at
+// 448 px) take SelectRow.
 void SelectShortRow(const float* x, int64_t n, int64_t k, uint32_t* key, bool* out) {
+#if defined(__AVX512F__)
+  constexpr int64_t kLongest = 64;
+#else
+  constexpr int64_t kLongest = 0;
+#endif
+  if (n > kLongest) return SelectRow(x, n, k, key, out);
   for (int64_t j = 0; j < n; ++j) key[j] = OrderKey(x[j]);
 #if defined(__AVX512F__)
-  if (n <= 64) {
+  {
     // Strict ranks (how many entries are larger) decide the set unless ties straddle the budget, which
     // shows as more than k entries of rank < k; then the exact loop below breaks the ties.
     __m512i keys[4], rank[4];
