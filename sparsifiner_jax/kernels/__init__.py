@@ -15,14 +15,15 @@ function serves CPU and accelerators:
   quarter of dense attention's work at keep 0.25, where XLA's masked attention does all of it and more);
   elsewhere, and for gradients, the caller's XLA reference.
 
-Both fall back to XLA when the kernels cannot be built.
+All fall back to XLA when the kernels cannot be built.
 
-Building: the C++ sources (``*_cpu.cc`` and ``cpu_common.h``) are compiled once per (sources, jaxlib, CPU) into one library in a cache directory
+Building: the C++ sources (``*_cpu.cc``, ``cpu_common.h``) are compiled once per (sources, jaxlib, CPU)
+into one library in a cache directory
 (``$SPARSIFINER_JAX_CACHE``, default ``~/.cache/sparsifiner_jax``) with ``$CXX`` (default ``g++``), written
 atomically, so concurrent processes are safe. ``SPARSIFINER_JAX_CPU_KERNELS=0`` disables the kernels (the
 XLA path is then used everywhere); ``kernel_status()`` says which path is active and why.
 
-Known limitation: the custom call has no partitioning rule, so under a batch-sharded ``jit`` XLA gathers
+Known limitation: the custom calls have no partitioning rule, so under a batch-sharded ``jit`` XLA gathers
 its operand and every device selects over the global batch (correct, but the work is replicated; plain
 ``lax.top_k`` is partitioned the same way here). A ``custom_partitioning`` rule worked for plain batch
 sharding but failed inside the trainer's gradient-accumulation reshape (JAX could not express that
@@ -48,7 +49,8 @@ import numpy as np
 
 Array = jax.Array
 
-_SOURCES = tuple(pathlib.Path(__file__).with_name(f) for f in ("topk_mask_cpu.cc", "sparse_attention_cpu.cc"))
+_SOURCES = tuple(pathlib.Path(__file__).with_name(f)
+                 for f in ("topk_mask_cpu.cc", "sparse_attention_cpu.cc"))
 _HEADERS = (pathlib.Path(__file__).with_name("cpu_common.h"),)
 _TARGET = "sparsifiner_topk_mask"
 _LOWRANK_TARGET = "sparsifiner_lowrank_topk_mask"
@@ -79,7 +81,8 @@ def _build() -> pathlib.Path:
   if shutil.which(cxx) is None:
     raise RuntimeError(f"no C++ compiler {cxx!r} on PATH")
   include = jax.ffi.include_dir()
-  key = hashlib.sha256("\n".join([*(src.read_text() for src in _SOURCES + _HEADERS), jax.__version__, cxx, " ".join(_CXXFLAGS),
+  texts = [src.read_text() for src in _SOURCES + _HEADERS]
+  key = hashlib.sha256("\n".join([*texts, jax.__version__, cxx, " ".join(_CXXFLAGS),
                                   _cpu_signature()]).encode()).hexdigest()[:16]
   lib = _cache_dir() / f"topk_mask_cpu_{key}.so"
   if lib.exists():
@@ -156,8 +159,8 @@ def topk_keep_mask(x: Array, k: int) -> Array:
 
 
 def _ffi_lowrank_topk_mask(scores, basis, *, coef_k: int, k: int) -> Array:
-  call = jax.ffi.ffi_call(_LOWRANK_TARGET, jax.ShapeDtypeStruct((*scores.shape[:-1], basis.shape[-1]), jnp.bool_),
-                          vmap_method="sequential")
+  out = jax.ShapeDtypeStruct((*scores.shape[:-1], basis.shape[-1]), jnp.bool_)
+  call = jax.ffi.ffi_call(_LOWRANK_TARGET, out, vmap_method="sequential")
   return call(scores, basis, coef_k=np.int64(coef_k), k=np.int64(k))
 
 
@@ -180,8 +183,8 @@ def lowrank_topk_mask(scores: Array, basis: Array, *, coef_k: int, k: int, refer
     ``keep [B, H, R, N] bool`` (no gradient: a selection).
   """
   n = basis.shape[-1]
-  if scores.ndim != 4 or basis.ndim != 3 or basis.shape[1] != scores.shape[-1] or basis.shape[0] not in (
-      1, scores.shape[0]):
+  if (scores.ndim != 4 or basis.ndim != 3 or basis.shape[1] != scores.shape[-1]
+      or basis.shape[0] not in (1, scores.shape[0])):
     raise ValueError(f"lowrank_topk_mask: scores must be [B, H, R, m] and basis [B|1, m, N]; got "
                      f"{scores.shape} and {basis.shape}")
   if not 1 <= k <= n or coef_k < 1:
@@ -191,7 +194,8 @@ def lowrank_topk_mask(scores: Array, basis: Array, *, coef_k: int, k: int, refer
   if scores.size == 0 or not _load():
     return reference(scores, basis)
   return jax.lax.platform_dependent(
-      scores, basis, cpu=functools.partial(_ffi_lowrank_topk_mask, coef_k=coef_k, k=k), default=reference)
+      scores, basis, cpu=functools.partial(_ffi_lowrank_topk_mask, coef_k=coef_k, k=k),
+      default=reference)
 
 
 def _ffi_sparse_attention(q, k, v, keep, *, num_dense_rows: int, scale: float) -> Array:
