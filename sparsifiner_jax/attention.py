@@ -137,26 +137,22 @@ def indices_to_dense(indices: Array, n: int, valid: Array | None = None) -> Arra
 def topk_mask(scores: Array, k: int, num_dense_rows: int = 1) -> AttentionMask:
   """Keeps the ``k`` highest ``scores [B, H, R, N]`` per row (ties: lowest index first).
 
-  ``R`` are the sparse query rows (the dense leading rows are not scored). The mask carries both forms:
-  ``keep`` from ``kernels.topk_keep_mask`` (a radix select on CPU) for the dense executors, and the
-  ``lax.top_k`` indices for the gather executor, density counts and plots. XLA computes only what the
-  jitted function uses. Only the indices are taken from ``top_k``: slicing its *values* makes XLA
-  rewrite TopK into a full sort (ENVIRONMENT.md §4b).
+  ``R`` are the sparse query rows (the dense leading rows are not scored). The selection is
+  ``kernels.topk_keep_mask`` (a radix select on CPU); the mask is built from it by ``keep_mask``.
   """
   n = scores.shape[-1]
   if not 1 <= k <= n:
     raise ValueError(f"top-k budget k={k} must be in [1, {n}] (the number of keys)")
-  scores = jax.lax.stop_gradient(scores)
-  _, idx = jax.lax.top_k(scores, k)
-  return AttentionMask(indices=idx.astype(jnp.int32), num_dense_rows=num_dense_rows, num_keys=n,
-                       keep=kernels.topk_keep_mask(scores, k))
+  return keep_mask(kernels.topk_keep_mask(scores, k), k, num_dense_rows)
 
 
 def keep_mask(keep: Array, k: int, num_dense_rows: int = 1) -> AttentionMask:
   """The mask of boolean rows ``keep [B, H, R, N]`` with exactly ``k`` True each (a top-k selection).
 
   Its ``indices`` are the kept columns in increasing order, derived from ``keep`` (so both forms always
-  agree); XLA computes them only if a consumer uses them.
+  agree); XLA computes them only if a consumer uses them (the gather executor, density counts, plots).
+  Only the indices are taken from ``top_k``: slicing its *values* makes XLA rewrite TopK into a full
+  sort (ENVIRONMENT.md §4b).
   """
   _, idx = jax.lax.top_k(keep.astype(jnp.float32), k)   # the k ones; ties -> lowest index first
   return AttentionMask(indices=idx.astype(jnp.int32), num_dense_rows=num_dense_rows,
