@@ -420,51 +420,63 @@ def test_sparse_attention_bad_mask_shape(keep_shape, match):
 # The fused low-rank mask kernel (kernels.lowrank_topk_mask) against predictor math in XLA and float64.
 
 
-def _lowrank_reference(coef_k, k):
-  def ref(scores, basis):
-    coef = predictor.keep_topk_values(jax.nn.softmax(scores, -1), coef_k, by=scores)
+def _lowrank_reference(coef_k, k, first_row, scale):
+  def ref(q, w, basis):
+    logits = kernels.lowrank_logits(q, w, first_row=first_row, scale=scale)
+    coef = predictor.keep_topk_values(jax.nn.softmax(logits, -1), coef_k, by=logits)
     return kernels.topk_keep_mask_xla(jnp.einsum("bhrm,bmn->bhrn", coef, jnp.broadcast_to(
-        basis, (scores.shape[0], *basis.shape[1:]))), k)
+        basis, (q.shape[0], *basis.shape[1:]))), k)
   return ref
 
 
 @pytest.mark.usefixtures("needs_kernel")
-@pytest.mark.parametrize("b,h,r,m,n,basis_b,coef_k,k", [
-    (2, 3, 196, 32, 197, 1, 8, 50),    # DeiT-S at keep 0.25
-    (3, 2, 10, 8, 11, 3, 4, 3),        # per-example bases (token dropping)
-    (1, 2, 16, 70, 17, 1, 8, 17),      # long coefficient rows (exact-rank path), k = N
-    (1, 1, 5, 6, 9, 1, 6, 1),          # coef_k >= m: nothing cut
+@pytest.mark.parametrize("b,h,nq,d,m,n,basis_b,coef_k,k", [
+    (2, 3, 197, 64, 32, 197, 1, 8, 50),   # DeiT-S at keep 0.25
+    (3, 2, 11, 6, 8, 11, 3, 4, 3),        # per-example bases (token dropping); d not a multiple of 4
+    (1, 2, 17, 16, 70, 17, 1, 8, 17),     # long coefficient rows (radix path, masked tail lanes), k = N
+    (1, 1, 6, 5, 6, 9, 1, 6, 1),          # coef_k >= m: nothing cut
 ])
-def test_lowrank_topk_mask_matches_reference(b, h, r, m, n, basis_b, coef_k, k):
-  ks = jax.random.split(jax.random.key(m + n), 2)
-  scores = jax.random.normal(ks[0], (b, h, r, m))
-  basis = jnp.abs(jax.random.normal(ks[1], (basis_b, m, n))) * 0.02
-  ref = _lowrank_reference(coef_k, k)
-  f = functools.partial(kernels.lowrank_topk_mask, coef_k=coef_k, k=k, reference=ref)
-  assert KERNEL_TARGETS["lowrank"] in str(jax.make_jaxpr(f)(scores, basis))
-  got = np.asarray(jax.jit(f)(scores, basis))
+def test_lowrank_topk_mask_matches_reference(b, h, nq, d, m, n, basis_b, coef_k, k):
+  ks = jax.random.split(jax.random.key(m + n), 4)
+  q = jax.random.normal(ks[0], (b, nq, h, d))
+  w = jnp.concatenate([jax.random.normal(ks[1], (b, h, d, m)) * d ** -0.5,
+                       jax.random.normal(ks[2], (b, h, 1, m))], axis=2)    # the offset as the last row
+  basis = jnp.abs(jax.random.normal(ks[3], (basis_b, m, n))) * 0.02
+  scale = 0.4
+  ref = _lowrank_reference(coef_k, k, 1, scale)
+  f = functools.partial(kernels.lowrank_topk_mask, first_row=1, scale=scale, coef_k=coef_k, k=k,
+                        reference=ref)
+  assert KERNEL_TARGETS["lowrank"] in str(jax.make_jaxpr(f)(q, w, basis))
+  got = np.asarray(jax.jit(f)(q, w, basis))
+  assert got.shape == (b, h, nq - 1, n)
   np.testing.assert_array_equal(got.sum(-1), k)
-  # A top-k of the approximation computed in float64 up to float32 rounding (1e-6 of the row's scale).
-  s64, b64 = np.asarray(scores, np.float64), np.broadcast_to(np.asarray(basis, np.float64), (b, m, n))
+  # A top-k of the approximation computed in float64 up to float32 rounding (1e-5 of the row's scale:
+  # the logits' d products are summed in float32 before the softmax).
+  q64, w64 = np.asarray(q, np.float64), np.asarray(w, np.float64)
+  s64 = (np.einsum("bnhd,bhdm->bhnm", q64[:, 1:], w64[:, :, :d]) + w64[:, :, d:]) * scale
+  basis64 = np.broadcast_to(np.asarray(basis, np.float64), (b, m, n))
   coef = np.exp(s64 - s64.max(-1, keepdims=True))
   coef /= coef.sum(-1, keepdims=True)
   order = np.argsort(-s64, axis=-1, kind="stable")
   cut = np.zeros_like(coef, bool)
   np.put_along_axis(cut, order[..., :coef_k], True, axis=-1)
-  approx = np.einsum("bhrm,bmn->bhrn", np.where(cut, coef, 0.0), b64)
+  approx = np.einsum("bhrm,bmn->bhrn", np.where(cut, coef, 0.0), basis64)
   kept_min = np.where(got, approx, np.inf).min(-1)
   dropped_max = np.where(got, -np.inf, approx).max(-1)
-  assert (kept_min >= dropped_max - 1e-6 * approx.max(-1)).all()
+  assert (kept_min >= dropped_max - 1e-5 * approx.max(-1)).all()
   # Random inputs have no near-ties: the same sets as XLA's.
-  np.testing.assert_array_equal(got, ref(scores, basis))
+  np.testing.assert_array_equal(got, ref(q, w, basis))
 
 
-@pytest.mark.parametrize("scores,basis,kw,match", [
-    ((1, 2, 3, 4), (1, 5, 6), dict(coef_k=2, k=2), "scores must be"),
-    ((1, 2, 3, 4), (2, 4, 6), dict(coef_k=2, k=2), "scores must be"),
-    ((1, 2, 3, 4), (1, 4, 6), dict(coef_k=2, k=7), "need 1 <= k=7 <= 6"),
-    ((1, 2, 3, 4), (1, 4, 6), dict(coef_k=0, k=2), "coef_k=0 >= 1"),
+@pytest.mark.parametrize("shapes,kw,match", [
+    (((1, 4, 2, 3), (1, 2, 4, 5), (1, 6, 7)), {}, "need q"),        # basis m 6 != 5
+    (((1, 4, 2, 3), (1, 2, 3, 5), (1, 5, 7)), {}, "need q"),        # w without the offset row
+    (((1, 4, 2, 3), (1, 2, 4, 5), (2, 5, 7)), {}, "need q"),        # basis batch 2 != 1
+    (((1, 4, 2, 3), (1, 2, 4, 5), (1, 5, 7)), dict(first_row=5), "first_row=5 <= Nq"),
+    (((1, 4, 2, 3), (1, 2, 4, 5), (1, 5, 7)), dict(k=8), "need 1 <= k=8 <= 7"),
+    (((1, 4, 2, 3), (1, 2, 4, 5), (1, 5, 7)), dict(coef_k=0), "coef_k=0 >= 1"),
 ])
-def test_lowrank_topk_mask_bad_arguments(scores, basis, kw, match):
+def test_lowrank_topk_mask_bad_arguments(shapes, kw, match):
+  kw = dict(dict(first_row=1, scale=1.0, coef_k=2, k=2), **kw)
   with pytest.raises(ValueError, match=match):
-    kernels.lowrank_topk_mask(jnp.zeros(scores), jnp.zeros(basis), reference=None, **kw)
+    kernels.lowrank_topk_mask(*map(jnp.zeros, shapes), reference=None, **kw)

@@ -7,9 +7,10 @@ function serves CPU and accelerators:
   index -- the set ``jax.lax.top_k`` returns). On CPU it runs ``topk_mask_cpu.cc``, a multi-threaded
   radix select (~30x faster than XLA:CPU's TopK plus a scatter on Sparsifiner's ``[B, H, N-1, N]``
   scores; BENCHMARKS.md); elsewhere the XLA reference (``lax.top_k`` and a scatter).
-* ``lowrank_topk_mask(scores, basis, ...)``: Sparsifiner's whole mask selection from the predictor's
-  coefficient logits (softmax, top coefficients, basis product, top-k) in one pass on CPU, so the
-  ``[B, H, R, N]`` approximation is never written; elsewhere the caller's XLA reference.
+* ``lowrank_topk_mask(q, w, basis, ...)``: Sparsifiner's whole mask selection from the queries and
+  the predictor's per-head weights (coefficient logits, softmax, top coefficients, basis product,
+  top-k) in one pass on CPU, so neither the logits nor the ``[B, H, R, N]`` approximation is written;
+  elsewhere the caller's XLA reference.
 * ``sparse_attention(q, k, v, keep, ...)``: softmax attention over the kept entries only. On CPU it runs
   ``sparse_attention_cpu.cc`` (per row: the kept columns, their logits, exps and value products -- a
   quarter of dense attention's work at keep 0.25, where XLA's masked attention does all of it and more);
@@ -158,43 +159,63 @@ def topk_keep_mask(x: Array, k: int) -> Array:
                                     default=functools.partial(topk_keep_mask_xla, k=k))
 
 
-def _ffi_lowrank_topk_mask(scores, basis, *, coef_k: int, k: int) -> Array:
-  out = jax.ShapeDtypeStruct((*scores.shape[:-1], basis.shape[-1]), jnp.bool_)
+def _ffi_lowrank_topk_mask(q, w, basis, *, first_row: int, scale: float, coef_k: int, k: int) -> Array:
+  b, nq, h, _ = q.shape
+  out = jax.ShapeDtypeStruct((b, h, nq - first_row, basis.shape[-1]), jnp.bool_)
   call = jax.ffi.ffi_call(_LOWRANK_TARGET, out, vmap_method="sequential")
-  return call(scores, basis, coef_k=np.int64(coef_k), k=np.int64(k))
+  return call(q, w, basis, first_row=np.int64(first_row), scale=np.float32(scale),
+              coef_k=np.int64(coef_k), k=np.int64(k))
 
 
-def lowrank_topk_mask(scores: Array, basis: Array, *, coef_k: int, k: int, reference) -> Array:
-  """Sparsifiner's mask from its low-rank attention approximation, without writing the approximation.
+def lowrank_logits(q: Array, w: Array, *, first_row: int, scale: float) -> Array:
+  """The coefficient logits ``lowrank_topk_mask`` ranks, in XLA: ``[B, H, Nq - first_row, m]`` float32,
+  ``(q[:, first_row:] . w[:, :, :d] + w[:, :, d]) * scale`` (float32 products of the operands as given)."""
+  d = q.shape[-1]
+  dot = jnp.einsum("bnhd,bhdm->bhnm", q[:, first_row:], w[:, :, :d], preferred_element_type=jnp.float32)
+  return (dot + w[:, :, d:].astype(jnp.float32)) * scale
 
-  Per row: ``coef = softmax(scores)`` over ``m``, all but its ``coef_k`` largest entries zeroed (ties:
-  lowest index; not renormalised), ``approx = coef @ basis``, then the top-``k`` mask of ``approx``
+
+def lowrank_topk_mask(q: Array, w: Array, basis: Array, *, first_row: int, scale: float, coef_k: int,
+                      k: int, reference) -> Array:
+  """Sparsifiner's mask from its low-rank attention approximation, without writing the coefficient
+  logits or the approximation.
+
+  Per query row: ``logits = lowrank_logits(q, w, ...)`` over the ``m`` basis rows,
+  ``coef = softmax(logits)`` with all but its ``coef_k`` largest entries zeroed (ranked by the logits,
+  ties: lowest index; not renormalised), ``approx = coef @ basis``, then the top-``k`` mask of ``approx``
   (``topk_keep_mask``). On CPU one kernel call does all of it; elsewhere, or without the kernels,
-  ``reference(scores, basis)`` runs. The two agree up to float rounding of ``approx`` (near-ties may
-  resolve differently).
+  ``reference(q, w, basis)`` runs. The two agree up to float rounding (the kernel sums the logits'
+  products in its own order; near-ties may resolve differently).
 
   Args:
-    scores: ``[B, H, R, m]`` coefficient logits (any float dtype; compared in float32).
+    q: ``[B, Nq, H, d]`` queries; rows before ``first_row`` (the CLS row) are not predicted.
+    w: ``[B, H, d + 1, m]`` per-head query weights, the offset as the last row (the predictor's
+      ``[W_q; b_q] K̂``).
     basis: ``[B|1, m, N]`` the (thresholded) up-projection basis, per example under token dropping.
+    first_row, scale: the first predicted row; the logits' scale.
     coef_k, k: coefficients kept per row, keys kept per row (``1 <= k <= N``).
-    reference: ``(scores, basis) -> keep [B, H, R, N] bool`` in XLA.
+    reference: ``(q, w, basis) -> keep [B, H, Nq - first_row, N] bool`` in XLA (float32 inputs).
 
   Returns:
-    ``keep [B, H, R, N] bool`` (no gradient: a selection).
+    ``keep [B, H, Nq - first_row, N] bool`` (no gradient: a selection).
   """
   n = basis.shape[-1]
-  if (scores.ndim != 4 or basis.ndim != 3 or basis.shape[1] != scores.shape[-1]
-      or basis.shape[0] not in (1, scores.shape[0])):
-    raise ValueError(f"lowrank_topk_mask: scores must be [B, H, R, m] and basis [B|1, m, N]; got "
-                     f"{scores.shape} and {basis.shape}")
+  ok = q.ndim == 4 and w.ndim == 4 and basis.ndim == 3
+  if ok:
+    (b, nq, h, d), m = q.shape, w.shape[-1]
+    ok = (w.shape == (b, h, d + 1, m) and basis.shape[1] == m and basis.shape[0] in (1, b)
+          and 0 <= first_row <= nq)
+  if not ok:
+    raise ValueError(f"lowrank_topk_mask: need q [B, Nq, H, d], w [B, H, d + 1, m], basis [B|1, m, N] "
+                     f"and 0 <= first_row={first_row} <= Nq; got {q.shape}, {w.shape}, {basis.shape}")
   if not 1 <= k <= n or coef_k < 1:
     raise ValueError(f"lowrank_topk_mask: need 1 <= k={k} <= {n} and coef_k={coef_k} >= 1")
-  scores = jax.lax.stop_gradient(scores.astype(jnp.float32))
-  basis = jax.lax.stop_gradient(basis.astype(jnp.float32))
-  if scores.size == 0 or not _load():
-    return reference(scores, basis)
+  args = [jax.lax.stop_gradient(x.astype(jnp.float32)) for x in (q, w, basis)]
+  if q.shape[1] == first_row or q.size == 0 or not _load():
+    return reference(*args)
   return jax.lax.platform_dependent(
-      scores, basis, cpu=functools.partial(_ffi_lowrank_topk_mask, coef_k=coef_k, k=k),
+      *args, cpu=functools.partial(_ffi_lowrank_topk_mask, first_row=first_row, scale=float(scale),
+                                   coef_k=coef_k, k=k),
       default=reference)
 
 
