@@ -17,7 +17,8 @@ Methods (``pattern=``):
   0.25). Fibottention has no budget option and keeps its own rule (9.9 % on vit_digits).
 
 Other arguments: ``fill`` (neg_inf | zero_logit), ``mode`` (sparse_transformer: strided | fixed),
-``variant`` (window: clip | neighborhood), ``executor`` (masked | sparse | sigmoid), ``scratch``.
+``variant`` (window: clip | neighborhood), ``executor`` (auto | masked | sparse | sigmoid; default
+``auto``, the models' own default: the CPU kernels where they apply), ``scratch``.
 
 Schedule: every method starts from the dense digits teacher and trains for ``epochs`` (0: 25, the
 Sparsifiner config's recon 10 + distill 15) in the distill phase (cls + kd + tok losses, the same
@@ -37,7 +38,7 @@ def method_name(a) -> str:
   tags = [t for t in (a.mode, a.variant) if t]
   if a.fill != "neg_inf":
     tags.append(a.fill)
-  if a.executor not in ("masked", "sparse") and a.pattern != "sigmoid":
+  if a.executor not in ("auto", "masked", "sparse") and a.pattern != "sigmoid":   # same outputs
     tags.append(a.executor)
   return a.pattern + (f"({','.join(tags)})" if tags else "")
 
@@ -61,7 +62,7 @@ def pattern_model(a) -> tuple[str, dict, str]:
 
 def get_config(arg=None):
   a = common.parse_arg(arg, pattern="fibottention", budget=0.25, fill="neg_inf", mode="", variant="",
-                       executor="masked", epochs=0.0, scratch=False)
+                       executor="auto", epochs=0.0, scratch=False)
   if a.pattern not in METHODS:
     raise ValueError(f"unknown method pattern={a.pattern!r}; allowed: {', '.join(METHODS)}")
   if a.pattern == "sparsifiner":
