@@ -335,7 +335,7 @@ def sparse_attention(q: Array, k: Array, v: Array, mask: AttentionMask | None) -
 def auto_attention(q: Array, k: Array, v: Array, mask: AttentionMask | None) -> Array:
   """The fastest executor measured per backend (BENCHMARKS.md): on CPU the sparse-row kernel
   (``kernels.sparse_attention``: only kept entries, about 3x faster than dense attention at keep 0.25
-  for DeiT-S), elsewhere ``masked``. Gradients are always ``masked``'s (the kernel is forward-only).
+  for DeiT-S) and its backward kernel over the same kept entries, elsewhere ``masked``.
   Masks with ``key_valid`` (simulated token pruning) or ``fill="zero_logit"`` take ``masked`` everywhere."""
   if mask is None:
     return dense_attention(q, k, v)

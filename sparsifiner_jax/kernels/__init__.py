@@ -13,8 +13,8 @@ function serves CPU and accelerators:
   elsewhere the caller's XLA reference.
 * ``sparse_attention(q, k, v, keep, ...)``: softmax attention over the kept entries only. On CPU it runs
   ``sparse_attention_cpu.cc`` (per row: the kept columns, their logits, exps and value products -- a
-  quarter of dense attention's work at keep 0.25, where XLA's masked attention does all of it and more);
-  elsewhere, and for gradients, the caller's XLA reference.
+  quarter of dense attention's work at keep 0.25, where XLA's masked attention does all of it and more),
+  and its gradient over the same entries; elsewhere the caller's XLA reference.
 
 All fall back to XLA when the kernels cannot be built.
 
@@ -56,6 +56,7 @@ _HEADERS = (pathlib.Path(__file__).with_name("cpu_common.h"),)
 _TARGET = "sparsifiner_topk_mask"
 _LOWRANK_TARGET = "sparsifiner_lowrank_topk_mask"
 _ATTENTION_TARGET = "sparsifiner_sparse_attention"
+_ATTENTION_BWD_TARGET = "sparsifiner_sparse_attention_backward"
 _CXXFLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-std=c++17", "-shared", "-fPIC",
              "-w")
 _status = {"available": False, "reason": "not loaded yet"}
@@ -110,6 +111,8 @@ def _load() -> bool:
     jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.TopkMask), platform="cpu")
     jax.ffi.register_ffi_target(_LOWRANK_TARGET, jax.ffi.pycapsule(lib.LowRankTopkMask), platform="cpu")
     jax.ffi.register_ffi_target(_ATTENTION_TARGET, jax.ffi.pycapsule(lib.SparseAttention), platform="cpu")
+    jax.ffi.register_ffi_target(_ATTENTION_BWD_TARGET, jax.ffi.pycapsule(lib.SparseAttentionBackward),
+                                platform="cpu")
   except (OSError, RuntimeError, subprocess.SubprocessError) as e:
     _status.update(available=False, reason=str(e))
     logging.warning("sparsifiner_jax: CPU kernels unavailable, using XLA (slower): %s", e)
@@ -227,25 +230,53 @@ def _ffi_sparse_attention(q, k, v, keep, *, num_dense_rows: int, scale: float) -
   return call(qkv, keep, num_dense_rows=np.int64(num_dense_rows), scale=np.float32(scale))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _sparse_attention(q, k, v, keep, num_dense_rows, scale, reference):
+def _ffi_sparse_attention_bwd(q, k, v, keep, out, ct, *, num_dense_rows: int, scale: float):
+  grad = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+  call = jax.ffi.ffi_call(_ATTENTION_BWD_TARGET, (grad, grad, grad), vmap_method="sequential")
+  qkv = jnp.stack([q, k, v], axis=2).astype(jnp.float32)
+  dq, dk, dv = call(qkv, keep, out, ct.astype(jnp.float32), num_dense_rows=np.int64(num_dense_rows),
+                    scale=np.float32(scale))
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+def _attention_forward(q, k, v, keep, num_dense_rows, scale, reference):
   return jax.lax.platform_dependent(
       q, k, v, keep,
       cpu=functools.partial(_ffi_sparse_attention, num_dense_rows=num_dense_rows, scale=scale),
       default=reference)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _sparse_attention(q, k, v, keep, num_dense_rows, scale, reference):
+  return _attention_forward(q, k, v, keep, num_dense_rows, scale, reference)
+
+
 def _sparse_attention_fwd(q, k, v, keep, num_dense_rows, scale, reference):
-  # Under differentiation the reference runs instead of the kernel and keeps its own residuals, so a
-  # training step costs exactly what the reference costs (no recomputation in the backward pass).
-  del num_dense_rows, scale
+  if jax.default_backend() == "cpu":
+    # The kernels both ways: the forward keeps q, k, v, keep and its output; the backward recomputes
+    # the kept probabilities (no [N, N] residuals).
+    out = _attention_forward(q, k, v, keep, num_dense_rows, scale, reference)
+    return out, (None, (q, k, v, keep, out))
+  # Elsewhere the reference runs with its own residuals (no recomputation in the backward pass).
   out, vjp = jax.vjp(lambda q, k, v: reference(q, k, v, keep), q, k, v)
-  return out, vjp
+  return out, (vjp, None)
 
 
-def _sparse_attention_bwd(num_dense_rows, scale, reference, vjp, ct):
-  del num_dense_rows, scale, reference
-  return (*vjp(ct), None)
+def _sparse_attention_bwd(num_dense_rows, scale, reference, residuals, ct):
+  vjp, saved = residuals
+  if vjp is not None:
+    return (*vjp(ct), None)
+  q, k, v, keep, out = saved
+
+  def reference_vjp(q, k, v, keep, out, ct):
+    del out
+    return jax.vjp(lambda q, k, v: reference(q, k, v, keep), q, k, v)[1](ct)
+
+  grads = jax.lax.platform_dependent(
+      q, k, v, keep, out, ct,
+      cpu=functools.partial(_ffi_sparse_attention_bwd, num_dense_rows=num_dense_rows, scale=scale),
+      default=reference_vjp)
+  return (*grads, None)
 
 
 _sparse_attention.defvjp(_sparse_attention_fwd, _sparse_attention_bwd)
@@ -260,9 +291,9 @@ def sparse_attention(q: Array, k: Array, v: Array, keep: Array, *, num_dense_row
     keep: ``[B|1, H|1, N - num_dense_rows, N] bool``: the keys each sparse query row keeps; the first
       ``num_dense_rows`` rows keep every key. Rows that keep nothing give 0.
     scale: the logit scale (``d ** -0.5``).
-    reference: ``(q, k, v, keep) -> out``, the same computation in XLA. It runs on other backends, when
-      the kernels are unavailable, and under differentiation (the kernel is forward-only, so a gradient
-      and the forward values it is taken at come from the reference).
+    reference: ``(q, k, v, keep) -> out``, the same computation in XLA. It runs, values and gradients,
+      on other backends and when the kernels are unavailable. On CPU the gradient is the backward
+      kernel's (when the default backend is CPU; otherwise the reference's).
   """
   if q.shape != k.shape or q.shape != v.shape or q.ndim != 4:
     raise ValueError(f"sparse_attention: q, k, v must share one [B, N, H, d] shape; got {q.shape}, "

@@ -14,6 +14,12 @@
 // Shapes: qkv float32 [B, N, 3, H, d] (the fused qkv projection's output as it is: q, k, v = qkv[:, :, i]);
 // keep bool [Bm, Hm, N - num_dense_rows, N] with Bm in {1, B}, Hm in {1, H} (broadcast);
 // out float32 [B, N, H, d]. Attributes: num_dense_rows in [0, N], scale (the logit scale).
+//
+// SparseAttentionBackward is its gradient, over the same kept entries only: from qkv, keep, the forward's
+// out and its cotangent dout [B, N, H, d] it writes dq, dk, dv [B, N, H, d]. Per row it recomputes the
+// kept probabilities p (the forward's logits and softmax), then with D = dout_i . out_i:
+//   ds_t = p_t (dout_i . v_t - D),  dq_i = scale sum_t ds_t k_t,  dk_t += scale ds_t q_i,  dv_t += p_t dout_i.
+// One (batch, head) is one work item (its dk, dv rows accumulate over all its query rows).
 
 #include <algorithm>
 #include <cmath>
@@ -164,21 +170,151 @@ struct AttentionRows {
   }
 };
 
-ffi::Error SparseAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::PRED> keep,
-                               ffi::ResultBuffer<ffi::F32> out, int64_t num_dense_rows, float scale) {
+// d-wide vector helpers for the backward pass: C = d / 16 AVX-512 registers, or C = 0 for any d.
+template <int C>
+struct Lanes {
+  static float Dot(const float* a, const float* b, int64_t d) {
+#if defined(__AVX512F__)
+    if constexpr (C > 0) {
+      __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(a), _mm512_loadu_ps(b));
+      for (int c = 1; c < C; ++c) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + 16 * c), _mm512_loadu_ps(b + 16 * c), acc);
+      return _mm512_reduce_add_ps(acc);
+    }
+#endif
+    float s = 0.0f;
+    for (int64_t c = 0; c < d; ++c) s += a[c] * b[c];
+    return s;
+  }
+  // y += alpha x
+  static void Axpy(float alpha, const float* x, float* y, int64_t d) {
+#if defined(__AVX512F__)
+    if constexpr (C > 0) {
+      const __m512 w = _mm512_set1_ps(alpha);
+      for (int c = 0; c < C; ++c) {
+        _mm512_storeu_ps(y + 16 * c, _mm512_fmadd_ps(w, _mm512_loadu_ps(x + 16 * c), _mm512_loadu_ps(y + 16 * c)));
+      }
+      return;
+    }
+#endif
+    for (int64_t c = 0; c < d; ++c) y[c] += alpha * x[c];
+  }
+};
+
+struct BackwardHeads {
+  Problem p;
+  const float *out, *dout;
+  float *dq, *dk, *dv;
+  void (*head_fn)(const BackwardHeads&, int64_t, int64_t, int32_t*, float*);
+
+  struct Buffers {
+    std::vector<int32_t> cols;
+    std::vector<float> probs;
+  };
+  Buffers Scratch() const { return Buffers{std::vector<int32_t>(p.n), std::vector<float>(p.n + 16)}; }
+  int64_t Index(int64_t bi, int64_t tok, int64_t hi) const { return ((bi * p.n + tok) * p.h + hi) * p.d; }
+  void Row(int64_t item, Buffers& s) const { head_fn(*this, item / p.h, item % p.h, s.cols.data(), s.probs.data()); }
+};
+
+template <int C>
+void BackwardHead(const BackwardHeads& w, int64_t bi, int64_t hi, int32_t* cols, float* probs) {
+  using V = Lanes<C>;
+  const Problem& p = w.p;
+  const int64_t d = p.d, stride = p.TokenStride();
+  const float* k_base = p.Row(1, bi, 0, hi);
+  const float* v_base = p.Row(2, bi, 0, hi);
+  for (int64_t tok = 0; tok < p.n; ++tok) {
+    std::fill_n(w.dk + w.Index(bi, tok, hi), d, 0.0f);
+    std::fill_n(w.dv + w.Index(bi, tok, hi), d, 0.0f);
+  }
+  const bool* keep_head = p.keep + ((p.mask_b == 1 ? 0 : bi) * p.mask_h + (p.mask_h == 1 ? 0 : hi)) *
+                                       (p.n - p.dense_rows) * p.n;
+  for (int64_t i = 0; i < p.n; ++i) {
+    float* dq_row = w.dq + w.Index(bi, i, hi);
+    std::fill_n(dq_row, d, 0.0f);
+    int64_t count;
+    if (i < p.dense_rows) {
+      for (int64_t j = 0; j < p.n; ++j) cols[j] = static_cast<int32_t>(j);
+      count = p.n;
+    } else {
+      count = KeptColumns(keep_head + (i - p.dense_rows) * p.n, p.n, cols);
+    }
+    if (count == 0) continue;   // an empty row's output is the constant 0: no gradient
+    const float* q_row = p.Row(0, bi, i, hi);
+    const float* do_row = w.dout + w.Index(bi, i, hi);
+    for (int64_t t = 0; t < count; ++t) probs[t] = p.scale * V::Dot(q_row, k_base + cols[t] * stride, d);
+    const float inv = 1.0f / sparsifiner_kernels::ExpMinusMaxInPlace(probs, count);
+    const float total = V::Dot(do_row, w.out + w.Index(bi, i, hi), d);
+    for (int64_t t = 0; t < count; ++t) {
+      const float prob = probs[t] * inv;
+      const float* k_row = k_base + cols[t] * stride;
+      const float* v_row = v_base + cols[t] * stride;
+      const float ds = p.scale * prob * (V::Dot(do_row, v_row, d) - total);
+      V::Axpy(prob, do_row, w.dv + w.Index(bi, cols[t], hi), d);
+      V::Axpy(ds, k_row, dq_row, d);
+      V::Axpy(ds, q_row, w.dk + w.Index(bi, cols[t], hi), d);
+    }
+  }
+}
+
+decltype(BackwardHeads::head_fn) PickHeadFn(int64_t d) {
+#if defined(__AVX512F__)
+  switch (d) {
+    case 16: return BackwardHead<1>;
+    case 32: return BackwardHead<2>;
+    case 48: return BackwardHead<3>;
+    case 64: return BackwardHead<4>;
+    case 80: return BackwardHead<5>;
+    case 96: return BackwardHead<6>;
+    case 128: return BackwardHead<8>;
+    default: break;
+  }
+#endif
+  (void)d;
+  return BackwardHead<0>;
+}
+
+// The checks both entry points share; fills `p` on success.
+ffi::Error MakeProblem(ffi::Buffer<ffi::F32>& qkv, ffi::Buffer<ffi::PRED>& keep, float* out,
+                       int64_t num_dense_rows, float scale, Problem& p) {
   const auto qd = qkv.dimensions(), md = keep.dimensions();
   if (qd.size() != 5 || qd[2] != 3 || md.size() != 4) {
     return ffi::Error::InvalidArgument("sparse_attention: qkv must be [B, N, 3, H, d], keep [B, H, R, N]");
   }
-  Problem p{qkv.typed_data(), keep.typed_data(), out->typed_data(), qd[0], qd[1], qd[3], qd[4],
-            num_dense_rows, md[0], md[1], scale};
+  p = Problem{qkv.typed_data(), keep.typed_data(), out, qd[0], qd[1], qd[3], qd[4],
+              num_dense_rows, md[0], md[1], scale};
   if (num_dense_rows < 0 || num_dense_rows > p.n || md[2] != p.n - num_dense_rows || md[3] != p.n ||
       (md[0] != 1 && md[0] != p.b) || (md[1] != 1 && md[1] != p.h)) {
     return ffi::Error::InvalidArgument("sparse_attention: keep must be [B|1, H|1, N - num_dense_rows, N]");
   }
   if (p.n >= (int64_t{1} << 31)) return ffi::Error::InvalidArgument("sparse_attention: N must be < 2^31");
+  return ffi::Error::Success();
+}
+
+ffi::Error SparseAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::PRED> keep,
+                               ffi::ResultBuffer<ffi::F32> out, int64_t num_dense_rows, float scale) {
+  Problem p;
+  if (ffi::Error e = MakeProblem(qkv, keep, out->typed_data(), num_dense_rows, scale, p); e.failure()) return e;
   auto work = std::make_shared<const AttentionRows>(AttentionRows{p, PickRowFn(p.d)});
   sparsifiner_kernels::ParallelRows(pool, work, p.b * p.h * p.n, 16);
+  return ffi::Error::Success();
+}
+
+ffi::Error SparseAttentionBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
+                                       ffi::Buffer<ffi::PRED> keep, ffi::Buffer<ffi::F32> out,
+                                       ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dq,
+                                       ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv,
+                                       int64_t num_dense_rows, float scale) {
+  Problem p;
+  if (ffi::Error e = MakeProblem(qkv, keep, nullptr, num_dense_rows, scale, p); e.failure()) return e;
+  const int64_t size = p.b * p.n * p.h * p.d;
+  if (out.element_count() != size || dout.element_count() != size || dq->element_count() != size ||
+      dk->element_count() != size || dv->element_count() != size) {
+    return ffi::Error::InvalidArgument("sparse_attention backward: out, dout, dq, dk, dv must be [B, N, H, d]");
+  }
+  auto work = std::make_shared<const BackwardHeads>(BackwardHeads{
+      p, out.typed_data(), dout.typed_data(), dq->typed_data(), dk->typed_data(), dv->typed_data(),
+      PickHeadFn(p.d)});
+  sparsifiner_kernels::ParallelRows(pool, work, p.b * p.h, 1);
   return ffi::Error::Success();
 }
 
@@ -189,6 +325,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SparseAttention, SparseAttentionImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("num_dense_rows")
+                                  .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SparseAttentionBackward, SparseAttentionBackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("num_dense_rows")
                                   .Attr<float>("scale"));
