@@ -131,9 +131,7 @@ def _calls_kernels(compiled) -> bool:
 
 
 def _flops(compiled) -> float | None:
-  """XLA's FLOP count of a compiled program; None when it calls the CPU kernels."""
-  if _calls_kernels(compiled):
-    return None
+  """XLA's FLOP count of a compiled program (callers check ``_calls_kernels`` first)."""
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):  # older jax returned one dict per device
     cost = cost[0] if cost else None
@@ -149,10 +147,11 @@ def jax_forward(name: str, model_name: str, batch: int, **kw) -> Side:
   x = jax.random.normal(jax.random.key(0), (batch, cfg.img_size, cfg.img_size, cfg.in_chans))
   compiled = jax.jit(lambda s, im: nnx.merge(graphdef, s)(im)[0]).lower(state, x).compile()
   compiled(state, x).block_until_ready()
-  flops = _flops(compiled)
   if _calls_kernels(compiled):   # the analytic count of the work the executor does (FLOPS_DEFINITION)
     sparse = cfg.executor in ("auto", "sparse")
     flops = 2.0 * flops_lib.count(cfg, sparse_kernels=sparse).totals["total"] * batch
+  else:
+    flops = _flops(compiled)
   return Side(name, "jax", "eval forward", lambda: compiled(state, x).block_until_ready(), batch,
               flops, _memory_bytes(compiled), "xla")
 
@@ -216,7 +215,8 @@ def jax_train_step(c, phase, cfg, batch: int) -> Side:
     return jax.block_until_ready(metrics["loss"])
 
   call()
-  return Side("train step (ours)", "jax", "train step", call, batch, _flops(compiled),
+  flops = None if _calls_kernels(compiled) else _flops(compiled)   # no analytic count of a step
+  return Side("train step (ours)", "jax", "train step", call, batch, flops,
               _memory_bytes(compiled), "xla")
 
 

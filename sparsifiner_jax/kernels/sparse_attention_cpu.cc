@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_common.h"
@@ -124,21 +125,33 @@ void AttendRowScalar(const Problem& p, int64_t bi, int64_t hi, const float* q_ro
 using RowFn = void (*)(const Problem&, int64_t, int64_t, const float*, const int32_t*, int64_t, float*,
                        float*);
 
-RowFn PickRowFn(int64_t d) {
+// make(std::integral_constant<int, C>{}) with C = d / 16 for the head dims that have an AVX-512 path,
+// C = 0 (portable) for any other d: the one list of those dims, for the forward and backward kernels.
+template <typename Make>
+auto ForHeadDim(int64_t d, Make make) {
 #if defined(__AVX512F__)
   switch (d) {
-    case 16: return AttendRow512<1>;
-    case 32: return AttendRow512<2>;
-    case 48: return AttendRow512<3>;
-    case 64: return AttendRow512<4>;
-    case 80: return AttendRow512<5>;
-    case 96: return AttendRow512<6>;
-    case 128: return AttendRow512<8>;
+    case 16: return make(std::integral_constant<int, 1>{});
+    case 32: return make(std::integral_constant<int, 2>{});
+    case 48: return make(std::integral_constant<int, 3>{});
+    case 64: return make(std::integral_constant<int, 4>{});
+    case 80: return make(std::integral_constant<int, 5>{});
+    case 96: return make(std::integral_constant<int, 6>{});
+    case 128: return make(std::integral_constant<int, 8>{});
     default: break;
   }
 #endif
   (void)d;
-  return AttendRowScalar;
+  return make(std::integral_constant<int, 0>{});
+}
+
+RowFn PickRowFn(int64_t d) {
+  return ForHeadDim(d, [](auto lanes) -> RowFn {
+#if defined(__AVX512F__)
+    if constexpr (lanes.value > 0) return AttendRow512<lanes.value>;
+#endif
+    return AttendRowScalar;
+  });
 }
 
 // One query row per Row(i) (i = (b * H + h) * N + token): rows of one (batch, head) are adjacent, so a
@@ -257,20 +270,7 @@ void BackwardHead(const BackwardHeads& w, int64_t bi, int64_t hi, int32_t* cols,
 }
 
 decltype(BackwardHeads::head_fn) PickHeadFn(int64_t d) {
-#if defined(__AVX512F__)
-  switch (d) {
-    case 16: return BackwardHead<1>;
-    case 32: return BackwardHead<2>;
-    case 48: return BackwardHead<3>;
-    case 64: return BackwardHead<4>;
-    case 80: return BackwardHead<5>;
-    case 96: return BackwardHead<6>;
-    case 128: return BackwardHead<8>;
-    default: break;
-  }
-#endif
-  (void)d;
-  return BackwardHead<0>;
+  return ForHeadDim(d, [](auto lanes) -> decltype(BackwardHeads::head_fn) { return BackwardHead<lanes.value>; });
 }
 
 // The checks both entry points share; fills `p` on success.
