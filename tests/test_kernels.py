@@ -429,63 +429,105 @@ def test_sparse_attention_bad_mask_shape(keep_shape, match):
 # The fused low-rank mask kernel (kernels.lowrank_topk_mask) against predictor math in XLA and float64.
 
 
-def _lowrank_reference(coef_k, k, first_row, scale):
-  def ref(q, w, basis):
-    logits = kernels.lowrank_logits(q, w, first_row=first_row, scale=scale)
+def _lowrank_inputs(b, h, nq, d, m, n, c, proj_b, basis_b, seed):
+  ks = jax.random.split(jax.random.key(seed), 7)
+  q = jax.random.normal(ks[0], (b, nq, h, d))
+  keys = jax.random.normal(ks[1], (b, n, h, d))
+  proj_n = jax.random.normal(ks[2], (proj_b, n, m)) * n ** -0.5
+  w_k = jax.random.normal(ks[3], (d, c)) * d ** -0.5
+  b_k = jax.random.normal(ks[4], (c,)) * 0.1
+  w_q = jax.random.normal(ks[5], (d + 1, c)) * d ** -0.5          # b_q as the last row
+  basis = jnp.abs(jax.random.normal(ks[6], (basis_b, m, n))) * 0.02
+  return q, keys, proj_n, w_k, b_k, w_q, basis
+
+
+def _lowrank_reference(coef_k, k, first_row, scale, dtype=jnp.float32):
+  """The approximation and its mask in XLA from the predictor's own functions, products in ``dtype``."""
+  def approx(q, keys, proj_n, w_k, b_k, w_q, basis):
+    w = predictor.query_weights(keys, proj_n, w_k, b_k, w_q, dtype)
+    d = q.shape[-1]
+    w = w.at[:, :, :d].set(w[:, :, :d].astype(dtype).astype(jnp.float32))   # as mixed_einsum takes it
+    logits = kernels.lowrank_logits(q.astype(dtype).astype(jnp.float32), w, first_row=first_row,
+                                    scale=scale)
     coef = predictor.keep_topk_values(jax.nn.softmax(logits, -1), coef_k, by=logits)
-    return kernels.topk_keep_mask_xla(jnp.einsum("bhrm,bmn->bhrn", coef, jnp.broadcast_to(
-        basis, (q.shape[0], *basis.shape[1:]))), k)
-  return ref
+    return jnp.einsum("bhrm,bmn->bhrn", coef, jnp.broadcast_to(basis, (q.shape[0], *basis.shape[1:])))
+  return approx, lambda *args: kernels.topk_keep_mask_xla(approx(*args), k)
+
+
+def _is_topk(keep, approx, k, tol):
+  """Every row keeps k entries, none of them below a dropped one by more than ``tol`` x the row max."""
+  keep, approx = np.asarray(keep), np.asarray(approx)
+  np.testing.assert_array_equal(keep.sum(-1), k)
+  kept_min = np.where(keep, approx, np.inf).min(-1)
+  dropped_max = np.where(keep, -np.inf, approx).max(-1)
+  return bool((kept_min >= dropped_max - tol * approx.max(-1)).all())
 
 
 @pytest.mark.usefixtures("needs_kernel")
-@pytest.mark.parametrize("b,h,nq,d,m,n,basis_b,coef_k,k", [
-    (2, 3, 197, 64, 32, 197, 1, 8, 50),   # DeiT-S at keep 0.25
-    (3, 2, 11, 6, 8, 11, 3, 4, 3),        # per-example bases (token dropping); d not a multiple of 4
-    (1, 2, 17, 16, 70, 17, 1, 8, 17),     # long coefficient rows (radix path, masked tail lanes), k = N
-    (1, 1, 6, 5, 6, 9, 1, 6, 1),          # coef_k >= m: nothing cut
+@pytest.mark.parametrize("b,h,nq,d,m,n,c,proj_b,basis_b,coef_k,k", [
+    (2, 3, 197, 64, 32, 197, 32, 1, 1, 8, 50),   # DeiT-S at keep 0.25
+    (3, 2, 11, 6, 8, 11, 3, 3, 3, 4, 3),         # per-example P and bases (token dropping); odd d, c
+    (1, 2, 17, 16, 70, 17, 9, 1, 1, 8, 17),      # long coefficient rows (radix path, masked tails), k = N
+    (1, 1, 6, 5, 6, 9, 2, 1, 1, 6, 1),           # coef_k >= m: nothing cut; Nq != N
 ])
-def test_lowrank_topk_mask_matches_reference(b, h, nq, d, m, n, basis_b, coef_k, k):
-  ks = jax.random.split(jax.random.key(m + n), 4)
-  q = jax.random.normal(ks[0], (b, nq, h, d))
-  w = jnp.concatenate([jax.random.normal(ks[1], (b, h, d, m)) * d ** -0.5,
-                       jax.random.normal(ks[2], (b, h, 1, m))], axis=2)    # the offset as the last row
-  basis = jnp.abs(jax.random.normal(ks[3], (basis_b, m, n))) * 0.02
+def test_lowrank_topk_mask_matches_reference(b, h, nq, d, m, n, c, proj_b, basis_b, coef_k, k):
+  args = _lowrank_inputs(b, h, nq, d, m, n, c, proj_b, basis_b, seed=m + n)
   scale = 0.4
-  ref = _lowrank_reference(coef_k, k, 1, scale)
+  _, ref = _lowrank_reference(coef_k, k, 1, scale)
   f = functools.partial(kernels.lowrank_topk_mask, first_row=1, scale=scale, coef_k=coef_k, k=k,
                         reference=ref)
-  assert KERNEL_TARGETS["lowrank"] in str(jax.make_jaxpr(f)(q, w, basis))
-  got = np.asarray(jax.jit(f)(q, w, basis))
+  assert KERNEL_TARGETS["lowrank"] in str(jax.make_jaxpr(f)(*args))
+  got = np.asarray(jax.jit(f)(*args))
   assert got.shape == (b, h, nq - 1, n)
-  np.testing.assert_array_equal(got.sum(-1), k)
-  # A top-k of the approximation computed in float64 up to float32 rounding (1e-5 of the row's scale:
-  # the logits' d products are summed in float32 before the softmax).
-  q64, w64 = np.asarray(q, np.float64), np.asarray(w, np.float64)
-  s64 = (np.einsum("bnhd,bhdm->bhnm", q64[:, 1:], w64[:, :, :d]) + w64[:, :, d:]) * scale
-  basis64 = np.broadcast_to(np.asarray(basis, np.float64), (b, m, n))
+  # A top-k of the approximation computed in float64, up to float32 rounding (1e-5 of the row's scale).
+  q, keys, proj_n, w_k, b_k, w_q, basis = (np.asarray(x, np.float64) for x in args)
+  k_hat = (np.einsum("dc,bnhd,bnm->bhcm", w_k, keys, np.broadcast_to(proj_n, (b, n, m)))
+           + b_k[:, None] * proj_n.sum(1)[:, None, None, :])
+  w = np.einsum("dc,bhcm->bhdm", w_q, k_hat)
+  s64 = (np.einsum("bnhd,bhdm->bhnm", q[:, 1:], w[:, :, :d]) + w[:, :, d:]) * scale
   coef = np.exp(s64 - s64.max(-1, keepdims=True))
   coef /= coef.sum(-1, keepdims=True)
   order = np.argsort(-s64, axis=-1, kind="stable")
   cut = np.zeros_like(coef, bool)
   np.put_along_axis(cut, order[..., :coef_k], True, axis=-1)
-  approx = np.einsum("bhrm,bmn->bhrn", np.where(cut, coef, 0.0), basis64)
-  kept_min = np.where(got, approx, np.inf).min(-1)
-  dropped_max = np.where(got, -np.inf, approx).max(-1)
-  assert (kept_min >= dropped_max - 1e-5 * approx.max(-1)).all()
+  approx = np.einsum("bhrm,bmn->bhrn", np.where(cut, coef, 0.0), np.broadcast_to(basis, (b, m, n)))
+  assert _is_topk(got, approx, k, 1e-5)
   # Random inputs have no near-ties: the same sets as XLA's.
-  np.testing.assert_array_equal(got, ref(q, w, basis))
+  np.testing.assert_array_equal(got, ref(*args))
 
 
-@pytest.mark.parametrize("shapes,kw,match", [
-    (((1, 4, 2, 3), (1, 2, 4, 5), (1, 6, 7)), {}, "need q"),        # basis m 6 != 5
-    (((1, 4, 2, 3), (1, 2, 3, 5), (1, 5, 7)), {}, "need q"),        # w without the offset row
-    (((1, 4, 2, 3), (1, 2, 4, 5), (2, 5, 7)), {}, "need q"),        # basis batch 2 != 1
-    (((1, 4, 2, 3), (1, 2, 4, 5), (1, 5, 7)), dict(first_row=5), "first_row=5 <= Nq"),
-    (((1, 4, 2, 3), (1, 2, 4, 5), (1, 5, 7)), dict(k=8), "need 1 <= k=8 <= 7"),
-    (((1, 4, 2, 3), (1, 2, 4, 5), (1, 5, 7)), dict(coef_k=0), "coef_k=0 >= 1"),
+@pytest.mark.usefixtures("needs_kernel")
+def test_lowrank_topk_mask_bfloat16_products():
+  """compute_dtype=bfloat16: the kernel rounds its intermediates where mixed_einsum does, so its mask is
+  a top-k of XLA's bf16 approximation up to float32 summation order (stated tolerance: 1e-5 of the row
+  scale, as in float32 -- far below bf16's 2^-8, which a missed rounding would exceed) and differs from
+  the float32 mask."""
+  q, keys, proj_n, w_k, b_k, w_q, basis = _lowrank_inputs(2, 3, 197, 64, 32, 197, 32, 1, 1, seed=5)
+  bf = lambda x: x.astype(jnp.bfloat16).astype(jnp.float32)   # noqa: E731
+  args = (bf(q), bf(keys), bf(proj_n), bf(w_k), b_k, bf(w_q), basis)   # as the predictor passes them
+  kw = dict(first_row=1, scale=0.4, coef_k=8, k=50)
+  approx16, ref16 = _lowrank_reference(8, 50, 1, 0.4, jnp.bfloat16)
+  got16 = jax.jit(functools.partial(kernels.lowrank_topk_mask, compute_dtype=jnp.bfloat16,
+                                    reference=ref16, **kw))(*args)
+  got32 = jax.jit(functools.partial(kernels.lowrank_topk_mask, reference=None, **kw))(*args)
+  assert _is_topk(got16, approx16(*args), 50, 1e-5)
+  assert (np.asarray(got16) != np.asarray(got32)).any()
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(basis=(1, 6, 7)), "need q"),                  # basis m 6 != 5
+    (dict(w_q=(3, 2)), "need q"),                       # w_q without the bias row
+    (dict(basis=(2, 5, 7)), "need q"),                  # basis batch 2 != 1
+    (dict(keys=(1, 7, 2, 4)), "need q"),                # keys d 4 != 3
+    (dict(first_row=5), "first_row=5 <= Nq"),
+    (dict(k=8), "need 1 <= k=8 <= 7"),
+    (dict(coef_k=0), "coef_k=0 >= 1"),
 ])
-def test_lowrank_topk_mask_bad_arguments(shapes, kw, match):
-  kw = dict(dict(first_row=1, scale=1.0, coef_k=2, k=2), **kw)
+def test_lowrank_topk_mask_bad_arguments(change, match):
+  shapes = dict(q=(1, 4, 2, 3), keys=(1, 7, 2, 3), proj_n=(1, 7, 5), w_k=(3, 2), b_k=(2,), w_q=(4, 2),
+                basis=(1, 5, 7))
+  kw = dict(first_row=1, scale=1.0, coef_k=2, k=2)
+  for key, value in change.items():
+    (shapes if key in shapes else kw)[key] = value
   with pytest.raises(ValueError, match=match):
-    kernels.lowrank_topk_mask(*map(jnp.zeros, shapes), reference=None, **kw)
+    kernels.lowrank_topk_mask(*map(jnp.zeros, shapes.values()), reference=None, **kw)

@@ -7,10 +7,10 @@ function serves CPU and accelerators:
   index -- the set ``jax.lax.top_k`` returns). On CPU it runs ``topk_mask_cpu.cc``, a multi-threaded
   radix select (~30x faster than XLA:CPU's TopK plus a scatter on Sparsifiner's ``[B, H, N-1, N]``
   scores; BENCHMARKS.md); elsewhere the XLA reference (``lax.top_k`` and a scatter).
-* ``lowrank_topk_mask(q, w, basis, ...)``: Sparsifiner's whole mask selection from the queries and
-  the predictor's per-head weights (coefficient logits, softmax, top coefficients, basis product,
-  top-k) in one pass on CPU, so neither the logits nor the ``[B, H, R, N]`` approximation is written;
-  elsewhere the caller's XLA reference.
+* ``lowrank_topk_mask(q, keys, <predictor parameters>, basis, ...)``: Sparsifiner's whole mask
+  selection (the predictor's per-head query weights, coefficient logits, softmax, top coefficients,
+  basis product, top-k) in one call on CPU, so none of the predictor's small XLA ops runs and neither
+  the logits nor the ``[B, H, R, N]`` approximation is written; elsewhere the caller's XLA reference.
 * ``sparse_attention(q, k, v, keep, ...)``: softmax attention over the kept entries only. On CPU it runs
   ``sparse_attention_cpu.cc`` (per row: the kept columns, their logits, exps and value products -- a
   quarter of dense attention's work at keep 0.25, where XLA's masked attention does all of it and more),
@@ -162,12 +162,13 @@ def topk_keep_mask(x: Array, k: int) -> Array:
                                     default=functools.partial(topk_keep_mask_xla, k=k))
 
 
-def _ffi_lowrank_topk_mask(q, w, basis, *, first_row: int, scale: float, coef_k: int, k: int) -> Array:
+def _ffi_lowrank_topk_mask(q, keys, proj_n, w_k, b_k, w_q, basis, *, first_row: int, scale: float,
+                           coef_k: int, k: int, round_bf16: bool) -> Array:
   b, nq, h, _ = q.shape
   out = jax.ShapeDtypeStruct((b, h, nq - first_row, basis.shape[-1]), jnp.bool_)
   call = jax.ffi.ffi_call(_LOWRANK_TARGET, out, vmap_method="sequential")
-  return call(q, w, basis, first_row=np.int64(first_row), scale=np.float32(scale),
-              coef_k=np.int64(coef_k), k=np.int64(k))
+  return call(q, keys, proj_n, w_k, b_k, w_q, basis, first_row=np.int64(first_row),
+              scale=np.float32(scale), coef_k=np.int64(coef_k), k=np.int64(k), round_bf16=bool(round_bf16))
 
 
 def lowrank_logits(q: Array, w: Array, *, first_row: int, scale: float) -> Array:
@@ -178,47 +179,60 @@ def lowrank_logits(q: Array, w: Array, *, first_row: int, scale: float) -> Array
   return (dot + w[:, :, d:].astype(jnp.float32)) * scale
 
 
-def lowrank_topk_mask(q: Array, w: Array, basis: Array, *, first_row: int, scale: float, coef_k: int,
-                      k: int, reference) -> Array:
-  """Sparsifiner's mask from its low-rank attention approximation, without writing the coefficient
-  logits or the approximation.
+def lowrank_topk_mask(q: Array, keys: Array, proj_n: Array, w_k: Array, b_k: Array, w_q: Array,
+                      basis: Array, *, first_row: int, scale: float, coef_k: int, k: int,
+                      compute_dtype=jnp.float32, reference) -> Array:
+  """Sparsifiner's mask from its low-rank attention approximation, without writing any of the
+  predictor's intermediates, its coefficient logits or the approximation.
 
-  Per query row: ``logits = lowrank_logits(q, w, ...)`` over the ``m`` basis rows,
-  ``coef = softmax(logits)`` with all but its ``coef_k`` largest entries zeroed (ranked by the logits,
-  ties: lowest index; not renormalised), ``approx = coef @ basis``, then the top-``k`` mask of ``approx``
-  (``topk_keep_mask``). On CPU one kernel call does all of it; elsewhere, or without the kernels,
-  ``reference(q, w, basis)`` runs. The two agree up to float rounding (the kernel sums the logits'
-  products in its own order; near-ties may resolve differently).
+  Per (example, head) the query weights ``w = [W_q; b_q] K̂`` (``[d + 1, m]``, the offset as the last
+  row) with ``K̂ = W_kᵀ (kᵀ P) + b_k (1ᵀ P)``; per query row ``logits = lowrank_logits(q, w, ...)`` over
+  the ``m`` basis rows, ``coef = softmax(logits)`` with all but its ``coef_k`` largest entries zeroed
+  (ranked by the logits, ties: lowest index; not renormalised), ``approx = coef @ basis``, then the
+  top-``k`` mask of ``approx`` (``topk_keep_mask``). On CPU one kernel call does all of it; elsewhere, or
+  without the kernels, ``reference(q, keys, proj_n, w_k, b_k, w_q, basis)`` runs. The two agree up to
+  float rounding (the kernel sums products in its own order; near-ties may resolve differently).
 
   Args:
     q: ``[B, Nq, H, d]`` queries; rows before ``first_row`` (the CLS row) are not predicted.
-    w: ``[B, H, d + 1, m]`` per-head query weights, the offset as the last row (the predictor's
-      ``[W_q; b_q] K̂``).
+    keys: ``[B, N, H, d]``.
+    proj_n: ``[B|1, N, m]`` the keys' token down-projection P (per example under token dropping).
+    w_k, b_k: ``[d, c]``, ``[c]`` the key projection.
+    w_q: ``[d + 1, c]`` the query projection with its bias as the last row.
     basis: ``[B|1, m, N]`` the (thresholded) up-projection basis, per example under token dropping.
     first_row, scale: the first predicted row; the logits' scale.
     coef_k, k: coefficients kept per row, keys kept per row (``1 <= k <= N``).
-    reference: ``(q, w, basis) -> keep [B, H, Nq - first_row, N] bool`` in XLA (float32 inputs).
+    compute_dtype: the products' input dtype (``attention.mixed_einsum``): float32, or bfloat16 (the
+      kernel then rounds ``kᵀP``, ``K̂`` and ``w[:d]`` to bf16 before the product that takes them; the
+      caller passes the other operands as the products take them). Other dtypes take the reference.
+    reference: ``(q, keys, proj_n, w_k, b_k, w_q, basis) -> keep [B, H, Nq - first_row, N] bool`` in XLA
+      (float32 inputs).
 
   Returns:
     ``keep [B, H, Nq - first_row, N] bool`` (no gradient: a selection).
   """
-  n = basis.shape[-1]
-  ok = q.ndim == 4 and w.ndim == 4 and basis.ndim == 3
+  args = (q, keys, proj_n, w_k, b_k, w_q, basis)
+  ok = all(x.ndim == r for x, r in zip(args, (4, 4, 3, 2, 1, 2, 3)))
   if ok:
-    (b, nq, h, d), m = q.shape, w.shape[-1]
-    ok = (w.shape == (b, h, d + 1, m) and basis.shape[1] == m and basis.shape[0] in (1, b)
-          and 0 <= first_row <= nq)
+    (b, nq, h, d), n, (m, c) = q.shape, keys.shape[1], (proj_n.shape[-1], w_k.shape[1])
+    ok = (keys.shape == (b, n, h, d) and proj_n.shape[0] in (1, b) and proj_n.shape[1] == n
+          and w_k.shape == (d, c) and b_k.shape == (c,) and w_q.shape == (d + 1, c)
+          and basis.shape[0] in (1, b) and basis.shape[1:] == (m, n) and 0 <= first_row <= nq)
   if not ok:
-    raise ValueError(f"lowrank_topk_mask: need q [B, Nq, H, d], w [B, H, d + 1, m], basis [B|1, m, N] "
-                     f"and 0 <= first_row={first_row} <= Nq; got {q.shape}, {w.shape}, {basis.shape}")
+    raise ValueError(
+        "lowrank_topk_mask: need q [B, Nq, H, d], keys [B, N, H, d], proj_n [B|1, N, m], w_k [d, c], "
+        f"b_k [c], w_q [d + 1, c], basis [B|1, m, N] and 0 <= first_row={first_row} <= Nq; got "
+        + ", ".join(str(x.shape) for x in args))
   if not 1 <= k <= n or coef_k < 1:
     raise ValueError(f"lowrank_topk_mask: need 1 <= k={k} <= {n} and coef_k={coef_k} >= 1")
-  args = [jax.lax.stop_gradient(x.astype(jnp.float32)) for x in (q, w, basis)]
-  if q.shape[1] == first_row or q.size == 0 or not _load():
+  args = [jax.lax.stop_gradient(x.astype(jnp.float32)) for x in args]
+  compute_dtype = jnp.dtype(compute_dtype)
+  if (q.shape[1] == first_row or q.size == 0 or compute_dtype not in (jnp.float32, jnp.bfloat16)
+      or not _load()):
     return reference(*args)
   return jax.lax.platform_dependent(
       *args, cpu=functools.partial(_ffi_lowrank_topk_mask, first_row=first_row, scale=float(scale),
-                                   coef_k=coef_k, k=k),
+                                   coef_k=coef_k, k=k, round_bf16=compute_dtype == jnp.bfloat16),
       default=reference)
 
 

@@ -13,13 +13,19 @@
 // Shapes: x float32 [..., n] (any leading dims, treated as rows), out bool [..., n]; attribute k in [1, n].
 //
 // LowRankTopkMask fuses Sparsifiner's whole mask selection (models/predictor.py, sparse mode) so that
-// neither the coefficient logits nor the [B, H, R, N] approximation is written out. Per query row
-// (b, h, r): logits = (q[b, first_row + r, h] . w[b, h, :d] + w[b, h, d]) * scale over the m basis rows,
+// neither the predictor's intermediates, the coefficient logits nor the [B, H, R, N] approximation is
+// written out, and XLA runs none of its small ops. First, per (batch b, head h), the query weights
+//   w[b, h] = [W_q; b_q] K_hat  [d + 1, m],  K_hat = W_k^T (k[b, :, h]^T P) + b_k (1^T P)  [c, m]
+// (P = proj_n: the keys' token down-projection). Then per query row (b, h, r):
+// logits = (q[b, first_row + r, h] . w[b, h, :d] + w[b, h, d]) * scale over the m basis rows,
 // coef = softmax(logits) cut to its coef_k largest entries (chosen on the logits, ties: lowest index; not
-// renormalised), approx = coef @ basis, then the top-k mask of approx as above. q float32 [B, Nq, H, d]
-// (rows before first_row are not predicted: the CLS row); w float32 [B, H, d + 1, m], the query weights
-// and, as the last row, the offset ([W_q; b_q] K̂); basis float32 [Bb, m, N] with Bb in {1, B}
-// (per-example bases under token dropping); out bool [B, H, R, N] with R = Nq - first_row.
+// renormalised), approx = coef @ basis, then the top-k mask of approx as above.
+// Shapes: q float32 [B, Nq, H, d] (rows before first_row are not predicted: the CLS row); keys float32
+// [B, N, H, d]; proj_n float32 [Bp, N, m] and basis float32 [Bb, m, N] with Bp, Bb in {1, B} (per-example
+// under token dropping); w_k float32 [d, c], b_k [c], w_q [d + 1, c] (b_q as the last row); out bool
+// [B, H, R, N] with R = Nq - first_row. round_bf16: the bfloat16 models' products (attention.mixed_einsum)
+// take bf16-rounded inputs, so k^T P, K_hat and w[:, :, :d] are rounded to bf16 (nearest even) before
+// the product that uses them; the caller passes the other operands rounded.
 
 #include <algorithm>
 #include <cstdint>
@@ -64,7 +70,74 @@ inline int64_t CountAtLeast(const uint32_t* key, int64_t n, uint32_t c) {
 #endif
 }
 
+#if defined(__AVX512BW__) && defined(__BMI2__)
+// SelectRow for rows of at most 16 * Blocks entries (Blocks = ceil(n / 16)), with the keys held in
+// registers: each counting step is Blocks compares and masked adds, no loads, and the mask is written 16
+// bytes at a time.
+template <int Blocks>
+void SelectRowInRegisters(const float* x, int64_t n, int64_t k, bool* out) {
+  const __mmask16 tail = sparsifiner_kernels::FirstLanes(n - 16 * (Blocks - 1));
+  auto lanes = [tail](int c) { return c == Blocks - 1 ? tail : static_cast<__mmask16>(0xFFFF); };
+  __m512i key[Blocks];
+  __m512i hi_v = _mm512_setzero_si512(), lo_v = _mm512_set1_epi32(-1);
+  const __m512i sign = _mm512_set1_epi32(static_cast<int32_t>(0x80000000u));
+  for (int c = 0; c < Blocks; ++c) {
+    const __m512i u = _mm512_maskz_loadu_epi32(lanes(c), x + 16 * c);
+    key[c] = _mm512_xor_si512(u, _mm512_or_si512(_mm512_srai_epi32(u, 31), sign));   // OrderKey
+    hi_v = _mm512_mask_max_epu32(hi_v, lanes(c), hi_v, key[c]);
+    lo_v = _mm512_mask_min_epu32(lo_v, lanes(c), lo_v, key[c]);
+  }
+  const __m512i minus_one = _mm512_set1_epi32(-1);
+  auto count_at_least = [&](uint32_t t) {
+    const __m512i tv = _mm512_set1_epi32(static_cast<int32_t>(t));
+    __m512i count = _mm512_setzero_si512();
+    for (int c = 0; c < Blocks; ++c) {
+      count = _mm512_mask_sub_epi32(count, _mm512_mask_cmpge_epu32_mask(lanes(c), key[c], tv), count, minus_one);
+    }
+    return static_cast<int64_t>(_mm512_reduce_add_epi32(count));
+  };
+  const uint32_t hi = _mm512_reduce_max_epu32(hi_v), lo = _mm512_reduce_min_epu32(lo_v);
+  uint32_t t = hi;   // the k-th largest key, as in SelectRow
+  if (hi != lo) {
+    const int top = 31 - __builtin_clz(hi ^ lo);
+    t = top == 31 ? 0u : (hi & ~((2u << top) - 1u));
+    for (int b = top; b >= 0; --b) {
+      const uint32_t candidate = t | (1u << b);
+      const int64_t count = count_at_least(candidate);
+      if (count >= k) {
+        t = candidate;
+        if (count == k) break;
+      }
+    }
+  }
+  const __m512i tv = _mm512_set1_epi32(static_cast<int32_t>(t));
+  // Ties at the threshold: the lowest-index ones, as many as the budget has left.
+  int64_t ties = k - (t == ~0u ? 0 : count_at_least(t + 1));
+  for (int c = 0; c < Blocks; ++c) {
+    __mmask16 keep = _mm512_mask_cmpgt_epu32_mask(lanes(c), key[c], tv);
+    const uint32_t equal = _mm512_mask_cmpeq_epu32_mask(lanes(c), key[c], tv);
+    const int64_t take = std::min<int64_t>(ties, __builtin_popcount(equal));
+    keep |= static_cast<__mmask16>(_pdep_u32((1u << take) - 1u, equal));   // the lowest `take` ties
+    ties -= take;
+    _mm_mask_storeu_epi8(out + 16 * c, lanes(c), _mm_maskz_set1_epi8(keep, 1));
+  }
+}
+
+// Dispatches rows of at most 16 * Blocks entries to SelectRowInRegisters<ceil(n / 16)>.
+template <int Blocks>
+void SelectShortRowInRegisters(const float* x, int64_t n, int64_t k, bool* out) {
+  if constexpr (Blocks > 1) {
+    if (n <= 16 * (Blocks - 1)) return SelectShortRowInRegisters<Blocks - 1>(x, n, k, out);
+  }
+  SelectRowInRegisters<Blocks>(x, n, k, out);
+}
+constexpr int64_t kRegisterRowMax = 16 * 16;
+#endif
+
 void SelectRow(const float* x, int64_t n, int64_t k, uint32_t* key, bool* out) {
+#if defined(__AVX512BW__) && defined(__BMI2__)
+  if (n >= 1 && n <= kRegisterRowMax) return SelectShortRowInRegisters<kRegisterRowMax / 16>(x, n, k, out);
+#endif
   uint32_t hi = 0, lo = ~0u;
   for (int64_t j = 0; j < n; ++j) {
     const uint32_t u = OrderKey(x[j]);
@@ -182,44 +255,196 @@ ffi::Error TopkMaskImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Resu
   return ffi::Error::Success();
 }
 
+#if defined(__AVX512F__)
+// Rows [r0, r0 + R) of SmallMatTB, 32 columns [m0, m0 + 32) at a time: 2R accumulators in registers (R is
+// a template argument so none spills), b's row loaded once per R rows.
+template <int R>
+void SmallMatTBTile(const float* a, int64_t t_stride, int64_t r_stride, const float* b, int64_t n, int64_t m,
+                    float* out) {
+  for (int64_t m0 = 0; m0 < m; m0 += 32) {
+    const __mmask16 lo = sparsifiner_kernels::FirstLanes(m - m0);
+    const __mmask16 hi = m - m0 > 16 ? sparsifiner_kernels::FirstLanes(m - m0 - 16) : 0;
+    __m512 acc_lo[R], acc_hi[R];
+    for (int i = 0; i < R; ++i) acc_lo[i] = acc_hi[i] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < n; ++t) {
+      const float* bt = b + t * m + m0;
+      const __m512 b_lo = _mm512_maskz_loadu_ps(lo, bt), b_hi = _mm512_maskz_loadu_ps(hi, bt + 16);
+      const float* at = a + t * t_stride;
+      for (int i = 0; i < R; ++i) {
+        const __m512 x = _mm512_set1_ps(at[i * r_stride]);
+        acc_lo[i] = _mm512_fmadd_ps(x, b_lo, acc_lo[i]);
+        acc_hi[i] = _mm512_fmadd_ps(x, b_hi, acc_hi[i]);
+      }
+    }
+    for (int i = 0; i < R; ++i) {
+      _mm512_mask_storeu_ps(out + i * m + m0, lo, acc_lo[i]);
+      _mm512_mask_storeu_ps(out + i * m + m0 + 16, hi, acc_hi[i]);
+    }
+  }
+}
+
+// SmallMatTBTile<rows> for 1 <= rows <= R.
+template <int R>
+void SmallMatTBTail(int64_t rows, const float* a, int64_t t_stride, int64_t r_stride, const float* b, int64_t n,
+                    int64_t m, float* out) {
+  if constexpr (R > 1) {
+    if (rows < R) return SmallMatTBTail<R - 1>(rows, a, t_stride, r_stride, b, n, m, out);
+  }
+  SmallMatTBTile<R>(a, t_stride, r_stride, b, n, m, out);
+}
+#endif
+
+// out[r, :] = sum_{t < n} a[t * t_stride + r * r_stride] * b[t, :] for r < rows: a small A^T B with A read
+// through strides (out [rows, m] and b [n, m] row-major; out is overwritten).
+void SmallMatTB(const float* a, int64_t t_stride, int64_t r_stride, const float* b, int64_t n, int64_t rows,
+                int64_t m, float* out) {
+#if defined(__AVX512F__)
+  constexpr int kRows = 8;
+  for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
+    SmallMatTBTail<kRows>(std::min<int64_t>(kRows, rows - r0), a + r0 * r_stride, t_stride, r_stride, b, n, m,
+                          out + r0 * m);
+  }
+#else
+  std::fill(out, out + rows * m, 0.0f);
+  for (int64_t t = 0; t < n; ++t) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const float x = a[t * t_stride + r * r_stride];
+      for (int64_t j = 0; j < m; ++j) out[r * m + j] += x * b[t * m + j];
+    }
+  }
+#endif
+}
+
+// x rounded to the nearest bfloat16 (ties to even), as float32; finite inputs.
+inline float RoundToBf16(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  u = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+  std::memcpy(&x, &u, sizeof(u));
+  return x;
+}
+
+inline void RoundToBf16(float* x, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) x[i] = RoundToBf16(x[i]);
+}
+
+// The pre-pass: one (batch, head) per Row(i), writing w[b, h] = [W_q; b_q] K_hat ([d + 1, m]).
+struct QueryWeights {
+  const float *keys, *proj_n, *w_k, *b_k, *w_q;
+  float* w;
+  int64_t heads, n, d, c, m;
+  bool proj_per_example, round_bf16;
+
+  struct Buffers {
+    std::vector<float> k_proj, k_hat, p_sum;
+  };
+  Buffers Scratch() const { return Buffers{std::vector<float>(d * m), std::vector<float>(c * m), std::vector<float>(m)}; }
+
+  void Row(int64_t i, Buffers& s) const {
+    const int64_t example = i / heads, h = i % heads;
+    const float* p = proj_n + (proj_per_example ? example * n * m : 0);
+    // k^T P [d, m]: keys of this head, token-major with stride H * d.
+    SmallMatTB(keys + (example * n * heads + h) * d, heads * d, 1, p, n, d, m, s.k_proj.data());
+    if (round_bf16) RoundToBf16(s.k_proj.data(), d * m);
+    SmallMatTB(w_k, c, 1, s.k_proj.data(), d, c, m, s.k_hat.data());      // W_k^T (k^T P) [c, m]
+    std::fill(s.p_sum.begin(), s.p_sum.end(), 0.0f);
+    for (int64_t t = 0; t < n; ++t) {
+      for (int64_t j = 0; j < m; ++j) s.p_sum[j] += p[t * m + j];
+    }
+    for (int64_t r = 0; r < c; ++r) {
+      for (int64_t j = 0; j < m; ++j) s.k_hat[r * m + j] += b_k[r] * s.p_sum[j];
+    }
+    if (round_bf16) RoundToBf16(s.k_hat.data(), c * m);
+    float* out = w + i * (d + 1) * m;
+    SmallMatTB(w_q, 1, c, s.k_hat.data(), c, d + 1, m, out);              // [W_q; b_q] K_hat [d + 1, m]
+    if (round_bf16) RoundToBf16(out, d * m);                                // not the offset row
+  }
+};
+
+#if defined(__AVX512F__)
+// approx[j0, j0 + 16 G) = sum_u weight[u] rows[u][j0, ...) for `used` rows; the last of the G vectors is
+// masked by `last`. G independent accumulators hide the FMA latency.
+template <int G>
+void WeightedRows(const float* const* rows, const float* weight, int64_t used, int64_t j0, __mmask16 last,
+                  float* approx) {
+  __m512 acc[G];
+  for (int g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
+  for (int64_t u = 0; u < used; ++u) {
+    const __m512 w = _mm512_set1_ps(weight[u]);
+    const float* row = rows[u] + j0;
+    for (int g = 0; g < G; ++g) {
+      const __mmask16 lanes = g == G - 1 ? last : static_cast<__mmask16>(0xFFFF);
+      acc[g] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(lanes, row + 16 * g), acc[g]);
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    _mm512_mask_storeu_ps(approx + j0 + 16 * g, g == G - 1 ? last : static_cast<__mmask16>(0xFFFF), acc[g]);
+  }
+}
+
+// WeightedRows<vectors> for 1 <= vectors <= G.
+template <int G>
+void WeightedRowsTail(int64_t vectors, const float* const* rows, const float* weight, int64_t used,
+                      int64_t j0, __mmask16 last, float* approx) {
+  if constexpr (G > 1) {
+    if (vectors < G) return WeightedRowsTail<G - 1>(vectors, rows, weight, used, j0, last, approx);
+  }
+  WeightedRows<G>(rows, weight, used, j0, last, approx);
+}
+#endif
+
+// The row pass: one query row per Row(i), from the pre-pass's w.
 struct LowRankRows {
   const float *q, *w, *basis;
   bool* out;
   int64_t heads, rows, q_tokens, first_row, d, m, n, basis_per_example, coef_k, k;
   float scale;
+  std::shared_ptr<const std::vector<float>> w_storage;   // keeps w alive
 
   struct Buffers {
     std::vector<float> logits, coef, approx;
     std::vector<uint32_t> key;
-    std::vector<int32_t> used;
+    std::vector<float> weight;              // the kept coefficients and their basis rows
+    std::vector<const float*> rows;
     std::unique_ptr<bool[]> coef_keep;
   };
   Buffers Scratch() const {
     return Buffers{std::vector<float>(m + 16), std::vector<float>(m + 16), std::vector<float>(n),
-                   std::vector<uint32_t>(std::max(m, n)), std::vector<int32_t>(m),
-                   std::make_unique<bool[]>(m)};
+                   std::vector<uint32_t>(std::max(m, n)), std::vector<float>(m),
+                   std::vector<const float*>(m), std::make_unique<bool[]>(m)};
   }
 
   // logits[t] = (sum_c x[c] w[c, t] + w[d, t]) * scale for one query row x [d] against w [d + 1, m].
   void Logits(const float* x, const float* w, float* logits) const {
     const float* b = w + d * m;
 #if defined(__AVX512F__)
-    constexpr int64_t kChains = 4;   // independent partial sums over c hide the FMA latency
+    // 32 columns per pass over c, four independent chains per 16 columns (hiding the FMA latency).
+    constexpr int64_t kChains = 4;
     const __m512 scale_v = _mm512_set1_ps(scale);
-    for (int64_t t = 0; t < m; t += 16) {
-      const __mmask16 lanes = sparsifiner_kernels::FirstLanes(m - t);
-      __m512 acc[kChains];
-      for (int64_t u = 0; u < kChains; ++u) acc[u] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < m; t += 32) {
+      const __mmask16 lo = sparsifiner_kernels::FirstLanes(m - t);
+      const __mmask16 hi = m - t > 16 ? sparsifiner_kernels::FirstLanes(m - t - 16) : 0;
+      __m512 acc_lo[kChains], acc_hi[kChains];
+      for (int64_t u = 0; u < kChains; ++u) acc_lo[u] = acc_hi[u] = _mm512_setzero_ps();
       const float* wc = w + t;
       int64_t c = 0;
       for (; c + kChains <= d; c += kChains, wc += kChains * m) {
         for (int64_t u = 0; u < kChains; ++u) {
-          acc[u] = _mm512_fmadd_ps(_mm512_set1_ps(x[c + u]), _mm512_maskz_loadu_ps(lanes, wc + u * m), acc[u]);
+          const __m512 xu = _mm512_set1_ps(x[c + u]);
+          acc_lo[u] = _mm512_fmadd_ps(xu, _mm512_maskz_loadu_ps(lo, wc + u * m), acc_lo[u]);
+          acc_hi[u] = _mm512_fmadd_ps(xu, _mm512_maskz_loadu_ps(hi, wc + u * m + 16), acc_hi[u]);
         }
       }
-      for (; c < d; ++c, wc += m) acc[0] = _mm512_fmadd_ps(_mm512_set1_ps(x[c]), _mm512_maskz_loadu_ps(lanes, wc), acc[0]);
-      const __m512 dot = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
-      _mm512_mask_storeu_ps(logits + t, lanes, _mm512_mul_ps(_mm512_add_ps(dot, _mm512_maskz_loadu_ps(lanes, b + t)), scale_v));
+      for (; c < d; ++c, wc += m) {
+        const __m512 xc = _mm512_set1_ps(x[c]);
+        acc_lo[0] = _mm512_fmadd_ps(xc, _mm512_maskz_loadu_ps(lo, wc), acc_lo[0]);
+        acc_hi[0] = _mm512_fmadd_ps(xc, _mm512_maskz_loadu_ps(hi, wc + 16), acc_hi[0]);
+      }
+      const __m512 dot_lo = _mm512_add_ps(_mm512_add_ps(acc_lo[0], acc_lo[1]), _mm512_add_ps(acc_lo[2], acc_lo[3]));
+      const __m512 dot_hi = _mm512_add_ps(_mm512_add_ps(acc_hi[0], acc_hi[1]), _mm512_add_ps(acc_hi[2], acc_hi[3]));
+      _mm512_mask_storeu_ps(logits + t, lo, _mm512_mul_ps(_mm512_add_ps(dot_lo, _mm512_maskz_loadu_ps(lo, b + t)), scale_v));
+      _mm512_mask_storeu_ps(logits + t + 16, hi,
+                            _mm512_mul_ps(_mm512_add_ps(dot_hi, _mm512_maskz_loadu_ps(hi, b + t + 16)), scale_v));
     }
 #else
     for (int64_t t = 0; t < m; ++t) logits[t] = 0.0f;
@@ -239,59 +464,60 @@ struct LowRankRows {
     float* coef = s.coef.data();
     std::copy(logits, logits + m, coef);
     const float total = sparsifiner_kernels::ExpMinusMaxInPlace(coef, m);
-    for (int64_t t = 0; t < m; ++t) coef[t] /= total;          // softmax, divided as XLA does
+#if defined(__AVX512F__)
+    for (int64_t t = 0; t < m; t += 16) {                        // softmax, divided as XLA does
+      const __mmask16 lanes = sparsifiner_kernels::FirstLanes(m - t);
+      _mm512_mask_storeu_ps(coef + t, lanes, _mm512_div_ps(_mm512_maskz_loadu_ps(lanes, coef + t), _mm512_set1_ps(total)));
+    }
+#else
+    for (int64_t t = 0; t < m; ++t) coef[t] /= total;            // softmax, divided as XLA does
+#endif
     const float* base = basis + (basis_per_example ? example * m * n : 0);
     int64_t used = 0;                                            // kept coefficients, in order
     for (int64_t t = 0; t < m; ++t) {
-      s.used[used] = static_cast<int32_t>(t);
+      s.weight[used] = coef[t];
+      s.rows[used] = base + t * n;
       used += !cut || s.coef_keep[t];
     }
     float* approx = s.approx.data();
 #if defined(__AVX512F__)
-    constexpr int64_t kGroup = 8;   // 8 independent accumulators (128 columns) hide the FMA latency
-    for (int64_t j0 = 0; j0 < n; j0 += 16 * kGroup) {
-      __m512 acc[kGroup];
-      for (int64_t g = 0; g < kGroup; ++g) acc[g] = _mm512_setzero_ps();
-      for (int64_t u = 0; u < used; ++u) {
-        const __m512 w = _mm512_set1_ps(coef[s.used[u]]);
-        const float* row = base + s.used[u] * n + j0;
-        for (int64_t g = 0; g < kGroup; ++g) {
-          const int64_t j = j0 + 16 * g;
-          if (j < n) {
-            acc[g] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(sparsifiner_kernels::FirstLanes(n - j), row + 16 * g), acc[g]);
-          }
-        }
-      }
-      for (int64_t g = 0; g < kGroup && j0 + 16 * g < n; ++g) {
-        _mm512_mask_storeu_ps(approx + j0 + 16 * g, sparsifiner_kernels::FirstLanes(n - j0 - 16 * g), acc[g]);
-      }
+    int64_t j0 = 0;
+    for (; j0 + 128 <= n; j0 += 128) WeightedRows<8>(s.rows.data(), s.weight.data(), used, j0, 0xFFFF, approx);
+    if (j0 < n) {
+      const int64_t vectors = (n - j0 + 15) / 16;
+      WeightedRowsTail<8>(vectors, s.rows.data(), s.weight.data(), used, j0,
+                          sparsifiner_kernels::FirstLanes(n - j0 - 16 * (vectors - 1)), approx);
     }
 #else
     std::fill(approx, approx + n, 0.0f);
     for (int64_t u = 0; u < used; ++u) {
-      const float w = coef[s.used[u]];
-      const float* row = base + s.used[u] * n;
-      for (int64_t j = 0; j < n; ++j) approx[j] += w * row[j];
+      for (int64_t j = 0; j < n; ++j) approx[j] += s.weight[u] * s.rows[u][j];
     }
 #endif
     SelectRow(approx, n, k, s.key.data(), out + i * n);
   }
 };
 
-ffi::Error LowRankTopkMaskImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> w,
-                               ffi::Buffer<ffi::F32> basis,
-                               ffi::ResultBuffer<ffi::PRED> out, int64_t first_row, float scale,
-                               int64_t coef_k, int64_t k) {
+ffi::Error LowRankTopkMaskImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> keys,
+                               ffi::Buffer<ffi::F32> proj_n, ffi::Buffer<ffi::F32> w_k,
+                               ffi::Buffer<ffi::F32> b_k, ffi::Buffer<ffi::F32> w_q,
+                               ffi::Buffer<ffi::F32> basis, ffi::ResultBuffer<ffi::PRED> out,
+                               int64_t first_row, float scale, int64_t coef_k, int64_t k, bool round_bf16) {
   constexpr char kShapes[] =
-      "lowrank_topk_mask: q [B, Nq, H, d], w [B, H, d + 1, m], basis [B|1, m, N], "
-      "out [B, H, Nq - first_row, N]";
-  const auto qd = q.dimensions(), wd = w.dimensions(), bd = basis.dimensions(), od = out->dimensions();
-  if (qd.size() != 4 || wd.size() != 4 || bd.size() != 3 || od.size() != 4) {
+      "lowrank_topk_mask: q [B, Nq, H, d], keys [B, N, H, d], proj_n [B|1, N, m], w_k [d, c], b_k [c], "
+      "w_q [d + 1, c], basis [B|1, m, N], out [B, H, Nq - first_row, N]";
+  const auto qd = q.dimensions(), kd = keys.dimensions(), pd = proj_n.dimensions(), wkd = w_k.dimensions(),
+             bkd = b_k.dimensions(), wqd = w_q.dimensions(), bd = basis.dimensions(), od = out->dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || pd.size() != 3 || wkd.size() != 2 || bkd.size() != 1 ||
+      wqd.size() != 2 || bd.size() != 3 || od.size() != 4) {
     return ffi::Error::InvalidArgument(kShapes);
   }
-  const int64_t batch = qd[0], heads = qd[2], d = qd[3], m = wd[3], n = bd[2], rows = qd[1] - first_row;
-  const bool shapes_agree = wd[0] == batch && wd[1] == heads && wd[2] == d + 1 && bd[1] == m &&
-                            (bd[0] == 1 || bd[0] == batch) &&
+  const int64_t batch = qd[0], heads = qd[2], d = qd[3], n = kd[1], m = pd[2], c = wkd[1];
+  const int64_t rows = qd[1] - first_row;
+  const bool shapes_agree = kd[0] == batch && kd[2] == heads && kd[3] == d &&
+                            (pd[0] == 1 || pd[0] == batch) && pd[1] == n && wkd[0] == d && bkd[0] == c &&
+                            wqd[0] == d + 1 && wqd[1] == c && (bd[0] == 1 || bd[0] == batch) &&
+                            bd[1] == m && bd[2] == n &&
                             od[0] == batch && od[1] == heads && od[2] == rows && od[3] == n;
   if (!shapes_agree || first_row < 0 || rows < 0) return ffi::Error::InvalidArgument(kShapes);
   if (k < 1 || k > n || coef_k < 1) {
@@ -300,9 +526,15 @@ ffi::Error LowRankTopkMaskImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
   if (n >= (int64_t{1} << 31) || m >= (int64_t{1} << 31)) {
     return ffi::Error::InvalidArgument("lowrank_topk_mask: N and m must be < 2^31");
   }
+  // The pre-pass's output lives until both passes are done (the row pass's threads hold it too).
+  auto w = std::make_shared<std::vector<float>>(batch * heads * (d + 1) * m);
+  auto weights = std::make_shared<const QueryWeights>(QueryWeights{
+      keys.typed_data(), proj_n.typed_data(), w_k.typed_data(), b_k.typed_data(), w_q.typed_data(),
+      w->data(), heads, n, d, c, m, pd[0] != 1, round_bf16});
+  sparsifiner_kernels::ParallelRows(pool, weights, batch * heads, 1);
   auto work = std::make_shared<const LowRankRows>(LowRankRows{
-      q.typed_data(), w.typed_data(), basis.typed_data(), out->typed_data(), heads,
-      rows, qd[1], first_row, d, m, n, bd[0] != 1, coef_k, k, scale});
+      q.typed_data(), w->data(), basis.typed_data(), out->typed_data(), heads,
+      rows, qd[1], first_row, d, m, n, bd[0] != 1, coef_k, k, scale, w});
   sparsifiner_kernels::ParallelRows(pool, work, batch * heads * rows, 64);
   return ffi::Error::Success();
 }
@@ -319,11 +551,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TopkMask, TopkMaskImpl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LowRankTopkMask, LowRankTopkMaskImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // q
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // keys
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // proj_n
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // w_k
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // b_k
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // w_q
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // basis
                                   .Ret<ffi::Buffer<ffi::PRED>>()
                                   .Attr<int64_t>("first_row")
                                   .Attr<float>("scale")
                                   .Attr<int64_t>("coef_k")
-                                  .Attr<int64_t>("k"));
+                                  .Attr<int64_t>("k")
+                                  .Attr<bool>("round_bf16"));

@@ -78,37 +78,30 @@ class MaskPredictor(nnx.Module):
     keep = magnitude > self.basis_threshold
     return jnp.where(keep, basis if self.signed_basis else magnitude, 0.0)
 
-  def query_weights(self, k: Array, *, token_index: Array | None = None,
-                    key_keep: Array | None = None) -> Array:
-    """The per-head weights the coefficient logits are affine in, ``[W_q; b_q] K̂ [B, H, d + 1, m]``
-    float32 (the offset ``b_q K̂`` as the last row), from raw k ``[B, N, H, d]``.
+  def factors(self, k: Array, *, token_index: Array | None = None, key_keep: Array | None = None
+              ) -> tuple[Array, Array, Array, Array, Array]:
+    """The operands of ``query_weights(...)`` (module level), ``(keys, proj_n, w_k, b_k, w_q)``, for raw
+    k ``[B, N, H, d]``.
 
-    Token sparsity: ``token_index [B, N]`` gives the original positions of a shortened sequence (the
-    token-sized parameters are gathered at them); ``key_keep [B, N] bool`` marks the live tokens of a
-    full-length one (pruned keys contribute nothing to K̂, as in the official code).
+    ``proj_n`` is ``[1|B, N, m]`` and ``w_q`` is ``[d + 1, c]`` (b_q appended as a row); the
+    products' operands are rounded to the compute dtype, as the products take them (the same for
+    ``kernels.lowrank_topk_mask``). Token sparsity: ``token_index [B, N]`` gives the
+    original positions of a shortened sequence (the token-sized parameters are gathered at them);
+    ``key_keep [B, N] bool`` marks the live tokens of a full-length one (pruned keys contribute nothing
+    to K̂, as in the official code).
     """
     n = k.shape[1]
     if token_index is None and n != self.num_tokens:
       raise ValueError(f"predictor was built for {self.num_tokens} tokens but got {n}; resize its "
                        "token parameters (convert.resize_token_params) for a new resolution")
-    # Â's coefficients are q_r K̂ with q_r = q W_q + b_q, K̂ = (k W_k + b_k)ᵀ P (P = proj_n). Computed
-    # reassociated, q (W_q K̂) + b_q K̂ with K̂ = W_kᵀ (kᵀ P) + b_k (1ᵀ P): the same products, without
-    # projecting every token to c dims first (two thin matmuls and their copies; ~10 % of the predictor).
-    # W_q K̂ and b_q K̂ come from one product with b_q appended to W_q as a row.
-    mm = lambda spec, a, b: attn_lib.mixed_einsum(spec, a, b, self.dtype)  # noqa: E731
+    rounded = lambda x: x.astype(self.dtype).astype(jnp.float32)       # noqa: E731
     proj_n = self.proj_n[...]                                          # [N0, m]
     proj_n = proj_n[None] if token_index is None else proj_n[token_index]   # [1|B, N, m]
     if key_keep is not None:                                           # pruned keys contribute nothing
       k = k * key_keep[:, :, None, None].astype(k.dtype)
       proj_n = proj_n * key_keep[:, :, None].astype(proj_n.dtype)
-    spec = "bnhd,nm->bhdm" if proj_n.shape[0] == 1 else "bnhd,bnm->bhdm"
-    k_proj = mm(spec, k, proj_n[0] if proj_n.shape[0] == 1 else proj_n)   # kᵀ P: [B, H, d, m]
-    w_q, w_k = self.proj_c_q.kernel[...], self.proj_c_k.kernel[...]    # [d, c]
-    k_hat = mm("dc,bhdm->bhcm", w_k, k_proj)   # [B, H, c, m] (this operand order: XLA:CPU lacks a
-    # bf16 x bf16 -> f32 DotThunk for the other)
-    k_hat = k_hat + self.proj_c_k.bias[...][:, None] * jnp.sum(proj_n, axis=1)[:, None, None, :]
-    w_q = jnp.concatenate([w_q, self.proj_c_q.bias[...][None].astype(w_q.dtype)], axis=0)   # [d + 1, c]
-    return mm("dc,bhcm->bhdm", w_q, k_hat)                             # [B, H, d + 1, m]
+    w_q = jnp.concatenate([self.proj_c_q.kernel[...].astype(jnp.float32), self.proj_c_q.bias[...][None]])
+    return k, rounded(proj_n), rounded(self.proj_c_k.kernel[...]), self.proj_c_k.bias[...], rounded(w_q)
 
   @property
   def logit_scale(self) -> float:
@@ -116,7 +109,7 @@ class MaskPredictor(nnx.Module):
 
   def coefficient_logits(self, q: Array, weights: Array) -> Array:
     """Logits of the basis coefficients ``[B, H, N-1, m]`` float32 from raw q ``[B, N, H, d]`` and
-    ``query_weights``; the CLS row is not predicted."""
+    ``query_weights(*factors(k))``; the CLS row is not predicted."""
     d = q.shape[-1]
     scores = attn_lib.mixed_einsum("bnhd,bhdm->bhnm", q[:, 1:], weights[:, :, :d], self.dtype)
     return (scores + weights[:, :, d:]) * self.logit_scale
@@ -144,27 +137,40 @@ class MaskPredictor(nnx.Module):
     comes from ``kernels.lowrank_topk_mask`` (one fused CPU pass; ``approx_attn`` is then only computed
     if the caller uses it).
     """
-    weights = self.query_weights(k, token_index=token_index, key_keep=key_keep)
-    logits = self.coefficient_logits(q, weights)
+    factors = self.factors(k, token_index=token_index, key_keep=key_keep)
+    logits = self.coefficient_logits(q, query_weights(*factors, self.dtype))
     basis = self.basis_rows(recon, token_index)
     approx = self.combine(logits, basis, recon)
     if recon:
       return None, approx
     budget = self.budget if kept_patches is None else min(self.budget, kept_patches)
     if key_keep is None:
-      # The kernel takes the matmul operands rounded as coefficient_logits rounds them (not the offset
-      # row); in XLA (other backends, no kernels) the mask comes from the logits above.
-      if self.dtype != jnp.float32:
-        d = q.shape[-1]
-        weights = weights.at[:, :, :d].set(weights[:, :, :d].astype(self.dtype).astype(jnp.float32))
+      # In XLA (other backends, no kernels) the mask comes from the logits above.
       keep = kernels.lowrank_topk_mask(
-          q.astype(self.dtype), weights,
-          basis if basis.ndim == 3 else basis[None], first_row=1, scale=self.logit_scale,
-          coef_k=self.coef_topk, k=budget,
+          q.astype(self.dtype), *factors, basis if basis.ndim == 3 else basis[None], first_row=1,
+          scale=self.logit_scale, coef_k=self.coef_topk, k=budget, compute_dtype=self.dtype,
           reference=lambda *_: kernels.topk_keep_mask(self.combine(logits, basis, recon=False), budget))
       return attn_lib.keep_mask(keep, budget, num_dense_rows=1), approx
     scores = jnp.where(key_keep[:, None, None, :], jax.lax.stop_gradient(approx), -jnp.inf)
     return attn_lib.topk_mask(scores, budget, num_dense_rows=1), approx
+
+
+def query_weights(keys: Array, proj_n: Array, w_k: Array, b_k: Array, w_q: Array, dtype) -> Array:
+  """``[W_q; b_q] K̂``, ``[B, H, d + 1, m]`` float32 (the offset ``b_q K̂`` as the last row), with
+  ``K̂ = W_kᵀ (kᵀ P) + b_k (1ᵀ P)`` from keys ``[B, N, H, d]``, ``P = proj_n [1|B, N, m]``, ``w_k [d, c]``,
+  ``b_k [c]`` and ``w_q [d + 1, c]``; products in ``dtype`` (``attention.mixed_einsum``).
+
+  The coefficients' logits are ``q_r K̂`` with ``q_r = q W_q + b_q``, ``K̂ = (k W_k + b_k)ᵀ P``. Computed
+  reassociated, ``q (W_q K̂) + b_q K̂``: the same products without projecting every token to c dims
+  first (two thin matmuls and their copies). ``kernels.lowrank_topk_mask`` computes the same on CPU.
+  """
+  mm = lambda spec, a, b: attn_lib.mixed_einsum(spec, a, b, dtype)   # noqa: E731
+  spec = "bnhd,nm->bhdm" if proj_n.shape[0] == 1 else "bnhd,bnm->bhdm"
+  k_proj = mm(spec, keys, proj_n[0] if proj_n.shape[0] == 1 else proj_n)   # kᵀ P: [B, H, d, m]
+  # (This operand order: XLA:CPU lacks a bf16 x bf16 -> f32 DotThunk for the other.)
+  k_hat = mm("dc,bhdm->bhcm", w_k, k_proj)                             # [B, H, c, m]
+  k_hat = k_hat + b_k[:, None] * jnp.sum(proj_n, axis=1)[:, None, None, :]
+  return mm("dc,bhcm->bhdm", w_q, k_hat)                               # [B, H, d + 1, m]
 
 
 def keep_topk_values(x: Array, k: int, by: Array | None = None) -> Array:
