@@ -399,7 +399,6 @@ struct LowRankRows {
   bool* out;
   int64_t heads, rows, q_tokens, first_row, d, m, n, basis_per_example, coef_k, k;
   float scale;
-  std::shared_ptr<const std::vector<float>> w_storage;   // keeps w alive
 
   struct Buffers {
     std::vector<float> logits, coef, approx;
@@ -526,15 +525,15 @@ ffi::Error LowRankTopkMaskImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
   if (n >= (int64_t{1} << 31) || m >= (int64_t{1} << 31)) {
     return ffi::Error::InvalidArgument("lowrank_topk_mask: N and m must be < 2^31");
   }
-  // The pre-pass's output lives until both passes are done (the row pass's threads hold it too).
-  auto w = std::make_shared<std::vector<float>>(batch * heads * (d + 1) * m);
+  // ParallelRows returns once every row is done (as for XLA's own buffers), so w may live on this frame.
+  std::vector<float> w(batch * heads * (d + 1) * m);
   auto weights = std::make_shared<const QueryWeights>(QueryWeights{
       keys.typed_data(), proj_n.typed_data(), w_k.typed_data(), b_k.typed_data(), w_q.typed_data(),
-      w->data(), heads, n, d, c, m, pd[0] != 1, round_bf16});
+      w.data(), heads, n, d, c, m, pd[0] != 1, round_bf16});
   sparsifiner_kernels::ParallelRows(pool, weights, batch * heads, 1);
   auto work = std::make_shared<const LowRankRows>(LowRankRows{
-      q.typed_data(), w->data(), basis.typed_data(), out->typed_data(), heads,
-      rows, qd[1], first_row, d, m, n, bd[0] != 1, coef_k, k, scale, w});
+      q.typed_data(), w.data(), basis.typed_data(), out->typed_data(), heads,
+      rows, qd[1], first_row, d, m, n, bd[0] != 1, coef_k, k, scale});
   sparsifiner_kernels::ParallelRows(pool, work, batch * heads * rows, 64);
   return ffi::Error::Success();
 }
