@@ -429,27 +429,35 @@ def test_sparse_attention_bad_mask_shape(keep_shape, match):
 # The fused low-rank mask kernel (kernels.lowrank_topk_mask) against predictor math in XLA and float64.
 
 
-def _lowrank_inputs(b, h, nq, d, m, n, c, proj_b, basis_b, seed):
-  ks = jax.random.split(jax.random.key(seed), 7)
-  q = jax.random.normal(ks[0], (b, nq, h, d))
-  keys = jax.random.normal(ks[1], (b, n, h, d))
-  proj_n = jax.random.normal(ks[2], (proj_b, n, m)) * n ** -0.5
-  w_k = jax.random.normal(ks[3], (d, c)) * d ** -0.5
-  b_k = jax.random.normal(ks[4], (c,)) * 0.1
-  w_q = jax.random.normal(ks[5], (d + 1, c)) * d ** -0.5          # b_q as the last row
-  basis = jnp.abs(jax.random.normal(ks[6], (basis_b, m, n))) * 0.02
-  return q, keys, proj_n, w_k, b_k, w_q, basis
+def _lowrank_inputs(b, h, n, d, m, c, proj_b, basis_b, seed, slots=3):
+  ks = jax.random.split(jax.random.key(seed), 8)
+  qkv = jax.random.normal(ks[0], (b, n, slots, h, d))
+  proj_n = jax.random.normal(ks[1], (proj_b, n, m)) * n ** -0.5
+  w_k = jax.random.normal(ks[2], (d, c)) * d ** -0.5
+  b_k = jax.random.normal(ks[3], (c,)) * 0.1
+  w_q = jax.random.normal(ks[4], (d, c)) * d ** -0.5
+  b_q = jax.random.normal(ks[5], (c,)) * 0.1
+  proj_back_n = jax.random.normal(ks[6], (basis_b, n, m)) * 0.03      # about half above the threshold
+  return qkv, proj_n, w_k, b_k, w_q, b_q, proj_back_n
 
 
-def _lowrank_reference(coef_k, k, first_row, scale, dtype=jnp.float32):
+def _lowrank_basis(proj_back_n, threshold, signed):
+  """``MaskPredictor.basis`` for ``[B|1, N, m]`` up-projections: ``[B|1, m, N]``."""
+  basis = jnp.swapaxes(proj_back_n, 1, 2)
+  return jnp.where(jnp.abs(basis) > threshold, basis if signed else jnp.abs(basis), 0.0)
+
+
+def _lowrank_reference(coef_k, k, first_row, scale, dtype=jnp.float32, threshold=0.02, signed=False):
   """The approximation and its mask in XLA from the predictor's own functions, products in ``dtype``."""
-  def approx(q, keys, proj_n, w_k, b_k, w_q, basis):
-    w = predictor.query_weights(keys, proj_n, w_k, b_k, w_q, dtype)
+  def approx(qkv, proj_n, w_k, b_k, w_q, b_q, proj_back_n):
+    q, keys = qkv[:, :, 0], qkv[:, :, 1]
+    w = predictor.query_weights(keys, proj_n, w_k, b_k, w_q, b_q, dtype)
     d = q.shape[-1]
     w = w.at[:, :, :d].set(w[:, :, :d].astype(dtype).astype(jnp.float32))   # as mixed_einsum takes it
     logits = kernels.lowrank_logits(q.astype(dtype).astype(jnp.float32), w, first_row=first_row,
                                     scale=scale)
     coef = predictor.keep_topk_values(jax.nn.softmax(logits, -1), coef_k, by=logits)
+    basis = _lowrank_basis(proj_back_n, threshold, signed)
     return jnp.einsum("bhrm,bmn->bhrn", coef, jnp.broadcast_to(basis, (q.shape[0], *basis.shape[1:])))
   return approx, lambda *args: kernels.topk_keep_mask_xla(approx(*args), k)
 
@@ -464,33 +472,37 @@ def _is_topk(keep, approx, k, tol):
 
 
 @pytest.mark.usefixtures("needs_kernel")
-@pytest.mark.parametrize("b,h,nq,d,m,n,c,proj_b,basis_b,coef_k,k", [
-    (2, 3, 197, 64, 32, 197, 32, 1, 1, 8, 50),   # DeiT-S at keep 0.25
-    (3, 2, 11, 6, 8, 11, 3, 3, 3, 4, 3),         # per-example P and bases (token dropping); odd d, c
-    (1, 2, 17, 16, 70, 17, 9, 1, 1, 8, 17),      # long coefficient rows (radix path, masked tails), k = N
-    (1, 1, 6, 5, 6, 9, 2, 1, 1, 6, 1),           # coef_k >= m: nothing cut; Nq != N
+@pytest.mark.parametrize("b,h,n,d,m,c,proj_b,basis_b,coef_k,k,slots,signed", [
+    (2, 3, 197, 64, 32, 32, 1, 1, 8, 50, 3, False),   # DeiT-S at keep 0.25
+    (3, 2, 11, 6, 8, 3, 3, 3, 4, 3, 3, False),        # per-example P and W_up (token dropping); odd d, c
+    (1, 2, 17, 16, 70, 9, 1, 1, 8, 17, 2, True),      # long coefficient rows, k = N; q, k only; signed
+    (1, 1, 9, 5, 6, 2, 1, 1, 6, 1, 4, True),          # coef_k >= m: nothing cut; an extra slot
 ])
-def test_lowrank_topk_mask_matches_reference(b, h, nq, d, m, n, c, proj_b, basis_b, coef_k, k):
-  args = _lowrank_inputs(b, h, nq, d, m, n, c, proj_b, basis_b, seed=m + n)
+def test_lowrank_topk_mask_matches_reference(b, h, n, d, m, c, proj_b, basis_b, coef_k, k, slots, signed):
+  args = _lowrank_inputs(b, h, n, d, m, c, proj_b, basis_b, seed=m + n, slots=slots)
   scale = 0.4
-  _, ref = _lowrank_reference(coef_k, k, 1, scale)
+  _, ref = _lowrank_reference(coef_k, k, 1, scale, signed=signed)
   f = functools.partial(kernels.lowrank_topk_mask, first_row=1, scale=scale, coef_k=coef_k, k=k,
-                        reference=ref)
+                        basis_threshold=0.02, signed_basis=signed, reference=ref)
   assert KERNEL_TARGETS["lowrank"] in str(jax.make_jaxpr(f)(*args))
   got = np.asarray(jax.jit(f)(*args))
-  assert got.shape == (b, h, nq - 1, n)
+  assert got.shape == (b, h, n - 1, n)
   # A top-k of the approximation computed in float64, up to float32 rounding (1e-5 of the row's scale).
-  q, keys, proj_n, w_k, b_k, w_q, basis = (np.asarray(x, np.float64) for x in args)
+  qkv, proj_n, w_k, b_k, w_q, b_q, proj_back_n = (np.asarray(x, np.float64) for x in args)
+  q, keys = qkv[:, :, 0], qkv[:, :, 1]
   k_hat = (np.einsum("dc,bnhd,bnm->bhcm", w_k, keys, np.broadcast_to(proj_n, (b, n, m)))
            + b_k[:, None] * proj_n.sum(1)[:, None, None, :])
-  w = np.einsum("dc,bhcm->bhdm", w_q, k_hat)
-  s64 = (np.einsum("bnhd,bhdm->bhnm", q[:, 1:], w[:, :, :d]) + w[:, :, d:]) * scale
+  s64 = (np.einsum("bnhd,dc,bhcm->bhnm", q[:, 1:], w_q, k_hat)
+         + np.einsum("c,bhcm->bhm", b_q, k_hat)[:, :, None]) * scale
   coef = np.exp(s64 - s64.max(-1, keepdims=True))
   coef /= coef.sum(-1, keepdims=True)
   order = np.argsort(-s64, axis=-1, kind="stable")
   cut = np.zeros_like(coef, bool)
   np.put_along_axis(cut, order[..., :coef_k], True, axis=-1)
-  approx = np.einsum("bhrm,bmn->bhrn", np.where(cut, coef, 0.0), np.broadcast_to(basis, (b, m, n)))
+  up = np.broadcast_to(proj_back_n, (b, n, m)).transpose(0, 2, 1)
+  basis = np.where(np.abs(up) > np.float32(0.02), up if signed else np.abs(up), 0.0)
+  assert 0.2 < (basis != 0).mean() < 0.8                           # the threshold matters
+  approx = np.einsum("bhrm,bmn->bhrn", np.where(cut, coef, 0.0), basis)
   assert _is_topk(got, approx, k, 1e-5)
   # Random inputs have no near-ties: the same sets as XLA's.
   np.testing.assert_array_equal(got, ref(*args))
@@ -502,10 +514,10 @@ def test_lowrank_topk_mask_bfloat16_products():
   a top-k of XLA's bf16 approximation up to float32 summation order (stated tolerance: 1e-5 of the row
   scale, as in float32 -- far below bf16's 2^-8, which a missed rounding would exceed) and differs from
   the float32 mask."""
-  q, keys, proj_n, w_k, b_k, w_q, basis = _lowrank_inputs(2, 3, 197, 64, 32, 197, 32, 1, 1, seed=5)
+  qkv, proj_n, w_k, b_k, w_q, b_q, proj_back_n = _lowrank_inputs(2, 3, 197, 64, 32, 32, 1, 1, seed=5)
   bf = lambda x: x.astype(jnp.bfloat16).astype(jnp.float32)   # noqa: E731
-  args = (bf(q), bf(keys), bf(proj_n), bf(w_k), b_k, bf(w_q), basis)   # as the predictor passes them
-  kw = dict(first_row=1, scale=0.4, coef_k=8, k=50)
+  args = (bf(qkv), bf(proj_n), bf(w_k), b_k, bf(w_q), bf(b_q), proj_back_n)   # as the predictor passes them
+  kw = dict(first_row=1, scale=0.4, coef_k=8, k=50, basis_threshold=0.02)
   approx16, ref16 = _lowrank_reference(8, 50, 1, 0.4, jnp.bfloat16)
   got16 = jax.jit(functools.partial(kernels.lowrank_topk_mask, compute_dtype=jnp.bfloat16,
                                     reference=ref16, **kw))(*args)
@@ -515,18 +527,19 @@ def test_lowrank_topk_mask_bfloat16_products():
 
 
 @pytest.mark.parametrize("change,match", [
-    (dict(basis=(1, 6, 7)), "need q"),                  # basis m 6 != 5
-    (dict(w_q=(3, 2)), "need q"),                       # w_q without the bias row
-    (dict(basis=(2, 5, 7)), "need q"),                  # basis batch 2 != 1
-    (dict(keys=(1, 7, 2, 4)), "need q"),                # keys d 4 != 3
-    (dict(first_row=5), "first_row=5 <= Nq"),
+    (dict(proj_back_n=(1, 7, 6)), "need qkv"),          # W_up m 6 != 5
+    (dict(w_q=(4, 2)), "need qkv"),                     # w_q with the bias row
+    (dict(proj_back_n=(2, 7, 5)), "need qkv"),          # W_up batch 2 != 1
+    (dict(qkv=(1, 7, 1, 2, 3)), "need qkv"),            # no key slot
+    (dict(b_q=(3,)), "need qkv"),                       # b_q c 3 != 2
+    (dict(first_row=8), "first_row=8 <= N"),
     (dict(k=8), "need 1 <= k=8 <= 7"),
     (dict(coef_k=0), "coef_k=0 >= 1"),
 ])
 def test_lowrank_topk_mask_bad_arguments(change, match):
-  shapes = dict(q=(1, 4, 2, 3), keys=(1, 7, 2, 3), proj_n=(1, 7, 5), w_k=(3, 2), b_k=(2,), w_q=(4, 2),
-                basis=(1, 5, 7))
-  kw = dict(first_row=1, scale=1.0, coef_k=2, k=2)
+  shapes = dict(qkv=(1, 7, 3, 2, 3), proj_n=(1, 7, 5), w_k=(3, 2), b_k=(2,), w_q=(3, 2), b_q=(2,),
+                proj_back_n=(1, 7, 5))
+  kw = dict(first_row=1, scale=1.0, coef_k=2, k=2, basis_threshold=0.02)
   for key, value in change.items():
     (shapes if key in shapes else kw)[key] = value
   with pytest.raises(ValueError, match=match):

@@ -7,8 +7,8 @@ function serves CPU and accelerators:
   index -- the set ``jax.lax.top_k`` returns). On CPU it runs ``topk_mask_cpu.cc``, a multi-threaded
   radix select (~30x faster than XLA:CPU's TopK plus a scatter on Sparsifiner's ``[B, H, N-1, N]``
   scores; BENCHMARKS.md); elsewhere the XLA reference (``lax.top_k`` and a scatter).
-* ``lowrank_topk_mask(q, keys, <predictor parameters>, basis, ...)``: Sparsifiner's whole mask
-  selection (the predictor's per-head query weights, coefficient logits, softmax, top coefficients,
+* ``lowrank_topk_mask(qkv, <predictor parameters>, ...)``: Sparsifiner's whole mask selection (the
+  predictor's per-head query weights, basis threshold, coefficient logits, softmax, top coefficients,
   basis product, top-k) in one call on CPU, so none of the predictor's small XLA ops runs and neither
   the logits nor the ``[B, H, R, N]`` approximation is written; elsewhere the caller's XLA reference.
 * ``sparse_attention(q, k, v, keep, ...)``: softmax attention over the kept entries only. On CPU it runs
@@ -162,13 +162,15 @@ def topk_keep_mask(x: Array, k: int) -> Array:
                                     default=functools.partial(topk_keep_mask_xla, k=k))
 
 
-def _ffi_lowrank_topk_mask(q, keys, proj_n, w_k, b_k, w_q, basis, *, first_row: int, scale: float,
-                           coef_k: int, k: int, round_bf16: bool) -> Array:
-  b, nq, h, _ = q.shape
-  out = jax.ShapeDtypeStruct((b, h, nq - first_row, basis.shape[-1]), jnp.bool_)
+def _ffi_lowrank_topk_mask(qkv, proj_n, w_k, b_k, w_q, b_q, proj_back_n, *, first_row: int, scale: float,
+                           coef_k: int, k: int, round_bf16: bool, basis_threshold: float,
+                           signed_basis: bool) -> Array:
+  b, n, _, h, _ = qkv.shape
+  out = jax.ShapeDtypeStruct((b, h, n - first_row, n), jnp.bool_)
   call = jax.ffi.ffi_call(_LOWRANK_TARGET, out, vmap_method="sequential")
-  return call(q, keys, proj_n, w_k, b_k, w_q, basis, first_row=np.int64(first_row),
-              scale=np.float32(scale), coef_k=np.int64(coef_k), k=np.int64(k), round_bf16=bool(round_bf16))
+  return call(qkv, proj_n, w_k, b_k, w_q, b_q, proj_back_n, first_row=np.int64(first_row),
+              scale=np.float32(scale), coef_k=np.int64(coef_k), k=np.int64(k), round_bf16=bool(round_bf16),
+              basis_threshold=np.float32(basis_threshold), signed_basis=bool(signed_basis))
 
 
 def lowrank_logits(q: Array, w: Array, *, first_row: int, scale: float) -> Array:
@@ -179,60 +181,67 @@ def lowrank_logits(q: Array, w: Array, *, first_row: int, scale: float) -> Array
   return (dot + w[:, :, d:].astype(jnp.float32)) * scale
 
 
-def lowrank_topk_mask(q: Array, keys: Array, proj_n: Array, w_k: Array, b_k: Array, w_q: Array,
-                      basis: Array, *, first_row: int, scale: float, coef_k: int, k: int,
-                      compute_dtype=jnp.float32, reference) -> Array:
+def lowrank_topk_mask(qkv: Array, proj_n: Array, w_k: Array, b_k: Array, w_q: Array, b_q: Array,
+                      proj_back_n: Array, *, first_row: int, scale: float, coef_k: int, k: int,
+                      basis_threshold: float, signed_basis: bool = False, compute_dtype=jnp.float32,
+                      reference) -> Array:
   """Sparsifiner's mask from its low-rank attention approximation, without writing any of the
   predictor's intermediates, its coefficient logits or the approximation.
 
-  Per (example, head) the query weights ``w = [W_q; b_q] K̂`` (``[d + 1, m]``, the offset as the last
-  row) with ``K̂ = W_kᵀ (kᵀ P) + b_k (1ᵀ P)``; per query row ``logits = lowrank_logits(q, w, ...)`` over
-  the ``m`` basis rows, ``coef = softmax(logits)`` with all but its ``coef_k`` largest entries zeroed
-  (ranked by the logits, ties: lowest index; not renormalised), ``approx = coef @ basis``, then the
-  top-``k`` mask of ``approx`` (``topk_keep_mask``). On CPU one kernel call does all of it; elsewhere, or
-  without the kernels, ``reference(q, keys, proj_n, w_k, b_k, w_q, basis)`` runs. The two agree up to
-  float rounding (the kernel sums products in its own order; near-ties may resolve differently).
+  With ``q = qkv[:, :, 0]`` and ``keys = qkv[:, :, 1]``: per (example, head) the query weights
+  ``w = [W_q; b_q] K̂`` (``[d + 1, m]``, the offset as the last row) with ``K̂ = W_kᵀ (kᵀ P) + b_k (1ᵀ P)``;
+  per example the basis ``T(W_up)ᵀ`` ``[m, N]`` (entries with ``|x| > basis_threshold`` kept as ``|x|``,
+  or ``x`` with ``signed_basis``; the rest 0); per query row
+  ``logits = lowrank_logits(q, w, ...)`` over the ``m`` basis rows, ``coef = softmax(logits)`` with all
+  but its ``coef_k`` largest entries zeroed (ranked by the logits, ties: lowest index; not renormalised),
+  ``approx = coef @ basis``, then the top-``k`` mask of ``approx`` (``topk_keep_mask``). On CPU one kernel
+  call does all of it, reading q and the keys in place (the attention's qkv projection is passed whole,
+  so XLA copies no slices of it); elsewhere, or without the kernels,
+  ``reference(qkv, proj_n, w_k, b_k, w_q, b_q, proj_back_n)`` runs. The two agree up to float rounding
+  (the kernel sums products in its own order; near-ties may resolve differently).
 
   Args:
-    q: ``[B, Nq, H, d]`` queries; rows before ``first_row`` (the CLS row) are not predicted.
-    keys: ``[B, N, H, d]``.
+    qkv: ``[B, N, S, H, d]``, ``S >= 2``: queries in slot 0, keys in slot 1 (the fused qkv projection's
+      layout; other slots are not read). Rows before ``first_row`` (the CLS row) are not predicted.
     proj_n: ``[B|1, N, m]`` the keys' token down-projection P (per example under token dropping).
     w_k, b_k: ``[d, c]``, ``[c]`` the key projection.
-    w_q: ``[d + 1, c]`` the query projection with its bias as the last row.
-    basis: ``[B|1, m, N]`` the (thresholded) up-projection basis, per example under token dropping.
+    w_q, b_q: ``[d, c]``, ``[c]`` the query projection.
+    proj_back_n: ``[B|1, N, m]`` the up-projection W_up, untransposed and unthresholded.
     first_row, scale: the first predicted row; the logits' scale.
     coef_k, k: coefficients kept per row, keys kept per row (``1 <= k <= N``).
+    basis_threshold, signed_basis: the basis threshold (``MaskPredictor.basis``).
     compute_dtype: the products' input dtype (``attention.mixed_einsum``): float32, or bfloat16 (the
       kernel then rounds ``kᵀP``, ``K̂`` and ``w[:d]`` to bf16 before the product that takes them; the
       caller passes the other operands as the products take them). Other dtypes take the reference.
-    reference: ``(q, keys, proj_n, w_k, b_k, w_q, basis) -> keep [B, H, Nq - first_row, N] bool`` in XLA
-      (float32 inputs).
+    reference: ``(qkv, proj_n, w_k, b_k, w_q, b_q, proj_back_n) -> keep [B, H, N - first_row, N] bool``
+      in XLA (float32 inputs).
 
   Returns:
-    ``keep [B, H, Nq - first_row, N] bool`` (no gradient: a selection).
+    ``keep [B, H, N - first_row, N] bool`` (no gradient: a selection).
   """
-  args = (q, keys, proj_n, w_k, b_k, w_q, basis)
-  ok = all(x.ndim == r for x, r in zip(args, (4, 4, 3, 2, 1, 2, 3)))
+  args = (qkv, proj_n, w_k, b_k, w_q, b_q, proj_back_n)
+  ok = all(x.ndim == r for x, r in zip(args, (5, 3, 2, 1, 2, 1, 3)))
   if ok:
-    (b, nq, h, d), n, (m, c) = q.shape, keys.shape[1], (proj_n.shape[-1], w_k.shape[1])
-    ok = (keys.shape == (b, n, h, d) and proj_n.shape[0] in (1, b) and proj_n.shape[1] == n
-          and w_k.shape == (d, c) and b_k.shape == (c,) and w_q.shape == (d + 1, c)
-          and basis.shape[0] in (1, b) and basis.shape[1:] == (m, n) and 0 <= first_row <= nq)
+    (b, n, slots, _, d), (m, c) = qkv.shape, (proj_n.shape[-1], w_k.shape[1])
+    ok = (slots >= 2 and proj_n.shape[0] in (1, b) and proj_n.shape[1] == n and w_k.shape == (d, c)
+          and b_k.shape == (c,) and w_q.shape == (d, c) and b_q.shape == (c,)
+          and proj_back_n.shape[0] in (1, b) and proj_back_n.shape[1:] == (n, m) and 0 <= first_row <= n)
   if not ok:
     raise ValueError(
-        "lowrank_topk_mask: need q [B, Nq, H, d], keys [B, N, H, d], proj_n [B|1, N, m], w_k [d, c], "
-        f"b_k [c], w_q [d + 1, c], basis [B|1, m, N] and 0 <= first_row={first_row} <= Nq; got "
+        "lowrank_topk_mask: need qkv [B, N, S >= 2, H, d], proj_n [B|1, N, m], w_k [d, c], b_k [c], "
+        f"w_q [d, c], b_q [c], proj_back_n [B|1, N, m] and 0 <= first_row={first_row} <= N; got "
         + ", ".join(str(x.shape) for x in args))
   if not 1 <= k <= n or coef_k < 1:
     raise ValueError(f"lowrank_topk_mask: need 1 <= k={k} <= {n} and coef_k={coef_k} >= 1")
   args = [jax.lax.stop_gradient(x.astype(jnp.float32)) for x in args]
   compute_dtype = jnp.dtype(compute_dtype)
-  if (q.shape[1] == first_row or q.size == 0 or compute_dtype not in (jnp.float32, jnp.bfloat16)
+  if (n == first_row or qkv.size == 0 or compute_dtype not in (jnp.float32, jnp.bfloat16)
       or not _load()):
     return reference(*args)
   return jax.lax.platform_dependent(
       *args, cpu=functools.partial(_ffi_lowrank_topk_mask, first_row=first_row, scale=float(scale),
-                                   coef_k=coef_k, k=k, round_bf16=compute_dtype == jnp.bfloat16),
+                                   coef_k=coef_k, k=k, round_bf16=compute_dtype == jnp.bfloat16,
+                                   basis_threshold=float(basis_threshold), signed_basis=bool(signed_basis)),
       default=reference)
 
 

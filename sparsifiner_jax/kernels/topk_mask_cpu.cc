@@ -16,18 +16,22 @@
 // neither the predictor's intermediates, the coefficient logits nor the [B, H, R, N] approximation is
 // written out, and XLA runs none of its small ops. First, per (batch b, head h), the query weights
 //   w[b, h] = [W_q; b_q] K_hat  [d + 1, m],  K_hat = W_k^T (k[b, :, h]^T P) + b_k (1^T P)  [c, m]
-// (P = proj_n: the keys' token down-projection). Then per query row (b, h, r):
+// (P = proj_n: the keys' token down-projection), and per example the basis
+//   basis[b] = T(W_up[b])^T  [m, N]:  entries with |x| > basis_threshold kept (|x|, or x if signed_basis),
+// the rest 0. Then per query row (b, h, r):
 // logits = (q[b, first_row + r, h] . w[b, h, :d] + w[b, h, d]) * scale over the m basis rows,
 // coef = softmax(logits) cut to its coef_k largest entries (chosen on the logits, ties: lowest index; not
 // renormalised), approx = coef @ basis, then the top-k mask of approx as above.
-// Shapes: q float32 [B, Nq, H, d] (rows before first_row are not predicted: the CLS row); keys float32
-// [B, N, H, d]; proj_n float32 [Bp, N, m] and basis float32 [Bb, m, N] with Bp, Bb in {1, B} (per-example
-// under token dropping); w_k float32 [d, c], b_k [c], w_q [d + 1, c] (b_q as the last row); out bool
-// [B, H, R, N] with R = Nq - first_row. round_bf16: the bfloat16 models' products (attention.mixed_einsum)
-// take bf16-rounded inputs, so k^T P, K_hat and w[:, :, :d] are rounded to bf16 (nearest even) before
-// the product that uses them; the caller passes the other operands rounded.
+// Shapes: qkv float32 [B, N, S, H, d], S >= 2: the attention's fused projection, q = qkv[:, :, 0], keys =
+// qkv[:, :, 1] (read in place: no copies of the slices); rows before first_row are not predicted (the CLS
+// row). proj_n and proj_back_n (W_up) float32 [Bp, N, m] with Bp in {1, B} (per-example under token
+// dropping); w_k float32 [d, c], b_k [c], w_q [d, c], b_q [c]; out bool [B, H, R, N] with R = N - first_row.
+// round_bf16: the bfloat16 models' products (attention.mixed_einsum) take bf16-rounded inputs, so k^T P,
+// K_hat and w[:, :, :d] are rounded to bf16 (nearest even) before the product that uses them; the caller
+// passes the other operands rounded.
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -328,23 +332,37 @@ inline void RoundToBf16(float* x, int64_t count) {
   for (int64_t i = 0; i < count; ++i) x[i] = RoundToBf16(x[i]);
 }
 
-// The pre-pass: one (batch, head) per Row(i), writing w[b, h] = [W_q; b_q] K_hat ([d + 1, m]).
+// The pre-pass: one (batch, head) per Row(i), writing w[b, h] = [W_q; b_q] K_hat ([d + 1, m]); the
+// example's first head also writes its thresholded basis [m, N] (or only example 0's if it is shared).
 struct QueryWeights {
-  const float *keys, *proj_n, *w_k, *b_k, *w_q;
-  float* w;
-  int64_t heads, n, d, c, m;
-  bool proj_per_example, round_bf16;
+  const float *keys, *proj_n, *w_k, *b_k, *w_q, *b_q, *proj_back_n;
+  float *w, *basis;
+  int64_t heads, n, d, c, m, token_stride;
+  bool proj_per_example, basis_per_example, round_bf16, signed_basis;
+  float basis_threshold;
 
   struct Buffers {
     std::vector<float> k_proj, k_hat, p_sum;
   };
   Buffers Scratch() const { return Buffers{std::vector<float>(d * m), std::vector<float>(c * m), std::vector<float>(m)}; }
 
+  void Basis(int64_t example) const {
+    const float* up = proj_back_n + example * n * m;
+    float* out = basis + example * m * n;
+    for (int64_t t = 0; t < n; ++t) {
+      for (int64_t j = 0; j < m; ++j) {
+        const float x = up[t * m + j], magnitude = std::fabs(x);
+        out[j * n + t] = magnitude > basis_threshold ? (signed_basis ? x : magnitude) : 0.0f;
+      }
+    }
+  }
+
   void Row(int64_t i, Buffers& s) const {
     const int64_t example = i / heads, h = i % heads;
+    if (h == 0 && (basis_per_example || example == 0)) Basis(basis_per_example ? example : 0);
     const float* p = proj_n + (proj_per_example ? example * n * m : 0);
-    // k^T P [d, m]: keys of this head, token-major with stride H * d.
-    SmallMatTB(keys + (example * n * heads + h) * d, heads * d, 1, p, n, d, m, s.k_proj.data());
+    // k^T P [d, m]: keys of this head, read in place with the qkv token stride.
+    SmallMatTB(keys + example * n * token_stride + h * d, token_stride, 1, p, n, d, m, s.k_proj.data());
     if (round_bf16) RoundToBf16(s.k_proj.data(), d * m);
     SmallMatTB(w_k, c, 1, s.k_proj.data(), d, c, m, s.k_hat.data());      // W_k^T (k^T P) [c, m]
     std::fill(s.p_sum.begin(), s.p_sum.end(), 0.0f);
@@ -356,7 +374,8 @@ struct QueryWeights {
     }
     if (round_bf16) RoundToBf16(s.k_hat.data(), c * m);
     float* out = w + i * (d + 1) * m;
-    SmallMatTB(w_q, 1, c, s.k_hat.data(), c, d + 1, m, out);              // [W_q; b_q] K_hat [d + 1, m]
+    SmallMatTB(w_q, 1, c, s.k_hat.data(), c, d, m, out);                   // W_q K_hat [d, m]
+    SmallMatTB(b_q, 1, 0, s.k_hat.data(), c, 1, m, out + d * m);          // b_q K_hat [1, m]
     if (round_bf16) RoundToBf16(out, d * m);                                // not the offset row
   }
 };
@@ -397,7 +416,7 @@ void WeightedRowsTail(int64_t vectors, const float* const* rows, const float* we
 struct LowRankRows {
   const float *q, *w, *basis;
   bool* out;
-  int64_t heads, rows, q_tokens, first_row, d, m, n, basis_per_example, coef_k, k;
+  int64_t heads, rows, token_stride, first_row, d, m, n, basis_per_example, coef_k, k;
   float scale;
 
   struct Buffers {
@@ -457,7 +476,12 @@ struct LowRankRows {
   void Row(int64_t i, Buffers& s) const {
     const int64_t bh = i / rows, r = i % rows, example = bh / heads, h = bh % heads;
     float* logits = s.logits.data();
-    Logits(q + ((example * q_tokens + first_row + r) * heads + h) * d, w + bh * (d + 1) * m, logits);
+    const float* x = q + (example * n + first_row + r) * token_stride + h * d;
+#if defined(__AVX512F__)
+    // The next row's query is a token stride (several KiB, often another page) away: fetch it now.
+    for (int64_t c = 0; r + 1 < rows && c < d; c += 16) _mm_prefetch(reinterpret_cast<const char*>(x + token_stride + c), _MM_HINT_T0);
+#endif
+    Logits(x, w + bh * (d + 1) * m, logits);
     const bool cut = coef_k < m;   // chosen on the logits: the softmax's order, without its rounding
     if (cut) SelectShortRow(logits, m, coef_k, s.key.data(), s.coef_keep.get());
     float* coef = s.coef.data();
@@ -497,26 +521,26 @@ struct LowRankRows {
   }
 };
 
-ffi::Error LowRankTopkMaskImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> keys,
-                               ffi::Buffer<ffi::F32> proj_n, ffi::Buffer<ffi::F32> w_k,
-                               ffi::Buffer<ffi::F32> b_k, ffi::Buffer<ffi::F32> w_q,
-                               ffi::Buffer<ffi::F32> basis, ffi::ResultBuffer<ffi::PRED> out,
-                               int64_t first_row, float scale, int64_t coef_k, int64_t k, bool round_bf16) {
+ffi::Error LowRankTopkMaskImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> proj_n,
+                               ffi::Buffer<ffi::F32> w_k, ffi::Buffer<ffi::F32> b_k, ffi::Buffer<ffi::F32> w_q,
+                               ffi::Buffer<ffi::F32> b_q, ffi::Buffer<ffi::F32> proj_back_n,
+                               ffi::ResultBuffer<ffi::PRED> out, int64_t first_row, float scale, int64_t coef_k,
+                               int64_t k, bool round_bf16, float basis_threshold, bool signed_basis) {
   constexpr char kShapes[] =
-      "lowrank_topk_mask: q [B, Nq, H, d], keys [B, N, H, d], proj_n [B|1, N, m], w_k [d, c], b_k [c], "
-      "w_q [d + 1, c], basis [B|1, m, N], out [B, H, Nq - first_row, N]";
-  const auto qd = q.dimensions(), kd = keys.dimensions(), pd = proj_n.dimensions(), wkd = w_k.dimensions(),
-             bkd = b_k.dimensions(), wqd = w_q.dimensions(), bd = basis.dimensions(), od = out->dimensions();
-  if (qd.size() != 4 || kd.size() != 4 || pd.size() != 3 || wkd.size() != 2 || bkd.size() != 1 ||
-      wqd.size() != 2 || bd.size() != 3 || od.size() != 4) {
+      "lowrank_topk_mask: qkv [B, N, S >= 2, H, d], proj_n [B|1, N, m], w_k [d, c], b_k [c], w_q [d, c], "
+      "b_q [c], proj_back_n [B|1, N, m], out [B, H, N - first_row, N]";
+  const auto xd = qkv.dimensions(), pd = proj_n.dimensions(), wkd = w_k.dimensions(), bkd = b_k.dimensions(),
+             wqd = w_q.dimensions(), bqd = b_q.dimensions(), ud = proj_back_n.dimensions(),
+             od = out->dimensions();
+  if (xd.size() != 5 || pd.size() != 3 || wkd.size() != 2 || bkd.size() != 1 || wqd.size() != 2 ||
+      bqd.size() != 1 || ud.size() != 3 || od.size() != 4) {
     return ffi::Error::InvalidArgument(kShapes);
   }
-  const int64_t batch = qd[0], heads = qd[2], d = qd[3], n = kd[1], m = pd[2], c = wkd[1];
-  const int64_t rows = qd[1] - first_row;
-  const bool shapes_agree = kd[0] == batch && kd[2] == heads && kd[3] == d &&
-                            (pd[0] == 1 || pd[0] == batch) && pd[1] == n && wkd[0] == d && bkd[0] == c &&
-                            wqd[0] == d + 1 && wqd[1] == c && (bd[0] == 1 || bd[0] == batch) &&
-                            bd[1] == m && bd[2] == n &&
+  const int64_t batch = xd[0], n = xd[1], slots = xd[2], heads = xd[3], d = xd[4], m = pd[2], c = wkd[1];
+  const int64_t rows = n - first_row;
+  const bool shapes_agree = slots >= 2 && (pd[0] == 1 || pd[0] == batch) && pd[1] == n && wkd[0] == d &&
+                            bkd[0] == c && wqd[0] == d && wqd[1] == c && bqd[0] == c &&
+                            (ud[0] == 1 || ud[0] == batch) && ud[1] == n && ud[2] == m &&
                             od[0] == batch && od[1] == heads && od[2] == rows && od[3] == n;
   if (!shapes_agree || first_row < 0 || rows < 0) return ffi::Error::InvalidArgument(kShapes);
   if (k < 1 || k > n || coef_k < 1) {
@@ -525,15 +549,18 @@ ffi::Error LowRankTopkMaskImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
   if (n >= (int64_t{1} << 31) || m >= (int64_t{1} << 31)) {
     return ffi::Error::InvalidArgument("lowrank_topk_mask: N and m must be < 2^31");
   }
-  // ParallelRows returns once every row is done (as for XLA's own buffers), so w may live on this frame.
-  std::vector<float> w(batch * heads * (d + 1) * m);
+  const int64_t token_stride = slots * heads * d;
+  // ParallelRows returns once every row is done (as for XLA's own buffers), so w and basis may live on
+  // this frame.
+  std::vector<float> w(batch * heads * (d + 1) * m), basis(ud[0] * m * n);
   auto weights = std::make_shared<const QueryWeights>(QueryWeights{
-      keys.typed_data(), proj_n.typed_data(), w_k.typed_data(), b_k.typed_data(), w_q.typed_data(),
-      w.data(), heads, n, d, c, m, pd[0] != 1, round_bf16});
+      qkv.typed_data() + heads * d, proj_n.typed_data(), w_k.typed_data(), b_k.typed_data(),
+      w_q.typed_data(), b_q.typed_data(), proj_back_n.typed_data(), w.data(), basis.data(), heads, n, d, c,
+      m, token_stride, pd[0] != 1, ud[0] != 1, round_bf16, signed_basis, basis_threshold});
   sparsifiner_kernels::ParallelRows(pool, weights, batch * heads, 1);
   auto work = std::make_shared<const LowRankRows>(LowRankRows{
-      q.typed_data(), w.data(), basis.typed_data(), out->typed_data(), heads,
-      rows, qd[1], first_row, d, m, n, bd[0] != 1, coef_k, k, scale});
+      qkv.typed_data(), w.data(), basis.data(), out->typed_data(), heads, rows, token_stride, first_row, d,
+      m, n, ud[0] != 1, coef_k, k, scale});
   sparsifiner_kernels::ParallelRows(pool, work, batch * heads * rows, 64);
   return ffi::Error::Success();
 }
@@ -550,16 +577,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TopkMask, TopkMaskImpl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LowRankTopkMask, LowRankTopkMaskImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()    // q
-                                  .Arg<ffi::Buffer<ffi::F32>>()    // keys
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // qkv
                                   .Arg<ffi::Buffer<ffi::F32>>()    // proj_n
                                   .Arg<ffi::Buffer<ffi::F32>>()    // w_k
                                   .Arg<ffi::Buffer<ffi::F32>>()    // b_k
                                   .Arg<ffi::Buffer<ffi::F32>>()    // w_q
-                                  .Arg<ffi::Buffer<ffi::F32>>()    // basis
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // b_q
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // proj_back_n
                                   .Ret<ffi::Buffer<ffi::PRED>>()
                                   .Attr<int64_t>("first_row")
                                   .Attr<float>("scale")
                                   .Attr<int64_t>("coef_k")
                                   .Attr<int64_t>("k")
-                                  .Attr<bool>("round_bf16"));
+                                  .Attr<bool>("round_bf16")
+                                  .Attr<float>("basis_threshold")
+                                  .Attr<bool>("signed_basis"));

@@ -79,29 +79,27 @@ class MaskPredictor(nnx.Module):
     return jnp.where(keep, basis if self.signed_basis else magnitude, 0.0)
 
   def factors(self, k: Array, *, token_index: Array | None = None, key_keep: Array | None = None
-              ) -> tuple[Array, Array, Array, Array, Array]:
-    """The operands of ``query_weights(...)`` (module level), ``(keys, proj_n, w_k, b_k, w_q)``, for raw
-    k ``[B, N, H, d]``.
+              ) -> tuple[Array, Array, Array, Array, Array, Array]:
+    """The operands of ``query_weights(...)`` (module level), ``(keys, proj_n, w_k, b_k, w_q, b_q)``, for
+    raw k ``[B, N, H, d]``.
 
-    ``proj_n`` is ``[1|B, N, m]`` and ``w_q`` is ``[d + 1, c]`` (b_q appended as a row); the
-    products' operands are rounded to the compute dtype, as the products take them (the same for
-    ``kernels.lowrank_topk_mask``). Token sparsity: ``token_index [B, N]`` gives the
-    original positions of a shortened sequence (the token-sized parameters are gathered at them);
-    ``key_keep [B, N] bool`` marks the live tokens of a full-length one (pruned keys contribute nothing
-    to K̂, as in the official code).
+    ``proj_n`` is ``[1|B, N, m]`` (``token_rows``); the products' operands are rounded to the compute
+    dtype, as the products take them (the same for ``kernels.lowrank_topk_mask``). Token sparsity:
+    ``token_index [B, N]`` gives the original positions of a shortened sequence (the token-sized
+    parameters are gathered at them); ``key_keep [B, N] bool`` marks the live tokens of a full-length one
+    (pruned keys contribute nothing to K̂, as in the official code).
     """
     n = k.shape[1]
     if token_index is None and n != self.num_tokens:
       raise ValueError(f"predictor was built for {self.num_tokens} tokens but got {n}; resize its "
                        "token parameters (convert.resize_token_params) for a new resolution")
     rounded = lambda x: x.astype(self.dtype).astype(jnp.float32)       # noqa: E731
-    proj_n = self.proj_n[...]                                          # [N0, m]
-    proj_n = proj_n[None] if token_index is None else proj_n[token_index]   # [1|B, N, m]
+    proj_n = token_rows(self.proj_n[...], token_index)                 # [1|B, N, m]
     if key_keep is not None:                                           # pruned keys contribute nothing
       k = k * key_keep[:, :, None, None].astype(k.dtype)
       proj_n = proj_n * key_keep[:, :, None].astype(proj_n.dtype)
-    w_q = jnp.concatenate([self.proj_c_q.kernel[...].astype(jnp.float32), self.proj_c_q.bias[...][None]])
-    return k, rounded(proj_n), rounded(self.proj_c_k.kernel[...]), self.proj_c_k.bias[...], rounded(w_q)
+    return (k, rounded(proj_n), rounded(self.proj_c_k.kernel[...]), self.proj_c_k.bias[...],
+            rounded(self.proj_c_q.kernel[...]), rounded(self.proj_c_q.bias[...]))
 
   @property
   def logit_scale(self) -> float:
@@ -127,16 +125,19 @@ class MaskPredictor(nnx.Module):
     spec = "bhnm,mk->bhnk" if basis.ndim == 2 else "bhnm,bmk->bhnk"
     return attn_lib.mixed_einsum(spec, coef, basis, self.dtype)
 
-  def __call__(self, q: Array, k: Array, *, recon: bool = False, token_index: Array | None = None,
+  def __call__(self, qkv: Array, *, recon: bool = False, token_index: Array | None = None,
                key_keep: Array | None = None, kept_patches: int | None = None
                ) -> tuple[attn_lib.AttentionMask | None, Array]:
-    """Returns ``(mask, approx_attn)``; the mask is None in reconstruction mode (dense attention).
+    """Returns ``(mask, approx_attn)`` for the layer's projections ``qkv [B, N, S >= 2, H, d]`` (q in
+    slot 0, k in slot 1: the attention's fused qkv layout). The mask is None in reconstruction mode
+    (dense attention).
 
     With token sparsity the budget is capped at the ``kept_patches`` live patch tokens (the official
     code's cap) and pruned keys (``key_keep`` False) are never selected. Without ``key_keep`` the mask
-    comes from ``kernels.lowrank_topk_mask`` (one fused CPU pass; ``approx_attn`` is then only computed
-    if the caller uses it).
+    comes from ``kernels.lowrank_topk_mask`` (one fused CPU pass that reads q and k in place;
+    ``approx_attn`` is then only computed if the caller uses it).
     """
+    q, k = qkv[:, :, 0], qkv[:, :, 1]
     factors = self.factors(k, token_index=token_index, key_keep=key_keep)
     logits = self.coefficient_logits(q, query_weights(*factors, self.dtype))
     basis = self.basis_rows(recon, token_index)
@@ -147,18 +148,26 @@ class MaskPredictor(nnx.Module):
     if key_keep is None:
       # In XLA (other backends, no kernels) the mask comes from the logits above.
       keep = kernels.lowrank_topk_mask(
-          q.astype(self.dtype), *factors, basis if basis.ndim == 3 else basis[None], first_row=1,
-          scale=self.logit_scale, coef_k=self.coef_topk, k=budget, compute_dtype=self.dtype,
+          qkv.astype(self.dtype), *factors[1:], token_rows(self.proj_back_n[...], token_index),
+          first_row=1, scale=self.logit_scale, coef_k=self.coef_topk, k=budget,
+          basis_threshold=self.basis_threshold, signed_basis=self.signed_basis, compute_dtype=self.dtype,
           reference=lambda *_: kernels.topk_keep_mask(self.combine(logits, basis, recon=False), budget))
       return attn_lib.keep_mask(keep, budget, num_dense_rows=1), approx
     scores = jnp.where(key_keep[:, None, None, :], jax.lax.stop_gradient(approx), -jnp.inf)
     return attn_lib.topk_mask(scores, budget, num_dense_rows=1), approx
 
 
-def query_weights(keys: Array, proj_n: Array, w_k: Array, b_k: Array, w_q: Array, dtype) -> Array:
+def token_rows(param: Array, token_index: Array | None) -> Array:
+  """A token-sized parameter ``[N0, m]`` for the tokens present: ``[1, N0, m]``, or ``[B, N, m]`` gathered
+  at ``token_index [B, N]``."""
+  return param[None] if token_index is None else param[token_index]
+
+
+def query_weights(keys: Array, proj_n: Array, w_k: Array, b_k: Array, w_q: Array, b_q: Array, dtype
+                  ) -> Array:
   """``[W_q; b_q] K̂``, ``[B, H, d + 1, m]`` float32 (the offset ``b_q K̂`` as the last row), with
-  ``K̂ = W_kᵀ (kᵀ P) + b_k (1ᵀ P)`` from keys ``[B, N, H, d]``, ``P = proj_n [1|B, N, m]``, ``w_k [d, c]``,
-  ``b_k [c]`` and ``w_q [d + 1, c]``; products in ``dtype`` (``attention.mixed_einsum``).
+  ``K̂ = W_kᵀ (kᵀ P) + b_k (1ᵀ P)`` from keys ``[B, N, H, d]``, ``P = proj_n [1|B, N, m]``, ``w_k, w_q [d, c]``
+  and ``b_k, b_q [c]``; products in ``dtype`` (``attention.mixed_einsum``).
 
   The coefficients' logits are ``q_r K̂`` with ``q_r = q W_q + b_q``, ``K̂ = (k W_k + b_k)ᵀ P``. Computed
   reassociated, ``q (W_q K̂) + b_q K̂``: the same products without projecting every token to c dims
@@ -170,7 +179,7 @@ def query_weights(keys: Array, proj_n: Array, w_k: Array, b_k: Array, w_q: Array
   # (This operand order: XLA:CPU lacks a bf16 x bf16 -> f32 DotThunk for the other.)
   k_hat = mm("dc,bhdm->bhcm", w_k, k_proj)                             # [B, H, c, m]
   k_hat = k_hat + b_k[:, None] * jnp.sum(proj_n, axis=1)[:, None, None, :]
-  return mm("dc,bhcm->bhdm", w_q, k_hat)                               # [B, H, d + 1, m]
+  return mm("dc,bhcm->bhdm", jnp.concatenate([w_q, b_q[None]]), k_hat)   # [B, H, d + 1, m]
 
 
 def keep_topk_values(x: Array, k: int, by: Array | None = None) -> Array:

@@ -207,14 +207,14 @@ class Attention(nnx.Module):
                ) -> tuple[Array, dict[str, Any]]:
     b, n, dim = x.shape
     qkv = self.qkv(x).astype(self.compute_dtype).reshape(b, n, 3, self.num_heads, dim // self.num_heads)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]               # [B, N, H, d]
     keep = None if tokens is None else tokens.keep                   # [B, N] bool (full-length modes)
     if keep is not None and tokens.mode == "official":                # the official code zeroes q, k, v
-      q, k, v = (t * keep[:, :, None, None].astype(t.dtype) for t in (q, k, v))
+      qkv = qkv * keep[:, :, None, None, None].astype(qkv.dtype)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]               # [B, N, H, d]
     mask, approx = None, None
     if self.mask_predictor is not None:
       mask, approx = self.mask_predictor(
-          q, k, recon=recon, token_index=None if tokens is None else tokens.index, key_keep=keep,
+          qkv, recon=recon, token_index=None if tokens is None else tokens.index, key_keep=keep,
           kept_patches=None if tokens is None else tokens.live_patches(n))
     elif self.pattern is not None:
       mask = self.pattern(q, k)
