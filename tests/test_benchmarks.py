@@ -14,10 +14,18 @@ from flax import nnx
 from sparsifiner_jax import convert, flops, kernels, models
 
 _DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-_spec = importlib.util.spec_from_file_location("benchmarks_run", os.path.join(_DIR, "run.py"))
-bench = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = bench  # dataclasses look their module up
-_spec.loader.exec_module(bench)
+
+
+def _load(script):
+  spec = importlib.util.spec_from_file_location(f"benchmarks_{script}", os.path.join(_DIR, f"{script}.py"))
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # dataclasses look their module up
+  spec.loader.exec_module(module)
+  return module
+
+
+bench = _load("run")
+gemm_floor = _load("gemm_floor")
 
 TINY = ["--model", "vit_test", "--batch", "2", "--rounds", "2", "--reps", "1", "--token-layers", "0",
         "--matmul-size", "128", "--torch-threads", "1"]
@@ -132,6 +140,22 @@ def test_torch_student_matches_ours(timm):
   mask = student.blocks[0].attn.mask_predictor(q, q)
   assert mask.shape == (3, cfg.num_heads, n, n) and bool(mask[:, :, 0].all())
   assert (mask[:, :, 1:].sum(-1) == k).all()
+
+
+def test_gemm_floor_tiny(tmp_path, timm):
+  del timm  # the fixture skips without torch
+  out = tmp_path / "floor.json"
+  assert gemm_floor.main(["--batch", "1", "--reps", "1", "--json", str(out)]) == 0
+  data = json.loads(out.read_text())
+  # The student's and teacher's forward linears, the student's dX and dW: 4x the forward's linear FLOPs
+  # (DeiT-S: 2 * 197 tokens * 1,769,472 weights a block * 12 blocks), the patch embedding 3x (no dX), and
+  # the teacher's two attention products.
+  linears = 4 * 2 * 197 * 12 * (384 * 1152 + 384 * 384 + 2 * 384 * 1536)
+  patch, attention = 3 * 2 * 196 * 768 * 384, 12 * 2 * 2 * 6 * 197 * 197 * 64
+  assert data["gflop"] == pytest.approx((linears + patch + attention) / 1e9, rel=1e-12)
+  assert len(data["gemms"]) == 16 and sum(r["count"] for r in data["gemms"]) == 12 * 16 + 3 + 24
+  assert data["xla_ms"] > 0 and data["torch_ms"] > 0
+  assert gemm_floor.main(["--reps", "0"]) == 2
 
 
 @pytest.mark.parametrize("bad", [["--cases", "z"], ["--batch"]])
