@@ -477,6 +477,10 @@ def _is_topk(keep, approx, k, tol):
     (3, 2, 11, 6, 8, 3, 3, 3, 4, 3, 3, False),        # per-example P and W_up (token dropping); odd d, c
     (1, 2, 17, 16, 70, 9, 1, 1, 8, 17, 2, True),      # long coefficient rows, k = N; q, k only; signed
     (1, 1, 9, 5, 6, 2, 1, 1, 6, 1, 4, True),          # coef_k >= m: nothing cut; an extra slot
+    # B x H >= 8 x XLA's threads (8 under the tests' flags): the single pass per (batch, head), with
+    # per-example and shared bases.
+    (8, 8, 33, 16, 8, 8, 8, 8, 4, 9, 3, False),
+    (16, 4, 25, 8, 5, 4, 1, 1, 3, 6, 3, True),
 ])
 def test_lowrank_topk_mask_matches_reference(b, h, n, d, m, c, proj_b, basis_b, coef_k, k, slots, signed):
   args = _lowrank_inputs(b, h, n, d, m, c, proj_b, basis_b, seed=m + n, slots=slots)
