@@ -495,7 +495,9 @@ struct LowRankRows {
     const float* x = q + (example * n + first_row + r) * token_stride + h * d;
 #if defined(__AVX512F__)
     // The next row's query is a token stride (several KiB, often another page) away: fetch it now.
-    for (int64_t c = 0; r + 1 < rows && c < d; c += 16) _mm_prefetch(reinterpret_cast<const char*>(x + token_stride + c), _MM_HINT_T0);
+    for (int64_t c = 0; r + 1 < rows && c < d; c += 16) {
+      _mm_prefetch(reinterpret_cast<const char*>(x + token_stride + c), _MM_HINT_T0);
+    }
 #endif
     Logits(x, w + bh * (d + 1) * m, logits);
     const bool cut = coef_k < m;   // chosen on the logits: the softmax's order, without its rounding
@@ -541,17 +543,18 @@ struct LowRankRows {
 // one parallel pass has one hand-off instead of two: -11 % at batch 8 on DeiT-S shapes).
 struct HeadTasks {
   QueryWeights weights;
-  LowRankRows rows;
+  LowRankRows query_rows;
 
   struct Buffers {
     QueryWeights::Buffers weights;
-    LowRankRows::Buffers rows;
+    LowRankRows::Buffers query_rows;
   };
-  Buffers Scratch() const { return Buffers{weights.Scratch(), rows.Scratch()}; }
+  Buffers Scratch() const { return Buffers{weights.Scratch(), query_rows.Scratch()}; }
 
   void Row(int64_t i, Buffers& s) const {
     weights.Row(i, s.weights);
-    for (int64_t r = 0; r < rows.rows; ++r) rows.Row(i * rows.rows + r, s.rows);
+    const int64_t rows = query_rows.rows;
+    for (int64_t r = 0; r < rows; ++r) query_rows.Row(i * rows + r, s.query_rows);
   }
 };
 
