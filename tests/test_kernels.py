@@ -441,23 +441,14 @@ def _lowrank_inputs(b, h, n, d, m, c, proj_b, basis_b, seed, slots=3):
   return qkv, proj_n, w_k, b_k, w_q, b_q, proj_back_n
 
 
-def _lowrank_basis(proj_back_n, threshold, signed):
-  """``MaskPredictor.basis`` for ``[B|1, N, m]`` up-projections: ``[B|1, m, N]``."""
-  basis = jnp.swapaxes(proj_back_n, 1, 2)
-  return jnp.where(jnp.abs(basis) > threshold, basis if signed else jnp.abs(basis), 0.0)
-
-
-def _lowrank_reference(coef_k, k, first_row, scale, dtype=jnp.float32, threshold=0.02, signed=False):
+def _lowrank_reference(coef_k, k, scale, dtype=jnp.float32, threshold=0.02, signed=False):
   """The approximation and its mask in XLA from the predictor's own functions, products in ``dtype``."""
   def approx(qkv, proj_n, w_k, b_k, w_q, b_q, proj_back_n):
     q, keys = qkv[:, :, 0], qkv[:, :, 1]
     w = predictor.query_weights(keys, proj_n, w_k, b_k, w_q, b_q, dtype)
-    d = q.shape[-1]
-    w = w.at[:, :, :d].set(w[:, :, :d].astype(dtype).astype(jnp.float32))   # as mixed_einsum takes it
-    logits = kernels.lowrank_logits(q.astype(dtype).astype(jnp.float32), w, first_row=first_row,
-                                    scale=scale)
+    logits = predictor.coefficient_logits(q, w, scale, dtype)
     coef = predictor.keep_topk_values(jax.nn.softmax(logits, -1), coef_k, by=logits)
-    basis = _lowrank_basis(proj_back_n, threshold, signed)
+    basis = predictor.threshold_basis(jnp.swapaxes(proj_back_n, 1, 2), threshold, signed)
     return jnp.einsum("bhrm,bmn->bhrn", coef, jnp.broadcast_to(basis, (q.shape[0], *basis.shape[1:])))
   return approx, lambda *args: kernels.topk_keep_mask_xla(approx(*args), k)
 
@@ -485,7 +476,7 @@ def _is_topk(keep, approx, k, tol):
 def test_lowrank_topk_mask_matches_reference(b, h, n, d, m, c, proj_b, basis_b, coef_k, k, slots, signed):
   args = _lowrank_inputs(b, h, n, d, m, c, proj_b, basis_b, seed=m + n, slots=slots)
   scale = 0.4
-  _, ref = _lowrank_reference(coef_k, k, 1, scale, signed=signed)
+  _, ref = _lowrank_reference(coef_k, k, scale, signed=signed)
   f = functools.partial(kernels.lowrank_topk_mask, first_row=1, scale=scale, coef_k=coef_k, k=k,
                         basis_threshold=0.02, signed_basis=signed, reference=ref)
   assert KERNEL_TARGETS["lowrank"] in str(jax.make_jaxpr(f)(*args))
@@ -522,7 +513,7 @@ def test_lowrank_topk_mask_bfloat16_products():
   bf = lambda x: x.astype(jnp.bfloat16).astype(jnp.float32)   # noqa: E731
   args = (bf(qkv), bf(proj_n), bf(w_k), b_k, bf(w_q), bf(b_q), proj_back_n)   # as the predictor passes them
   kw = dict(first_row=1, scale=0.4, coef_k=8, k=50, basis_threshold=0.02)
-  approx16, ref16 = _lowrank_reference(8, 50, 1, 0.4, jnp.bfloat16)
+  approx16, ref16 = _lowrank_reference(8, 50, 0.4, jnp.bfloat16)
   got16 = jax.jit(functools.partial(kernels.lowrank_topk_mask, compute_dtype=jnp.bfloat16,
                                     reference=ref16, **kw))(*args)
   got32 = jax.jit(functools.partial(kernels.lowrank_topk_mask, reference=None, **kw))(*args)

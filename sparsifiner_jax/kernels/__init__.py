@@ -173,14 +173,6 @@ def _ffi_lowrank_topk_mask(qkv, proj_n, w_k, b_k, w_q, b_q, proj_back_n, *, firs
               basis_threshold=np.float32(basis_threshold), signed_basis=bool(signed_basis))
 
 
-def lowrank_logits(q: Array, w: Array, *, first_row: int, scale: float) -> Array:
-  """The coefficient logits ``lowrank_topk_mask`` ranks, in XLA: ``[B, H, Nq - first_row, m]`` float32,
-  ``(q[:, first_row:] . w[:, :, :d] + w[:, :, d]) * scale`` (float32 products of the operands as given)."""
-  d = q.shape[-1]
-  dot = jnp.einsum("bnhd,bhdm->bhnm", q[:, first_row:], w[:, :, :d], preferred_element_type=jnp.float32)
-  return (dot + w[:, :, d:].astype(jnp.float32)) * scale
-
-
 def lowrank_topk_mask(qkv: Array, proj_n: Array, w_k: Array, b_k: Array, w_q: Array, b_q: Array,
                       proj_back_n: Array, *, first_row: int, scale: float, coef_k: int, k: int,
                       basis_threshold: float, signed_basis: bool = False, compute_dtype=jnp.float32,
@@ -191,8 +183,8 @@ def lowrank_topk_mask(qkv: Array, proj_n: Array, w_k: Array, b_k: Array, w_q: Ar
   With ``q = qkv[:, :, 0]`` and ``keys = qkv[:, :, 1]``: per (example, head) the query weights
   ``w = [W_q; b_q] K̂`` (``[d + 1, m]``, the offset as the last row) with ``K̂ = W_kᵀ (kᵀ P) + b_k (1ᵀ P)``;
   per example the basis ``T(W_up)ᵀ`` ``[m, N]`` (entries with ``|x| > basis_threshold`` kept as ``|x|``,
-  or ``x`` with ``signed_basis``; the rest 0); per query row
-  ``logits = lowrank_logits(q, w, ...)`` over the ``m`` basis rows, ``coef = softmax(logits)`` with all
+  or ``x`` with ``signed_basis``; the rest 0); per query row ``logits = (q[r] . w[:d] + w[d]) * scale``
+  over the ``m`` basis rows (``predictor.coefficient_logits``), ``coef = softmax(logits)`` with all
   but its ``coef_k`` largest entries zeroed (ranked by the logits, ties: lowest index; not renormalised),
   ``approx = coef @ basis``, then the top-``k`` mask of ``approx`` (``topk_keep_mask``). On CPU one kernel
   call does all of it, reading q and the keys in place (the attention's qkv projection is passed whole,
@@ -209,7 +201,7 @@ def lowrank_topk_mask(qkv: Array, proj_n: Array, w_k: Array, b_k: Array, w_q: Ar
     proj_back_n: ``[B|1, N, m]`` the up-projection W_up, untransposed and unthresholded.
     first_row, scale: the first predicted row; the logits' scale.
     coef_k, k: coefficients kept per row, keys kept per row (``1 <= k <= N``).
-    basis_threshold, signed_basis: the basis threshold (``MaskPredictor.basis``).
+    basis_threshold, signed_basis: the basis threshold (``predictor.threshold_basis``).
     compute_dtype: the products' input dtype (``attention.mixed_einsum``): float32, or bfloat16 (the
       kernel then rounds ``kᵀP``, ``K̂`` and ``w[:d]`` to bf16 before the product that takes them; the
       caller passes the other operands as the products take them). Other dtypes take the reference.

@@ -72,11 +72,7 @@ class MaskPredictor(nnx.Module):
   def basis(self, recon: bool) -> Array:
     """The up-projection basis ``[m, N]`` for the given mode."""
     basis = self.proj_back_n[...].T
-    if recon:
-      return basis
-    magnitude = jnp.abs(basis)
-    keep = magnitude > self.basis_threshold
-    return jnp.where(keep, basis if self.signed_basis else magnitude, 0.0)
+    return basis if recon else threshold_basis(basis, self.basis_threshold, self.signed_basis)
 
   def factors(self, k: Array, *, token_index: Array | None = None, key_keep: Array | None = None
               ) -> tuple[Array, Array, Array, Array, Array, Array]:
@@ -105,13 +101,6 @@ class MaskPredictor(nnx.Module):
   def logit_scale(self) -> float:
     return self.num_heads ** -0.5
 
-  def coefficient_logits(self, q: Array, weights: Array) -> Array:
-    """Logits of the basis coefficients ``[B, H, N-1, m]`` float32 from raw q ``[B, N, H, d]`` and
-    ``query_weights(*factors(k))``; the CLS row is not predicted."""
-    d = q.shape[-1]
-    scores = attn_lib.mixed_einsum("bnhd,bhdm->bhnm", q[:, 1:], weights[:, :, :d], self.dtype)
-    return (scores + weights[:, :, d:]) * self.logit_scale
-
   def basis_rows(self, recon: bool, token_index: Array | None = None) -> Array:
     """The basis for the tokens present: ``[m, N]``, or ``[B, m, N]`` at ``token_index [B, N]``."""
     basis = self.basis(recon)                                         # [m, N0]
@@ -139,7 +128,7 @@ class MaskPredictor(nnx.Module):
     """
     q, k = qkv[:, :, 0], qkv[:, :, 1]
     factors = self.factors(k, token_index=token_index, key_keep=key_keep)
-    logits = self.coefficient_logits(q, query_weights(*factors, self.dtype))
+    logits = coefficient_logits(q, query_weights(*factors, self.dtype), self.logit_scale, self.dtype)
     basis = self.basis_rows(recon, token_index)
     approx = self.combine(logits, basis, recon)
     if recon:
@@ -155,6 +144,22 @@ class MaskPredictor(nnx.Module):
       return attn_lib.keep_mask(keep, budget, num_dense_rows=1), approx
     scores = jnp.where(key_keep[:, None, None, :], jax.lax.stop_gradient(approx), -jnp.inf)
     return attn_lib.topk_mask(scores, budget, num_dense_rows=1), approx
+
+
+def threshold_basis(basis: Array, threshold: float, signed: bool = False) -> Array:
+  """The sparse-mode basis ``T(|W_upᵀ|)``: entries with ``|x| > threshold`` kept (``|x|``, or ``x`` when
+  ``signed``), the rest 0; any shape. ``kernels.lowrank_topk_mask`` applies the same rule."""
+  magnitude = jnp.abs(basis)
+  return jnp.where(magnitude > threshold, basis if signed else magnitude, 0.0)
+
+
+def coefficient_logits(q: Array, weights: Array, scale: float, dtype) -> Array:
+  """Logits of the basis coefficients ``[B, H, N-1, m]`` float32 from raw q ``[B, N, H, d]`` and
+  ``weights = query_weights(...)`` ``[B, H, d + 1, m]``: ``(q . weights[:d] + weights[d]) * scale``, the
+  product in ``dtype``; the CLS row is not predicted."""
+  d = q.shape[-1]
+  scores = attn_lib.mixed_einsum("bnhd,bhdm->bhnm", q[:, 1:], weights[:, :, :d], dtype)
+  return (scores + weights[:, :, d:]) * scale
 
 
 def token_rows(param: Array, token_index: Array | None) -> Array:
