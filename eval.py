@@ -1,7 +1,7 @@
 """Evaluate a checkpoint:
 
-  python eval.py --config configs/digits_sparsifiner.py --workdir DIR [--weights W] [--out F.json] \
-      [--config.model.keep_rate=0.1] [--config.input.eval_split=test]
+  python eval.py --config configs/digits_sparsifiner.py --workdir DIR [--weights W | --step N|latest] \
+      [--out F.json] [--config.model.keep_rate=0.1] [--config.input.eval_split=test]
 """
 
 from sparsifiner_jax import cli

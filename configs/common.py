@@ -83,7 +83,7 @@ def base_config() -> mlc.ConfigDict:
       joint=phase(1e-5, 1e-6, cls=1.0, kd=0.5, tok=0.5, recon=0.01)))
   c.recon_reference_batch = 168     # official per-GPU batch: the scale of the sum-reduced recon loss
   c.ema_decay = 0.9999
-  c.mesh = [("data", -1), ("fsdp", 1)]
+  c.mesh = (("data", -1), ("fsdp", 1))   # override: --config.mesh="(('data', 2), ('fsdp', 4))"
   c.nonfinite = "stop"              # or "skip": drop non-finite updates and continue
   c.allow_config_change = False
   c.log_every = 50

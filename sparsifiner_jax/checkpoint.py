@@ -137,6 +137,61 @@ def read_latest_meta(directory: str) -> dict[str, Any] | None:
     mngr.close()
 
 
+def restore_params(directory: str, abstract_params: dict[str, Any], step: int | None = None
+                   ) -> tuple[int, dict[str, Any]]:
+  """The ``params`` of the training state saved at ``step`` (None: the newest), as ``(step, params)``.
+
+  ``abstract_params``: ``{part: tree of jax.ShapeDtypeStruct}`` (e.g. an eval model's ``backbone`` and
+  ``predictor``); only those parts are read (not the optimizer state or EMA; an empty part, such as a
+  dense model's predictor, is skipped), onto their shardings. Read-only. The state's checksum covers
+  the whole state, so it is not checked here; orbax still fails on missing or truncated files. Raises
+  CheckpointError (one line) for a missing step or parameters that do not fit.
+  """
+  directory = os.path.abspath(directory)
+  if not os.path.isdir(directory):
+    raise CheckpointError(f"no training checkpoints: {directory!r} does not exist")
+  target = dict(params={k: v for k, v in abstract_params.items() if jax.tree.leaves(v)})
+  opts = ocp.CheckpointManagerOptions(read_only=True, enable_async_checkpointing=False)
+  with _quiet_absl():
+    mngr = ocp.CheckpointManager(directory, options=opts,
+                                 item_handlers=dict(state=ocp.PyTreeCheckpointHandler()))
+    try:
+      steps = sorted(mngr.all_steps())
+      step = steps[-1] if step is None and steps else step
+      if step not in steps:
+        raise CheckpointError(f"no checkpoint at step {step} in {directory}; saved steps: {steps}")
+      where = f"the checkpoint at step {step} in {directory}"
+      try:
+        saved = {_key_names(p): tuple(x.shape) for p, x in
+                 jax.tree_util.tree_leaves_with_path(mngr.item_metadata(step)["state"])}
+      except Exception as e:  # pylint: disable=broad-except  # orbax raises many types
+        raise CheckpointError(f"cannot read {where}: {type(e).__name__}: {_first_words(e)}") from e
+      for path, x in jax.tree_util.tree_leaves_with_path(target):   # fit first: a failed restore is noisy
+        name = _key_names(path)
+        if saved.get(name) != tuple(x.shape):
+          found = "is missing" if name not in saved else f"has shape {saved[name]}"
+          raise CheckpointError(f"the parameters do not fit the model: {'.'.join(name[1:])} {found} in "
+                                f"{where}, the model's is {tuple(x.shape)}")
+      args = ocp.args.PyTreeRestore(target, partial_restore=True,
+                                    restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+      try:
+        out = mngr.restore(step, args=ocp.args.Composite(state=args))
+      except Exception as e:  # pylint: disable=broad-except  # damaged files
+        raise CheckpointError(f"cannot read {where}: {type(e).__name__}: {_first_words(e)}") from e
+      return int(step), dict(abstract_params, **out["state"]["params"])
+    finally:
+      mngr.close()
+
+
+def _key_names(path) -> tuple[str, ...]:
+  """A pytree key path as plain strings (dict keys, sequence indices and attributes alike)."""
+  return tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def _first_words(e: BaseException) -> str:
+  return " ".join(str(e).split())[:300]
+
+
 class Checkpointer:
   """Thin wrapper so the rest of the code does not depend on orbax's moving API."""
 

@@ -21,6 +21,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, met
 _DEBUG = flags.DEFINE_bool("debug", False, "Show tracebacks for errors.")
 _OUT = flags.DEFINE_string("out", None, "eval.py: where to write the result JSON.")
 _WEIGHTS = flags.DEFINE_string("weights", None, "eval.py: a weights dir instead of the workdir's.")
+_STEP = flags.DEFINE_string("step", None, "eval.py: the workdir's training checkpoint at this step "
+                            "('latest': the newest) instead of its final/ or best/ weights.")
 
 # TensorFlow (the input pipeline) prints C++ notices on import; an error must be the only stderr line.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -127,7 +129,8 @@ def run_main(kind: str) -> None:
         trainer.train(config, _WORKDIR.value)
       else:
         from sparsifiner_jax import eval_lib
-        eval_lib.main(config, workdir=_WORKDIR.value, weights_path=_WEIGHTS.value, out=_OUT.value)
+        eval_lib.main(config, workdir=_WORKDIR.value, weights_path=_WEIGHTS.value, step=_STEP.value,
+                      out=_OUT.value)
     except Exception as e:  # pylint: disable=broad-except
       if _DEBUG.value:
         raise

@@ -1,8 +1,10 @@
 """``eval.py``: evaluate a checkpoint on any split; JSON + a printed table.
 
-Weights come from ``--weights DIR`` (a weights dir: ours, or converted timm weights) or from the
-workdir (``final``, else ``best``). The model is built from the config, so sparsity knobs can differ
-from training: ``--config.model.keep_rate=0.1`` evaluates the same checkpoint at another keep rate.
+Weights come from ``--weights DIR`` (a weights dir: ours, or converted timm weights), from a training
+checkpoint of the workdir (``--step N``, or ``--step latest``), or else from the workdir's ``final/``,
+then ``best/``, then its newest training checkpoint (a run still in progress). The model is built from
+the config, so sparsity knobs can differ from training: ``--config.model.keep_rate=0.1`` evaluates the
+same checkpoint at another keep rate.
 
 Reported: top-1, top-5, loss, realised attention density (overall and per layer), FLOPs (analytic,
 with the realised mask and basis sparsity: total, MHSA, attention matrix, and their dense references),
@@ -22,22 +24,57 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparsifiner_jax import flops, models, sharding, trainer, weights
+from sparsifiner_jax import checkpoint, flops, models, sharding, trainer, weights
 from sparsifiner_jax.evaluate import Evaluator
 from sparsifiner_jax.models.vit import token_schedule
 
 
-def resolve_weights(workdir: str | None, weights_path: str | None) -> str:
+def parse_step(step: str | None) -> int | None:
+  """``--step``: None (not given), ``"latest"`` (-1) or a non-negative step number."""
+  if step is None:
+    return None
+  if step == "latest":
+    return -1
+  if not step.isdigit():
+    raise ValueError(f"--step={step!r} is not allowed; allowed: a step number or 'latest'")
+  return int(step)
+
+
+def resolve_weights(workdir: str | None, weights_path: str | None, step: int | None = None
+                    ) -> tuple[str, int | None]:
+  """Where to read parameters: ``(weights dir, None)`` or ``(checkpoint dir, step)`` with step -1 for
+  the newest (see the module docstring for the order)."""
   if weights_path:
-    return weights_path
+    if step is not None:
+      raise ValueError("give either --weights or --step, not both")
+    return weights_path, None
   if not workdir:
-    raise ValueError("give --weights DIR or --workdir DIR (a training run with final/ or best/)")
+    raise ValueError("give --weights DIR or --workdir DIR (a training run)")
+  ckpt = os.path.join(workdir, "ckpt")
+  if step is not None:
+    return ckpt, step
   for name in ("final", "best"):
     path = os.path.join(workdir, name)
     if os.path.isdir(path):
-      return path
-  raise FileNotFoundError(f"workdir {workdir!r} has no final/ or best/ weights; train first or pass "
-                          "--weights DIR")
+      return path, None
+  if os.path.isdir(ckpt) and any(d.isdigit() for d in os.listdir(ckpt)):
+    return ckpt, -1
+  raise FileNotFoundError(f"workdir {workdir!r} has no final/ or best/ weights and no training "
+                          "checkpoint; train first or pass --weights DIR")
+
+
+def load_params(model: nnx.Module, source: str, step: int | None, mesh) -> str:
+  """Loads ``source`` (``resolve_weights``) into ``model`` in place; returns what was read, for the
+  report (a weights dir, or ``<ckpt dir>@<step>``)."""
+  if step is None:
+    weights.load_weights(source, model)
+    return os.path.abspath(source)
+  _, params, _ = trainer.split_params(model)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s),
+                          params, sharding.tree_shardings(mesh, params))
+  step, params = checkpoint.restore_params(source, abstract, None if step < 0 else step)
+  nnx.update(model, params["predictor"], params["backbone"])
+  return f"{os.path.abspath(source)}@{step}"
 
 
 def peak_memory_bytes() -> int:
@@ -61,17 +98,17 @@ def throughput(model, batch: int, img_size: int, in_chans: int, reps: int = 3) -
   return batch / float(np.median(times))
 
 
-def evaluate_checkpoint(config, *, workdir=None, weights_path=None) -> dict[str, Any]:
+def evaluate_checkpoint(config, *, workdir=None, weights_path=None, step=None) -> dict[str, Any]:
   from sparsifiner_jax import input_pipeline
   input_pipeline.validate_input_config(config.input)
   split = config.input.eval_split
   info = input_pipeline.get_dataset_info(config.input)
   if split not in info.splits:
     raise ValueError(f"split {split!r} does not exist; available: {sorted(info.splits)}")
-  path = resolve_weights(workdir, weights_path)
+  source, step = resolve_weights(workdir, weights_path, step)
   model = trainer.build_model(config)
-  weights.load_weights(path, model)
   mesh = sharding.make_mesh(config.get("mesh"))
+  loaded = load_params(model, source, step, mesh)
   graphdef, params, rest = trainer.split_params(model)
   with mesh:
     ev = Evaluator(config, mesh).run(graphdef, params, rest)
@@ -84,7 +121,7 @@ def evaluate_checkpoint(config, *, workdir=None, weights_path=None) -> dict[str,
   bs = min(int(config.eval_batch_size), 32)
   out = dict(
       method=config.get("method", model.config.attention_pattern if model.config.sparse else "dense"),
-      model=config.model_name, weights=os.path.abspath(path), split=split,
+      model=config.model_name, weights=loaded, split=split,
       keep_rate=config.model.keep_rate, num_examples=ev["num_examples"],
       top1=ev["top1"], top5=ev["top5"], loss=ev["loss"], density=ev["density"],
       layer_density=ev["layer_density"], tokens_per_layer=list(token_schedule(model.config)),
@@ -108,8 +145,9 @@ def format_table(r: dict[str, Any]) -> str:
   return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
 
 
-def main(config, *, workdir=None, weights_path=None, out=None) -> dict[str, Any]:
-  result = evaluate_checkpoint(config, workdir=workdir, weights_path=weights_path)
+def main(config, *, workdir=None, weights_path=None, step=None, out=None) -> dict[str, Any]:
+  result = evaluate_checkpoint(config, workdir=workdir, weights_path=weights_path,
+                               step=parse_step(step))
   out = out or os.path.join(workdir or os.path.dirname(os.path.abspath(weights_path)), "eval.json")
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

@@ -19,9 +19,12 @@ data stream is a pure function of (seed, step), so a resumed run is identical to
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import logging
 import os
+import socket
 import signal
 import time
 from typing import Any
@@ -315,18 +318,54 @@ def check_workdir(config, workdir: str) -> None:
                      "--config.allow_config_change=True to continue it anyway")
 
 
+@contextlib.contextmanager
+def lock_workdir(workdir: str):
+  """Holds ``WORKDIR/.lock`` (an exclusive ``flock``) while the block runs, on process 0 only.
+
+  A second run on the same workdir fails at once with TrainingError naming the holder, instead of two
+  runs interleaving checkpoints and metrics. The kernel drops the lock when its holder dies (even by
+  SIGKILL), so a killed run never leaves a stale lock. Needs a filesystem with ``flock`` (local disks;
+  on NFS only within one host).
+  """
+  if jax.process_index() != 0:
+    yield
+    return
+  path = os.path.join(workdir, ".lock")
+  f = open(path, "a+")  # pylint: disable=consider-using-with  # held until the block ends
+  try:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      f.seek(0)
+      holder = f.read().strip() or "unknown process"
+      raise TrainingError(f"workdir {workdir!r} is in use by another run ({holder}); wait for it to "
+                          "end or use another workdir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    yield
+  finally:
+    f.close()  # releases the lock
+
+
 def train(config, workdir: str, *, stop_after: int | None = None, devices=None) -> dict[str, Any]:
   """Runs (or resumes) the configured phases in ``workdir``. Returns the final metrics dict.
 
   ``stop_after``: return (after checkpointing) once the global step reaches this value (for tests).
-  ``devices``: the devices of the mesh (default: all).
+  ``devices``: the devices of the mesh (default: all). One run at a time per workdir (``lock_workdir``).
   """
-  from sparsifiner_jax import evaluate, input_pipeline
-  from sparsifiner_jax.metrics import MetricWriter
-
   mesh, info = config_check.check_train(config, devices)  # every field, before anything is written
   check_workdir(config, workdir)
   os.makedirs(workdir, exist_ok=True)
+  with lock_workdir(workdir):
+    return _train(config, workdir, mesh, info, stop_after)
+
+
+def _train(config, workdir: str, mesh, info, stop_after: int | None) -> dict[str, Any]:
+  from sparsifiner_jax import evaluate, input_pipeline
+  from sparsifiner_jax.metrics import MetricWriter
+
   gbs = int(config.batch_size)
   steps_per_epoch = max(info.splits[config.input.train_split] // gbs, 1)
   phases = resolve_phases(config, steps_per_epoch)

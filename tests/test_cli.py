@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -24,6 +26,7 @@ def _run(script, *args):
     ("--config.batch_size=15", "batch_size=15 must be divisible by the number of devices 2"),
     ("--config.teacher.weights=/nonexistent/teacher", "'/nonexistent/teacher' does not exist"),
     ("--config.model.keep_rate=1.5", "keep_rate=1.5 must be in (0, 1]"),
+    ("--config.mesh=(('data', 3), ('fsdp', 1))", "needs 3 devices but 2 are available"),  # tuple override
 ])
 def test_train_bad_input_one_line(tmp_path, override, msg):
   r = _run("train.py", "--config", "configs/tiny_test.py", "--workdir", str(tmp_path / "w"), override)
@@ -69,3 +72,41 @@ def test_train_teacher_of_other_architecture_one_line(tmp_path):
   last = r.stderr.strip().splitlines()[-1]
   assert last.startswith("error: ") and "do not fit the model" in last
   assert not os.path.exists(tmp_path / "w" / "ckpt") or not os.listdir(tmp_path / "w" / "ckpt")
+
+
+def test_eval_reads_training_checkpoints(tmp_path):
+  from configs import tiny_test
+  from sparsifiner_jax import checkpoint, eval_lib, sharding, trainer
+  c = tiny_test.get_config()
+  c.phases.recon.steps = c.phases.distill.steps = 0
+  w = str(tmp_path / "w")
+  one = jax.devices()[:1]
+  out = trainer.train(c, w, stop_after=2, devices=one)  # mid-run: a checkpoint at step 2, no final/ or best/
+  assert eval_lib.resolve_weights(w, None) == (os.path.join(w, "ckpt"), -1)
+  model = trainer.build_model(c)
+  mesh = sharding.make_mesh(c.mesh, one)
+  assert eval_lib.load_params(model, *eval_lib.resolve_weights(w, None), mesh).endswith("ckpt@2")
+  got = jax.tree.leaves(trainer.split_params(model)[1])
+  want = jax.tree.leaves(out["state"]["params"])
+  assert len(got) == len(want) > 0 and all(np.array_equal(a, b) for a, b in zip(got, want))
+  with pytest.raises(checkpoint.CheckpointError, match=r"no checkpoint at step 1 .*saved steps: \[2\]"):
+    eval_lib.load_params(model, os.path.join(w, "ckpt"), 1, mesh)
+  with pytest.raises(ValueError, match="allowed: a step number or 'latest'"):
+    eval_lib.parse_step("last")
+  other_c = tiny_test.get_config()
+  other_c.model.embed_dim = 48
+  with pytest.raises(checkpoint.CheckpointError, match=r"do not fit the model: backbone\..* has shape "
+                     r"\(32,\) in the checkpoint at step 2 .*the model's is \(48,\)"):
+    eval_lib.load_params(trainer.build_model(other_c), os.path.join(w, "ckpt"), 2, mesh)
+  dense_c = tiny_test.get_config()
+  dense_c.model.keep_rate = None                        # the sparse run's backbone, evaluated dense
+  dense = trainer.build_model(dense_c)
+  eval_lib.load_params(dense, os.path.join(w, "ckpt"), -1, mesh)
+  got = jax.tree.leaves(trainer.split_params(dense)[1]["backbone"])
+  assert all(np.array_equal(a, b) for a, b in zip(got, jax.tree.leaves(out["state"]["params"]["backbone"])))
+  r = _run("eval.py", "--config", "configs/tiny_test.py", "--workdir", w, "--step", "2",
+           "--out", str(tmp_path / "e.json"))
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert json.loads((tmp_path / "e.json").read_text())["weights"].endswith("ckpt@2")
+  r = _run("eval.py", "--config", "configs/tiny_test.py", "--workdir", w, "--step", "7")
+  assert r.returncode == 2 and "no checkpoint at step 7" in r.stderr.strip().splitlines()[-1]

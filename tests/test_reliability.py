@@ -448,3 +448,16 @@ def test_cli_debug_shows_the_traceback(tmp_path):
                      env=_env(tmp_path), capture_output=True, text=True, timeout=TIMEOUT)
   assert r.returncode != 0 and "Traceback" in r.stderr and "ConfigError" in r.stderr
   assert not os.path.exists(tmp_path / "w")
+
+
+def test_workdir_lock_refuses_a_second_run_and_is_released(tmp_path):
+  w = tmp_path / "w"
+  w.mkdir()
+  with trainer.lock_workdir(str(w)):   # another run holds the workdir (a second open file: flock conflicts)
+    with pytest.raises(trainer.TrainingError, match=r"is in use by another run \(pid \d+ on .*\)"):
+      trainer.train(_config(steps=1), str(w), devices=ONE)
+  assert sorted(os.listdir(w)) == [".lock"]          # the refused run wrote nothing
+  with trainer.lock_workdir(str(w)):                  # released when its holder ends
+    pass
+  out = trainer.train(_config(steps=1), str(w), devices=ONE)
+  assert out["step"] == 1
