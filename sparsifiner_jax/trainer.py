@@ -24,8 +24,8 @@ import dataclasses
 import fcntl
 import logging
 import os
-import socket
 import signal
+import socket
 import time
 from typing import Any
 
