@@ -70,8 +70,7 @@ def load_params(model: nnx.Module, source: str, step: int | None, mesh) -> str:
     weights.load_weights(source, model)
     return os.path.abspath(source)
   _, params, _ = trainer.split_params(model)
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s),
-                          params, sharding.tree_shardings(mesh, params))
+  abstract = sharding.abstract(params, sharding.tree_shardings(mesh, params))
   step, params = checkpoint.restore_params(source, abstract, None if step < 0 else step)
   nnx.update(model, params["predictor"], params["backbone"])
   return f"{os.path.abspath(source)}@{step}"

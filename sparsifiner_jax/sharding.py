@@ -67,3 +67,9 @@ def tree_shardings(mesh: Mesh, tree):
   """NamedShardings for every array leaf of ``tree`` (abstract or concrete) by the fsdp rule."""
   fsdp = mesh.shape["fsdp"]
   return jax.tree.map(lambda x: NamedSharding(mesh, param_spec(np.shape(x), fsdp)), tree)
+
+
+def abstract(tree, shardings):
+  """``jax.ShapeDtypeStruct`` leaves of ``tree`` (abstract or concrete) with ``shardings`` (same structure):
+  the targets of a checkpoint restore."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), tree, shardings)

@@ -397,8 +397,7 @@ def _train(config, workdir: str, mesh, info, stop_after: int | None) -> dict[str
     shard = dict(step=sharding.replicated(mesh), params=params_sh,
                  opt=sharding.tree_shardings(mesh, opt),
                  ema=params_sh if ema is not None else None)
-    abs_st = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s),
-                          st, shard)
+    abs_st = sharding.abstract(st, shard)
     return tx, abs_st, shard
 
   ckpt = Checkpointer(os.path.join(workdir, "ckpt"), max_to_keep=int(config.get("keep_ckpts", 2)))

@@ -237,19 +237,22 @@ def lowrank_topk_mask(qkv: Array, proj_n: Array, w_k: Array, b_k: Array, w_q: Ar
       default=reference)
 
 
+def _packed_qkv(q, k, v) -> Array:
+  """``[B, N, 3, H, d]`` float32: one operand in the qkv projection's own layout (XLA folds the stack of
+  its slices back into it, so nothing is copied)."""
+  return jnp.stack([q, k, v], axis=2).astype(jnp.float32)
+
+
 def _ffi_sparse_attention(q, k, v, keep, *, num_dense_rows: int, scale: float) -> Array:
   call = jax.ffi.ffi_call(_ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32),
                           vmap_method="sequential")
-  # One operand in the qkv projection's own layout: XLA folds the stack of its slices back into it.
-  qkv = jnp.stack([q, k, v], axis=2).astype(jnp.float32)           # [B, N, 3, H, d]
-  return call(qkv, keep, num_dense_rows=np.int64(num_dense_rows), scale=np.float32(scale))
+  return call(_packed_qkv(q, k, v), keep, num_dense_rows=np.int64(num_dense_rows), scale=np.float32(scale))
 
 
 def _ffi_sparse_attention_bwd(q, k, v, keep, out, ct, *, num_dense_rows: int, scale: float):
   grad = jax.ShapeDtypeStruct(q.shape, jnp.float32)
   call = jax.ffi.ffi_call(_ATTENTION_BWD_TARGET, (grad, grad, grad), vmap_method="sequential")
-  qkv = jnp.stack([q, k, v], axis=2).astype(jnp.float32)
-  dq, dk, dv = call(qkv, keep, out, ct.astype(jnp.float32), num_dense_rows=np.int64(num_dense_rows),
+  dq, dk, dv = call(_packed_qkv(q, k, v), keep, out, ct.astype(jnp.float32), num_dense_rows=np.int64(num_dense_rows),
                     scale=np.float32(scale))
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
