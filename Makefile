@@ -22,8 +22,8 @@ test-all: $(STAMP)  ## everything, slow tests included
 demo: $(STAMP)  ## train dense teacher + both Sparsifiner phases on digits, evaluate, print the table
 	$(PY) -m sparsifiner_jax.demo --workdir $${WORKDIR:-workdirs/demo}
 
-bench: $(STAMP)
-	$(PY) benchmarks/run.py --append BENCHMARKS.md
+bench: $(STAMP)  ## benchmark tables, appended to the results history (BENCHMARKS.md is the summary)
+	$(PY) benchmarks/run.py --append benchmarks/results/HISTORY.md
 
 clean-venv:
 	rm -rf $(VENV)

@@ -19,7 +19,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 EMBED, HEADS, HEAD_DIM, TOKENS, PATCHES, PATCH_IN, DEPTH = 384, 6, 64, 197, 196, 768, 12
 

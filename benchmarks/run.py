@@ -3,7 +3,7 @@
   python benchmarks/run.py                                   # DeiT-S, batch 1 and 8, cases a-e
   python benchmarks/run.py --img-size 448 --cases b          # (b) at 448 px (785 tokens)
   python benchmarks/run.py --cases masked sparse             # the attention executors vs dense
-  python benchmarks/run.py --append BENCHMARKS.md            # also append a dated section
+  python benchmarks/run.py --append benchmarks/results/HISTORY.md            # also append a dated section
   python benchmarks/run.py --dtype bfloat16                  # bf16 matmuls; torch under autocast
 
 Cases (``--cases``, default ``a b c d e``); "ours" is ``sparsifiner_jax``, jitted, in ``--dtype``
@@ -16,7 +16,7 @@ torch sides then run under ``torch.autocast("cpu", torch.bfloat16)``, timm's ``-
 * ``c``  the same plus token sparsity (``--token-keep-rate`` at ``--token-layers``, sequence dropping)
   vs our dense forward;
 * ``d``  a phase-2 ("distill") training step -- the trainer's own jitted step
-  (``trainer.make_train_step``: student fwd/bwd at ``--keep-rate``, dense teacher fwd, losses
+  (``train.step.make_train_step``: student fwd/bwd at ``--keep-rate``, dense teacher fwd, losses
   cls 1.0 + kd 0.5 + tok 0.5, AdamW; plus its grad-norm and finite checks) vs a PyTorch step of the same shapes and losses on timm's ViT
   with Sparsifiner attention (``benchmarks/torch_reference.py``), ``torch.optim.AdamW``. Both sides:
   label-smoothed one-hot targets (0.1), no mixup/cutmix (data-side in the official code) and no EMA;
@@ -69,7 +69,10 @@ for _p in (_REPO, os.path.dirname(os.path.abspath(__file__))):
   if _p not in sys.path:
     sys.path.insert(0, _p)
 
-from sparsifiner_jax import flops as flops_lib, models, sharding  # noqa: E402
+from sparsifiner_jax.evaluation import flops as flops_lib  # noqa: E402
+from sparsifiner_jax import models, sharding  # noqa: E402
+from sparsifiner_jax.train import phases  # noqa: E402
+from sparsifiner_jax.train.step import make_train_step  # noqa: E402
 
 CASES = ("a", "b", "c", "d", "e", "masked", "sparse")
 DEFAULT_CASES = ("a", "b", "c", "d", "e")
@@ -170,7 +173,6 @@ def jax_matmul(n: int, dtype: str) -> Side:
 def distill_phase(model_name: str, cfg, batch: int, executor: str):
   """Trainer config and ``Phase`` of a phase-2 step: ``configs/common.py`` defaults, no mixup, no EMA."""
   from configs import common  # pylint: disable=g-import-not-at-top
-  from sparsifiner_jax import trainer  # deferred: imports TensorFlow
   c = common.base_config()
   c.model_name = model_name
   c.model.img_size = cfg.img_size
@@ -181,23 +183,22 @@ def distill_phase(model_name: str, cfg, batch: int, executor: str):
   c.batch_size = batch
   c.mixup.prob = 0.0
   c.ema_decay = 0.0
-  for name in trainer.PHASES:
+  for name in phases.PHASES:
     c.phases[name].epochs, c.phases[name].steps = 0.0, 0
   c.phases.distill.steps = 10 ** 6
-  (phase,) = trainer.resolve_phases(c, steps_per_epoch=1)
+  (phase,) = phases.resolve_phases(c, steps_per_epoch=1)
   return c, phase
 
 
 def jax_train_step(c, phase, cfg, batch: int) -> Side:
   """The trainer's jitted step for config ``c``, built from the same pieces as ``trainer.train``."""
-  from sparsifiner_jax import trainer  # deferred: imports TensorFlow
   mesh = sharding.make_mesh([("data", 1), ("fsdp", 1)], devices=jax.devices()[:1])
-  graphdef, params, rest = trainer.split_params(trainer.build_model(c))
-  teacher = models.create(c.model_name, rngs=nnx.Rngs(1), **trainer.teacher_model_kwargs(c))
+  graphdef, params, rest = models.split_params(models.build_model(c))
+  teacher = models.build_teacher(c)
   teacher_graphdef, teacher_params = nnx.split(teacher)
   teacher_sh = sharding.tree_shardings(mesh, teacher_params)
-  tx = trainer.make_optimizer(phase, trainer.trainable_of(params, phase))
-  opt = tx.init(trainer.trainable_of(params, phase))
+  tx = phases.make_optimizer(phase, phases.trainable_of(params, phase))
+  opt = tx.init(phases.trainable_of(params, phase))
   shard = dict(step=sharding.replicated(mesh), params=sharding.tree_shardings(mesh, params),
                opt=sharding.tree_shardings(mesh, opt), ema=None)
   state = jax.device_put(dict(step=jnp.int32(0), params=params, opt=opt, ema=None), shard)
@@ -205,7 +206,7 @@ def jax_train_step(c, phase, cfg, batch: int) -> Side:
   images = jax.random.normal(jax.random.key(0), (batch, cfg.img_size, cfg.img_size, cfg.in_chans))
   labels = jax.random.randint(jax.random.key(1), (batch,), 0, cfg.num_classes)
   data = jax.device_put(dict(image=images, label=labels), sharding.batch_sharding(mesh))
-  step_fn = trainer.make_train_step(graphdef, rest, teacher_graphdef, phase, tx, c, mesh, shard,
+  step_fn = make_train_step(graphdef, rest, teacher_graphdef, phase, tx, c, mesh, shard,
                                     teacher_sh)
   compiled = step_fn.lower(state, teacher_params, data).compile()
   holder = [state]

@@ -1,6 +1,6 @@
 """PyTorch/timm reference sides for ``benchmarks/run.py``: timm ViTs, a Sparsifiner student, a training step.
 
-Written from SPARSIFINER.md §1-§3 (not from the official code): the student is timm's ViT whose attention
+Written from the method description in docs/method.md (not from the official code): the student is timm's ViT whose attention
 modules are replaced by :class:`SparsifinerAttention`, i.e. the official structure -- a low-rank mask
 predictor per block (``proj_c_q``/``proj_c_k`` d -> d/rc, ``proj_n``/``proj_back_n`` [N, N/rn], top-``kappa``
 basis coefficients, ``|W_up|`` thresholded) whose top-k mask (k = ceil(rho N) keys per patch query; the
@@ -8,9 +8,9 @@ CLS row dense) is applied to a dense ``[N, N]`` softmax with ``-inf`` (the offic
 
 The predictor's output only feeds the (detached) mask in phase 2, so it runs under ``torch.no_grad()``;
 the official code builds its autograd graph because phase 1 reuses the module, but nothing flows back
-through it in phase 2 (SPARSIFINER.md §1.2 step 11).
+through it in phase 2.
 
-Also here: :func:`import_timm` (timm against the CPU torch wheel, ENVIRONMENT.md §2) and
+Also here: :func:`import_timm` (timm against the CPU torch wheel) and
 :class:`LiveTensorBytes`, the peak-memory measure of the torch sides.
 """
 
@@ -27,11 +27,11 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from sparsifiner_jax import timm_compat
+from sparsifiner_jax.io import timm_compat
 
 
 def import_timm():
-  """Imports timm with the CPU torch wheel (``sparsifiner_jax.timm_compat``); sets ``HF_HUB_OFFLINE=1``
+  """Imports timm with the CPU torch wheel (``sparsifiner_jax.io.timm_compat``); sets ``HF_HUB_OFFLINE=1``
   unless set (no weights are downloaded)."""
   os.environ.setdefault("HF_HUB_OFFLINE", "1")
   timm_compat.register_torchvision_op_schemas()
@@ -65,7 +65,7 @@ def create_timm(name: str, cfg) -> nn.Module:
 
 
 # --------------------------------------------------------------------------------------------------
-# Sparsifiner student (SPARSIFINER.md §1-§2).
+# Sparsifiner student.
 
 
 class MaskPredictor(nn.Module):

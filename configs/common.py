@@ -6,8 +6,7 @@ overrides never desynchronise derived values.
 
 import ml_collections as mlc
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from sparsifiner_jax.data import options
 
 
 def parse_arg(arg, **defaults):
@@ -30,16 +29,9 @@ def parse_arg(arg, **defaults):
 
 
 def input_config(dataset: str, *, train_split="train", eval_split="test", **kw) -> mlc.ConfigDict:
-  """Data options (see sparsifiner_jax/input_pipeline.py for what each does)."""
-  c = mlc.ConfigDict(dict(
-      dataset=dataset, data_dir=mlc.FieldReference(None, field_type=str),
-      manual_dir=mlc.FieldReference(None, field_type=str),
-      train_split=train_split, eval_split=eval_split,
-      mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=0.875,
-      rrc_scale=(0.08, 1.0), rrc_ratio=(3 / 4, 4 / 3), hflip=True,
-      randaugment="rand-m9-mstd0.5", random_erasing=0.25,
-      shuffle_buffer=10_000, cache=False, bad_images="fail"))
-  c.update(kw)
+  """Data options over their defaults (``sparsifiner_jax/data/options.py`` says what each does)."""
+  c = options.default_config()
+  c.update(dict(dataset=dataset, train_split=train_split, eval_split=eval_split, **kw))
   return c
 
 
@@ -63,7 +55,7 @@ def base_config() -> mlc.ConfigDict:
       coef_topk=mlc.FieldReference(None, field_type=int),
       basis_threshold=0.02, signed_basis=False, executor="auto", drop_path_rate=0.0,
       dtype="float32",
-      # Attention pattern: "sparsifiner" (learned) or a fixed one (sparsifiner_jax/patterns.py).
+      # Attention pattern: "sparsifiner" (learned) or a fixed one (sparsifiner_jax/attention/patterns.py).
       attention_pattern="sparsifiner", pattern_options={},
       # Token sparsity (EViT-style): None or a rate r; keep r^s of the patches after each listed layer.
       token_keep_rate=mlc.FieldReference(None, field_type=float),

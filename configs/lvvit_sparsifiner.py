@@ -1,6 +1,6 @@
 """Sparsifiner LV-ViT-S/M on ImageNet: keep 0.25, 5 recon + 45 distill epochs (the DeiT-S recipe).
 
-The official code defines the LV-ViT-S student but ships no config for it (SPARSIFINER.md §4); this one
+The official code defines the LV-ViT-S student but ships no config for it; this one
 keeps the released DeiT-S phase schedule. The teacher is the dense LV-ViT of the same size; its
 distillation targets are the CLS logits (KL) and the token-labelling aux head's per-token logits (MSE),
 as the official LV-ViT variant does.

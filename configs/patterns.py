@@ -11,7 +11,7 @@ Methods (``pattern=``):
 * ``dense``: softmax attention through the ``full`` pattern; ``sigmoid``: the same with the sigmoid
   executor (Ramapuram et al. 2024);
 * ``sparsifiner``: ``configs/digits_sparsifiner.py`` at ``keep_rate=budget`` (recon, then distill);
-* every fixed/oracle pattern of ``sparsifiner_jax.patterns``, its budget option
+* every fixed/oracle pattern of ``sparsifiner_jax.attention.patterns``, its budget option
   (``patterns.BUDGET_KNOBS``) chosen so that its analytic density is the closest to Sparsifiner's mask
   density at ``keep_rate=budget``, ``(N + P ceil(budget N)) / N^2`` (27.3 % for vit_digits, N = 65, at
   0.25). Fibottention has no budget option and keeps its own rule (9.9 % on vit_digits).
@@ -45,7 +45,8 @@ def method_name(a) -> str:
 
 def pattern_model(a) -> tuple[str, dict, str]:
   """``(attention_pattern, pattern_options, executor)`` of a method at the argument's budget."""
-  from sparsifiner_jax import models, patterns   # pylint: disable=g-import-not-at-top
+  from sparsifiner_jax import models   # pylint: disable=g-import-not-at-top
+  from sparsifiner_jax.attention import patterns   # pylint: disable=g-import-not-at-top
   if a.pattern in ("dense", "sigmoid"):
     return "full", {}, "sigmoid" if a.pattern == "sigmoid" else a.executor
   options = {"fill": a.fill} if a.fill != "neg_inf" else {}

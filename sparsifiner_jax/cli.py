@@ -11,9 +11,16 @@ from __future__ import annotations
 import os
 import sys
 
+import jax
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
+
+from sparsifiner_jax import config_check, errors, sharding
+from sparsifiner_jax.data.options import InputConfigError
+from sparsifiner_jax.evaluation import report
+from sparsifiner_jax.io import checkpoint, state_dict, weights
+from sparsifiner_jax.train import trainer, workdir
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).",
                                           lock_config=True)
@@ -24,22 +31,8 @@ _WEIGHTS = flags.DEFINE_string("weights", None, "eval.py: a weights dir instead 
 _STEP = flags.DEFINE_string("step", None, "eval.py: the workdir's training checkpoint at this step "
                             "('latest': the newest) instead of its final/ or best/ weights.")
 
-# TensorFlow (the input pipeline) prints C++ notices on import; an error must be the only stderr line.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-
-EXIT_INTERNAL_ERROR = 1
-EXIT_USER_ERROR = 2
-# Exceptions that are user mistakes: (module, class); a class only counts once its module is imported
-# (it cannot have been raised before), so reporting an error never imports TensorFlow.
-_USER_ERRORS = (("config_check", "ConfigError"), ("checkpoint", "CheckpointError"),
-                ("convert", "ConversionError"), ("weights", "WeightsError"),
-                ("input_pipeline", "InputConfigError"), ("sharding", "MeshError"),
-                ("trainer", "TrainingError"))
-
 
 def maybe_initialize_distributed() -> None:
-  import jax
   env = os.environ
   if "SPARSIFINER_COORDINATOR" in env:
     if env.get("SPARSIFINER_CPU_COLLECTIVES", "1") == "1" and env.get("JAX_PLATFORMS", "") == "cpu":
@@ -51,21 +44,10 @@ def maybe_initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-  errors = [ValueError, FileNotFoundError]
-  for module, name in _USER_ERRORS:
-    mod = sys.modules.get(f"sparsifiner_jax.{module}")
-    if mod is not None:
-      errors.append(getattr(mod, name))
-  return tuple(errors)
-
-
-def _one_line(e: BaseException) -> str:
-  """The message of ``e`` on one line; an embedded traceback (config file errors) becomes its last line."""
-  text = str(e).strip()
-  if "Traceback (most recent call last)" in text:
-    text = text.split("Traceback (most recent call last)")[0] + " " + text.splitlines()[-1]
-  return " ".join(text.split()) or type(e).__name__
+# Exceptions that are user mistakes: one line and exit code 2.
+USER_ERRORS = (ValueError, FileNotFoundError, config_check.ConfigError, checkpoint.CheckpointError,
+               state_dict.ConversionError, weights.WeightsError, InputConfigError, sharding.MeshError,
+               workdir.TrainingError)
 
 
 def _debug_requested(argv) -> bool:
@@ -92,9 +74,9 @@ def _parse_flags(argv):
   except Exception as e:  # pylint: disable=broad-except  # flags.Error, and ml_collections' KeyError...
     if _debug_requested(argv):
       raise
-    msg = _unknown_field(e, argv) if isinstance(e, (KeyError, AttributeError)) else _one_line(e)
+    msg = _unknown_field(e, argv) if isinstance(e, (KeyError, AttributeError)) else errors.one_line(e)
     print(f"error: {msg}", file=sys.stderr)
-    sys.exit(EXIT_USER_ERROR)
+    sys.exit(errors.EXIT_USER_ERROR)
 
 
 def _load_config():
@@ -107,8 +89,8 @@ def _load_config():
   except OSError as e:
     if _DEBUG.value:
       raise
-    print(f"error: --config: {_one_line(e)}", file=sys.stderr)
-    sys.exit(EXIT_USER_ERROR)
+    print(f"error: --config: {errors.one_line(e)}", file=sys.stderr)
+    sys.exit(errors.EXIT_USER_ERROR)
 
 
 def run_main(kind: str) -> None:
@@ -122,23 +104,15 @@ def run_main(kind: str) -> None:
     absl_logging.set_verbosity(absl_logging.INFO if _DEBUG.value else absl_logging.WARNING)
     try:
       maybe_initialize_distributed()
-      from sparsifiner_jax import config_check
-      config_check.check_config(config, train=kind == "train")  # fast: before TensorFlow
+      config_check.check_config(config, train=kind == "train")  # fast: before TensorFlow loads
       if kind == "train":
-        from sparsifiner_jax import trainer
         trainer.train(config, _WORKDIR.value)
       else:
-        from sparsifiner_jax import eval_lib
-        eval_lib.main(config, workdir=_WORKDIR.value, weights_path=_WEIGHTS.value, step=_STEP.value,
-                      out=_OUT.value)
+        report.main(config, workdir=_WORKDIR.value, weights_path=_WEIGHTS.value, step=_STEP.value,
+                    out=_OUT.value)
     except Exception as e:  # pylint: disable=broad-except
       if _DEBUG.value:
         raise
-      if isinstance(e, _user_errors()):
-        print(f"error: {_one_line(e)}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
-      print(f"error: {type(e).__name__}: {_one_line(e)} (run with --debug for the traceback)",
-            file=sys.stderr)
-      sys.exit(EXIT_INTERNAL_ERROR)
+      sys.exit(errors.report(e, USER_ERRORS))
 
   app.run(main, flags_parser=_parse_flags)

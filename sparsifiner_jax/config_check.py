@@ -15,6 +15,10 @@ import dataclasses
 import os
 from typing import Any
 
+import jax
+
+from sparsifiner_jax import models, sharding
+
 PHASES = ("train", "recon", "distill", "joint")
 LOSS_TERMS = ("cls", "kd", "tok", "recon")
 TEACHER_TERMS = ("kd", "tok", "recon")
@@ -113,16 +117,15 @@ def _path(config, path: str, what: str) -> str:
 
 
 def _model_kwargs(config) -> dict[str, Any]:
-  """``config.model`` as ``models.create`` keywords (as ``trainer.model_kwargs``)."""
+  """``config.model`` as ``models.create`` keywords, once it is known to be a ConfigDict."""
   model = _value(config, "model")
   if model is _MISSING or not hasattr(model, "to_dict"):
     _fail("model", model, "is not allowed; allowed: a ConfigDict of model options")
-  return {k: v for k, v in model.to_dict().items() if v is not None or k == "keep_rate"}
+  return models.model_kwargs(config)
 
 
 def check_model(config):
   """``model_name`` and ``model.*`` (via the model's own validation); returns the model config."""
-  from sparsifiner_jax import models
   _choice(config, "model_name", models.names())
   try:
     cfg = models.get_config(config.model_name, **_model_kwargs(config))
@@ -136,7 +139,6 @@ def check_model(config):
 
 
 def check_teacher(config) -> None:
-  from sparsifiner_jax import models
   _path(config, "teacher.weights", "a weights directory (weights.save_weights or convert)")
   name = _value(config, "teacher.model_name")
   if name not in (_MISSING, None, ""):
@@ -226,8 +228,6 @@ def check_phase_needs(config) -> None:
 
 def check_devices(config, devices=None):
   """``mesh`` vs the devices, batch sizes vs devices, processes, data shards and grad_accum."""
-  import jax
-  from sparsifiner_jax import sharding
   devices = list(devices if devices is not None else jax.devices())
   try:
     mesh = sharding.make_mesh(config.get("mesh"), devices)
@@ -295,7 +295,7 @@ def check_config(config, devices=None, *, train: bool = True):
 
 def check_data(config):
   """Checks ``config.input`` against the dataset (may prepare digits); returns its DatasetInfo."""
-  from sparsifiner_jax import input_pipeline
+  from sparsifiner_jax.data import input_pipeline  # deferred: imports TensorFlow (seconds)
   input_pipeline.validate_input_config(config.input)
   info = input_pipeline.get_dataset_info(config.input)
   classes = check_model(config).num_classes

@@ -8,27 +8,36 @@
 4. evaluate the Sparsifiner checkpoint at several keep rates -> table + Pareto plot, and draw one
    connectivity picture.
 
-Writes ``WORKDIR/demo.json``, ``summary.md``, ``pareto.png``, ``connectivity.png`` and prints the table.
+Writes ``WORKDIR/demo.json``, ``summary.md``, ``sweep_table.{md,csv}``, ``pareto.png``, ``connectivity.png``
+and the runs' eval JSONs, and prints the table. Runs from an installed package too (``configs`` ships with it).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
-KEEP_RATES = (1.0, 0.5, 0.25, 0.1, 0.05)
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging as absl_logging
+from flax import nnx
+
+from configs import digits_dense, digits_sparsifiner
+from configs.sweeps import keep_rate as keep_rate_sweep
+from sparsifiner_jax import cli, errors, models, sweeps
+from sparsifiner_jax.data import input_pipeline
+from sparsifiner_jax.evaluation import report, viz
+from sparsifiner_jax.io import atomic, weights
+from sparsifiner_jax.train import trainer
+
 
 
 def _predictions(config, weights_path):
   """Test-set predictions [N] and labels [N] of a weights dir under ``config.model``."""
-  import jax
-  import numpy as np
-  from flax import nnx
-  from sparsifiner_jax import input_pipeline, trainer, weights
-  model = weights.load_weights(weights_path, trainer.build_model(config))
+  model = weights.load_weights(weights_path, models.build_model(config))
   graphdef, state = nnx.split(model)
   fwd = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)[0].argmax(-1))
   preds, labels = [], []
@@ -41,11 +50,14 @@ def _predictions(config, weights_path):
   return np.concatenate(preds), np.concatenate(labels)
 
 
-def run(workdir: str) -> dict:
-  import numpy as np
-  from configs import digits_dense, digits_sparsifiner
-  from sparsifiner_jax import eval_lib, sweeps, trainer
+def _evaluate(config, weights_path: str, out: str) -> dict:
+  """``eval.py``'s result for a weights dir, written to ``out`` (JSON) without printing its table."""
+  result = report.evaluate_checkpoint(config, weights_path=weights_path)
+  atomic.write_json(out, result, default=float)
+  return result
 
+
+def run(workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   t0 = time.time()
   teacher_dir = os.path.join(workdir, "dense")
@@ -64,25 +76,24 @@ def run(workdir: str) -> dict:
   sparse_w = os.path.join(sparse_dir, "final")
 
   print("[3/4] evaluation", flush=True)
-  dense_eval = eval_lib.main(dense_cfg, weights_path=teacher_w, out=os.path.join(workdir, "eval_dense.json"))
-  sparse_eval = eval_lib.main(sp_cfg, weights_path=sparse_w, out=os.path.join(workdir, "eval_sparsifiner.json"))
-  untrained_eval = eval_lib.main(sp_cfg, weights_path=teacher_w,
-                                 out=os.path.join(workdir, "eval_untrained_mask.json"))
+  dense_eval = _evaluate(dense_cfg, teacher_w, os.path.join(workdir, "eval_dense.json"))
+  sparse_eval = _evaluate(sp_cfg, sparse_w, os.path.join(workdir, "eval_sparsifiner.json"))
+  untrained_eval = _evaluate(sp_cfg, teacher_w, os.path.join(workdir, "eval_untrained_mask.json"))
   p_dense, labels = _predictions(dense_cfg, teacher_w)
   p_sparse, _ = _predictions(sp_cfg, sparse_w)
   agreement = float(np.mean(p_dense == p_sparse))
 
   print("[4/4] keep-rate sweep, Pareto plot, connectivity picture", flush=True)
   run_jsons = [os.path.join(workdir, "eval_dense.json")]
-  for rate in KEEP_RATES:
+  for rate in keep_rate_sweep.KEEP_RATES:
     cfg = digits_sparsifiner.get_config()
     cfg.model.keep_rate = rate
     run_jsons.append(os.path.join(workdir, "sweep", f"keep_{rate}.json"))
-    eval_lib.main(cfg, weights_path=sparse_w, out=run_jsons[-1])
+    _evaluate(cfg, sparse_w, run_jsons[-1])
   rows = sweeps.aggregate(run_jsons)
   table_md = os.path.join(workdir, "sweep_table.md")
   sweeps.write_table(rows, table_md, os.path.join(workdir, "sweep_table.csv"))
-  pareto = sweeps.pareto_plot(rows, os.path.join(workdir, "pareto.png"))
+  pareto = viz.pareto_plot(rows, os.path.join(workdir, "pareto.png"))
   picture = _connectivity_picture(sp_cfg, sparse_w, os.path.join(workdir, "connectivity.png"))
 
   mhsa_cut = 1 - sparse_eval["flops"]["attention_matrix"] / sparse_eval["flops"]["attention_matrix_dense"]
@@ -108,10 +119,8 @@ def run(workdir: str) -> dict:
       f"MHSA MACs cut: {100 * summary['mhsa_flops_cut']:.1f} %; total: "
       f"{100 * summary['total_flops_cut']:.1f} %.",
   ]
-  with open(os.path.join(workdir, "summary.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
-  with open(os.path.join(workdir, "demo.json"), "w") as f:
-    json.dump(summary, f, indent=1)
+  atomic.write_text(os.path.join(workdir, "summary.md"), "\n".join(lines) + "\n")
+  atomic.write_json(os.path.join(workdir, "demo.json"), summary)
   print("\n".join(lines))
   for k, v in summary["files"].items():
     print(f"{k}: {v}")
@@ -120,10 +129,7 @@ def run(workdir: str) -> dict:
 
 
 def _connectivity_picture(config, weights_path, out):
-  import jax.numpy as jnp
-  import numpy as np
-  from sparsifiner_jax import input_pipeline, trainer, viz, weights
-  model = weights.load_weights(weights_path, trainer.build_model(config))
+  model = weights.load_weights(weights_path, models.build_model(config))
   batch = next(iter(input_pipeline.build_eval_iterator(
       config.input, config.input.eval_split, img_size=config.model.img_size, local_batch_size=8)))
   _, aux = model(jnp.asarray(batch["image"]))
@@ -134,16 +140,18 @@ def _connectivity_picture(config, weights_path, out):
                                out_path=out)
 
 
-def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(prog="python -m sparsifiner_jax.demo", description=__doc__.splitlines()[0])
   ap.add_argument("--workdir", default="workdirs/demo")
+  ap.add_argument("--debug", action="store_true", help="show the traceback on errors")
   args = ap.parse_args(argv)
+  absl_logging.set_verbosity(absl_logging.INFO if args.debug else absl_logging.ERROR)
   try:
     run(args.workdir)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  except Exception as e:  # pylint: disable=broad-except
+    return errors.report(e, cli.USER_ERRORS, debug=args.debug)
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

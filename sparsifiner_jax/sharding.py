@@ -73,3 +73,34 @@ def abstract(tree, shardings):
   """``jax.ShapeDtypeStruct`` leaves of ``tree`` (abstract or concrete) with ``shardings`` (same structure):
   the targets of a checkpoint restore."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), tree, shardings)
+
+
+def batch_shards() -> int:
+  """How many batch shards the mesh set by ``jax.set_mesh`` has (1 without one): the product of its
+  ``AXES`` sizes. Traced code reads the mesh of the surrounding ``jit``'s context."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return 1
+  return int(np.prod([mesh.shape[a] for a in AXES if a in mesh.axis_names]))
+
+
+def per_batch_shard(fn, args: tuple, batched: tuple[bool, ...], out_batched=True):
+  """``fn(*args)`` run on each device's slice of the batch (``jax.shard_map`` over the batch axes of the
+  context mesh), for kernels that cannot be partitioned automatically (XLA FFI custom calls, Pallas).
+
+  ``batched[i]``: whether ``args[i]``'s leading dimension is the batch (split) or not (replicated, e.g.
+  parameters, or a ``[1, ...]`` operand broadcast over the batch). ``out_batched`` (a bool, or a pytree
+  prefix of bools over the outputs) says the same of the outputs. Without a mesh of more than one batch
+  shard, or when the batch does not divide over the shards, this is plain ``fn(*args)``.
+  """
+  shards = batch_shards()
+  sizes = {np.shape(a)[0] for a, b in zip(args, batched) if b}
+  if len(sizes) > 1:
+    raise ValueError(f"per_batch_shard: the batched arguments must share one leading size; got {sizes}")
+  if shards == 1 or not sizes or sizes.pop() % shards:   # nothing to split
+    return fn(*args)
+  mesh = jax.sharding.get_abstract_mesh()
+  axes = tuple(a for a in AXES if a in mesh.axis_names)
+  in_specs = tuple(P(axes) if b else P() for b in batched)
+  out_specs = jax.tree.map(lambda b: P(axes) if b else P(), out_batched)
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)

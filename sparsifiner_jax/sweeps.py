@@ -41,7 +41,10 @@ import subprocess
 import sys
 from typing import Any, Iterable, Sequence
 
-EXIT_USER_ERROR = 2
+from sparsifiner_jax import errors
+from sparsifiner_jax.evaluation import viz
+from sparsifiner_jax.io import atomic
+
 CONFIG_ARG = "config_arg"   # sweep key: the run's config argument, not a --config.* flag
 
 
@@ -319,87 +322,18 @@ def write_table(rows: Sequence[dict[str, Any]], md_path: str | None, csv_path: s
                 ) -> tuple[str | None, str | None]:
   """Writes the rows as a Markdown table and/or a CSV (all ``CSV_FIELDS``). Returns the paths."""
   if md_path:
-    os.makedirs(os.path.dirname(os.path.abspath(md_path)), exist_ok=True)
-    with open(md_path, "w") as f:
-      f.write("Top-1/top-5/density in %, FLOPs in GMACs per image (1 multiply-add = 1 MAC); "
-              "see sparsifiner_jax/flops.py for the definitions.\n\n")
-      f.write(format_markdown(rows))
+    atomic.write_text(md_path, "Top-1/top-5/density in %, FLOPs in GMACs per image (1 multiply-add = 1 "
+                      "MAC); see sparsifiner_jax/evaluation/flops.py for the definitions.\n\n"
+                      + format_markdown(rows))
   if csv_path:
-    os.makedirs(os.path.dirname(os.path.abspath(csv_path)), exist_ok=True)
-    with open(csv_path, "w", newline="") as f:
-      writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
-      writer.writeheader()
-      for row in rows:
-        writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in CSV_FIELDS})
+    def write_csv(tmp):
+      with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+          writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in CSV_FIELDS})
+    atomic.write_file(csv_path, write_csv)
   return md_path, csv_path
-
-
-def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
-  """Indices of the points not dominated under (lower cost x, higher accuracy y), sorted by x."""
-  order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
-  front, best = [], -math.inf
-  for i in order:
-    if points[i][1] > best:
-      front.append(i)
-      best = points[i][1]
-  return front
-
-
-def pareto_plot(rows: Sequence[dict[str, Any]], png_path: str, *, title: str | None = None,
-                dpi: int = 110) -> str:
-  """Top-1 vs total GMACs (left) and vs MHSA GMACs (right): a line per method, Pareto front highlighted.
-
-  Dense baselines are drawn as stars; the front (over all methods) is a thick translucent step line
-  with ringed points. Rows without the panel's FLOPs are left out of that panel. Returns ``png_path``.
-  """
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-
-  panels = (("gmacs_total", "total GMACs / image"), ("gmacs_mhsa", "MHSA GMACs / image"))
-  fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), dpi=dpi)
-  methods = sorted({r["method"] for r in rows})
-  colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
-  for ax, (field, xlabel) in zip(axes, panels):
-    pts = [r for r in rows if r.get(field) is not None and r.get("top1") is not None]
-    for method in methods:
-      mine = sorted((r for r in pts if r["method"] == method), key=lambda r: r[field])
-      if not mine:
-        continue
-      ax.plot([r[field] for r in mine], [r["top1"] for r in mine], marker="o", ms=5, lw=1.6,
-              color=colors[method], label=method, zorder=3)
-      for r in mine:
-        if r["dense"]:
-          ax.plot(r[field], r["top1"], marker="*", ms=16, color=colors[method], mec="black",
-                  mew=0.8, ls="none", zorder=5)
-        elif r.get("keep_rate") is not None:
-          ax.annotate(f"{r['keep_rate']:g}", (r[field], r["top1"]), textcoords="offset points",
-                      xytext=(4, 4), fontsize=7, color=colors[method])
-    if pts:
-      front = [pts[i] for i in pareto_front([(r[field], r["top1"]) for r in pts])]
-      xs, ys = [r[field] for r in front], [r["top1"] for r in front]
-      ax.step(xs, ys, where="post", color="black", alpha=0.25, lw=5, zorder=2, label="Pareto front")
-      ax.plot(xs, ys, "o", ms=11, mfc="none", mec="black", mew=1.2, zorder=4)
-    else:
-      ax.text(0.5, 0.5, "no runs report these FLOPs", ha="center", va="center",
-              transform=ax.transAxes, color="gray")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(f"Top-1 vs {xlabel.split(' /')[0]}")
-    ax.grid(alpha=0.3)
-  handles, labels = axes[0].get_legend_handles_labels()
-  if any(r["dense"] for r in rows):
-    from matplotlib.lines import Line2D  # pylint: disable=g-import-not-at-top
-    handles.append(Line2D([], [], marker="*", ms=12, color="gray", mec="black", ls="none"))
-    labels.append("dense baseline")
-  if handles:
-    axes[1].legend(handles, labels, fontsize=8, frameon=False, loc="lower right")
-  fig.suptitle(title or "Accuracy vs compute (MACs per image)", fontsize=12)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
-  fig.savefig(png_path, dpi=dpi, format="png")
-  plt.close(fig)
-  return png_path
 
 
 def aggregate_to_dir(json_paths: Sequence[str], out_dir: str, *, title: str | None = None
@@ -408,7 +342,7 @@ def aggregate_to_dir(json_paths: Sequence[str], out_dir: str, *, title: str | No
   rows = aggregate(json_paths)
   md, csv_path = write_table(rows, os.path.join(out_dir, "results.md"),
                              os.path.join(out_dir, "results.csv"))
-  png = pareto_plot(rows, os.path.join(out_dir, "pareto.png"), title=title)
+  png = viz.pareto_plot(rows, os.path.join(out_dir, "pareto.png"), title=title)
   return {"markdown": md, "csv": csv_path, "plot": png, "rows": str(len(rows))}
 
 
@@ -419,7 +353,7 @@ def aggregate_to_dir(json_paths: Sequence[str], out_dir: str, *, title: str | No
 class _Parser(argparse.ArgumentParser):
   def error(self, message):
     print(f"{self.prog}: error: {message}", file=sys.stderr)
-    sys.exit(EXIT_USER_ERROR)
+    sys.exit(errors.EXIT_USER_ERROR)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -455,9 +389,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr)
       return 1
     return 0
-  except (SweepError, OSError) as e:
-    print(f"{parser.prog}: error: {e}", file=sys.stderr)
-    return EXIT_USER_ERROR
+  except Exception as e:  # pylint: disable=broad-except
+    return errors.report(e, (SweepError, OSError), prog=parser.prog)
 
 
 if __name__ == "__main__":

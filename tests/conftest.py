@@ -11,9 +11,9 @@ import pytest  # noqa: E402
 
 
 def import_timm():
-  """Imports timm against the CPU torch wheel (``sparsifiner_jax.timm_compat``), or skips with the reason."""
+  """Imports timm against the CPU torch wheel (``sparsifiner_jax.io.timm_compat``), or skips with the reason."""
   pytest.importorskip("torch", reason="torch not installed (pip install -r requirements-test.txt)")
-  from sparsifiner_jax import timm_compat  # pylint: disable=g-import-not-at-top
+  from sparsifiner_jax.io import timm_compat  # pylint: disable=g-import-not-at-top
   timm_compat.register_torchvision_op_schemas()
   return pytest.importorskip("timm", reason="timm not installed (pip install -r requirements-test.txt)")
 

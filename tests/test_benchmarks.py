@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sparsifiner_jax import convert, flops, kernels, models
+from sparsifiner_jax.evaluation import flops
+from sparsifiner_jax.attention import kernels
+from sparsifiner_jax import models
+from sparsifiner_jax.io import state_dict
 
 _DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 
@@ -127,7 +130,7 @@ def test_torch_student_matches_ours(timm):
     p = block.attn.mask_predictor.proj_back_n
     p[...] = 0.05 + abs(p[...]) * 10
   student = tr.sparsifiner_student("vit_test", cfg)
-  sd = convert.timm_state_dict(ours)
+  sd = state_dict.timm_state_dict(ours)
   student.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, strict=True)
   x = np.random.default_rng(0).normal(size=(3, 16, 16, 3)).astype(np.float32)
   graphdef, state = nnx.split(ours)

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sparsifiner_jax import models, weights
+from sparsifiner_jax import models
+from sparsifiner_jax.io import weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,33 +77,36 @@ def test_train_teacher_of_other_architecture_one_line(tmp_path):
 
 def test_eval_reads_training_checkpoints(tmp_path):
   from configs import tiny_test
-  from sparsifiner_jax import checkpoint, eval_lib, sharding, trainer
+  from sparsifiner_jax.io import checkpoint
+  from sparsifiner_jax.evaluation import report
+  from sparsifiner_jax import sharding
+  from sparsifiner_jax.train import trainer
   c = tiny_test.get_config()
   c.phases.recon.steps = c.phases.distill.steps = 0
   w = str(tmp_path / "w")
   one = jax.devices()[:1]
   out = trainer.train(c, w, stop_after=2, devices=one)  # mid-run: a checkpoint at step 2, no final/ or best/
-  assert eval_lib.resolve_weights(w, None) == (os.path.join(w, "ckpt"), -1)
-  model = trainer.build_model(c)
+  assert report.resolve_weights(w, None) == (os.path.join(w, "ckpt"), -1)
+  model = models.build_model(c)
   mesh = sharding.make_mesh(c.mesh, one)
-  assert eval_lib.load_params(model, *eval_lib.resolve_weights(w, None), mesh).endswith("ckpt@2")
-  got = jax.tree.leaves(trainer.split_params(model)[1])
+  assert report.load_params(model, *report.resolve_weights(w, None), mesh).endswith("ckpt@2")
+  got = jax.tree.leaves(models.split_params(model)[1])
   want = jax.tree.leaves(out["state"]["params"])
   assert len(got) == len(want) > 0 and all(np.array_equal(a, b) for a, b in zip(got, want))
   with pytest.raises(checkpoint.CheckpointError, match=r"no checkpoint at step 1 .*saved steps: \[2\]"):
-    eval_lib.load_params(model, os.path.join(w, "ckpt"), 1, mesh)
+    report.load_params(model, os.path.join(w, "ckpt"), 1, mesh)
   with pytest.raises(ValueError, match="allowed: a step number or 'latest'"):
-    eval_lib.parse_step("last")
+    report.parse_step("last")
   other_c = tiny_test.get_config()
   other_c.model.embed_dim = 48
   with pytest.raises(checkpoint.CheckpointError, match=r"do not fit the model: backbone\..* has shape "
                      r"\(32,\) in the checkpoint at step 2 .*the model's is \(48,\)"):
-    eval_lib.load_params(trainer.build_model(other_c), os.path.join(w, "ckpt"), 2, mesh)
+    report.load_params(models.build_model(other_c), os.path.join(w, "ckpt"), 2, mesh)
   dense_c = tiny_test.get_config()
   dense_c.model.keep_rate = None                        # the sparse run's backbone, evaluated dense
-  dense = trainer.build_model(dense_c)
-  eval_lib.load_params(dense, os.path.join(w, "ckpt"), -1, mesh)
-  got = jax.tree.leaves(trainer.split_params(dense)[1]["backbone"])
+  dense = models.build_model(dense_c)
+  report.load_params(dense, os.path.join(w, "ckpt"), -1, mesh)
+  got = jax.tree.leaves(models.split_params(dense)[1]["backbone"])
   assert all(np.array_equal(a, b) for a, b in zip(got, jax.tree.leaves(out["state"]["params"]["backbone"])))
   r = _run("eval.py", "--config", "configs/tiny_test.py", "--workdir", w, "--step", "2",
            "--out", str(tmp_path / "e.json"))

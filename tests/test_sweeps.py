@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from sparsifiner_jax import sweeps
+from sparsifiner_jax.evaluation import viz
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEEP_RATE = os.path.join(ROOT, "configs", "sweeps", "keep_rate.py")
@@ -148,7 +149,7 @@ def test_aggregate_table_and_plot(tmp_path):
     table = list(csv.DictReader(f))
   assert len(table) == 6 and table[0]["method"] == "dense" and table[1]["gmacs_mhsa"] == ""
 
-  png = sweeps.pareto_plot(rows, str(tmp_path / "out" / "pareto.png"), dpi=50)
+  png = viz.pareto_plot(rows, str(tmp_path / "out" / "pareto.png"), dpi=50)
   with Image.open(png) as im:
     assert im.format == "PNG" and im.size == (600, 240)
   assert os.path.getsize(png) > 5000
@@ -156,7 +157,7 @@ def test_aggregate_table_and_plot(tmp_path):
 
 def test_pareto_front():
   pts = [(4.6, 79.8), (4.4, 79.4), (4.5, 79.0), (3.0, 79.5), (2.3, 78.5), (3.0, 79.1)]
-  assert sweeps.pareto_front(pts) == [4, 3, 0]
+  assert viz.pareto_front(pts) == [4, 3, 0]
 
 
 def test_aggregate_errors(tmp_path):

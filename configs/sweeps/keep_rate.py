@@ -1,4 +1,4 @@
-"""Keep-rate sweep: one run per attention keep rate rho (SPARSIFINER.md §4; the paper uses 0.25).
+"""Keep-rate sweep: one run per attention keep rate rho (the paper uses 0.25).
 
   python -m sparsifiner_jax.sweeps run --script eval.py --config configs/deit_s_sparsifiner.py \
       --sweep configs/sweeps/keep_rate.py[:0.25,0.1] --workdir-root runs/keep_rate

@@ -1,4 +1,4 @@
-"""Sparsifiner's connectivity (mask) predictor -- SPARSIFINER.md §1, as the official code does it.
+"""Sparsifiner's connectivity (mask) predictor, as the official code computes it (docs/method.md).
 
 Parameter names follow the official ``MaskPredictor`` so its checkpoints load by name:
 ``proj_c_q``, ``proj_c_k`` (Linear d -> c, shared across heads), ``proj_n`` and ``proj_back_n``
@@ -7,28 +7,28 @@ Parameter names follow the official ``MaskPredictor`` so its checkpoints load by
 Sizing: ``N`` is the token count of the model's configured image size (``(img/patch)^2 + 1``),
 ``c = d // reduce_c`` and ``m = N // reduce_n``. The official code asserts N = 197; here any N works, but a
 predictor built for N tokens only takes N tokens. To move to another resolution, resample the patch rows of
-``proj_n``/``proj_back_n`` over the 2-D patch grid (``convert.resize_token_params``), keeping m.
+``proj_n``/``proj_back_n`` over the 2-D patch grid (``io.resample.resize_token_params``), keeping m.
 
 Two modes:
 
 * reconstruction (``recon=True``; phase 1 training): signed dense basis ``W_upᵀ``, dense coefficients;
   no mask is produced (the attention stays dense).
 * sparse (everything else): basis ``T(|W_upᵀ|)`` keeping entries ``> basis_threshold`` (the official
-  code's abs; ``signed_basis=True`` keeps the sign instead, SPARSIFINER.md §8.2), coefficients cut to their
+  code's abs; ``signed_basis=True`` keeps the sign instead), coefficients cut to their
   top-``coef_topk`` softmax values (not renormalised; ranked by the logits, the same order without the
   softmax's rounding), then top-k keys per query row.
 """
 
 from __future__ import annotations
 
-import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparsifiner_jax import attention as attn_lib
-from sparsifiner_jax import kernels
+from sparsifiner_jax import precision
+from sparsifiner_jax.attention import kernels
+from sparsifiner_jax.attention import mask as mask_lib
 
 Array = jax.Array
 
@@ -50,7 +50,7 @@ class MaskPredictor(nnx.Module):
     self.num_heads = num_heads
     self.num_tokens = num_tokens
     self.keep_rate = keep_rate
-    self.budget = math.ceil(keep_rate * num_tokens)
+    self.budget = mask_lib.budget(keep_rate, num_tokens)
     self.basis_threshold = basis_threshold
     self.signed_basis = signed_basis
     reduced_c = head_dim // reduce_c
@@ -62,7 +62,7 @@ class MaskPredictor(nnx.Module):
     self.coef_topk = min(coef_topk, reduced_n)
     self.dtype = jnp.dtype(dtype)
     linear = dict(kernel_init=nnx.initializers.truncated_normal(0.02),
-                  bias_init=nnx.initializers.zeros, **attn_lib.linear_kwargs(self.dtype), rngs=rngs)
+                  bias_init=nnx.initializers.zeros, **precision.linear_kwargs(self.dtype), rngs=rngs)
     self.proj_c_q = nnx.Linear(head_dim, reduced_c, **linear)
     self.proj_c_k = nnx.Linear(head_dim, reduced_c, **linear)
     init = nnx.initializers.normal(0.02)
@@ -88,7 +88,7 @@ class MaskPredictor(nnx.Module):
     n = k.shape[1]
     if token_index is None and n != self.num_tokens:
       raise ValueError(f"predictor was built for {self.num_tokens} tokens but got {n}; resize its "
-                       "token parameters (convert.resize_token_params) for a new resolution")
+                       "token parameters (io.resample.resize_token_params) for a new resolution")
     rounded = lambda x: x.astype(self.dtype).astype(jnp.float32)       # noqa: E731
     proj_n = token_rows(self.proj_n[...], token_index)                 # [1|B, N, m]
     if key_keep is not None:                                           # pruned keys contribute nothing
@@ -112,11 +112,11 @@ class MaskPredictor(nnx.Module):
     if not recon:   # ranked by the logits: the softmax's order exactly, where its rounding could tie
       coef = keep_topk_values(coef, self.coef_topk, by=logits)
     spec = "bhnm,mk->bhnk" if basis.ndim == 2 else "bhnm,bmk->bhnk"
-    return attn_lib.mixed_einsum(spec, coef, basis, self.dtype)
+    return precision.mixed_einsum(spec, coef, basis, self.dtype)
 
   def __call__(self, qkv: Array, *, recon: bool = False, token_index: Array | None = None,
                key_keep: Array | None = None, kept_patches: int | None = None
-               ) -> tuple[attn_lib.AttentionMask | None, Array]:
+               ) -> tuple[mask_lib.AttentionMask | None, Array]:
     """Returns ``(mask, approx_attn)`` for the layer's projections ``qkv [B, N, S >= 2, H, d]`` (q in
     slot 0, k in slot 1: the attention's fused qkv layout). The mask is None in reconstruction mode
     (dense attention).
@@ -141,9 +141,9 @@ class MaskPredictor(nnx.Module):
           first_row=1, scale=self.logit_scale, coef_k=self.coef_topk, k=budget,
           basis_threshold=self.basis_threshold, signed_basis=self.signed_basis, compute_dtype=self.dtype,
           reference=lambda *_: kernels.topk_keep_mask(self.combine(logits, basis, recon=False), budget))
-      return attn_lib.keep_mask(keep, budget, num_dense_rows=1), approx
+      return mask_lib.keep_mask(keep, budget, num_dense_rows=1), approx
     scores = jnp.where(key_keep[:, None, None, :], jax.lax.stop_gradient(approx), -jnp.inf)
-    return attn_lib.topk_mask(scores, budget, num_dense_rows=1), approx
+    return mask_lib.topk_mask(scores, budget, num_dense_rows=1), approx
 
 
 def threshold_basis(basis: Array, threshold: float, signed: bool = False) -> Array:
@@ -158,7 +158,7 @@ def coefficient_logits(q: Array, weights: Array, scale: float, dtype) -> Array:
   ``weights = query_weights(...)`` ``[B, H, d + 1, m]``: ``(q . weights[:d] + weights[d]) * scale``, the
   product in ``dtype``; the CLS row is not predicted."""
   d = q.shape[-1]
-  scores = attn_lib.mixed_einsum("bnhd,bhdm->bhnm", q[:, 1:], weights[:, :, :d], dtype)
+  scores = precision.mixed_einsum("bnhd,bhdm->bhnm", q[:, 1:], weights[:, :, :d], dtype)
   return (scores + weights[:, :, d:]) * scale
 
 
@@ -172,13 +172,13 @@ def query_weights(keys: Array, proj_n: Array, w_k: Array, b_k: Array, w_q: Array
                   ) -> Array:
   """``[W_q; b_q] K̂``, ``[B, H, d + 1, m]`` float32 (the offset ``b_q K̂`` as the last row), with
   ``K̂ = W_kᵀ (kᵀ P) + b_k (1ᵀ P)`` from keys ``[B, N, H, d]``, ``P = proj_n [1|B, N, m]``, ``w_k, w_q [d, c]``
-  and ``b_k, b_q [c]``; products in ``dtype`` (``attention.mixed_einsum``).
+  and ``b_k, b_q [c]``; products in ``dtype`` (``precision.mixed_einsum``).
 
   The coefficients' logits are ``q_r K̂`` with ``q_r = q W_q + b_q``, ``K̂ = (k W_k + b_k)ᵀ P``. Computed
   reassociated, ``q (W_q K̂) + b_q K̂``: the same products without projecting every token to c dims
   first (two thin matmuls and their copies). ``kernels.lowrank_topk_mask`` computes the same on CPU.
   """
-  mm = lambda spec, a, b: attn_lib.mixed_einsum(spec, a, b, dtype)   # noqa: E731
+  mm = lambda spec, a, b: precision.mixed_einsum(spec, a, b, dtype)   # noqa: E731
   spec = "bnhd,nm->bhdm" if proj_n.shape[0] == 1 else "bnhd,bnm->bhdm"
   k_proj = mm(spec, keys, proj_n[0] if proj_n.shape[0] == 1 else proj_n)   # kᵀ P: [B, H, d, m]
   # (This operand order: XLA:CPU lacks a bf16 x bf16 -> f32 DotThunk for the other.)

@@ -3,12 +3,12 @@
 Attribute names follow timm's ``VisionTransformer`` state-dict keys (``patch_embed.proj``, ``cls_token``,
 ``pos_embed``, ``blocks[i].norm1``, ``blocks[i].attn.qkv``, ``blocks[i].attn.proj``, ``blocks[i].mlp.fc1``,
 ``norm``, ``head``) and the official Sparsifiner's (``blocks[i].attn.mask_predictor.*``), so weight
-conversion is transposes only (``sparsifiner_jax.convert``).
+conversion is transposes only (``sparsifiner_jax.io.convert``).
 
 Pre-LN blocks, LayerNorm eps 1e-6, exact-erf GELU, qkv bias.
 
 Precision (``config.dtype``): every matmul -- Linear, Conv, attention, predictor -- takes its inputs in
-``config.dtype`` and accumulates and returns float32 (``attention.matmul_kwargs``, ``attention.mixed_einsum``);
+``config.dtype`` and accumulates and returns float32 (``precision.matmul_kwargs``, ``precision.mixed_einsum``);
 LayerNorm, softmax, GELU, the residual stream and the logits are float32; parameters are always float32.
 With ``bfloat16`` this is bf16 compute at float32 accuracy of everything between the matmuls (and on
 XLA:CPU the only bf16 dots that take the AMX path are those returning float32).
@@ -25,7 +25,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sparsifiner_jax import attention as attn_lib
-from sparsifiner_jax import patterns
+from sparsifiner_jax import precision
+from sparsifiner_jax.attention import patterns
 from sparsifiner_jax.models.predictor import MaskPredictor
 
 Array = jax.Array
@@ -48,19 +49,19 @@ class ViTConfig:
   drop_path_rate: float = 0.0
   norm_eps: float = 1e-6       # LayerNorm epsilon
   skip_lam: float = 1.0        # residual branches are divided by this (LV-ViT: 2.0)
-  # Sparsifiner (SPARSIFINER.md §1). A float or one value per layer.
+  # Sparsifiner (docs/method.md). A float or one value per layer.
   keep_rate: float | tuple[float, ...] | None = None
   reduce_n: int = 6
   reduce_c: int = 2
   basis_threshold: float = 0.02
   coef_topk: int = 8
   signed_basis: bool = False
-  # Attention pattern (sparsifiner_jax.patterns): "sparsifiner" (the learned predictor; dense when
+  # Attention pattern (sparsifiner_jax.attention.patterns): "sparsifiner" (the learned predictor; dense when
   # keep_rate is None) or a fixed/oracle pattern such as "fibottention", with its options as
   # ((name, value), ...) pairs.
   attention_pattern: str = "sparsifiner"
   pattern_options: tuple[tuple[str, Any], ...] = ()
-  # Token sparsity (EViT-style, SPARSIFINER.md §3): after each layer in token_pruning_layers keep the
+  # Token sparsity (EViT-style, docs/method.md): after each layer in token_pruning_layers keep the
   # top ceil(token_keep_rate^s * P) patch tokens (s = 1, 2, ...) by head-averaged CLS attention.
   # token_pruning_mode: "drop" (shorten the sequence), "mask" (simulate on the full sequence; equals
   # "drop"), "official" (the official code's zeroing: the dense CLS row still sees pruned tokens).
@@ -141,7 +142,7 @@ class PatchEmbed(nnx.Module):
     p = cfg.patch_size
     self.proj = nnx.Conv(cfg.in_chans, cfg.embed_dim, kernel_size=(p, p), strides=(p, p),
                          padding="VALID", kernel_init=nnx.initializers.lecun_normal(),
-                         **attn_lib.matmul_kwargs(cfg.dtype), rngs=rngs)
+                         **precision.matmul_kwargs(cfg.dtype), rngs=rngs)
 
   def __call__(self, x: Array) -> Array:
     return patch_projection(self.proj, x)
@@ -157,7 +158,7 @@ def patch_projection(conv: nnx.Conv, x: Array) -> Array:
   b, h, w, _ = x.shape
   hp, wp = h // p, w // p
   patches = x[:, :hp * p, :wp * p].reshape(b, hp, p, wp, p, c).transpose(0, 1, 3, 2, 4, 5)
-  out = attn_lib.mixed_einsum("bnk,kd->bnd", patches.reshape(b, hp * wp, p * p * c),
+  out = precision.mixed_einsum("bnk,kd->bnd", patches.reshape(b, hp * wp, p * p * c),
                               conv.kernel[...].reshape(p * p * c, d), conv.dtype)
   return out if conv.bias is None else out + conv.bias[...]
 
@@ -165,7 +166,7 @@ def patch_projection(conv: nnx.Conv, x: Array) -> Array:
 class Mlp(nnx.Module):
   def __init__(self, dim: int, hidden: int, dtype_name: str, *, rngs: nnx.Rngs):
     kw = dict(kernel_init=nnx.initializers.truncated_normal(0.02),
-              bias_init=nnx.initializers.zeros, **attn_lib.linear_kwargs(dtype_name), rngs=rngs)
+              bias_init=nnx.initializers.zeros, **precision.linear_kwargs(dtype_name), rngs=rngs)
     self.fc1 = nnx.Linear(dim, hidden, **kw)
     self.fc2 = nnx.Linear(hidden, dim, **kw)
 
@@ -189,7 +190,7 @@ class Attention(nnx.Module):
 
   def __init__(self, cfg: ViTConfig, keep_rate: float | None, *, layer: int = 0, rngs: nnx.Rngs):
     kw = dict(kernel_init=nnx.initializers.truncated_normal(0.02),
-              bias_init=nnx.initializers.zeros, **attn_lib.linear_kwargs(cfg.dtype), rngs=rngs)
+              bias_init=nnx.initializers.zeros, **precision.linear_kwargs(cfg.dtype), rngs=rngs)
     self.num_heads = cfg.num_heads
     self.compute_dtype = jnp.dtype(cfg.dtype)
     self.qkv = nnx.Linear(cfg.embed_dim, 3 * cfg.embed_dim, use_bias=cfg.qkv_bias, **kw)
@@ -233,7 +234,7 @@ class Attention(nnx.Module):
 
 def cls_attention(q: Array, k: Array, key_valid: Array | None = None) -> Array:
   """Head-averaged attention of the CLS query (always a dense row): ``[B, N]`` float32."""
-  logits = attn_lib.mixed_einsum("bhd,bkhd->bhk", q[:, 0] * q.shape[-1] ** -0.5, k, q.dtype)
+  logits = precision.mixed_einsum("bhd,bkhd->bhk", q[:, 0] * q.shape[-1] ** -0.5, k, q.dtype)
   if key_valid is not None:
     logits = jnp.where(key_valid[:, None, :], logits, -jnp.inf)
   return jnp.mean(jax.nn.softmax(logits, axis=-1), axis=1)
@@ -270,7 +271,7 @@ class Block(nnx.Module):
 
 
 # --------------------------------------------------------------------------------------------------
-# Token sparsity (EViT-style, SPARSIFINER.md §3).
+# Token sparsity (EViT-style, docs/method.md).
 
 
 def token_schedule(cfg: ViTConfig) -> tuple[int, ...]:
@@ -404,7 +405,7 @@ class VisionTransformer(nnx.Module):
     self.blocks = nnx.List([Block(cfg, rates[i], dpr[i], layer=i, rngs=rngs) for i in range(cfg.depth)])
     self.norm = nnx.LayerNorm(cfg.embed_dim, epsilon=cfg.norm_eps, dtype=jnp.float32,
                               param_dtype=jnp.float32, rngs=rngs)
-    self.head = nnx.Linear(cfg.embed_dim, cfg.num_classes, **attn_lib.linear_kwargs(cfg.dtype),
+    self.head = nnx.Linear(cfg.embed_dim, cfg.num_classes, **precision.linear_kwargs(cfg.dtype),
                            kernel_init=nnx.initializers.truncated_normal(0.02),
                            bias_init=nnx.initializers.zeros, rngs=rngs)
 

@@ -1,0 +1,187 @@
+"""Attention executors (``EXECUTORS``): ways to compute ``(q, k, v, mask) -> out`` on ``[B, N, H, d]``
+(products in q/v's dtype, logits, softmax and ``out`` in float32 -- ``precision.mixed_einsum``):
+
+* ``auto``   -- the default: the fastest measured per backend. On CPU the C++ sparse-row kernel
+  (``kernels.sparse_attention``), and its backward kernel over the same kept entries; elsewhere ``masked``.
+* ``dense``  -- plain softmax attention; ignores the mask (the teacher).
+* ``masked`` -- the reference: dense logits, ``-inf`` outside the mask, softmax, rows with no kept key
+  return 0 (the official code's ``nan_to_num``).
+* ``sigmoid`` -- sigmoid attention (weights ``sigmoid(logit - log N)``, not normalised), masked-dense.
+* ``sparse`` -- computes only the kept entries: gathers the kept keys/values per row and reduces with
+  segment ops (``jax.ops.segment_max``/``segment_sum``) over the flattened edge list, so the work is
+  proportional to the number of kept entries, not to N^2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from sparsifiner_jax.attention import kernels
+from sparsifiner_jax.attention.mask import AttentionMask
+from sparsifiner_jax.precision import mixed_einsum
+
+Array = jax.Array
+
+def heads_first(t: Array) -> Array:
+  """``[B, N, H, d] -> [B, H, N, d]``: XLA:CPU runs the attention matmuls much faster in this layout."""
+  return jnp.swapaxes(t, 1, 2)
+
+
+def attention_logits(q: Array, k: Array) -> Array:
+  """Scaled dot-product logits ``[B, H, N, N]`` float32 (scale d^-1/2; products in ``q.dtype``)."""
+  scale = q.shape[-1] ** -0.5
+  return mixed_einsum("bhqd,bhkd->bhqk", heads_first(q * scale), heads_first(k), q.dtype)
+
+
+def attention_probs(q: Array, k: Array) -> Array:
+  """Dense (unmasked) attention probabilities ``[B, H, N, N]`` in float32."""
+  return jax.nn.softmax(attention_logits(q, k), axis=-1)
+
+
+def weighted_values(probs: Array, v: Array) -> Array:
+  """``probs [B, H, N, N] @ v``, with ``v`` and the result (float32) in the ``[B, N, H, d]`` layout."""
+  return heads_first(mixed_einsum("bhqk,bhkd->bhqd", probs, heads_first(v), v.dtype))
+
+
+def softmax_attention(q: Array, k: Array, v: Array, key_valid: Array | None = None) -> Array:
+  """Dense softmax attention ``[B, N, H, d] -> [B, N, H, d]``, optionally over the ``key_valid [B, N]``
+  keys only. Heads-first einsums: on XLA:CPU about 2x faster than ``jax.nn.dot_product_attention`` for
+  DeiT-S shapes (BENCHMARKS.md); equal to it to float rounding."""
+  logits = attention_logits(q, k)
+  if key_valid is not None:
+    logits = jnp.where(key_valid[:, None, None, :], logits, -jnp.inf)
+  probs = jax.nn.softmax(logits, axis=-1)
+  return weighted_values(probs, v)
+
+
+def dense_attention(q: Array, k: Array, v: Array, mask: AttentionMask | None = None) -> Array:
+  del mask
+  return softmax_attention(q, k, v)
+
+
+def masked_attention(q: Array, k: Array, v: Array, mask: AttentionMask | None) -> Array:
+  if mask is None:
+    return dense_attention(q, k, v)
+  logits = attention_logits(q, k)
+  if mask.fill == "neg_inf" and mask.rows_nonempty:      # fast path: no row can be empty
+    probs = jax.nn.softmax(logits + mask.logit_bias(), axis=-1)
+    return weighted_values(probs, v)
+  keep = mask.to_dense()
+  logits = jnp.where(keep, logits, -jnp.inf if mask.fill == "neg_inf" else 0.0)
+  row_max = jnp.max(logits, axis=-1, keepdims=True)
+  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+  p = jnp.exp(logits - jax.lax.stop_gradient(row_max))
+  denom = jnp.sum(p, axis=-1, keepdims=True)
+  probs = jnp.where(denom > 0, p / jnp.where(denom > 0, denom, 1.0), 0.0)  # all-masked rows -> 0
+  return weighted_values(probs, v)
+
+
+def sparse_attention(q: Array, k: Array, v: Array, mask: AttentionMask | None) -> Array:
+  """Computes only the kept entries: per-row gathers, then segment softmax over the edge list."""
+  if mask is None:
+    return dense_attention(q, k, v)
+  if mask.fill != "neg_inf":          # every key takes part: nothing to skip
+    return masked_attention(q, k, v, mask)
+  b, n, h, d = q.shape
+  nd = mask.num_dense_rows
+  out_dense = None
+  if nd:
+    key_mask = None if mask.key_valid is None else mask.key_valid[:, None, None, :]
+    out_dense = jax.nn.dot_product_attention(q[:, :nd], k, v, mask=key_mask).astype(jnp.float32)
+
+  idx = jnp.broadcast_to(mask.indices, (b, h, n - nd, mask.keys_per_row))
+  kk = idx.shape[-1]
+  qs = jnp.transpose(q[:, nd:], (0, 2, 1, 3))              # [B, H, R, d]
+  kt = jnp.transpose(k, (0, 2, 1, 3))                      # [B, H, N, d]
+  vt = jnp.transpose(v, (0, 2, 1, 3))
+  gather = jax.vmap(jax.vmap(lambda t, i: t[i]))           # [N, d], [R, K] -> [R, K, d]
+  k_sel, v_sel = gather(kt, idx), gather(vt, idx)          # [B, H, R, K, d]
+  logits = mixed_einsum("bhrd,bhrkd->bhrk", qs * d ** -0.5, k_sel, q.dtype)
+  valid = None if mask.valid is None else jnp.broadcast_to(mask.valid, logits.shape)
+  if mask.key_valid is not None:
+    kv = jax.vmap(lambda row, i: row[i])(mask.key_valid, idx.reshape(b, -1)).reshape(idx.shape)
+    valid = kv if valid is None else valid & kv
+  if valid is not None:
+    logits = jnp.where(valid, logits, -jnp.inf)
+
+  # Segment softmax over the flattened edge list: one segment per (b, h, row).
+  num_seg = b * h * (n - nd)
+  seg = jnp.repeat(jnp.arange(num_seg), kk)
+  flat = logits.reshape(-1)
+  seg_max = jax.ops.segment_max(flat, seg, num_segments=num_seg, indices_are_sorted=True)
+  seg_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(seg_max), seg_max, 0.0))
+  p = jnp.exp(flat - seg_max[seg])
+  denom = jax.ops.segment_sum(p, seg, num_segments=num_seg, indices_are_sorted=True)
+  w = p / jnp.where(denom > 0, denom, 1.0)[seg]
+  weighted = w[:, None] * v_sel.reshape(-1, d).astype(jnp.float32)
+  out = jax.ops.segment_sum(weighted, seg, num_segments=num_seg, indices_are_sorted=True)
+  out = jnp.transpose(out.reshape(b, h, n - nd, d), (0, 2, 1, 3))
+  return out if out_dense is None else jnp.concatenate([out_dense, out], axis=1)
+
+
+def auto_attention(q: Array, k: Array, v: Array, mask: AttentionMask | None) -> Array:
+  """The fastest executor measured per backend (BENCHMARKS.md): on CPU the sparse-row kernel
+  (``kernels.sparse_attention``: only kept entries, about 3x faster than dense attention at keep 0.25
+  for DeiT-S) and its backward kernel over the same kept entries, elsewhere ``masked``.
+  Masks with ``key_valid`` (simulated token pruning) or ``fill="zero_logit"`` take ``masked`` everywhere."""
+  if mask is None:
+    return dense_attention(q, k, v)
+  if mask.fill != "neg_inf" or mask.key_valid is not None:
+    return masked_attention(q, k, v, mask)
+  nd = mask.num_dense_rows
+
+  def reference(q, k, v, keep):
+    return masked_attention(q, k, v, dataclasses.replace(mask, keep=keep))
+
+  return kernels.sparse_attention(q, k, v, mask.sparse_rows(), num_dense_rows=nd,
+                                  scale=q.shape[-1] ** -0.5, reference=reference)
+
+
+Executor = Callable[[Array, Array, Array, AttentionMask | None], Array]
+EXECUTORS: dict[str, Executor] = {
+    "auto": auto_attention,
+    "dense": dense_attention,
+    "masked": masked_attention,
+    "sparse": sparse_attention,
+}
+
+
+def get_executor(name: str) -> Executor:
+  if name not in EXECUTORS:
+    raise ValueError(f"unknown attention executor {name!r}; allowed: {sorted(EXECUTORS)}")
+  return EXECUTORS[name]
+
+
+# --------------------------------------------------------------------------------------------------
+# Sigmoid attention (Ramapuram et al. 2024, "Theory, Analysis, and Best Practices for Sigmoid
+# Self-Attention", arXiv 2409.04431): a drop-in replacement for the softmax.
+
+
+def sigmoid_attention(q: Array, k: Array, v: Array, mask: AttentionMask | None) -> Array:
+  """Sigmoid attention: ``out = sum_j sigmoid(l_ij + b) v_j`` with ``b = -log(N)``.
+
+  Each weight is an independent sigmoid of its scaled logit ``l_ij = q_i . k_j / sqrt(d)``; rows are not
+  normalised. The bias ``b = -log(N)`` (N = number of keys) keeps the initial row sums near 1, as the
+  paper recommends. Masked-out entries get weight 0 (``fill="neg_inf"``) or, with ``fill="zero_logit"``,
+  the weight of a zero logit ``sigmoid(b) = 1 / (1 + N)``; ``mask=None`` is dense. Computed masked-dense
+  (``[B, H, N, N]`` weights), in float32.
+
+  Args:
+    q, k, v: ``[B, N, H, d]``.
+    mask: an :class:`AttentionMask` or None.
+
+  Returns:
+    ``[B, N, H, d]`` float32.
+  """
+  logits = attention_logits(q, k)
+  if mask is not None:
+    logits = jnp.where(mask.to_dense(), logits, -jnp.inf if mask.fill == "neg_inf" else 0.0)
+  weights = jax.nn.sigmoid(logits - jnp.log(jnp.float32(k.shape[1])))
+  return mixed_einsum("bhqk,bkhd->bqhd", weights, v, v.dtype)
+
+
+EXECUTORS["sigmoid"] = sigmoid_attention

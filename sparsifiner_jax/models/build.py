@@ -1,0 +1,58 @@
+"""Models from a training config, and their parameter groups.
+
+``build_model(config)`` is ``config.model_name`` with ``config.model``'s fields; the teacher is the dense
+version of the same architecture (``build_teacher``). ``split_params``/``merge_params`` are the one
+place that knows the parameter groups and the order ``nnx.merge`` takes them in.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flax import nnx
+
+from sparsifiner_jax.models import zoo
+
+IS_PREDICTOR = nnx.All(nnx.Param, nnx.PathContains("mask_predictor"))
+
+
+def model_kwargs(config) -> dict[str, Any]:
+  """``config.model`` as ``models.create`` keywords; None means the variant's default (not keep_rate)."""
+  return {k: v for k, v in config.model.to_dict().items() if v is not None or k == "keep_rate"}
+
+
+def build_model(config, *, seed: int | None = None) -> nnx.Module:
+  """``config.model_name`` built with ``config.model``, initialised from ``seed`` (default config.seed)."""
+  return zoo.create(config.model_name, rngs=nnx.Rngs(config.seed if seed is None else seed),
+                    **model_kwargs(config))
+
+
+def teacher_model_kwargs(config) -> dict[str, Any]:
+  """The teacher is the dense version of the student architecture unless ``teacher.model`` says more."""
+  kw = {k: v for k, v in model_kwargs(config).items()
+        if k in ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depth",
+                 "num_heads", "mlp_ratio", "qkv_bias", "dtype")}
+  kw.update(config.teacher.get("model", {}) or {})
+  kw["keep_rate"] = None
+  return kw
+
+
+def build_teacher(config) -> nnx.Module:
+  """The (untrained) dense teacher of ``config``: ``teacher.model_name`` or the student's architecture."""
+  return zoo.create(config.teacher.get("model_name") or config.model_name, rngs=nnx.Rngs(0),
+                    **teacher_model_kwargs(config))
+
+
+def split_params(model: nnx.Module) -> tuple[nnx.GraphDef, dict[str, nnx.State], nnx.State]:
+  """``(graphdef, {"backbone": State, "predictor": State}, rest)``: the parameter groups that training
+  freezes or trains per phase (``mask_predictor`` params vs all other params) and the non-parameter
+  state (``rest``: BatchNorm statistics, RNG counters). ``merge_params`` inverts it."""
+  graphdef, predictor, backbone, rest = nnx.split(model, IS_PREDICTOR, nnx.Param, ...)
+  return graphdef, {"backbone": backbone, "predictor": predictor}, rest
+
+
+def merge_params(graphdef: nnx.GraphDef, params: dict[str, nnx.State], rest: nnx.State) -> nnx.Module:
+  """The model of ``split_params``'s pieces (``params`` may hold updated or cast arrays)."""
+  return nnx.merge(graphdef, params["predictor"], params["backbone"], rest)
+
+

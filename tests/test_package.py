@@ -1,0 +1,135 @@
+"""The package's shape: every module imports on its own, and the import graph has no cycle."""
+
+import ast
+import concurrent.futures
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PACKAGE = "sparsifiner_jax"
+
+
+def package_modules(root: pathlib.Path = ROOT) -> dict[str, pathlib.Path]:
+  """``{dotted module name: source path}`` for every module of the package (packages as their name)."""
+  out = {}
+  for path in sorted((root / PACKAGE).rglob("*.py")):
+    parts = path.relative_to(root).with_suffix("").parts
+    if parts[-1] == "__init__":
+      parts = parts[:-1]
+    out[".".join(parts)] = path
+  return out
+
+
+def _resolve(name: str, modules: dict[str, pathlib.Path]) -> str | None:
+  """The longest prefix of ``name`` that is one of ``modules``."""
+  while name:
+    if name in modules:
+      return name
+    name = name.rpartition(".")[0]
+  return None
+
+
+def import_graph(modules: dict[str, pathlib.Path]) -> dict[str, set[str]]:
+  """Edges ``module -> modules of the package it imports`` from every import statement in its source
+  (module level or inside functions). The parent packages Python imports implicitly are not edges."""
+  graph = {}
+  for name, path in modules.items():
+    is_pkg = path.name == "__init__.py"
+    deps = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+      targets = []
+      if isinstance(node, ast.Import):
+        targets = [a.name for a in node.names]
+      elif isinstance(node, ast.ImportFrom):
+        base = node.module or ""
+        if node.level:   # relative import
+          anchor = name if is_pkg else name.rpartition(".")[0]
+          for _ in range(node.level - 1):
+            anchor = anchor.rpartition(".")[0]
+          base = f"{anchor}.{base}".rstrip(".")
+        # ``from a import b``: module ``a.b`` if there is one, else the name ``b`` defined in ``a``.
+        targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+      for t in targets:
+        dep = _resolve(t, modules) if t.split(".")[0] == PACKAGE else None
+        if dep and dep != name:
+          deps.add(dep)
+    graph[name] = deps
+  return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+  """One cycle ``[a, b, ..., a]`` of ``graph``, or None (depth-first search)."""
+  state: dict[str, int] = {}   # 1: on the current path, 2: done
+  stack: list[str] = []
+
+  def visit(node):
+    state[node] = 1
+    stack.append(node)
+    for dep in sorted(graph.get(node, ())):
+      if state.get(dep) == 1:
+        return stack[stack.index(dep):] + [dep]
+      if dep not in state:
+        cycle = visit(dep)
+        if cycle:
+          return cycle
+    stack.pop()
+    state[node] = 2
+    return None
+
+  for node in sorted(graph):
+    if node not in state:
+      cycle = visit(node)
+      if cycle:
+        return cycle
+  return None
+
+
+def test_import_graph_has_no_cycle():
+  graph = import_graph(package_modules())
+  assert len(graph) > 30 and graph["sparsifiner_jax.train.trainer"], "the graph was not built"
+  assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_cycle_detection_fails_on_an_added_cycle(tmp_path):
+  # A copy of the package with one import added that closes a loop: the same check must report it.
+  pkg = tmp_path / PACKAGE
+  for name, path in package_modules().items():
+    dst = tmp_path / path.relative_to(ROOT)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_text(path.read_text())
+  leaf = pkg / "io" / "atomic.py"                       # imported by io.weights, which imports it back
+  leaf.write_text(leaf.read_text() + "\nfrom sparsifiner_jax.io import weights  # noqa\n")
+  cycle = find_cycle(import_graph(package_modules(tmp_path)))
+  assert cycle is not None and "sparsifiner_jax.io.atomic" in cycle and "sparsifiner_jax.io.weights" in cycle
+
+
+def _import_alone(module: str) -> tuple[str, int, str]:
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  proc = subprocess.run([sys.executable, "-c", f"import {module}"], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+  return module, proc.returncode, proc.stderr[-2000:]
+
+
+def test_every_module_imports_on_its_own():
+  modules = sorted(package_modules())
+  with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+    results = list(pool.map(_import_alone, modules))
+  failed = [f"{m}: {err.strip().splitlines()[-1] if err.strip() else rc}" for m, rc, err in results if rc]
+  assert not failed, "\n".join(failed)
+
+
+@pytest.mark.parametrize("path", ["README.md", "docs", "sparsifiner_jax", "configs", "benchmarks"])
+def test_no_reference_to_files_outside_the_repository(path):
+  hits = []
+  target = ROOT / path
+  for f in ([target] if target.is_file() else sorted(target.rglob("*"))):
+    if f.is_file() and f.suffix in (".py", ".md", ".cc", ".h") and "results" not in f.parts:
+      text = f.read_text(errors="ignore")
+      for needle in ("shared/spec", "SPARSIFINER.md", "BASELINES.md", "ENVIRONMENT.md", "STYLE.md"):
+        if needle in text:
+          hits.append(f"{f.relative_to(ROOT)}: {needle}")
+  assert not hits, "\n".join(hits)
