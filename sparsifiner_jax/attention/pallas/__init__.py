@@ -1,0 +1,1 @@
+"""Pallas kernels for accelerators (TPU via Mosaic, GPU via Triton) and the bit-packed mask they share."""

@@ -1,0 +1,589 @@
+"""Fused masked attention in Pallas (flash style), forward and backward, for TPU (Mosaic) and GPU (Triton).
+
+``sparse_attention(q, k, v, packed, scale=...)`` is the function of the reference executor
+``executors.masked_attention``: ``logits = scale * q.k`` (products in q's dtype, float32 accumulation),
+``-inf`` where the bit-packed mask (``pallas.bitmask``) drops a key, softmax in float32 over the kept keys,
+a row with no kept key returns 0. q, k and v are read block by block, the mask is expanded from its bits
+on chip, and no ``[B, H, N, N]`` logits or probabilities ever reach HBM: the forward keeps an online
+softmax per query block and saves only the output and the per-row logsumexp; the backward (flash attention
+2) recomputes the probabilities block by block in two kernels, one for dq (loop over key blocks) and one
+for dk, dv (loop over query blocks).
+
+Mask layout shared by both backends: the packed rows ``[B|1, H|1, N_q, W]`` are padded and regrouped per
+key block into ``words [B|1, H|1, N_k_pad / bk, bk / 32, N_q_pad]`` (queries on the minor axis: compact in
+TPU HBM, whose tiles are 8 x 128). Word ``j`` of a block covers its keys ``32 j .. 32 j + 31``.
+
+TPU: batch, head, query block and key block form the grid (``(B, H, nq, nk)`` forward and dq,
+``(B, H, nk, nq)`` dk/dv); q, k, v are laid out heads-first ``[B, H, N, d]`` by the wrapper. A table of
+non-empty ``(query block, key block)`` pairs is prefetched into SMEM and empty blocks are skipped.
+GPU: the grid is ``(query or key block, B, H)`` over the ``[B, N, H, d]`` inputs (no transposes), with a
+``fori_loop`` over the other block axis; d is padded to a power of two >= 16 as Triton requires.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as plgpu
+
+from sparsifiner_jax.attention.pallas import bitmask
+
+Array = jax.Array
+BITS = bitmask.BITS
+NT = (((1,), (1,)), ((), ()))          # a @ b.T
+NN = (((1,), (0,)), ((), ()))          # a @ b
+F32 = jnp.float32
+
+
+def _round_up(x: int, m: int) -> int:
+  return -(-x // m) * m
+
+
+def _next_pow2(x: int) -> int:
+  return 1 << max(x - 1, 0).bit_length()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  """Static parameters of one call (hashable: the custom_vjp's non-differentiable argument)."""
+  backend: str
+  scale: float
+  interpret: bool
+  bq: int                # query rows per block
+  bk: int                # keys per block (a multiple of 32)
+  nq: int                # query blocks
+  nk: int                # key blocks
+  mask_b: bool           # the mask has a batch axis (else broadcast)
+  mask_h: bool           # the mask has a head axis (else broadcast)
+
+  @property
+  def nw(self) -> int:
+    return self.bk // BITS
+
+  def mask_index(self, b, h):
+    return (b if self.mask_b else 0, h if self.mask_h else 0)
+
+  def tpu_interpret(self):
+    return pltpu.InterpretParams() if self.interpret else False
+
+
+def _block_sizes(backend: str, nq: int, nk: int, block_q: int | None, block_k: int | None):
+  """Default blocks. TPU: one block when the sequence is short (a block equal to the padded array is always
+  legal), else 128 (lane-aligned). GPU: powers of two (Triton), 64 at most."""
+  if backend == "tpu":
+    bq = block_q or (_round_up(nq, 16) if nq <= 256 else 128)
+    bk = block_k or (_round_up(nk, 128) if nk <= 512 else 128)
+  else:
+    bq = block_q or min(64, max(16, _next_pow2(nq)))
+    bk = block_k or min(64, max(32, _next_pow2(nk)))
+    if bq & (bq - 1) or bk & (bk - 1):
+      raise ValueError(f"GPU blocks must be powers of two, got block_q={bq}, block_k={bk}")
+  if bq % 8 or bk % BITS:
+    raise ValueError(f"block_q={bq} must be a multiple of 8 and block_k={bk} a multiple of {BITS}")
+  return bq, bk
+
+
+# ------------------------------------------------------------------------------------------------
+# Shared on-chip math.
+
+
+def _expand_bits(word_slices, shape, key_axis: int) -> Array:
+  """The boolean keep tile ``shape`` (keys along ``key_axis``) from its ``bk / 32`` packed words.
+
+  ``word_slices[j]`` broadcasts against ``shape`` (``[bq, 1]`` with keys on lanes, ``[1, bq]`` with keys
+  on sublanes) and holds the word of keys ``32 j .. 32 j + 31``. Only selects, shifts and ands: no
+  gathers, no unaligned concatenation.
+  """
+  key = lax.broadcasted_iota(jnp.int32, shape, key_axis)
+  group = key >> 5
+  word = jnp.zeros(shape, jnp.int32)
+  for j, w in enumerate(word_slices):
+    word = jnp.where(group == j, jnp.broadcast_to(w, shape), word)
+  return (lax.shift_right_logical(word, key & (BITS - 1)) & 1) != 0
+
+
+def _online_softmax_step(s, m_prev, l_prev, acc_prev, v, axis: int = -1):
+  """One key block of the online softmax over masked logits ``s [bq, bk]`` (``-inf`` = dropped).
+
+  ``m_prev, l_prev [bq, 1]``, ``acc_prev [bq, d]`` float32; returns the updated ``(m, l, acc)``. A row
+  with nothing kept so far keeps ``m = -inf, l = 0, acc = 0`` (no NaN: the shift is then 0).
+  """
+  m_new = jnp.maximum(m_prev, jnp.max(s, axis=axis, keepdims=True))
+  shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+  alpha = jnp.exp(m_prev - shift)
+  p = jnp.exp(s - shift)
+  l_new = alpha * l_prev + jnp.sum(p, axis=axis, keepdims=True)
+  acc_new = alpha * acc_prev + lax.dot_general(p.astype(v.dtype), v, NN, preferred_element_type=F32)
+  return m_new, l_new, acc_new
+
+
+def _finalize(m, l, acc):
+  """``(out [bq, d], lse [bq, 1])``; empty rows give ``out = 0`` and ``lse = +inf`` (so that the backward's
+  ``exp(s - lse)`` is 0 there)."""
+  nonempty = l > 0
+  out = jnp.where(nonempty, acc / jnp.where(nonempty, l, 1.0), 0.0)
+  lse = jnp.where(nonempty, m + jnp.log(jnp.where(nonempty, l, 1.0)), jnp.inf)
+  return out, lse
+
+
+def _scaled(q_raw, scale, dtype):
+  """``scale * q`` rounded to the product dtype, as the reference scales q before its einsum."""
+  return (q_raw * scale).astype(dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# TPU (Mosaic) kernels. Refs are 2-D tiles: q/do [bq, d], k/v [bk, d], words [nw, bq],
+# lse/delta [1, bq] (queries on lanes).
+
+
+def _row_to_col(row: Array) -> Array:
+  """``[1, n] -> [n, 1]`` (a lane-to-sublane relayout)."""
+  return jnp.expand_dims(row[0], -1)
+
+
+def _occupied(occ_ref, cfg: _Config, b, h, qi, ki):
+  mb, mh = cfg.mask_index(b, h)
+  nh = pl.num_programs(1) if cfg.mask_h else 1
+  return occ_ref[((mb * nh + mh) * cfg.nq + qi) * cfg.nk + ki] != 0
+
+
+def _tpu_fwd_kernel(occ_ref, q_ref, k_ref, v_ref, w_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *,
+                    cfg: _Config):
+  b, h, qi, ki = (pl.program_id(i) for i in range(4))
+
+  @pl.when(ki == 0)
+  def _init():
+    m_sc[...] = jnp.full(m_sc.shape, -jnp.inf, F32)
+    l_sc[...] = jnp.zeros(l_sc.shape, F32)
+    acc_sc[...] = jnp.zeros(acc_sc.shape, F32)
+
+  @pl.when(_occupied(occ_ref, cfg, b, h, qi, ki))
+  def _step():
+    k = k_ref[...]
+    q = _scaled(q_ref[...], cfg.scale, k.dtype)
+    s = lax.dot_general(q, k, NT, preferred_element_type=F32)                    # [bq, bk]
+    words = [_row_to_col(w_ref[j:j + 1, :]) for j in range(cfg.nw)]
+    s = jnp.where(_expand_bits(words, s.shape, 1), s, -jnp.inf)
+    m, l, acc = _online_softmax_step(s, m_sc[...], l_sc[...], acc_sc[...], v_ref[...])
+    m_sc[...], l_sc[...], acc_sc[...] = m, l, acc
+
+  @pl.when(ki == cfg.nk - 1)
+  def _done():
+    out, lse = _finalize(m_sc[...], l_sc[...], acc_sc[...])
+    o_ref[...] = out.astype(o_ref.dtype)
+    lse_ref[...] = jnp.expand_dims(lse[:, 0], 0)
+
+
+def _tpu_dq_kernel(occ_ref, q_ref, k_ref, v_ref, w_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_sc, *,
+                   cfg: _Config):
+  b, h, qi, ki = (pl.program_id(i) for i in range(4))
+
+  @pl.when(ki == 0)
+  def _init():
+    dq_sc[...] = jnp.zeros(dq_sc.shape, F32)
+
+  @pl.when(_occupied(occ_ref, cfg, b, h, qi, ki))
+  def _step():
+    k, v = k_ref[...], v_ref[...]
+    q = _scaled(q_ref[...], cfg.scale, k.dtype)
+    s = lax.dot_general(q, k, NT, preferred_element_type=F32)                    # [bq, bk]
+    words = [_row_to_col(w_ref[j:j + 1, :]) for j in range(cfg.nw)]
+    s = jnp.where(_expand_bits(words, s.shape, 1), s, -jnp.inf)
+    p = jnp.exp(s - _row_to_col(lse_ref[...]))
+    dp = lax.dot_general(do_ref[...].astype(v.dtype), v, NT, preferred_element_type=F32)
+    ds = p * (dp - _row_to_col(delta_ref[...]))
+    dq_sc[...] += lax.dot_general(ds.astype(k.dtype), k, NN, preferred_element_type=F32)
+
+  @pl.when(ki == cfg.nk - 1)
+  def _done():
+    dq_ref[...] = (dq_sc[...] * cfg.scale).astype(dq_ref.dtype)
+
+
+def _tpu_dkv_kernel(occ_ref, q_ref, k_ref, v_ref, w_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
+                    dk_sc, dv_sc, *, cfg: _Config):
+  """Keys on sublanes, queries on lanes: ``s.T [bk, bq]``, so lse/delta rows need no relayout and all
+  four products are plain or rhs-transposed matmuls."""
+  b, h, ki, qi = (pl.program_id(i) for i in range(4))
+
+  @pl.when(qi == 0)
+  def _init():
+    dk_sc[...] = jnp.zeros(dk_sc.shape, F32)
+    dv_sc[...] = jnp.zeros(dv_sc.shape, F32)
+
+  @pl.when(_occupied(occ_ref, cfg, b, h, qi, ki))
+  def _step():
+    k, v = k_ref[...], v_ref[...]
+    q = _scaled(q_ref[...], cfg.scale, k.dtype)
+    do = do_ref[...].astype(v.dtype)
+    st = lax.dot_general(k, q, NT, preferred_element_type=F32)                   # [bk, bq]
+    words = [w_ref[j:j + 1, :] for j in range(cfg.nw)]
+    st = jnp.where(_expand_bits(words, st.shape, 0), st, -jnp.inf)
+    pt = jnp.exp(st - lse_ref[...])
+    dv_sc[...] += lax.dot_general(pt.astype(v.dtype), do, NN, preferred_element_type=F32)
+    dpt = lax.dot_general(v, do, NT, preferred_element_type=F32)
+    dst = pt * (dpt - delta_ref[...])
+    dk_sc[...] += lax.dot_general(dst.astype(q.dtype), q, NN, preferred_element_type=F32)
+
+  @pl.when(qi == cfg.nq - 1)
+  def _done():
+    dk_ref[...] = dk_sc[...].astype(dk_ref.dtype)
+    dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
+
+
+def _tpu_specs(cfg: _Config, d: int, kv_major: bool):
+  """Block specs of q-like, k-like, words and lse-like operands for a ``(B, H, i, j)`` grid, where
+  ``(i, j)`` is ``(query block, key block)``, or ``(key block, query block)`` when ``kv_major``."""
+  def order(i, j):
+    return (j, i) if kv_major else (i, j)
+
+  def q_map(b, h, i, j, occ):
+    return b, h, order(i, j)[0], 0
+
+  def k_map(b, h, i, j, occ):
+    return b, h, order(i, j)[1], 0
+
+  def w_map(b, h, i, j, occ):
+    qi, ki = order(i, j)
+    return (*cfg.mask_index(b, h), ki, 0, qi)
+
+  def row_map(b, h, i, j, occ):
+    return b, h, 0, order(i, j)[0]
+
+  q_spec = pl.BlockSpec((None, None, cfg.bq, d), q_map)
+  k_spec = pl.BlockSpec((None, None, cfg.bk, d), k_map)
+  w_spec = pl.BlockSpec((None, None, None, cfg.nw, cfg.bq), w_map)
+  row_spec = pl.BlockSpec((None, None, 1, cfg.bq), row_map)
+  return q_spec, k_spec, w_spec, row_spec
+
+
+def _out(shape, like: Array) -> jax.ShapeDtypeStruct:
+  """A float32 result of ``shape`` that varies over the same ``shard_map`` axes as ``like``."""
+  return jax.ShapeDtypeStruct(shape, F32, manual_axis_type=jax.typeof(like).manual_axis_type)
+
+
+def _same_vma(*xs: Array) -> list[Array]:
+  """Casts the operands to vary over the union of their ``shard_map`` axes (a no-op outside shard_map),
+  so that a kernel's operands and results agree (``check_vma``)."""
+  axes = [frozenset(jax.typeof(x).manual_axis_type.varying) for x in xs]
+  union = frozenset().union(*axes)
+  return [x if a == union else lax.pcast(x, tuple(sorted(union - a)), to="varying") for x, a in zip(xs, axes)]
+
+
+def _nbytes(*arrays) -> int:
+  return int(sum(a.size * jnp.dtype(a.dtype).itemsize for a in arrays))
+
+
+def _tpu_forward(cfg: _Config, q, k, v, words, occ):
+  """``q, k, v [B, H, N_pad, d]`` -> ``(out [B, H, Nq_pad, d] f32, lse [B, H, 1, Nq_pad] f32)``."""
+  bsz, nh, nq_pad, d = q.shape
+  nk_pad = k.shape[2]
+  q_spec, k_spec, w_spec, row_spec = _tpu_specs(cfg, d, kv_major=False)
+  out_shape = (_out((bsz, nh, nq_pad, d), q), _out((bsz, nh, 1, nq_pad), q))
+  # Cost: every block is counted as computed (block skipping is data-dependent): two products of
+  # 2 * Nq_pad * Nk_pad * d flops each per (batch, head); one exp per logit, one log per row. k and v are
+  # read once per query block.
+  pairs = bsz * nh * nq_pad * nk_pad
+  cost = pl.CostEstimate(
+      flops=4 * pairs * d, transcendentals=pairs + bsz * nh * nq_pad,
+      bytes_accessed=_nbytes(q, words, occ) + cfg.nq * _nbytes(k, v) + bsz * nh * nq_pad * (d + 1) * 4)
+  return pl.pallas_call(
+      functools.partial(_tpu_fwd_kernel, cfg=cfg),
+      out_shape=out_shape,
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=1, grid=(bsz, nh, cfg.nq, cfg.nk),
+          in_specs=[q_spec, k_spec, k_spec, w_spec],
+          out_specs=[q_spec, row_spec],
+          scratch_shapes=[pltpu.VMEM((cfg.bq, 1), F32), pltpu.VMEM((cfg.bq, 1), F32),
+                          pltpu.VMEM((cfg.bq, d), F32)]),
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+      interpret=cfg.tpu_interpret(), cost_estimate=cost, name="sparse_attention_fwd",
+  )(occ, q, k, v, words)
+
+
+def _tpu_backward(cfg: _Config, q, k, v, words, occ, do, lse, delta):
+  """Gradients ``(dq, dk, dv)`` float32 ``[B, H, N_pad, d]`` from ``do [B, H, Nq_pad, d]`` and the rows
+  ``lse, delta [B, H, 1, Nq_pad]``."""
+  bsz, nh, nq_pad, d = q.shape
+  nk_pad = k.shape[2]
+  pairs = bsz * nh * nq_pad * nk_pad
+  params = dict(interpret=cfg.tpu_interpret())
+  rows = _nbytes(lse, delta)
+
+  q_spec, k_spec, w_spec, row_spec = _tpu_specs(cfg, d, kv_major=False)
+  # dq: products s, dp, dq (3 x 2 Nq Nk d flops); k, v are read once per query block.
+  dq_cost = pl.CostEstimate(
+      flops=6 * pairs * d, transcendentals=pairs,
+      bytes_accessed=_nbytes(q, do, words, occ) + rows + cfg.nq * _nbytes(k, v)
+      + bsz * nh * nq_pad * d * 4)
+  dq = pl.pallas_call(
+      functools.partial(_tpu_dq_kernel, cfg=cfg),
+      out_shape=_out(q.shape, q),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=1, grid=(bsz, nh, cfg.nq, cfg.nk),
+          in_specs=[q_spec, k_spec, k_spec, w_spec, q_spec, row_spec, row_spec],
+          out_specs=q_spec, scratch_shapes=[pltpu.VMEM((cfg.bq, d), F32)]),
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+      cost_estimate=dq_cost, name="sparse_attention_dq", **params,
+  )(occ, q, k, v, words, do, lse, delta)
+
+  q_spec, k_spec, w_spec, row_spec = _tpu_specs(cfg, d, kv_major=True)
+  # dk, dv: products s, dv, dp, dk (4 x 2 Nq Nk d flops); q, do, lse, delta are read once per key block.
+  dkv_cost = pl.CostEstimate(
+      flops=8 * pairs * d, transcendentals=pairs,
+      bytes_accessed=cfg.nk * (_nbytes(q, do) + rows) + _nbytes(k, v, words, occ)
+      + 2 * bsz * nh * nk_pad * d * 4)
+  dk, dv = pl.pallas_call(
+      functools.partial(_tpu_dkv_kernel, cfg=cfg),
+      out_shape=(_out(k.shape, q), _out(v.shape, q)),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=1, grid=(bsz, nh, cfg.nk, cfg.nq),
+          in_specs=[q_spec, k_spec, k_spec, w_spec, q_spec, row_spec, row_spec],
+          out_specs=[k_spec, k_spec],
+          scratch_shapes=[pltpu.VMEM((cfg.bk, d), F32), pltpu.VMEM((cfg.bk, d), F32)]),
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+      cost_estimate=dkv_cost, name="sparse_attention_dkv", **params,
+  )(occ, q, k, v, words, do, lse, delta)
+  return dq, dk, dv
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU (Triton) kernels. Operands keep the [B, N, H, d] layout; a kernel sees [N_block or N_pad, d]
+# tiles, words [nk, nw, bq] or [nw, Nq_pad], lse/delta rows [bq] or [Nq_pad].
+
+
+def _gpu_keep(w_ref, ki, q_rows, cfg: _Config):
+  """Keep tile ``[bq, bk]`` of key block ``ki`` for the query rows ``q_rows`` (a slice of the words' last
+  axis) from ``w_ref [nk, nw, *]``."""
+  words = [w_ref[ki, pl.ds(j, 1), q_rows].reshape(cfg.bq, 1) for j in range(cfg.nw)]
+  return _expand_bits(words, (cfg.bq, cfg.bk), 1)
+
+
+def _gpu_fwd_kernel(q_ref, k_ref, v_ref, w_ref, o_ref, lse_ref, *, cfg: _Config):
+  k_dtype = k_ref.dtype
+  q = _scaled(q_ref[...], cfg.scale, k_dtype)
+  d = q.shape[-1]
+
+  def body(ki, carry):
+    keys = pl.ds(ki * cfg.bk, cfg.bk)
+    s = lax.dot_general(q, k_ref[keys, :], NT, preferred_element_type=F32)
+    s = jnp.where(_gpu_keep(w_ref, ki, slice(None), cfg), s, -jnp.inf)
+    return _online_softmax_step(s, *carry, v_ref[keys, :])
+
+  init = (jnp.full((cfg.bq, 1), -jnp.inf, F32), jnp.zeros((cfg.bq, 1), F32), jnp.zeros((cfg.bq, d), F32))
+  out, lse = _finalize(*lax.fori_loop(0, cfg.nk, body, init))
+  o_ref[...] = out.astype(o_ref.dtype)
+  lse_ref[...] = lse.reshape(cfg.bq)
+
+
+def _gpu_dq_kernel(q_ref, k_ref, v_ref, w_ref, do_ref, lse_ref, delta_ref, dq_ref, *, cfg: _Config):
+  k_dtype = k_ref.dtype
+  q = _scaled(q_ref[...], cfg.scale, k_dtype)
+  do = do_ref[...].astype(k_dtype)
+  lse = lse_ref[...].reshape(cfg.bq, 1)
+  delta = delta_ref[...].reshape(cfg.bq, 1)
+
+  def body(ki, dq):
+    keys = pl.ds(ki * cfg.bk, cfg.bk)
+    k, v = k_ref[keys, :], v_ref[keys, :]
+    s = lax.dot_general(q, k, NT, preferred_element_type=F32)
+    s = jnp.where(_gpu_keep(w_ref, ki, slice(None), cfg), s, -jnp.inf)
+    p = jnp.exp(s - lse)
+    ds = p * (lax.dot_general(do, v, NT, preferred_element_type=F32) - delta)
+    return dq + lax.dot_general(ds.astype(k_dtype), k, NN, preferred_element_type=F32)
+
+  dq = lax.fori_loop(0, cfg.nk, body, jnp.zeros(q.shape, F32))
+  dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
+
+
+def _gpu_dkv_kernel(q_ref, k_ref, v_ref, w_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
+                    cfg: _Config):
+  k, v = k_ref[...], v_ref[...]
+  tn = (((0,), (0,)), ((), ()))        # a.T @ b
+
+  def body(qi, carry):
+    dk, dv = carry
+    rows = pl.ds(qi * cfg.bq, cfg.bq)
+    q = _scaled(q_ref[rows, :], cfg.scale, k.dtype)
+    do = do_ref[rows, :].astype(k.dtype)
+    s = lax.dot_general(q, k, NT, preferred_element_type=F32)                    # [bq, bk]
+    words = [w_ref[pl.ds(j, 1), rows].reshape(cfg.bq, 1) for j in range(cfg.nw)]
+    s = jnp.where(_expand_bits(words, s.shape, 1), s, -jnp.inf)
+    p = jnp.exp(s - lse_ref[rows].reshape(cfg.bq, 1))
+    dv = dv + lax.dot_general(p.astype(k.dtype), do, tn, preferred_element_type=F32)
+    ds = p * (lax.dot_general(do, v, NT, preferred_element_type=F32) - delta_ref[rows].reshape(cfg.bq, 1))
+    dk = dk + lax.dot_general(ds.astype(k.dtype), q, tn, preferred_element_type=F32)
+    return dk, dv
+
+  zeros = jnp.zeros(k.shape, F32)
+  dk, dv = lax.fori_loop(0, cfg.nq, body, (zeros, zeros))
+  dk_ref[...] = dk.astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _gpu_words_spec(cfg: _Config) -> pl.BlockSpec:
+  """The words of query block ``i`` for every key block: ``[nk, nw, bq]`` tiles on a ``(i, B, H)`` grid."""
+  return pl.BlockSpec((None, None, cfg.nk, cfg.nw, cfg.bq), lambda i, b, h: (*cfg.mask_index(b, h), 0, 0, i))
+
+
+def _gpu_forward(cfg: _Config, q, k, v, words):
+  """``q, k, v [B, N_pad, H, d]`` -> ``(out [B, Nq_pad, H, d] f32, lse [B, H, Nq_pad] f32)``."""
+  bsz, nq_pad, nh, d = q.shape
+  nk_pad = k.shape[1]
+  in_specs = [
+      pl.BlockSpec((None, cfg.bq, None, d), lambda i, b, h: (b, i, h, 0)),
+      pl.BlockSpec((None, nk_pad, None, d), lambda i, b, h: (b, 0, h, 0)),
+      pl.BlockSpec((None, nk_pad, None, d), lambda i, b, h: (b, 0, h, 0)),
+      _gpu_words_spec(cfg),
+  ]
+  out_specs = [pl.BlockSpec((None, cfg.bq, None, d), lambda i, b, h: (b, i, h, 0)),
+               pl.BlockSpec((None, None, cfg.bq), lambda i, b, h: (b, h, i))]
+  pairs = bsz * nh * nq_pad * nk_pad
+  # Cost: all blocks computed (no skipping on GPU); k and v read once per query block.
+  cost = pl.CostEstimate(
+      flops=4 * pairs * d, transcendentals=pairs + bsz * nh * nq_pad,
+      bytes_accessed=_nbytes(q, words) + cfg.nq * _nbytes(k, v) + bsz * nh * nq_pad * (d + 1) * 4)
+  return pl.pallas_call(
+      functools.partial(_gpu_fwd_kernel, cfg=cfg),
+      out_shape=(_out((bsz, nq_pad, nh, d), q), _out((bsz, nh, nq_pad), q)),
+      grid=(cfg.nq, bsz, nh), in_specs=in_specs, out_specs=out_specs,
+      compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+      interpret=cfg.interpret, cost_estimate=cost, name="sparse_attention_fwd",
+  )(q, k, v, words)
+
+
+def _gpu_backward(cfg: _Config, q, k, v, words, do, lse, delta):
+  """Gradients ``(dq, dk, dv)`` float32 ``[B, N_pad, H, d]`` from ``do [B, Nq_pad, H, d]`` and
+  ``lse, delta [B, H, Nq_pad]``."""
+  bsz, nq_pad, nh, d = q.shape
+  nk_pad = k.shape[1]
+  pairs = bsz * nh * nq_pad * nk_pad
+  params = dict(interpret=cfg.interpret, compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2))
+  rows = _nbytes(lse, delta)
+
+  q_blk = pl.BlockSpec((None, cfg.bq, None, d), lambda i, b, h: (b, i, h, 0))
+  k_all = pl.BlockSpec((None, nk_pad, None, d), lambda i, b, h: (b, 0, h, 0))
+  w_rows = _gpu_words_spec(cfg)
+  row_blk = pl.BlockSpec((None, None, cfg.bq), lambda i, b, h: (b, h, i))
+  dq_cost = pl.CostEstimate(
+      flops=6 * pairs * d, transcendentals=pairs,
+      bytes_accessed=_nbytes(q, do, words) + rows + cfg.nq * _nbytes(k, v) + bsz * nh * nq_pad * d * 4)
+  dq = pl.pallas_call(
+      functools.partial(_gpu_dq_kernel, cfg=cfg),
+      out_shape=_out(q.shape, q), grid=(cfg.nq, bsz, nh),
+      in_specs=[q_blk, k_all, k_all, w_rows, q_blk, row_blk, row_blk], out_specs=q_blk,
+      cost_estimate=dq_cost, name="sparse_attention_dq", **params,
+  )(q, k, v, words, do, lse, delta)
+
+  q_all = pl.BlockSpec((None, nq_pad, None, d), lambda i, b, h: (b, 0, h, 0))
+  k_blk = pl.BlockSpec((None, cfg.bk, None, d), lambda i, b, h: (b, i, h, 0))
+  w_cols = pl.BlockSpec((None, None, None, cfg.nw, nq_pad), lambda i, b, h: (*cfg.mask_index(b, h), i, 0, 0))
+  row_all = pl.BlockSpec((None, None, nq_pad), lambda i, b, h: (b, h, 0))
+  dkv_cost = pl.CostEstimate(
+      flops=8 * pairs * d, transcendentals=pairs,
+      bytes_accessed=cfg.nk * (_nbytes(q, do) + rows) + _nbytes(k, v, words) + 2 * bsz * nh * nk_pad * d * 4)
+  dk, dv = pl.pallas_call(
+      functools.partial(_gpu_dkv_kernel, cfg=cfg),
+      out_shape=(_out(k.shape, q), _out(v.shape, q)),
+      grid=(cfg.nk, bsz, nh),
+      in_specs=[q_all, k_blk, k_blk, w_cols, q_all, row_all, row_all], out_specs=[k_blk, k_blk],
+      cost_estimate=dkv_cost, name="sparse_attention_dkv", **params,
+  )(q, k, v, words, do, lse, delta)
+  return dq, dk, dv
+
+
+# ------------------------------------------------------------------------------------------------
+# The differentiable core (padded, backend layout) and the public wrapper.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _core(cfg: _Config, q, k, v, words, occ):
+  return _core_fwd(cfg, q, k, v, words, occ)[0]
+
+
+def _core_fwd(cfg: _Config, q, k, v, words, occ):
+  if cfg.backend == "tpu":
+    out, lse = _tpu_forward(cfg, q, k, v, words, occ)
+  else:
+    out, lse = _gpu_forward(cfg, q, k, v, words)
+  return out, (q, k, v, words, occ, out, lse)
+
+
+def _core_bwd(cfg: _Config, res, dout):
+  q, k, v, words, occ, out, lse = res
+  delta = jnp.sum(dout * out, axis=-1)                     # rowsum(dO * O) = sum_j p_j dp_j
+  if cfg.backend == "tpu":
+    dq, dk, dv = _tpu_backward(cfg, q, k, v, words, occ, dout, lse, delta[:, :, None, :])
+  else:
+    dq, dk, dv = _gpu_backward(cfg, q, k, v, words, dout, lse, jnp.swapaxes(delta, 1, 2))
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+
+
+_core.defvjp(_core_fwd, _core_bwd)
+
+
+def _mask_layout(packed: Array, cfg: _Config, nq_pad: int, nk_pad: int):
+  """``packed [B|1, H|1, N_q, W]`` -> ``(words [B|1, H|1, nk, nw, Nq_pad] int32, occ [B|1 * H|1 * nq * nk]
+  int32)``: the per-key-block words (pad queries and keys never kept) and the flat table of non-empty
+  ``(query block, key block)`` pairs."""
+  mb, mh, n_rows, n_words = packed.shape
+  w_pad = nk_pad // BITS
+  padded = jnp.pad(packed, ((0, 0), (0, 0), (0, nq_pad - n_rows), (0, w_pad - n_words)))
+  words = jnp.transpose(padded.reshape(mb, mh, nq_pad, cfg.nk, cfg.nw), (0, 1, 3, 4, 2))
+  occ = jnp.any(words.reshape(mb, mh, cfg.nk, cfg.nw, cfg.nq, cfg.bq) != 0, axis=(3, 5))   # [., ., nk, nq]
+  return words, jnp.swapaxes(occ, 2, 3).reshape(-1).astype(jnp.int32)
+
+
+def sparse_attention(q: Array, k: Array, v: Array, packed: Array, *, scale: float, backend: str = "tpu",
+                     interpret: bool = False, block_q: int | None = None,
+                     block_k: int | None = None) -> Array:
+  """Masked softmax attention, fused: ``[B, N, H, d]`` x3 and a bit-packed mask -> ``[B, N, H, d]`` f32.
+
+  Args:
+    q, k, v: ``[B, N_q, H, d]``, ``[B, N_k, H, d]`` x2, any float dtype; the products run in q's dtype
+      (k and v are cast to it) with float32 accumulation, the softmax in float32.
+    packed: ``[B|1, H|1, N_q, ceil(N_k / 32)] int32`` (``pallas.bitmask``): bit j of word w of row i set
+      when query i keeps key 32 w + j. A leading 1 broadcasts over batch or heads. No gradient.
+    scale: the logit scale (``d ** -0.5`` for the reference).
+    backend: ``"tpu"`` (Mosaic) or ``"gpu"`` (Triton).
+    interpret: run the kernels on CPU (TPU: ``pltpu.InterpretParams()``; GPU: the Pallas interpreter).
+    block_q, block_k: query rows / keys per block (block_k a multiple of 32; powers of two on GPU). On a
+      real TPU a block must be a multiple of 128 (block_k always; block_q when there are several).
+
+  Returns:
+    ``[B, N_q, H, d]`` float32; rows with no kept key are 0. Differentiable in q, k and v (the backward
+    is Pallas too).
+  """
+  if backend not in ("tpu", "gpu"):
+    raise ValueError(f"unknown backend {backend!r}; allowed: 'tpu', 'gpu'")
+  bsz, nq, nh, d = q.shape
+  nk = k.shape[1]
+  if packed.ndim != 4 or packed.shape[2] != nq or packed.shape[3] != bitmask.words(nk):
+    raise ValueError(f"packed mask {packed.shape} does not fit q {q.shape} and {nk} keys")
+  bq, bk = _block_sizes(backend, nq, nk, block_q, block_k)
+  nq_pad, nk_pad = _round_up(nq, bq), _round_up(nk, bk)
+  cfg = _Config(backend=backend, scale=float(scale), interpret=bool(interpret), bq=bq, bk=bk,
+                nq=nq_pad // bq, nk=nk_pad // bk, mask_b=packed.shape[0] > 1, mask_h=packed.shape[1] > 1)
+  dtype = q.dtype
+  q, k, v, packed = _same_vma(q, k.astype(dtype), v.astype(dtype), packed)
+  words, occ = _mask_layout(packed.astype(jnp.int32), cfg, nq_pad, nk_pad)
+
+  if backend == "tpu":
+    def prep(t, n_pad):                                    # [B, N, H, d] -> [B, H, N_pad, d]
+      return jnp.pad(jnp.swapaxes(t, 1, 2), ((0, 0), (0, 0), (0, n_pad - t.shape[1]), (0, 0)))
+    out = _core(cfg, prep(q, nq_pad), prep(k, nk_pad), prep(v, nk_pad), words, occ)
+    return jnp.swapaxes(out[:, :, :nq], 1, 2)
+
+  d_pad = max(16, _next_pow2(d))
+  def prep_gpu(t, n_pad):                                  # pad N and d, keep [B, N, H, d]
+    return jnp.pad(t, ((0, 0), (0, n_pad - t.shape[1]), (0, 0), (0, d_pad - d)))
+  out = _core(cfg, prep_gpu(q, nq_pad), prep_gpu(k, nk_pad), prep_gpu(v, nk_pad), words, occ)
+  return out[:, :nq, :, :d]

@@ -1,0 +1,274 @@
+"""The predictor's sparse mask in one Pallas pass: low-rank scores -> top-k keys -> bit-packed rows.
+
+Per (batch b, head h, block of query rows) the kernel computes, for each query row r
+
+1. the coefficient logits ``z = (q_r . w[:d] + w[d]) * scale`` ``[m]`` (product in the compute dtype,
+   float32 accumulation);
+2. ``coef = softmax(z)``, all but its ``coef_k`` largest entries (ranked by ``z``) zeroed, not renormalised;
+3. the approximate attention row ``a = coef @ basis`` ``[N]`` (compute dtype, float32 accumulation);
+4. the ``k`` largest entries of ``a`` (ties: lowest index, ``lax.top_k``'s order),
+
+and writes only the packed row (``bitmask`` format): neither ``z`` nor ``a`` reaches HBM. This is
+``MaskPredictor.combine`` followed by ``lax.top_k`` without the ``[B, H, N-1, N]`` float32 intermediate.
+
+Top-k without a sort (:func:`_topk_keep`): a bisection over the order-preserving int32 image of the
+float32 values (32 steps of ``count(key >= t)`` per row) finds the k-th largest key ``t``; every key ``> t``
+is kept, and of the keys ``== t`` the first ``k - count(key > t)`` by index, found by a second bisection
+over the index (``log2`` of the row length steps). Bits are packed with two small matmuls against
+powers-of-two matrices (each 16-bit half of a word is a sum of distinct powers of two below 2^16: exact in
+float32 accumulation of bf16 operands).
+
+Two backends share the kernel body: ``"tpu"`` (Mosaic; key rows padded to the 128-lane width) and
+``"gpu"`` (Triton; every block dimension padded to a power of two, at least 16).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+from sparsifiner_jax.attention.pallas import bitmask
+
+Array = jax.Array
+
+_INT_MIN = np.int32(np.iinfo(np.int32).min)
+_LANES = 128            # TPU lane width: key rows are padded to a multiple of it
+_TPU_MAX_ROWS = 512     # TPU: up to this many tokens, one block holds every query row of a head
+_TPU_BLOCK_Q = 256      # TPU: query rows per block above it
+_GPU_BLOCK_Q = 16       # GPU: query rows per program (Triton's smallest dot tile)
+_GPU_MIN_DIM = 16       # GPU: tl.dot needs every dimension >= 16
+
+
+@dataclasses.dataclass(frozen=True)
+class _Sizes:
+  """Static sizes of one call. ``n``, ``m``: real keys and coefficients; ``n_pad``, ``m_pad``, ``d_pad``,
+  ``w_pad``: their padded block widths; ``rows``: query rows per block, ``rows_pad`` the padded row count;
+  ``words``: packed words per row (``bitmask.words(n)``)."""
+  n: int
+  m: int
+  d: int
+  n_pad: int
+  m_pad: int
+  d_pad: int
+  w_pad: int
+  rows: int
+  rows_pad: int
+  words: int
+
+
+def _round_up(x: int, to: int) -> int:
+  return -(-x // to) * to
+
+
+def _pow2(x: int) -> int:
+  return 1 << max(x - 1, 0).bit_length()
+
+
+def _sizes(n: int, m: int, d: int, backend: str, block_q: int | None) -> _Sizes:
+  """Block sizes for ``n`` tokens, ``m`` coefficients, head dim ``d`` on ``backend``."""
+  words = bitmask.words(n)
+  if backend == "tpu":
+    rows = block_q or (n if n <= _TPU_MAX_ROWS else _TPU_BLOCK_Q)
+    if rows != n and rows % 16:
+      raise ValueError(f"block_q={rows} must be a multiple of 16 (bf16 sublane tiling) or N={n}")
+    return _Sizes(n, m, d, _round_up(n, _LANES), m, d, _round_up(words, _LANES), rows,
+                  _round_up(n, rows), words)
+  if backend == "gpu":
+    rows = block_q or _GPU_BLOCK_Q
+    if rows < _GPU_MIN_DIM or rows != _pow2(rows):
+      raise ValueError(f"block_q={rows} must be a power of two >= {_GPU_MIN_DIM} on the GPU backend")
+    big = lambda x: max(_pow2(x), _GPU_MIN_DIM)   # noqa: E731
+    return _Sizes(n, m, d, max(big(n), 2 * bitmask.BITS), big(m), big(d), big(words), rows,
+                  _round_up(n, rows), words)
+  raise ValueError(f"backend must be 'tpu' or 'gpu', got {backend!r}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Kernel pieces (traced inside the kernel; plain jnp on values of one block).
+
+
+def _order_key(x: Array) -> Array:
+  """float32 ``[R, L]`` -> int32 keys with the floats' order (``-0.0`` counted as ``+0.0``)."""
+  bits = jax.lax.bitcast_convert_type(x + 0.0, jnp.int32)
+  return jnp.where(bits < 0, bits ^ np.int32(0x7FFFFFFF), bits)
+
+
+def _count(mask: Array) -> Array:
+  """Per-row count of a boolean ``[R, L]`` as float32 ``[R, 1]`` (exact below 2^24)."""
+  return jnp.sum(jnp.where(mask, 1.0, 0.0), axis=-1, keepdims=True)
+
+
+def _topk_keep(x: Array, k: int, valid: Array, unroll: bool) -> Array:
+  """Boolean ``[R, L]``: each row's ``k`` largest valid entries of float32 ``x [R, L]`` (ties: lowest
+  index), ``valid [R|1, L]``; needs ``1 <= k <= count(valid)`` per row. ``unroll``: unroll the bisections
+  (compiled kernels) or keep them loops (the interpreter compiles faster)."""
+  key = jnp.where(valid, _order_key(x), _INT_MIN)
+
+  def value_step(i, t):
+    # The k-th largest key t: bit by bit from the top in offset binary (u = key ^ INT_MIN), the largest t
+    # with count(key >= t) >= k. Setting bit b of u toggles bit b of t (from t = INT_MIN on).
+    cand = t ^ jnp.left_shift(jnp.int32(1), 31 - i)
+    return jnp.where(_count(key >= cand) >= k, cand, t)
+
+  t = jax.lax.fori_loop(0, 32, value_step, jnp.full((x.shape[0], 1), _INT_MIN, jnp.int32), unroll=unroll)
+  above = key > t
+  need = k - _count(above)                                     # >= 1 entries equal to t to keep
+  tied = key == t
+  index = jax.lax.broadcasted_iota(jnp.int32, x.shape, 1)
+  bits = max(x.shape[1] - 1, 1).bit_length()
+
+  def index_step(i, c):
+    # The need-th tied index c: the largest c with count(tied & index < c) < need.
+    cand = c | jnp.left_shift(jnp.int32(1), bits - 1 - i)
+    return jnp.where(_count(tied & (index < cand)) < need, cand, c)
+
+  c = jax.lax.fori_loop(0, bits, index_step, jnp.zeros((x.shape[0], 1), jnp.int32), unroll=unroll)
+  return above | (tied & (index <= c))
+
+
+def _pack(keep: Array, w_pad: int) -> Array:
+  """Boolean ``[R, L]`` (``L`` a multiple of 32) -> int32 ``[R, w_pad]`` words, bit ``j`` of word ``w``
+  = ``keep[:, 32 w + j]``; words past ``L / 32`` are 0. Two matmuls, one per 16-bit half."""
+  length = keep.shape[1]
+  lane = jax.lax.broadcasted_iota(jnp.int32, (length, w_pad), 0)
+  word = jax.lax.broadcasted_iota(jnp.int32, (length, w_pad), 1)
+  bit = lane & (bitmask.BITS - 1)
+  ones = jnp.where(keep, 1.0, 0.0).astype(jnp.bfloat16)
+
+  def half(hi: bool) -> Array:
+    sel = (jnp.right_shift(lane, 5) == word) & ((bit >= 16) == hi)
+    power = jnp.left_shift(jnp.int32(1), bit & 15).astype(jnp.float32)
+    weights = jnp.where(sel, power, 0.0).astype(jnp.bfloat16)
+    return jnp.dot(ones, weights, preferred_element_type=jnp.float32).astype(jnp.int32)
+
+  return half(False) | jnp.left_shift(half(True), jnp.int32(16))
+
+
+def _kernel(q_ref, wq_ref, bias_ref, basis_ref, out_ref, *, sizes: _Sizes, scale: float, coef_k: int,
+            k: int, num_dense_rows: int, unroll: bool):
+  """One (b, h, row block): ``q_ref [rows, d_pad]``, ``wq_ref [d_pad, m_pad]`` (compute dtype),
+  ``bias_ref [1, m_pad]`` float32, ``basis_ref [m_pad, n_pad]`` (compute dtype) -> ``out_ref
+  [rows, words | w_pad]`` int32."""
+  s = sizes
+  z = jnp.dot(q_ref[...], wq_ref[...], preferred_element_type=jnp.float32)
+  z = (z + bias_ref[...]) * scale                                            # [rows, m_pad]
+  m_valid = jax.lax.broadcasted_iota(jnp.int32, (1, s.m_pad), 1) < s.m
+  z = jnp.where(m_valid, z, -jnp.inf)
+  e = jnp.exp(z - jnp.max(z, axis=-1, keepdims=True))
+  coef = e / jnp.sum(e, axis=-1, keepdims=True)                           # jax.nn.softmax's steps
+  if coef_k < s.m:
+    coef = jnp.where(_topk_keep(z, coef_k, m_valid, unroll), coef, 0.0)
+  basis = basis_ref[...]
+  approx = jnp.dot(coef.astype(basis.dtype), basis, preferred_element_type=jnp.float32)   # [rows, n_pad]
+  n_valid = jax.lax.broadcasted_iota(jnp.int32, approx.shape, 1) < s.n
+  row = pl.program_id(2) * s.rows + jax.lax.broadcasted_iota(jnp.int32, approx.shape, 0)
+  keep = n_valid
+  if k < s.n:   # (bool operands: logical ops, not selects, which Mosaic widens to i8)
+    keep = (row < num_dense_rows) & n_valid | _topk_keep(approx, k, n_valid, unroll)
+  packed = _pack(keep, s.w_pad)
+  out_ref[...] = packed if packed.shape == out_ref.shape else packed[:, :out_ref.shape[-1]]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The call.
+
+
+def _cost(b: int, h: int, s: _Sizes, coef_k: int, k: int, operands, out_bytes: int) -> pl.CostEstimate:
+  """Per call: the two products and the packing products (2 flops per multiply-add), plus one compare per
+  element and bisection step of each top-k; ``exp`` per coefficient; operands + packed result bytes."""
+  rows = b * h * s.rows_pad
+  products = 2 * rows * (s.d * s.m + s.m * s.n)
+  packing = 2 * 2 * rows * s.n_pad * s.w_pad
+  steps = lambda length: 32 + max(length - 1, 1).bit_length()   # noqa: E731
+  select = rows * ((s.m_pad * steps(s.m_pad) if coef_k < s.m else 0)
+                   + (s.n_pad * steps(s.n_pad) if k < s.n else 0))
+  operand_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in operands)
+  return pl.CostEstimate(flops=int(products + packing + select), transcendentals=int(rows * s.m),
+                         bytes_accessed=int(operand_bytes + out_bytes))
+
+
+def _operands(q: Array, weights: Array, basis: Array, s: _Sizes, dtype):
+  """Padded kernel operands: q ``[B, H, rows_pad, d_pad]``, w_q ``[B, H, d_pad, m_pad]`` (``dtype``),
+  bias ``[B, H, 1, m_pad]`` float32, basis ``[1|B, m_pad, n_pad]`` (``dtype``), zeros in the padding."""
+  pad = lambda x, widths: jnp.pad(x, [(0, 0)] * (x.ndim - len(widths)) + widths)   # noqa: E731
+  qt = pad(jnp.swapaxes(q, 1, 2).astype(dtype), [(0, s.rows_pad - s.n), (0, s.d_pad - s.d)])
+  wq = pad(weights[:, :, :s.d].astype(dtype), [(0, s.d_pad - s.d), (0, s.m_pad - s.m)])
+  bias = pad(weights[:, :, s.d:].astype(jnp.float32), [(0, 0), (0, s.m_pad - s.m)])
+  basis = basis[None] if basis.ndim == 2 else basis
+  basis = pad(basis.astype(dtype), [(0, s.m_pad - s.m), (0, s.n_pad - s.n)])
+  return qt, wq, bias, basis
+
+
+def _check(q: Array, weights: Array, basis: Array, coef_k: int, k: int, num_dense_rows: int) -> None:
+  b, n, h, d = q.shape
+  m = weights.shape[-1]
+  if weights.shape != (b, h, d + 1, m):
+    raise ValueError(f"weights must be [B, H, d + 1, m] = {(b, h, d + 1, m)}, got {weights.shape}")
+  if basis.shape not in ((m, n), (b, m, n)):
+    raise ValueError(f"basis must be [m, N] = {(m, n)} or [B, m, N], got {basis.shape}")
+  if not 1 <= k <= n:
+    raise ValueError(f"top-k budget k={k} must be in [1, {n}] (the row length)")
+  if coef_k < 1 or num_dense_rows < 0:
+    raise ValueError(f"coef_k={coef_k} must be >= 1 and num_dense_rows={num_dense_rows} >= 0")
+
+
+def lowrank_topk_mask(q: Array, weights: Array, basis: Array, *, scale: float, coef_k: int, k: int,
+                      num_dense_rows: int = 1, compute_dtype=jnp.float32, backend: str = "tpu",
+                      interpret: bool = False, block_q: int | None = None) -> Array:
+  """The predictor's packed mask ``[B, H, N, ceil(N / 32)] int32`` (``bitmask`` format) in one pass.
+
+  Args:
+    q: raw queries ``[B, N, H, d]``.
+    weights: ``query_weights(...)`` ``[B, H, d + 1, m]`` float32 (the offset as the last row).
+    basis: the thresholded basis ``[m, N]``, or ``[B, m, N]`` per example (token pruning).
+    scale: the logits' scale. coef_k: coefficients kept per row (all when ``>= m``).
+    k: keys kept per predicted row, ``1 <= k <= N``.
+    num_dense_rows: leading query rows that keep every key (CLS); row ``r`` past them is predicted from
+      ``q[:, r]`` (the predictor's row ``r - 1``).
+    compute_dtype: the products' input dtype (float32 accumulation).
+    backend: ``"tpu"`` (Mosaic) or ``"gpu"`` (Triton). interpret: run the kernel in Pallas' interpreter.
+    block_q: query rows per grid step (TPU: a multiple of 16, default every row up to N = 512, then 256;
+      GPU: a power of two >= 16, default 16).
+  """
+  _check(q, weights, basis, coef_k, k, num_dense_rows)
+  b, n, h, d = q.shape
+  m = weights.shape[-1]
+  s = _sizes(n, m, d, backend, block_q)
+  dtype = jnp.dtype(compute_dtype)
+  operands = _operands(q, weights, basis, s, dtype)
+  out_words = s.words if backend == "tpu" else s.w_pad
+  # Inside shard_map (check_vma) the mask varies over the mesh axes as q does.
+  out_shape = jax.ShapeDtypeStruct((b, h, s.rows_pad, out_words), jnp.int32,
+                                   manual_axis_type=getattr(jax.typeof(operands[0]), "mat", None))
+  per_example = basis.ndim == 3
+  in_specs = [
+      pl.BlockSpec((None, None, s.rows, s.d_pad), lambda bi, hi, ri: (bi, hi, ri, 0)),
+      pl.BlockSpec((None, None, s.d_pad, s.m_pad), lambda bi, hi, ri: (bi, hi, 0, 0)),
+      pl.BlockSpec((None, None, 1, s.m_pad), lambda bi, hi, ri: (bi, hi, 0, 0)),
+      pl.BlockSpec((None, s.m_pad, s.n_pad),
+                   (lambda bi, hi, ri: (bi, 0, 0)) if per_example else (lambda bi, hi, ri: (0, 0, 0))),
+  ]
+  out_spec = pl.BlockSpec((None, None, s.rows, out_words), lambda bi, hi, ri: (bi, hi, ri, 0))
+  kernel = functools.partial(_kernel, sizes=s, scale=float(scale), coef_k=min(coef_k, m), k=k,
+                             num_dense_rows=num_dense_rows, unroll=not interpret)
+  cost = _cost(b, h, s, coef_k, k, operands, int(np.prod(out_shape.shape)) * 4)
+  packed = pl.pallas_call(
+      kernel, out_shape=out_shape, grid=(b, h, s.rows_pad // s.rows), in_specs=in_specs,
+      out_specs=out_spec, cost_estimate=cost, **_backend_kwargs(backend, interpret))(*operands)
+  return packed[:, :, :n, :s.words]
+
+
+def _backend_kwargs(backend: str, interpret: bool) -> dict:
+  """``pallas_call`` arguments of ``backend``: compiler parameters and the interpreter switch."""
+  if backend == "tpu":
+    from jax.experimental.pallas import tpu as pltpu   # pylint: disable=g-import-not-at-top
+    return dict(compiler_params=pltpu.CompilerParams(
+                    dimension_semantics=("parallel", "parallel", "parallel")),
+                interpret=pltpu.InterpretParams() if interpret else False)
+  from jax.experimental.pallas import triton as pltriton   # pylint: disable=g-import-not-at-top
+  return dict(compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1), interpret=interpret)

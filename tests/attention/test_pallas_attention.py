@@ -1,0 +1,149 @@
+"""The fused Pallas masked attention (``attention.pallas.attention``) against the reference executor
+``masked_attention``: forward and gradients, both backends in interpret mode on CPU, plus a Mosaic
+compile for a real TPU topology (needs libtpu, no TPU)."""
+
+import importlib.util
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sparsifiner_jax.attention import AttentionMask, masked_attention
+from sparsifiner_jax.attention.mask import keep_mask
+from sparsifiner_jax.attention.pallas import bitmask
+from sparsifiner_jax.attention.pallas.attention import sparse_attention
+
+BACKENDS = ("tpu", "gpu")
+
+
+def _qkv(shape, dtype=jnp.float32, seed=0):
+  """Three ``[B, N, H, d]`` normal arrays."""
+  keys = jax.random.split(jax.random.key(seed), 3)
+  return [jax.random.normal(key, shape, jnp.float32).astype(dtype) for key in keys]
+
+
+def _topk_mask(b, h, n, keep, seed=1, lead=None):
+  """A random top-k ``AttentionMask`` (``k = ceil(keep * n)`` keys per sparse row, dense CLS row) and its
+  packed form. ``lead`` overrides the mask's ``(B|1, H|1)``."""
+  k = max(1, int(np.ceil(keep * n)))
+  mb, mh = lead or (b, h)
+  scores = jax.random.uniform(jax.random.key(seed), (mb, mh, n - 1, n))
+  _, idx = jax.lax.top_k(scores, k)
+  rows = jnp.zeros((mb, mh, n - 1, n), bool).at[
+      jnp.arange(mb)[:, None, None, None], jnp.arange(mh)[None, :, None, None],
+      jnp.arange(n - 1)[None, None, :, None], idx].set(True)
+  mask = keep_mask(rows, k, num_dense_rows=1)
+  return mask, bitmask.pack_rows(mask.sparse_rows(), 1)
+
+
+def _run(q, k, v, packed, backend, **blocks):
+  d = q.shape[-1]
+  return sparse_attention(q, k, v, packed, scale=d ** -0.5, backend=backend, interpret=True, **blocks)
+
+
+def _grads(fn, q, k, v, seed=3):
+  """``(out, dq, dk, dv)`` of the scalar loss ``sum(fn(q, k, v) * w)``, w random (one jitted vjp)."""
+  @jax.jit
+  def run(q, k, v):
+    out, vjp = jax.vjp(fn, q, k, v)
+    w = jax.random.normal(jax.random.key(seed), out.shape, jnp.float32)
+    return (out, *vjp(w))
+  return run(q, k, v)
+
+
+def _check_against_reference(q, k, v, mask, packed, backend, atol, **blocks):
+  ref = _grads(lambda q, k, v: masked_attention(q, k, v, mask), q, k, v)
+  got = _grads(lambda q, k, v: _run(q, k, v, packed, backend, **blocks), q, k, v)
+  for name, r, g in zip(("out", "dq", "dk", "dv"), ref, got):
+    assert g.shape == r.shape, name
+    assert bool(jnp.all(jnp.isfinite(g))), name
+    r32, g32 = r.astype(jnp.float32), g.astype(jnp.float32)
+    tol = atol * max(1.0, float(jnp.max(jnp.abs(r32))))
+    np.testing.assert_allclose(np.asarray(g32), np.asarray(r32), atol=tol, rtol=0, err_msg=name)
+  return got
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_multi_block_fp32(backend):
+  """N = 17 in 3 query blocks of 8 and one key block of 32 (15 padded keys), the CLS row dense."""
+  q, k, v = _qkv((2, 17, 2, 8))
+  mask, packed = _topk_mask(2, 2, 17, 0.25)
+  _check_against_reference(q, k, v, mask, packed, backend, 1e-5, block_q=8, block_k=32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_pruning_length_fp32(backend):
+  """After token pruning the sequence is just shorter (N = 139 of 197); the default blocks."""
+  q, k, v = _qkv((1, 139, 2, 8))
+  mask, packed = _topk_mask(1, 2, 139, 0.25)
+  _check_against_reference(q, k, v, mask, packed, backend, 1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16(backend):
+  """bf16 products (float32 accumulation and softmax): within 2e-2 of max|ref| (bf16 has 8 mantissa bits;
+  the flash form rounds unnormalised probabilities and the reference normalised ones)."""
+  q, k, v = _qkv((2, 33, 2, 16), jnp.bfloat16)
+  mask, packed = _topk_mask(2, 2, 33, 0.25)
+  _check_against_reference(q, k, v, mask, packed, backend, 2e-2, block_q=16, block_k=32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_keep_all_empty_rows_skipped_blocks(backend):
+  """One call, mask ``[B, 1, N, W]`` broadcast over heads: example 0 keeps every key (keep 1.0, dense
+  attention); example 1 keeps a band near the diagonal (whole (query block, key block) tiles empty, which
+  the TPU kernel skips) with two rows that keep nothing (they return 0, gradients stay finite)."""
+  b, n, h = 2, 48, 2
+  rows = jnp.arange(n - 1)[:, None] + 1
+  band = jnp.minimum(rows + jnp.arange(4)[None, :], n - 1)
+  idx = jnp.stack([jnp.broadcast_to(jnp.arange(n), (n - 1, n)),
+                   jnp.pad(band, ((0, 0), (0, n - 4)), mode="edge")])[:, None]           # [B, 1, R, N]
+  valid = jnp.stack([jnp.ones((n - 1, n), bool), jnp.arange(n)[None, :].repeat(n - 1, 0) < 4])
+  valid = valid.at[1, 20].set(False).at[1, 30].set(False)[:, None]
+  mask = AttentionMask(indices=idx.astype(jnp.int32), valid=valid, num_dense_rows=1, num_keys=n)
+  packed = bitmask.pack_rows(mask.sparse_rows(), 1)
+  assert packed.shape == (b, 1, n, 2)
+  q, k, v = _qkv((b, n, h, 8))
+  out, *_ = _check_against_reference(q, k, v, mask, packed, backend, 1e-5, block_q=8, block_k=32)
+  assert float(jnp.max(jnp.abs(out[1, jnp.array([21, 31])]))) == 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n,d,blocks", [(65, 16, dict(block_q=16, block_k=32)), (65, 16, {}), (197, 8, {})])
+def test_more_lengths_fp32(backend, n, d, blocks):
+  """N = 65 (5 x 3 blocks, or the defaults) and N = 197 (DeiT-S) with the default blocks."""
+  q, k, v = _qkv((2, n, 2, d))
+  mask, packed = _topk_mask(2, 2, n, 0.3)
+  _check_against_reference(q, k, v, mask, packed, backend, 1e-5, **blocks)
+
+
+def test_tpu_compile():
+  """Mosaic compiles the forward and the gradient for a v5e topology (no TPU needed, libtpu is)."""
+  if importlib.util.find_spec("libtpu") is None:
+    pytest.skip("libtpu is not installed (pip install 'libtpu==0.0.42.*'): no Mosaic compiler")
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  topo = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu")
+  mesh = jax.sharding.Mesh(np.array(topo.devices).reshape(-1), ("data",))
+  b, n, h, d = 2 * len(topo.devices), 197, 2, 64
+  sharding = NamedSharding(mesh, P("data"))
+  x = jax.ShapeDtypeStruct((b, n, h, d), jnp.bfloat16, sharding=sharding)
+  m = jax.ShapeDtypeStruct((b, h, n, bitmask.words(n)), jnp.int32, sharding=sharding)
+
+  def fwd(q, k, v, packed):
+    return sparse_attention(q, k, v, packed, scale=d ** -0.5, backend="tpu")
+
+  def grad(q, k, v, packed):
+    return jax.grad(lambda q, k, v: jnp.sum(fwd(q, k, v, packed)), argnums=(0, 1, 2))(q, k, v)
+
+  for fn, min_flops in ((fwd, 4), (grad, 4 + 6 + 8)):
+    mapped = jax.shard_map(fn, mesh=mesh, in_specs=P("data"), out_specs=P("data"))
+    compiled = jax.jit(mapped).lower(x, x, x, m).compile()
+    text = compiled.as_text()
+    assert "tpu_custom_call" in text
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    per_chip = (b // len(topo.devices)) * h * n * n * d
+    assert cost["flops"] >= min_flops * per_chip
