@@ -1,8 +1,10 @@
 """Attention executors (``EXECUTORS``): ways to compute ``(q, k, v, mask) -> out`` on ``[B, N, H, d]``
 (products in q/v's dtype, logits, softmax and ``out`` in float32 -- ``precision.mixed_einsum``):
 
-* ``auto``   -- the default: the fastest measured per backend. On CPU the C++ sparse-row kernel
-  (``kernels.sparse_attention``), and its backward kernel over the same kept entries; elsewhere ``masked``.
+* ``auto``   -- the default: the fastest per backend. On CPU the C++ sparse-row kernel
+  (``kernels.sparse_attention``) and its backward kernel over the same kept entries; on TPU and GPU the
+  fused Pallas kernel (``pallas.attention``: flash-style, the mask applied on chip, forward and backward)
+  run per batch shard; ``masked`` where neither applies.
 * ``dense``  -- plain softmax attention; ignores the mask (the teacher).
 * ``masked`` -- the reference: dense logits, ``-inf`` outside the mask, softmax, rows with no kept key
   return 0 (the official code's ``nan_to_num``).
@@ -20,8 +22,10 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from sparsifiner_jax.attention import kernels
+from sparsifiner_jax import sharding
+from sparsifiner_jax.attention import backend, kernels
 from sparsifiner_jax.attention.mask import AttentionMask
+from sparsifiner_jax.attention.pallas import attention as pallas_attention
 from sparsifiner_jax.precision import mixed_einsum
 
 Array = jax.Array
@@ -124,13 +128,21 @@ def sparse_attention(q: Array, k: Array, v: Array, mask: AttentionMask | None) -
 
 
 def auto_attention(q: Array, k: Array, v: Array, mask: AttentionMask | None) -> Array:
-  """The fastest executor measured per backend (BENCHMARKS.md): on CPU the sparse-row kernel
-  (``kernels.sparse_attention``: only kept entries, about 3x faster than dense attention at keep 0.25
-  for DeiT-S) and its backward kernel over the same kept entries, elsewhere ``masked``.
-  Masks with ``key_valid`` (simulated token pruning) or ``fill="zero_logit"`` take ``masked`` everywhere."""
+  """The fastest executor per backend (``backend.target()``; BENCHMARKS.md):
+
+  * TPU, GPU: the fused Pallas kernel over the mask's packed rows (``fill="neg_inf"`` masks; simulated
+    token pruning is folded into the packed rows), per batch shard;
+  * CPU: the sparse-row kernel (``kernels.sparse_attention``: only kept entries, about 3x faster than
+    dense attention at keep 0.25 for DeiT-S) and its backward kernel over the same kept entries;
+  * ``masked`` otherwise (``fill="zero_logit"``; ``key_valid`` on CPU; ``SPARSIFINER_JAX_PALLAS=0``).
+  """
   if mask is None:
     return dense_attention(q, k, v)
-  if mask.fill != "neg_inf" or mask.key_valid is not None:
+  if mask.fill != "neg_inf":
+    return masked_attention(q, k, v, mask)
+  if backend.pallas_enabled():
+    return fused_attention(q, k, v, mask)
+  if mask.key_valid is not None:
     return masked_attention(q, k, v, mask)
   nd = mask.num_dense_rows
 
@@ -139,6 +151,19 @@ def auto_attention(q: Array, k: Array, v: Array, mask: AttentionMask | None) -> 
 
   return kernels.sparse_attention(q, k, v, mask.sparse_rows(), num_dense_rows=nd,
                                   scale=q.shape[-1] ** -0.5, reference=reference)
+
+
+def fused_attention(q: Array, k: Array, v: Array, mask: AttentionMask) -> Array:
+  """``masked_attention`` as one Pallas kernel for ``backend.target()``'s accelerator (interpreted when
+  the target says so), run on each device's slice of the batch: ``[B, N, H, d]`` float32."""
+  target = backend.target()
+  packed = mask.packed_rows()
+
+  def run(q, k, v, packed):
+    return pallas_attention.sparse_attention(q, k, v, packed, scale=q.shape[-1] ** -0.5,
+                                             backend=target.platform, interpret=target.interpret)
+
+  return sharding.per_batch_shard(run, (q, k, v, packed), (True, True, True, packed.shape[0] > 1))
 
 
 Executor = Callable[[Array, Array, Array, AttentionMask | None], Array]

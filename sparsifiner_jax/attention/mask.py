@@ -17,6 +17,10 @@ A pattern provider (Sparsifiner's learned top-k in ``models.predictor``, the fix
 * ``keep`` ``[B|1, H|1, R, N] bool`` or ``None``: the same connectivity as ``indices``, already dense,
   when the provider has it for free (``topk_mask`` computes it with the CPU top-k kernel). Executors that
   want a dense mask use it and the ``indices`` are then never computed (XLA drops the unused TopK).
+* ``packed`` ``[B|1, H|1, N, ceil(N / 32)] int32`` or ``None``: the same connectivity bit-packed over
+  *every* query row, dense rows included (``bitmask``), when the provider made it (the accelerator mask
+  kernel). The accelerator attention kernels read it; ``keep`` and ``indices`` are unpacked from it only
+  if some consumer asks for them.
 
 CLS handling lives here, in one place: the dense leading rows are never part of ``indices``.
 
@@ -31,7 +35,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from sparsifiner_jax.attention import kernels
+from sparsifiner_jax.attention import bitmask, kernels
 
 Array = jax.Array
 FILLS = ("neg_inf", "zero_logit")
@@ -60,6 +64,7 @@ class AttentionMask:
   key_valid: Array | None = None
   fill: str = dataclasses.field(default="neg_inf", metadata=dict(static=True))
   keep: Array | None = None
+  packed: Array | None = None
 
   def __post_init__(self):
     if self.fill not in FILLS:
@@ -83,6 +88,13 @@ class AttentionMask:
     if self.keep is not None:
       return self.keep
     return indices_to_dense(self.indices, self.num_keys, self.valid)
+
+  def packed_rows(self) -> Array:
+    """Every query row bit-packed, ``[B|1, H|1, N, ceil(N / 32)] int32`` (``bitmask``): ``packed`` when
+    given, else ``to_dense()`` packed (so ``key_valid`` is applied as ``to_dense`` applies it)."""
+    if self.packed is not None and self.key_valid is None:
+      return self.packed
+    return bitmask.pack(self.to_dense())
 
   @property
   def rows_nonempty(self) -> bool:
@@ -157,3 +169,12 @@ def keep_mask(keep: Array, k: int, num_dense_rows: int = 1) -> AttentionMask:
   return AttentionMask(indices=idx.astype(jnp.int32), num_dense_rows=num_dense_rows,
                        num_keys=keep.shape[-1], keep=keep)
 
+
+
+def packed_mask(packed: Array, k: int, num_dense_rows: int = 1) -> AttentionMask:
+  """The mask of bit-packed rows ``packed [B, H, N, ceil(N / 32)]`` (every query row; the
+  ``num_dense_rows`` leading ones keep every key, each other row exactly ``k`` keys): the accelerator
+  mask kernel's output. ``keep`` and ``indices`` are unpacked from it, lazily as ``keep_mask`` makes them."""
+  n = packed.shape[-2]
+  rows = bitmask.unpack(packed[..., num_dense_rows:, :], n)
+  return dataclasses.replace(keep_mask(rows, k, num_dense_rows), packed=packed)

@@ -26,9 +26,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparsifiner_jax import precision
-from sparsifiner_jax.attention import kernels
+from sparsifiner_jax import precision, sharding
+from sparsifiner_jax.attention import backend, kernels
 from sparsifiner_jax.attention import mask as mask_lib
+from sparsifiner_jax.attention.pallas import mask as pallas_mask
 
 Array = jax.Array
 
@@ -123,8 +124,9 @@ class MaskPredictor(nnx.Module):
 
     With token sparsity the budget is capped at the ``kept_patches`` live patch tokens (the official
     code's cap) and pruned keys (``key_keep`` False) are never selected. Without ``key_keep`` the mask
-    comes from ``kernels.lowrank_topk_mask`` (one fused CPU pass that reads q and k in place;
-    ``approx_attn`` is then only computed if the caller uses it).
+    comes from one fused pass that writes only the mask (``approx_attn`` is then only computed if the
+    caller uses it): on TPU and GPU the Pallas kernel (``pallas.mask``, bit-packed rows), on CPU
+    ``kernels.lowrank_topk_mask``.
     """
     q, k = qkv[:, :, 0], qkv[:, :, 1]
     factors = self.factors(k, token_index=token_index, key_keep=key_keep)
@@ -134,6 +136,9 @@ class MaskPredictor(nnx.Module):
     if recon:
       return None, approx
     budget = self.budget if kept_patches is None else min(self.budget, kept_patches)
+    if key_keep is None and backend.pallas_enabled():
+      packed = self.fused_mask(q, factors, basis, budget)
+      return mask_lib.packed_mask(packed, budget, num_dense_rows=1), approx
     if key_keep is None:
       # In XLA (other backends, no kernels) the mask comes from the logits above.
       keep = kernels.lowrank_topk_mask(
@@ -144,6 +149,22 @@ class MaskPredictor(nnx.Module):
       return mask_lib.keep_mask(keep, budget, num_dense_rows=1), approx
     scores = jnp.where(key_keep[:, None, None, :], jax.lax.stop_gradient(approx), -jnp.inf)
     return mask_lib.topk_mask(scores, budget, num_dense_rows=1), approx
+
+
+  def fused_mask(self, q: Array, factors: tuple, basis: Array, budget: int) -> Array:
+    """The packed mask ``[B, H, N, ceil(N / 32)] int32`` (CLS row dense) in one Pallas pass for
+    ``backend.target()``, per batch shard, from raw q ``[B, N, H, d]``, ``factors(...)`` and the sparse
+    ``basis_rows`` (``[m, N]`` or ``[B, m, N]``). No gradient: a selection."""
+    target = backend.target()
+    weights = query_weights(*factors, self.dtype)                     # [B, H, d + 1, m]
+
+    def run(q, weights, basis):
+      return pallas_mask.lowrank_topk_mask(
+          q, weights, basis, scale=self.logit_scale, coef_k=self.coef_topk, k=budget, num_dense_rows=1,
+          compute_dtype=self.dtype, backend=target.platform, interpret=target.interpret)
+
+    args = jax.lax.stop_gradient((q, weights, basis))
+    return sharding.per_batch_shard(run, args, (True, True, basis.ndim == 3))
 
 
 def threshold_basis(basis: Array, threshold: float, signed: bool = False) -> Array:

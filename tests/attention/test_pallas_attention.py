@@ -11,7 +11,7 @@ import pytest
 
 from sparsifiner_jax.attention import AttentionMask, masked_attention
 from sparsifiner_jax.attention.mask import keep_mask
-from sparsifiner_jax.attention.pallas import bitmask
+from sparsifiner_jax.attention import bitmask
 from sparsifiner_jax.attention.pallas.attention import sparse_attention
 
 BACKENDS = ("tpu", "gpu")

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from sparsifiner_jax import precision
-from sparsifiner_jax.attention.pallas import bitmask
+from sparsifiner_jax.attention import bitmask
 from sparsifiner_jax.attention.pallas import mask as pallas_mask
 from sparsifiner_jax.models import predictor as predictor_lib
 

@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparsifiner_jax import sharding
+from sparsifiner_jax.attention import backend
 
 Array = jax.Array
 
@@ -286,7 +287,7 @@ def _sparse_attention(q, k, v, keep, num_dense_rows, scale, reference):
 
 
 def _sparse_attention_fwd(q, k, v, keep, num_dense_rows, scale, reference):
-  if jax.default_backend() == "cpu":
+  if backend.target().platform == "cpu":
     # The kernels both ways: the forward keeps q, k, v, keep and its output; the backward recomputes
     # the kept probabilities (no [N, N] residuals).
     out = _attention_forward(q, k, v, keep, num_dense_rows, scale, reference)
@@ -327,7 +328,7 @@ def sparse_attention(q: Array, k: Array, v: Array, keep: Array, *, num_dense_row
     scale: the logit scale (``d ** -0.5``).
     reference: ``(q, k, v, keep) -> out``, the same computation in XLA. It runs, values and gradients,
       on other backends and when the kernels are unavailable. On CPU the gradient is the backward
-      kernel's (when the default backend is CPU; otherwise the reference's).
+      kernel's (when tracing for CPU: ``backend.target()``; otherwise the reference's).
   """
   if q.shape != k.shape or q.shape != v.shape or q.ndim != 4:
     raise ValueError(f"sparse_attention: q, k, v must share one [B, N, H, d] shape; got {q.shape}, "

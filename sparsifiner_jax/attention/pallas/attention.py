@@ -2,7 +2,7 @@
 
 ``sparse_attention(q, k, v, packed, scale=...)`` is the function of the reference executor
 ``executors.masked_attention``: ``logits = scale * q.k`` (products in q's dtype, float32 accumulation),
-``-inf`` where the bit-packed mask (``pallas.bitmask``) drops a key, softmax in float32 over the kept keys,
+``-inf`` where the bit-packed mask (``attention.bitmask``) drops a key, softmax in float32 over the kept keys,
 a row with no kept key returns 0. q, k and v are read block by block, the mask is expanded from its bits
 on chip, and no ``[B, H, N, N]`` logits or probabilities ever reach HBM: the forward keeps an online
 softmax per query block and saves only the output and the per-row logsumexp; the backward (flash attention
@@ -32,7 +32,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
-from sparsifiner_jax.attention.pallas import bitmask
+from sparsifiner_jax.attention import bitmask
 
 Array = jax.Array
 BITS = bitmask.BITS
@@ -550,7 +550,7 @@ def sparse_attention(q: Array, k: Array, v: Array, packed: Array, *, scale: floa
   Args:
     q, k, v: ``[B, N_q, H, d]``, ``[B, N_k, H, d]`` x2, any float dtype; the products run in q's dtype
       (k and v are cast to it) with float32 accumulation, the softmax in float32.
-    packed: ``[B|1, H|1, N_q, ceil(N_k / 32)] int32`` (``pallas.bitmask``): bit j of word w of row i set
+    packed: ``[B|1, H|1, N_q, ceil(N_k / 32)] int32`` (``attention.bitmask``): bit j of word w of row i set
       when query i keeps key 32 w + j. A leading 1 broadcasts over batch or heads. No gradient.
     scale: the logit scale (``d ** -0.5`` for the reference).
     backend: ``"tpu"`` (Mosaic) or ``"gpu"`` (Triton).

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from sparsifiner_jax.attention.pallas import bitmask
+from sparsifiner_jax.attention import bitmask
 
 Array = jax.Array
 
