@@ -50,7 +50,7 @@ USER_ERRORS = (ValueError, FileNotFoundError, config_check.ConfigError, checkpoi
                workdir.TrainingError)
 
 
-def _debug_requested(argv) -> bool:
+def _debug_in(argv) -> bool:
   return any(a in ("--debug", "--debug=true", "--debug=True", "--debug=1") for a in argv)
 
 
@@ -67,19 +67,19 @@ def _unknown_field(e: BaseException, argv) -> str:
           (f"; {hint}" if hint else "; the config file lists the fields"))
 
 
-def _parse_flags(argv):
+def parse_flags(argv):
   """absl's flag parsing, with bad flags and config overrides as one line and exit code 2."""
   try:
     return flags.FLAGS(argv)
   except Exception as e:  # pylint: disable=broad-except  # flags.Error, and ml_collections' KeyError...
-    if _debug_requested(argv):
+    if _debug_in(argv):
       raise
     msg = _unknown_field(e, argv) if isinstance(e, (KeyError, AttributeError)) else errors.one_line(e)
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(errors.EXIT_USER_ERROR)
 
 
-def _load_config():
+def load_config():
   """``--config``'s value; a config file that failed to load (reported lazily) is a user error."""
   try:
     config = _CONFIG.value
@@ -93,10 +93,15 @@ def _load_config():
     sys.exit(errors.EXIT_USER_ERROR)
 
 
+def debug_requested() -> bool:
+  """Whether ``--debug`` was given (show tracebacks instead of one-line errors)."""
+  return bool(_DEBUG.value)
+
+
 def run_main(kind: str) -> None:
   def main(argv):
     del argv
-    config = _load_config()
+    config = load_config()
     if config is None:
       raise app.UsageError("--config is required")
     if _WORKDIR.value is None and kind == "train":
@@ -115,4 +120,4 @@ def run_main(kind: str) -> None:
         raise
       sys.exit(errors.report(e, USER_ERRORS))
 
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=parse_flags)

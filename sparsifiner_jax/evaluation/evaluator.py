@@ -43,8 +43,24 @@ def per_example_stats(model, images, labels):
   return out
 
 
+def make_eval_step(graphdef, mesh):
+  """``step(params, rest, images, labels, mask) -> sums`` jitted over ``mesh``: the masked per-batch sums
+  of ``per_example_stats`` (and ``count``), replicated; the batch split over the batch axes, the
+  parameters placed as they come."""
+  def step(params, rest, images, labels, mask):
+    model = models.merge_params(graphdef, params, rest)
+    stats = per_example_stats(model, images, labels)
+    w = mask.astype(jnp.float32)
+    sums = {k: jnp.sum(v * (w if v.ndim == 1 else w[:, None]), axis=0) for k, v in stats.items()}
+    sums["count"] = jnp.sum(w)
+    return sums
+
+  bs = sharding.batch_sharding(mesh)
+  return jax.jit(step, in_shardings=(None, None, bs, bs, bs), out_shardings=sharding.replicated(mesh))
+
+
 class Evaluator:
-  """Evaluates parameter groups on ``config.input.eval_split``; the jitted function is built once."""
+  """Evaluates parameter groups on ``config.input.eval_split``; the jitted step is built once."""
 
   def __init__(self, config, mesh, split: str | None = None):
     self.config = config
@@ -54,16 +70,7 @@ class Evaluator:
 
   def _compiled(self, graphdef):
     if self._fn is None:
-      def fn(params, rest, images, labels, mask):
-        model = models.merge_params(graphdef, params, rest)
-        stats = per_example_stats(model, images, labels)
-        w = mask.astype(jnp.float32)
-        sums = {k: jnp.sum(v * (w if v.ndim == 1 else w[:, None]), axis=0) for k, v in stats.items()}
-        sums["count"] = jnp.sum(w)
-        return sums
-      bs = sharding.batch_sharding(self.mesh)
-      self._fn = jax.jit(fn, in_shardings=(None, None, bs, bs, bs),
-                         out_shardings=sharding.replicated(self.mesh))
+      self._fn = make_eval_step(graphdef, self.mesh)
     return self._fn
 
   def run(self, graphdef, params, rest) -> dict[str, Any]:

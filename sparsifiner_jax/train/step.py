@@ -14,7 +14,21 @@ from flax import nnx
 
 from sparsifiner_jax import models, sharding
 from sparsifiner_jax.train import losses, mixup, optim
-from sparsifiner_jax.train.phases import LOSS_TERMS, TRAINABLE, Phase
+from sparsifiner_jax.train.phases import LOSS_TERMS, TRAINABLE, Phase, make_optimizer, trainable_of
+
+
+def state_layout(params, params_shardings, phase: Phase, mesh, *, ema: bool):
+  """``(tx, abstract_state, state_shardings)`` of ``phase``'s train state for ``params`` (concrete or
+  abstract parameter groups) placed with ``params_shardings``: a fresh optimizer for the phase's trainable
+  groups, and an EMA copy of the parameters when ``ema``. The abstract state is what a checkpoint
+  restores into and what a compile-only run lowers the step with."""
+  tx = make_optimizer(phase, trainable_of(params, phase))
+  opt = jax.eval_shape(tx.init, trainable_of(params, phase))
+  state = dict(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt=opt,
+               ema=params if ema else None)
+  shardings = dict(step=sharding.replicated(mesh), params=params_shardings,
+                   opt=sharding.tree_shardings(mesh, opt), ema=params_shardings if ema else None)
+  return tx, sharding.abstract(state, shardings), shardings
 
 
 def make_train_step(graphdef, rest, teacher_graphdef, phase: Phase, tx, config, mesh,

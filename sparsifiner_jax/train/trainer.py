@@ -19,14 +19,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
+from tqdm.auto import tqdm
 
 from sparsifiner_jax import config_check, models, sharding
 from sparsifiner_jax.evaluation.evaluator import Evaluator
 from sparsifiner_jax.io import weights
 from sparsifiner_jax.io.checkpoint import Checkpointer
 from sparsifiner_jax.train.metrics import MetricWriter
-from sparsifiner_jax.train.phases import LOSS_TERMS, Phase, make_optimizer, resolve_phases, trainable_of
-from sparsifiner_jax.train.step import make_train_step
+from sparsifiner_jax.train.phases import LOSS_TERMS, Phase, resolve_phases, trainable_of
+from sparsifiner_jax.train.step import make_train_step, state_layout
 from sparsifiner_jax.train.workdir import TrainingError, check_workdir, lock_workdir, state_meta
 
 PREEMPTED_EXIT_CODE = 75  # SIGTERM: checkpoint saved, run can be resumed
@@ -63,14 +64,6 @@ class Preempted(SystemExit):
 def _global_batch(local: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
   sh = sharding.batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sh, local[k]) for k in ("image", "label")}
-
-
-
-
-
-
-
-
 
 
 def train(config, workdir: str, *, stop_after: int | None = None, devices=None) -> dict[str, Any]:
@@ -113,15 +106,7 @@ def _train(config, workdir: str, mesh, info, stop_after: int | None) -> dict[str
     teacher_params = jax.device_put(teacher_params, teacher_sh)
 
   def abstract_state(phase: Phase):
-    tx = make_optimizer(phase, trainable_of(params, phase))
-    opt = jax.eval_shape(tx.init, trainable_of(params, phase))
-    ema = params if config.get("ema_decay", 0.0) > 0 else None
-    st = dict(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt=opt, ema=ema)
-    shard = dict(step=sharding.replicated(mesh), params=params_sh,
-                 opt=sharding.tree_shardings(mesh, opt),
-                 ema=params_sh if ema is not None else None)
-    abs_st = sharding.abstract(st, shard)
-    return tx, abs_st, shard
+    return state_layout(params, params_sh, phase, mesh, ema=config.get("ema_decay", 0.0) > 0)
 
   ckpt = Checkpointer(os.path.join(workdir, "ckpt"), max_to_keep=int(config.get("keep_ckpts", 2)))
   writer = MetricWriter(workdir)
@@ -249,6 +234,5 @@ def _save_weights(graphdef, params, rest, path, config):
 def _progress(config, phase: Phase, step: int):
   if jax.process_index() != 0 or not config.get("progress", True):
     return None
-  from tqdm.auto import tqdm
   return tqdm(total=phase.steps, initial=max(step - phase.start, 0), desc=f"{phase.name}",
               unit="step", dynamic_ncols=True, leave=False)

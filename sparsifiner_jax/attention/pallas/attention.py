@@ -147,6 +147,12 @@ def _row_to_col(row: Array) -> Array:
   return jnp.expand_dims(row[0], -1)
 
 
+def _col_to_row(col: Array) -> Array:
+  """``[n, 1] -> [1, n]``, the inverse relayout, as a transpose of a full 128-lane tile: a reshape would
+  lower to a sublane gather, which TPUs before v5 (v4) do not have."""
+  return jnp.transpose(jnp.broadcast_to(col, (col.shape[0], 128)))[:1, :]
+
+
 def _occupied(occ_ref, cfg: _Config, b, h, qi, ki):
   mb, mh = cfg.mask_index(b, h)
   nh = pl.num_programs(1) if cfg.mask_h else 1
@@ -177,7 +183,7 @@ def _tpu_fwd_kernel(occ_ref, q_ref, k_ref, v_ref, w_ref, o_ref, lse_ref, m_sc, l
   def _done():
     out, lse = _finalize(m_sc[...], l_sc[...], acc_sc[...])
     o_ref[...] = out.astype(o_ref.dtype)
-    lse_ref[...] = jnp.expand_dims(lse[:, 0], 0)
+    lse_ref[...] = _col_to_row(lse)
 
 
 def _tpu_dq_kernel(occ_ref, q_ref, k_ref, v_ref, w_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_sc, *,
