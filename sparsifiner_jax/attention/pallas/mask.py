@@ -14,9 +14,9 @@ and writes only the packed row (``bitmask`` format): neither ``z`` nor ``a`` rea
 Top-k without a sort (:func:`_topk_keep`): a bisection over the order-preserving int32 image of the
 float32 values (32 steps of ``count(key >= t)`` per row) finds the k-th largest key ``t``; every key ``> t``
 is kept, and of the keys ``== t`` the first ``k - count(key > t)`` by index, found by a second bisection
-over the index (``log2`` of the row length steps). Bits are packed with two small matmuls against
-powers-of-two matrices (each 16-bit half of a word is a sum of distinct powers of two below 2^16: exact in
-float32 accumulation of bf16 operands).
+over the index (``log2`` of the row length steps). Bits are packed per word by a lane sum of
+the 32 bits shifted into place (on the vector unit: a packing matmul would cost the MXU as much as the
+attention itself at 448 px).
 
 Two backends share the kernel body: ``"tpu"`` (Mosaic; key rows padded to the 128-lane width) and
 ``"gpu"`` (Triton; every block dimension padded to a power of two, at least 16).
@@ -131,22 +131,20 @@ def _topk_keep(x: Array, k: int, valid: Array, unroll: bool) -> Array:
   return above | (tied & (index <= c))
 
 
-def _pack(keep: Array, w_pad: int) -> Array:
-  """Boolean ``[R, L]`` (``L`` a multiple of 32) -> int32 ``[R, w_pad]`` words, bit ``j`` of word ``w``
-  = ``keep[:, 32 w + j]``; words past ``L / 32`` are 0. Two matmuls, one per 16-bit half."""
-  length = keep.shape[1]
-  lane = jax.lax.broadcasted_iota(jnp.int32, (length, w_pad), 0)
-  word = jax.lax.broadcasted_iota(jnp.int32, (length, w_pad), 1)
-  bit = lane & (bitmask.BITS - 1)
-  ones = jnp.where(keep, 1.0, 0.0).astype(jnp.bfloat16)
-
-  def half(hi: bool) -> Array:
-    sel = (jnp.right_shift(lane, 5) == word) & ((bit >= 16) == hi)
-    power = jnp.left_shift(jnp.int32(1), bit & 15).astype(jnp.float32)
-    weights = jnp.where(sel, power, 0.0).astype(jnp.bfloat16)
-    return jnp.dot(ones, weights, preferred_element_type=jnp.float32).astype(jnp.int32)
-
-  return half(False) | jnp.left_shift(half(True), jnp.int32(16))
+def _pack(keep: Array, w_out: int) -> Array:
+  """Boolean ``[R, L]`` (``L`` a multiple of 32) -> int32 ``[R, w_out]`` words, bit ``j`` of word ``w``
+  = ``keep[:, 32 w + j]``; words past ``L / 32`` are 0. Per word, a lane sum of its 32 bits shifted into
+  place (distinct powers of two: the sum is their OR, two's complement wrapping included)."""
+  rows, length = keep.shape
+  lane = jax.lax.broadcasted_iota(jnp.int32, keep.shape, 1)
+  bits = jnp.where(keep, jnp.left_shift(jnp.int32(1), lane & (bitmask.BITS - 1)), 0)
+  group = jnp.right_shift(lane, 5)
+  column = jax.lax.broadcasted_iota(jnp.int32, (rows, w_out), 1)
+  out = jnp.zeros((rows, w_out), jnp.int32)
+  for w in range(min(length // bitmask.BITS, w_out)):
+    word = jnp.sum(jnp.where(group == w, bits, 0), axis=-1, keepdims=True)
+    out = jnp.where(column == w, word, out)
+  return out
 
 
 def _kernel(q_ref, wq_ref, bias_ref, basis_ref, out_ref, *, sizes: _Sizes, scale: float, coef_k: int,
@@ -179,11 +177,12 @@ def _kernel(q_ref, wq_ref, bias_ref, basis_ref, out_ref, *, sizes: _Sizes, scale
 
 
 def _cost(b: int, h: int, s: _Sizes, coef_k: int, k: int, operands, out_bytes: int) -> pl.CostEstimate:
-  """Per call: the two products and the packing products (2 flops per multiply-add), plus one compare per
-  element and bisection step of each top-k; ``exp`` per coefficient; operands + packed result bytes."""
+  """Per call: the two products (2 flops per multiply-add), the packing (a select and an add per key and
+  word), one compare per element and bisection step of each top-k; ``exp`` per coefficient; operands +
+  packed result bytes."""
   rows = b * h * s.rows_pad
   products = 2 * rows * (s.d * s.m + s.m * s.n)
-  packing = 2 * 2 * rows * s.n_pad * s.w_pad
+  packing = 2 * rows * s.n_pad * s.words
   steps = lambda length: 32 + max(length - 1, 1).bit_length()   # noqa: E731
   select = rows * ((s.m_pad * steps(s.m_pad) if coef_k < s.m else 0)
                    + (s.n_pad * steps(s.n_pad) if k < s.n else 0))
