@@ -1,0 +1,81 @@
+"""TPU compiler figures of Sparsifiner vs dense DeiT-S, per chip, in one run (no TPU needed; libtpu is).
+
+  python benchmarks/tpu_compile.py [--topology v5e:2x2] [--cases eval tokens train 448] [--json out.json]
+
+Each case compiles the project's real step twice with ``sparsifiner_jax.compile_for`` (the model, and its
+dense counterpart: same config, ``keep_rate=None``, no token sparsity) and prints XLA's per-chip FLOPs,
+bytes accessed and temporary memory with the model/dense ratios, as a Markdown table. DeiT-S in bfloat16,
+keep 0.25. XLA counts a Pallas kernel by its declared ``pl.CostEstimate`` (its FLOPs; its operand and
+result bytes as HBM traffic, k and v once per query block).
+
+Cases: ``eval`` (224 px, 64 images per chip), ``tokens`` (the same with token keep 0.7 at layers 3/6/9),
+``train`` (the paper's phase-2 step: batch 1,344 on the topology, student and dense teacher), ``448``
+(448 px, 785 tokens, 16 images per chip).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import sys
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")   # compile-only: never open a local accelerator
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from configs import deit_s_sparsifiner  # noqa: E402
+from sparsifiner_jax import compile_for  # noqa: E402
+
+CASES = {   # name: (what, batch per chip or None for the config's, model overrides, phase)
+    "eval": ("eval", 64, {}, None),
+    "tokens": ("eval", 64, {"token_keep_rate": 0.7}, None),
+    "train": ("train", None, {}, "distill"),
+    "448": ("eval", 16, {"img_size": 448}, None),
+}
+
+
+def run_case(name: str, topology: str) -> dict:
+  what, batch, model, phase = CASES[name]
+  config = deit_s_sparsifiner.get_config()
+  config.model.dtype = "bfloat16"
+  for key, value in model.items():
+    config.model[key] = value
+  return compile_for.compare(config, topology, what, phase=phase, batch_per_chip=batch)
+
+
+def table(results: dict[str, dict]) -> str:
+  rows = ["| case | topology | batch / chip | FLOPs | bytes accessed | temp memory | peak memory |",
+          "|---|---|---|---|---|---|---|"]
+  for name, r in results.items():
+    m, d, q = r["model"], r["dense"], r["ratios"]
+    cell = lambda k, scale=1.0, unit="": (f"{m[k] / scale:.3g}{unit} vs {d[k] / scale:.3g}{unit}: "   # noqa
+                                          f"**{q[k]:.2f}x**")
+    rows.append(f"| {name} | {r['topology']} | {r['batch_per_chip']} | {cell('flops')} | "
+                f"{cell('bytes_accessed')} | {cell('temp_bytes', 2 ** 20, ' MiB')} | "
+                f"{cell('peak_bytes', 2 ** 20, ' MiB')} |")
+  return "\n".join(rows)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--topology", default="v5e:2x2", help="eval cases (per-chip figures)")
+  parser.add_argument("--train-topology", default="v5e:2x4", help="the train case (batch 1,344)")
+  parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+  parser.add_argument("--json", default=None, help="also write the raw figures here")
+  args = parser.parse_args()
+  results = {}
+  for name in args.cases:
+    topology = args.train_topology if CASES[name][0] == "train" else args.topology
+    print(f"compiling {name} for {topology} ...", file=sys.stderr, flush=True)
+    results[name] = run_case(name, topology)
+  print(f"## TPU compiler figures, {datetime.date.today()}: DeiT-S bf16 keep 0.25, per chip, model vs dense\n")
+  print(table(results))
+  if args.json:
+    pathlib.Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+  main()
