@@ -17,7 +17,7 @@ A pattern provider (Sparsifiner's learned top-k in ``models.predictor``, the fix
 * ``keep`` ``[B|1, H|1, R, N] bool`` or ``None``: the same connectivity as ``indices``, already dense,
   when the provider has it for free (``topk_mask`` computes it with the CPU top-k kernel). Executors that
   want a dense mask use it and the ``indices`` are then never computed (XLA drops the unused TopK).
-* ``packed`` ``[B|1, H|1, N, ceil(N / 32)] int32`` or ``None``: the same connectivity bit-packed over
+* ``packed`` ``[B|1, H|1, ceil(N / 32), N] int32`` or ``None``: the same connectivity bit-packed over
   *every* query row, dense rows included (``bitmask``), when the provider made it (the accelerator mask
   kernel). The accelerator attention kernels read it; ``keep`` and ``indices`` are unpacked from it only
   if some consumer asks for them.
@@ -90,7 +90,7 @@ class AttentionMask:
     return indices_to_dense(self.indices, self.num_keys, self.valid)
 
   def packed_rows(self) -> Array:
-    """Every query row bit-packed, ``[B|1, H|1, N, ceil(N / 32)] int32`` (``bitmask``): ``packed`` when
+    """Every query row bit-packed, ``[B|1, H|1, ceil(N / 32), N] int32`` (``bitmask``): ``packed`` when
     given, else ``to_dense()`` packed (so ``key_valid`` is applied as ``to_dense`` applies it)."""
     if self.packed is not None and self.key_valid is None:
       return self.packed
@@ -172,9 +172,9 @@ def keep_mask(keep: Array, k: int, num_dense_rows: int = 1) -> AttentionMask:
 
 
 def packed_mask(packed: Array, k: int, num_dense_rows: int = 1) -> AttentionMask:
-  """The mask of bit-packed rows ``packed [B, H, N, ceil(N / 32)]`` (every query row; the
+  """The mask of bit-packed rows ``packed [B, H, ceil(N / 32), N]`` (every query row; the
   ``num_dense_rows`` leading ones keep every key, each other row exactly ``k`` keys): the accelerator
   mask kernel's output. ``keep`` and ``indices`` are unpacked from it, lazily as ``keep_mask`` makes them."""
-  n = packed.shape[-2]
-  rows = bitmask.unpack(packed[..., num_dense_rows:, :], n)
+  n = packed.shape[-1]
+  rows = bitmask.unpack(packed[..., num_dense_rows:], n)
   return dataclasses.replace(keep_mask(rows, k, num_dense_rows), packed=packed)

@@ -103,7 +103,7 @@ def test_keep_all_empty_rows_skipped_blocks(backend):
   valid = valid.at[1, 20].set(False).at[1, 30].set(False)[:, None]
   mask = AttentionMask(indices=idx.astype(jnp.int32), valid=valid, num_dense_rows=1, num_keys=n)
   packed = bitmask.pack_rows(mask.sparse_rows(), 1)
-  assert packed.shape == (b, 1, n, 2)
+  assert packed.shape == (b, 1, 2, n)
   q, k, v = _qkv((b, n, h, 8))
   out, *_ = _check_against_reference(q, k, v, mask, packed, backend, 1e-5, block_q=8, block_k=32)
   assert float(jnp.max(jnp.abs(out[1, jnp.array([21, 31])]))) == 0.0
@@ -130,7 +130,7 @@ def test_tpu_compile():
   b, n, h, d = 2 * len(topo.devices), 197, 2, 64
   sharding = NamedSharding(mesh, P("data"))
   x = jax.ShapeDtypeStruct((b, n, h, d), jnp.bfloat16, sharding=sharding)
-  m = jax.ShapeDtypeStruct((b, h, n, bitmask.words(n)), jnp.int32, sharding=sharding)
+  m = jax.ShapeDtypeStruct((b, h, bitmask.words(n), n), jnp.int32, sharding=sharding)
 
   def fwd(q, k, v, packed):
     return sparse_attention(q, k, v, packed, scale=d ** -0.5, backend="tpu")

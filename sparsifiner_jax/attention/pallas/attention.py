@@ -9,7 +9,7 @@ softmax per query block and saves only the output and the per-row logsumexp; the
 2) recomputes the probabilities block by block in two kernels, one for dq (loop over key blocks) and one
 for dk, dv (loop over query blocks).
 
-Mask layout shared by both backends: the packed rows ``[B|1, H|1, N_q, W]`` are padded and regrouped per
+Mask layout shared by both backends: the packed words ``[B|1, H|1, W, N_q]`` are padded and regrouped per
 key block into ``words [B|1, H|1, N_k_pad / bk, bk / 32, N_q_pad]`` (queries on the minor axis: compact in
 TPU HBM, whose tiles are 8 x 128). Word ``j`` of a block covers its keys ``32 j .. 32 j + 31``.
 
@@ -537,13 +537,13 @@ _core.defvjp(_core_fwd, _core_bwd)
 
 
 def _mask_layout(packed: Array, cfg: _Config, nq_pad: int, nk_pad: int):
-  """``packed [B|1, H|1, N_q, W]`` -> ``(words [B|1, H|1, nk, nw, Nq_pad] int32, occ [B|1 * H|1 * nq * nk]
-  int32)``: the per-key-block words (pad queries and keys never kept) and the flat table of non-empty
-  ``(query block, key block)`` pairs."""
-  mb, mh, n_rows, n_words = packed.shape
+  """``packed [B|1, H|1, W, N_q]`` -> ``(words [B|1, H|1, nk, nw, Nq_pad] int32, occ [B|1 * H|1 * nq * nk]
+  int32)``: the per-key-block words (pad queries and keys never kept; a reshape of the padded words, no
+  transpose) and the flat table of non-empty ``(query block, key block)`` pairs."""
+  mb, mh, n_words, n_rows = packed.shape
   w_pad = nk_pad // BITS
-  padded = jnp.pad(packed, ((0, 0), (0, 0), (0, nq_pad - n_rows), (0, w_pad - n_words)))
-  words = jnp.transpose(padded.reshape(mb, mh, nq_pad, cfg.nk, cfg.nw), (0, 1, 3, 4, 2))
+  padded = jnp.pad(packed, ((0, 0), (0, 0), (0, w_pad - n_words), (0, nq_pad - n_rows)))
+  words = padded.reshape(mb, mh, cfg.nk, cfg.nw, nq_pad)
   occ = jnp.any(words.reshape(mb, mh, cfg.nk, cfg.nw, cfg.nq, cfg.bq) != 0, axis=(3, 5))   # [., ., nk, nq]
   return words, jnp.swapaxes(occ, 2, 3).reshape(-1).astype(jnp.int32)
 
@@ -556,8 +556,8 @@ def sparse_attention(q: Array, k: Array, v: Array, packed: Array, *, scale: floa
   Args:
     q, k, v: ``[B, N_q, H, d]``, ``[B, N_k, H, d]`` x2, any float dtype; the products run in q's dtype
       (k and v are cast to it) with float32 accumulation, the softmax in float32.
-    packed: ``[B|1, H|1, N_q, ceil(N_k / 32)] int32`` (``attention.bitmask``): bit j of word w of row i set
-      when query i keeps key 32 w + j. A leading 1 broadcasts over batch or heads. No gradient.
+    packed: ``[B|1, H|1, ceil(N_k / 32), N_q] int32`` (``attention.bitmask``): bit j of ``packed[..., w, i]``
+      set when query i keeps key 32 w + j. A leading 1 broadcasts over batch or heads. No gradient.
     scale: the logit scale (``d ** -0.5`` for the reference).
     backend: ``"tpu"`` (Mosaic) or ``"gpu"`` (Triton).
     interpret: run the kernels on CPU (TPU: ``pltpu.InterpretParams()``; GPU: the Pallas interpreter).
@@ -572,7 +572,7 @@ def sparse_attention(q: Array, k: Array, v: Array, packed: Array, *, scale: floa
     raise ValueError(f"unknown backend {backend!r}; allowed: 'tpu', 'gpu'")
   bsz, nq, nh, d = q.shape
   nk = k.shape[1]
-  if packed.ndim != 4 or packed.shape[2] != nq or packed.shape[3] != bitmask.words(nk):
+  if packed.ndim != 4 or packed.shape[3] != nq or packed.shape[2] != bitmask.words(nk):
     raise ValueError(f"packed mask {packed.shape} does not fit q {q.shape} and {nk} keys")
   bq, bk = _block_sizes(backend, nq, nk, block_q, block_k)
   nq_pad, nk_pad = _round_up(nq, bq), _round_up(nk, bk)

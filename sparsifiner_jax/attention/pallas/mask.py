@@ -73,9 +73,10 @@ def _sizes(n: int, m: int, d: int, backend: str, block_q: int | None) -> _Sizes:
   """Block sizes for ``n`` tokens, ``m`` coefficients, head dim ``d`` on ``backend``."""
   words = bitmask.words(n)
   if backend == "tpu":
-    rows = block_q or (n if n <= _TPU_MAX_ROWS else _TPU_BLOCK_Q)
-    if rows != n and rows % 16:
-      raise ValueError(f"block_q={rows} must be a multiple of 16 (bf16 sublane tiling) or N={n}")
+    rows = block_q or (_round_up(n, 16) if n <= _TPU_MAX_ROWS else _TPU_BLOCK_Q)
+    if rows % 16 or (rows < n and rows % _LANES):
+      raise ValueError(f"block_q={rows} must be a multiple of 16 (bf16 sublane tiling), and of {_LANES} "
+                       f"when it is less than N={n} (the words' lane tiling)")
     return _Sizes(n, m, d, _round_up(n, _LANES), m, d, _round_up(words, _LANES), rows,
                   _round_up(n, rows), words)
   if backend == "gpu":
@@ -148,10 +149,11 @@ def _pack(keep: Array, w_out: int) -> Array:
 
 
 def _kernel(q_ref, wq_ref, bias_ref, basis_ref, out_ref, *, sizes: _Sizes, scale: float, coef_k: int,
-            k: int, num_dense_rows: int, unroll: bool):
+            k: int, num_dense_rows: int, unroll: bool, word_major: bool):
   """One (b, h, row block): ``q_ref [rows, d_pad]``, ``wq_ref [d_pad, m_pad]`` (compute dtype),
-  ``bias_ref [1, m_pad]`` float32, ``basis_ref [m_pad, n_pad]`` (compute dtype) -> ``out_ref
-  [rows, words | w_pad]`` int32."""
+  ``bias_ref [1, m_pad]`` float32, ``basis_ref [m_pad, n_pad]`` (compute dtype) -> ``out_ref`` int32:
+  ``[words, rows]`` word-major (TPU: the ``bitmask`` layout, compact in tiled memory) or ``[rows, w_pad]``
+  (GPU; transposed by the caller)."""
   s = sizes
   z = jnp.dot(q_ref[...], wq_ref[...], preferred_element_type=jnp.float32)
   z = (z + bias_ref[...]) * scale                                            # [rows, m_pad]
@@ -168,8 +170,10 @@ def _kernel(q_ref, wq_ref, bias_ref, basis_ref, out_ref, *, sizes: _Sizes, scale
   keep = n_valid
   if k < s.n:   # (bool operands: logical ops, not selects, which Mosaic widens to i8)
     keep = (row < num_dense_rows) & n_valid | _topk_keep(approx, k, n_valid, unroll)
-  packed = _pack(keep, s.w_pad)
-  out_ref[...] = packed if packed.shape == out_ref.shape else packed[:, :out_ref.shape[-1]]
+  packed = _pack(keep, s.w_pad)                                           # [rows, w_pad]
+  if word_major:
+    packed = jnp.transpose(packed)[:out_ref.shape[0]]                     # [words, rows]
+  out_ref[...] = packed
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -219,7 +223,7 @@ def _check(q: Array, weights: Array, basis: Array, coef_k: int, k: int, num_dens
 def lowrank_topk_mask(q: Array, weights: Array, basis: Array, *, scale: float, coef_k: int, k: int,
                       num_dense_rows: int = 1, compute_dtype=jnp.float32, backend: str = "tpu",
                       interpret: bool = False, block_q: int | None = None) -> Array:
-  """The predictor's packed mask ``[B, H, N, ceil(N / 32)] int32`` (``bitmask`` format) in one pass.
+  """The predictor's packed mask ``[B, H, ceil(N / 32), N] int32`` (``bitmask`` format) in one pass.
 
   Args:
     q: raw queries ``[B, N, H, d]``.
@@ -231,8 +235,8 @@ def lowrank_topk_mask(q: Array, weights: Array, basis: Array, *, scale: float, c
       ``q[:, r]`` (the predictor's row ``r - 1``).
     compute_dtype: the products' input dtype (float32 accumulation).
     backend: ``"tpu"`` (Mosaic) or ``"gpu"`` (Triton). interpret: run the kernel in Pallas' interpreter.
-    block_q: query rows per grid step (TPU: a multiple of 16, default every row up to N = 512, then 256;
-      GPU: a power of two >= 16, default 16).
+    block_q: query rows per grid step (TPU: a multiple of 16, and of 128 below N; default every row up to
+      N = 512, then 256. GPU: a power of two >= 16, default 16).
   """
   _check(q, weights, basis, coef_k, k, num_dense_rows)
   b, n, h, d = q.shape
@@ -240,9 +244,11 @@ def lowrank_topk_mask(q: Array, weights: Array, basis: Array, *, scale: float, c
   s = _sizes(n, m, d, backend, block_q)
   dtype = jnp.dtype(compute_dtype)
   operands = _operands(q, weights, basis, s, dtype)
-  out_words = s.words if backend == "tpu" else s.w_pad
+  word_major = backend == "tpu"
+  block = (s.words, s.rows) if word_major else (s.rows, s.w_pad)
+  shape = (b, h, s.words, s.rows_pad) if word_major else (b, h, s.rows_pad, s.w_pad)
   # Inside shard_map (check_vma) the mask varies over the mesh axes as q does.
-  out_shape = jax.ShapeDtypeStruct((b, h, s.rows_pad, out_words), jnp.int32,
+  out_shape = jax.ShapeDtypeStruct(shape, jnp.int32,
                                    manual_axis_type=getattr(jax.typeof(operands[0]), "mat", None))
   per_example = basis.ndim == 3
   in_specs = [
@@ -252,14 +258,18 @@ def lowrank_topk_mask(q: Array, weights: Array, basis: Array, *, scale: float, c
       pl.BlockSpec((None, s.m_pad, s.n_pad),
                    (lambda bi, hi, ri: (bi, 0, 0)) if per_example else (lambda bi, hi, ri: (0, 0, 0))),
   ]
-  out_spec = pl.BlockSpec((None, None, s.rows, out_words), lambda bi, hi, ri: (bi, hi, ri, 0))
+  out_spec = pl.BlockSpec((None, None, *block),
+                          (lambda bi, hi, ri: (bi, hi, 0, ri)) if word_major else
+                          (lambda bi, hi, ri: (bi, hi, ri, 0)))
   kernel = functools.partial(_kernel, sizes=s, scale=float(scale), coef_k=min(coef_k, m), k=k,
-                             num_dense_rows=num_dense_rows, unroll=not interpret)
+                             num_dense_rows=num_dense_rows, unroll=not interpret, word_major=word_major)
   cost = _cost(b, h, s, coef_k, k, operands, int(np.prod(out_shape.shape)) * 4)
   packed = pl.pallas_call(
       kernel, out_shape=out_shape, grid=(b, h, s.rows_pad // s.rows), in_specs=in_specs,
       out_specs=out_spec, cost_estimate=cost, **_backend_kwargs(backend, interpret))(*operands)
-  return packed[:, :, :n, :s.words]
+  if word_major:
+    return packed[..., :n]
+  return jnp.swapaxes(packed[:, :, :n, :s.words], -1, -2)
 
 
 def _backend_kwargs(backend: str, interpret: bool) -> dict:
