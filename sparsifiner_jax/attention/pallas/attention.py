@@ -10,12 +10,15 @@ softmax per query block and saves only the output and the per-row logsumexp; the
 for dk, dv (loop over query blocks).
 
 Mask layout shared by both backends: the packed words ``[B|1, H|1, W, N_q]`` are padded and regrouped per
-key block into ``words [B|1, H|1, N_k_pad / bk, bk / 32, N_q_pad]`` (queries on the minor axis: compact in
+key block into ``words [B|1, H|1, nk, ceil(bk / 32), nq * bq]`` (queries on the minor axis: compact in
 TPU HBM, whose tiles are 8 x 128). Word ``j`` of a block covers its keys ``32 j .. 32 j + 31``.
 
-TPU: batch, head, query block and key block form the grid (``(B, H, nq, nk)`` forward and dq,
-``(B, H, nk, nq)`` dk/dv); q, k, v are laid out heads-first ``[B, H, N, d]`` by the wrapper. A table of
-non-empty ``(query block, key block)`` pairs is prefetched into SMEM and empty blocks are skipped.
+TPU: batch, query block and key block form the grid (``(B, nq, nk)`` forward and dq, ``(B, nk, nq)``
+dk/dv) and each program loops over the heads. q, k and v are read from ``qkv [B, N, 3 H d]``, the qkv
+projection's own layout, and the output is written as ``[B, N, H d]``, the output projection's: no
+transposes and no padding in HBM (a sequence up to 512 tokens is one block; longer ones have a partial
+last block whose rows past N are zeroed in the kernel). A table of ``(query block, key block)`` pairs
+that some head keeps anything of is prefetched into SMEM, and the other pairs are skipped.
 GPU: the grid is ``(query or key block, B, H)`` over the ``[B, N, H, d]`` inputs (no transposes), with a
 ``fori_loop`` over the other block axis; d is padded to a power of two >= 16 as Triton requires.
 """
@@ -61,10 +64,15 @@ class _Config:
   nk: int                # key blocks
   mask_b: bool           # the mask has a batch axis (else broadcast)
   mask_h: bool           # the mask has a head axis (else broadcast)
+  heads: int = 0         # TPU: H, d and the real sequence length N
+  head_dim: int = 0
+  n: int = 0
+  split: bool = True     # TPU: q, k and v are separate lane blocks of qkv (H d a multiple of 128)
 
   @property
   def nw(self) -> int:
-    return self.bk // BITS
+    """Words per query and key block."""
+    return -(-self.bk // BITS)
 
   def mask_index(self, b, h):
     return (b if self.mask_b else 0, h if self.mask_h else 0)
@@ -74,11 +82,16 @@ class _Config:
 
 
 def _block_sizes(backend: str, nq: int, nk: int, block_q: int | None, block_k: int | None):
-  """Default blocks. TPU: one block when the sequence is short (a block equal to the padded array is always
-  legal), else 128 (lane-aligned). GPU: powers of two (Triton), 64 at most."""
+  """Default blocks. TPU: the whole sequence up to 512 tokens (a block equal to the array is always
+  legal, and nothing is padded), else 128 rows (lane-aligned words; the last block partial). GPU: powers
+  of two (Triton), 64 at most."""
   if backend == "tpu":
-    bq = block_q or (_round_up(nq, 16) if nq <= 256 else 128)
-    bk = block_k or (_round_up(nk, 128) if nk <= 512 else 128)
+    bq = block_q or (nq if nq <= 512 else 128)
+    bk = block_k or (nk if nk <= 512 else 128)
+    if (bq != nq and bq % 8) or (bk != nk and bk % BITS):
+      raise ValueError(f"TPU blocks: block_q={bq} must be N or a multiple of 8 and block_k={bk} N or a "
+                       f"multiple of {BITS}")
+    return bq, bk
   else:
     bq = block_q or min(64, max(16, _next_pow2(nq)))
     bk = block_k or min(64, max(32, _next_pow2(nk)))
@@ -137,140 +150,9 @@ def _scaled(q_raw, scale, dtype):
   return (q_raw * scale).astype(dtype)
 
 
-# ------------------------------------------------------------------------------------------------
-# TPU (Mosaic) kernels. Refs are 2-D tiles: q/do [bq, d], k/v [bk, d], words [nw, bq],
-# lse/delta [1, bq] (queries on lanes).
-
-
-def _row_to_col(row: Array) -> Array:
-  """``[1, n] -> [n, 1]`` (a lane-to-sublane relayout)."""
-  return jnp.expand_dims(row[0], -1)
-
-
-def _col_to_row(col: Array) -> Array:
-  """``[n, 1] -> [1, n]``, the inverse relayout, as a transpose of a full 128-lane tile: a reshape would
-  lower to a sublane gather, which TPUs before v5 (v4) do not have."""
-  return jnp.transpose(jnp.broadcast_to(col, (col.shape[0], 128)))[:1, :]
-
-
-def _occupied(occ_ref, cfg: _Config, b, h, qi, ki):
-  mb, mh = cfg.mask_index(b, h)
-  nh = pl.num_programs(1) if cfg.mask_h else 1
-  return occ_ref[((mb * nh + mh) * cfg.nq + qi) * cfg.nk + ki] != 0
-
-
-def _tpu_fwd_kernel(occ_ref, q_ref, k_ref, v_ref, w_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *,
-                    cfg: _Config):
-  b, h, qi, ki = (pl.program_id(i) for i in range(4))
-
-  @pl.when(ki == 0)
-  def _init():
-    m_sc[...] = jnp.full(m_sc.shape, -jnp.inf, F32)
-    l_sc[...] = jnp.zeros(l_sc.shape, F32)
-    acc_sc[...] = jnp.zeros(acc_sc.shape, F32)
-
-  @pl.when(_occupied(occ_ref, cfg, b, h, qi, ki))
-  def _step():
-    k = k_ref[...]
-    q = _scaled(q_ref[...], cfg.scale, k.dtype)
-    s = lax.dot_general(q, k, NT, preferred_element_type=F32)                    # [bq, bk]
-    words = [_row_to_col(w_ref[j:j + 1, :]) for j in range(cfg.nw)]
-    s = jnp.where(_expand_bits(words, s.shape, 1), s, -jnp.inf)
-    m, l, acc = _online_softmax_step(s, m_sc[...], l_sc[...], acc_sc[...], v_ref[...])
-    m_sc[...], l_sc[...], acc_sc[...] = m, l, acc
-
-  @pl.when(ki == cfg.nk - 1)
-  def _done():
-    out, lse = _finalize(m_sc[...], l_sc[...], acc_sc[...])
-    o_ref[...] = out.astype(o_ref.dtype)
-    lse_ref[...] = _col_to_row(lse)
-
-
-def _tpu_dq_kernel(occ_ref, q_ref, k_ref, v_ref, w_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_sc, *,
-                   cfg: _Config):
-  b, h, qi, ki = (pl.program_id(i) for i in range(4))
-
-  @pl.when(ki == 0)
-  def _init():
-    dq_sc[...] = jnp.zeros(dq_sc.shape, F32)
-
-  @pl.when(_occupied(occ_ref, cfg, b, h, qi, ki))
-  def _step():
-    k, v = k_ref[...], v_ref[...]
-    q = _scaled(q_ref[...], cfg.scale, k.dtype)
-    s = lax.dot_general(q, k, NT, preferred_element_type=F32)                    # [bq, bk]
-    words = [_row_to_col(w_ref[j:j + 1, :]) for j in range(cfg.nw)]
-    s = jnp.where(_expand_bits(words, s.shape, 1), s, -jnp.inf)
-    p = jnp.exp(s - _row_to_col(lse_ref[...]))
-    dp = lax.dot_general(do_ref[...].astype(v.dtype), v, NT, preferred_element_type=F32)
-    ds = p * (dp - _row_to_col(delta_ref[...]))
-    dq_sc[...] += lax.dot_general(ds.astype(k.dtype), k, NN, preferred_element_type=F32)
-
-  @pl.when(ki == cfg.nk - 1)
-  def _done():
-    dq_ref[...] = (dq_sc[...] * cfg.scale).astype(dq_ref.dtype)
-
-
-def _tpu_dkv_kernel(occ_ref, q_ref, k_ref, v_ref, w_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
-                    dk_sc, dv_sc, *, cfg: _Config):
-  """Keys on sublanes, queries on lanes: ``s.T [bk, bq]``, so lse/delta rows need no relayout and all
-  four products are plain or rhs-transposed matmuls."""
-  b, h, ki, qi = (pl.program_id(i) for i in range(4))
-
-  @pl.when(qi == 0)
-  def _init():
-    dk_sc[...] = jnp.zeros(dk_sc.shape, F32)
-    dv_sc[...] = jnp.zeros(dv_sc.shape, F32)
-
-  @pl.when(_occupied(occ_ref, cfg, b, h, qi, ki))
-  def _step():
-    k, v = k_ref[...], v_ref[...]
-    q = _scaled(q_ref[...], cfg.scale, k.dtype)
-    do = do_ref[...].astype(v.dtype)
-    st = lax.dot_general(k, q, NT, preferred_element_type=F32)                   # [bk, bq]
-    words = [w_ref[j:j + 1, :] for j in range(cfg.nw)]
-    st = jnp.where(_expand_bits(words, st.shape, 0), st, -jnp.inf)
-    pt = jnp.exp(st - lse_ref[...])
-    dv_sc[...] += lax.dot_general(pt.astype(v.dtype), do, NN, preferred_element_type=F32)
-    dpt = lax.dot_general(v, do, NT, preferred_element_type=F32)
-    dst = pt * (dpt - delta_ref[...])
-    dk_sc[...] += lax.dot_general(dst.astype(q.dtype), q, NN, preferred_element_type=F32)
-
-  @pl.when(qi == cfg.nq - 1)
-  def _done():
-    dk_ref[...] = dk_sc[...].astype(dk_ref.dtype)
-    dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
-
-
-def _tpu_specs(cfg: _Config, d: int, kv_major: bool):
-  """Block specs of q-like, k-like, words and lse-like operands for a ``(B, H, i, j)`` grid, where
-  ``(i, j)`` is ``(query block, key block)``, or ``(key block, query block)`` when ``kv_major``."""
-  def order(i, j):
-    return (j, i) if kv_major else (i, j)
-
-  def q_map(b, h, i, j, occ):
-    return b, h, order(i, j)[0], 0
-
-  def k_map(b, h, i, j, occ):
-    return b, h, order(i, j)[1], 0
-
-  def w_map(b, h, i, j, occ):
-    qi, ki = order(i, j)
-    return (*cfg.mask_index(b, h), ki, 0, qi)
-
-  def row_map(b, h, i, j, occ):
-    return b, h, 0, order(i, j)[0]
-
-  q_spec = pl.BlockSpec((None, None, cfg.bq, d), q_map)
-  k_spec = pl.BlockSpec((None, None, cfg.bk, d), k_map)
-  w_spec = pl.BlockSpec((None, None, None, cfg.nw, cfg.bq), w_map)
-  row_spec = pl.BlockSpec((None, None, 1, cfg.bq), row_map)
-  return q_spec, k_spec, w_spec, row_spec
-
-
-def _out(shape, like: Array) -> jax.ShapeDtypeStruct:
-  """A float32 result of ``shape`` that varies over the same ``shard_map`` axes as ``like``."""
-  return jax.ShapeDtypeStruct(shape, F32, manual_axis_type=jax.typeof(like).manual_axis_type)
+def _out(shape, like: Array, dtype=F32) -> jax.ShapeDtypeStruct:
+  """A result of ``shape`` (float32 by default) that varies over the same ``shard_map`` axes as ``like``."""
+  return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.typeof(like).manual_axis_type)
 
 
 def _same_vma(*xs: Array) -> list[Array]:
@@ -285,80 +167,277 @@ def _nbytes(*arrays) -> int:
   return int(sum(a.size * jnp.dtype(a.dtype).itemsize for a in arrays))
 
 
-def _tpu_forward(cfg: _Config, q, k, v, words, occ):
-  """``q, k, v [B, H, N_pad, d]`` -> ``(out [B, H, Nq_pad, d] f32, lse [B, H, 1, Nq_pad] f32)``."""
-  bsz, nh, nq_pad, d = q.shape
-  nk_pad = k.shape[2]
-  q_spec, k_spec, w_spec, row_spec = _tpu_specs(cfg, d, kv_major=False)
-  out_shape = (_out((bsz, nh, nq_pad, d), q), _out((bsz, nh, 1, nq_pad), q))
-  # Cost: every block is counted as computed (block skipping is data-dependent): two products of
-  # 2 * Nq_pad * Nk_pad * d flops each per (batch, head); one exp per logit, one log per row. k and v are
-  # read once per query block.
-  pairs = bsz * nh * nq_pad * nk_pad
+# ------------------------------------------------------------------------------------------------
+# TPU (Mosaic) kernels. They read q, k and v where the qkv projection wrote them, ``qkv [B, N, 3 H d]``
+# (no heads-first transpose, no padding: a block of rows is the whole sequence or a multiple of 128 rows,
+# a partial last block masked in the kernel), loop over the heads inside a program, and write the output
+# as ``[B, N, H d]``, the layout the output projection reads. Words are ``[H|1, nw, bq]`` tiles,
+# lse/delta ``[H, 1, bq]`` (queries on lanes).
+
+
+def _row_to_col(row: Array) -> Array:
+  """``[1, n] -> [n, 1]`` (a lane-to-sublane relayout)."""
+  return jnp.expand_dims(row[0], -1)
+
+
+def _col_to_row(col: Array) -> Array:
+  """``[n, 1] -> [1, n]``, the inverse relayout, as a transpose of a full 128-lane tile: a reshape would
+  lower to a sublane gather, which TPUs before v5 (v4) do not have."""
+  return jnp.transpose(jnp.broadcast_to(col, (col.shape[0], 128)))[:1, :]
+
+
+def _occupied(occ_ref, cfg: _Config, b, qi, ki):
+  mb = b if cfg.mask_b else 0
+  return occ_ref[(mb * cfg.nq + qi) * cfg.nk + ki] != 0
+
+
+def _head(ref, cfg: _Config, section: int, h: int) -> Array:
+  """Head ``h`` of a q (``section`` 0), k (1) or v (2) block ``[rows, d]``: its lanes of the block."""
+  start = (0 if cfg.split else section * cfg.heads * cfg.head_dim) + h * cfg.head_dim
+  return ref[:, start:start + cfg.head_dim]
+
+
+def _live_rows(x: Array, block: int, size: int, n: int) -> Array:
+  """``x [size, ...]`` of block ``block`` with rows at or past ``n`` zeroed: a partial last block reads
+  past the array, and garbage times a zero probability would still be NaN."""
+  if n % size == 0:
+    return x
+  row = block * size + lax.broadcasted_iota(jnp.int32, (size, 1), 0)
+  return jnp.where(row < n, x, jnp.zeros_like(x))
+
+
+def _tpu_keep(w_ref, cfg: _Config, h: int, shape, key_axis: int) -> Array:
+  hm = h if cfg.mask_h else 0
+  words = [w_ref[hm, j:j + 1, :] for j in range(cfg.nw)]
+  if key_axis == 1:
+    words = [_row_to_col(w) for w in words]
+  return _expand_bits(words, shape, key_axis)
+
+
+def _tpu_fwd_kernel(occ_ref, q_ref, k_ref, v_ref, w_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *,
+                    cfg: _Config):
+  b, qi, ki = (pl.program_id(i) for i in range(3))
+
+  @pl.when(ki == 0)
+  def _init():
+    m_sc[...] = jnp.full(m_sc.shape, -jnp.inf, F32)
+    l_sc[...] = jnp.zeros(l_sc.shape, F32)
+    acc_sc[...] = jnp.zeros(acc_sc.shape, F32)
+
+  @pl.when(_occupied(occ_ref, cfg, b, qi, ki))
+  def _step():
+    for h in range(cfg.heads):
+      k = _head(k_ref, cfg, 1, h)
+      v = _live_rows(_head(v_ref, cfg, 2, h), ki, cfg.bk, cfg.n)
+      q = _scaled(_head(q_ref, cfg, 0, h), cfg.scale, k.dtype)
+      s = lax.dot_general(q, k, NT, preferred_element_type=F32)                  # [bq, bk]
+      s = jnp.where(_tpu_keep(w_ref, cfg, h, s.shape, 1), s, -jnp.inf)
+      m, l, acc = _online_softmax_step(s, m_sc[h], l_sc[h], acc_sc[h], v)
+      m_sc[h], l_sc[h], acc_sc[h] = m, l, acc
+
+  @pl.when(ki == cfg.nk - 1)
+  def _done():
+    d = cfg.head_dim
+    for h in range(cfg.heads):
+      out, lse = _finalize(m_sc[h], l_sc[h], acc_sc[h])
+      o_ref[:, h * d:(h + 1) * d] = out.astype(o_ref.dtype)
+      lse_ref[h] = _col_to_row(lse)
+
+
+def _tpu_dq_kernel(occ_ref, q_ref, k_ref, v_ref, w_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_sc, *,
+                   cfg: _Config):
+  b, qi, ki = (pl.program_id(i) for i in range(3))
+  d = cfg.head_dim
+
+  @pl.when(ki == 0)
+  def _init():
+    dq_sc[...] = jnp.zeros(dq_sc.shape, F32)
+
+  @pl.when(_occupied(occ_ref, cfg, b, qi, ki))
+  def _step():
+    for h in range(cfg.heads):
+      k = _live_rows(_head(k_ref, cfg, 1, h), ki, cfg.bk, cfg.n)
+      v = _live_rows(_head(v_ref, cfg, 2, h), ki, cfg.bk, cfg.n)
+      q = _scaled(_head(q_ref, cfg, 0, h), cfg.scale, k.dtype)
+      s = lax.dot_general(q, k, NT, preferred_element_type=F32)                  # [bq, bk]
+      keep = _tpu_keep(w_ref, cfg, h, s.shape, 1)
+      p = jnp.where(keep, jnp.exp(s - _row_to_col(lse_ref[h])), 0.0)
+      do = do_ref[:, h * d:(h + 1) * d].astype(v.dtype)
+      dp = lax.dot_general(do, v, NT, preferred_element_type=F32)
+      ds = jnp.where(keep, p * (dp - _row_to_col(delta_ref[h])), 0.0)
+      dq_sc[h] += lax.dot_general(ds.astype(k.dtype), k, NN, preferred_element_type=F32)
+
+  @pl.when(ki == cfg.nk - 1)
+  def _done():
+    for h in range(cfg.heads):
+      dq_ref[:, h * d:(h + 1) * d] = (dq_sc[h] * cfg.scale).astype(dq_ref.dtype)
+
+
+def _tpu_dkv_kernel(occ_ref, q_ref, k_ref, v_ref, w_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
+                    dk_sc, dv_sc, *, cfg: _Config):
+  """Keys on sublanes, queries on lanes: ``s.T [bk, bq]``, so lse/delta rows need no relayout and all
+  four products are plain or rhs-transposed matmuls."""
+  b, ki, qi = (pl.program_id(i) for i in range(3))
+  d = cfg.head_dim
+
+  @pl.when(qi == 0)
+  def _init():
+    dk_sc[...] = jnp.zeros(dk_sc.shape, F32)
+    dv_sc[...] = jnp.zeros(dv_sc.shape, F32)
+
+  @pl.when(_occupied(occ_ref, cfg, b, qi, ki))
+  def _step():
+    for h in range(cfg.heads):
+      k, v = _head(k_ref, cfg, 1, h), _head(v_ref, cfg, 2, h)
+      q = _live_rows(_scaled(_head(q_ref, cfg, 0, h), cfg.scale, k.dtype), qi, cfg.bq, cfg.n)
+      do = _live_rows(do_ref[:, h * d:(h + 1) * d].astype(v.dtype), qi, cfg.bq, cfg.n)
+      st = lax.dot_general(k, q, NT, preferred_element_type=F32)                 # [bk, bq]
+      keep = _tpu_keep(w_ref, cfg, h, st.shape, 0)
+      pt = jnp.where(keep, jnp.exp(st - lse_ref[h]), 0.0)
+      dv_sc[h] += lax.dot_general(pt.astype(v.dtype), do, NN, preferred_element_type=F32)
+      dpt = lax.dot_general(v, do, NT, preferred_element_type=F32)
+      dst = jnp.where(keep, pt * (dpt - delta_ref[h]), 0.0)
+      dk_sc[h] += lax.dot_general(dst.astype(q.dtype), q, NN, preferred_element_type=F32)
+
+  @pl.when(qi == cfg.nq - 1)
+  def _done():
+    for h in range(cfg.heads):
+      dk_ref[:, h * d:(h + 1) * d] = dk_sc[h].astype(dk_ref.dtype)
+      dv_ref[:, h * d:(h + 1) * d] = dv_sc[h].astype(dv_ref.dtype)
+
+
+def _tpu_specs(cfg: _Config, kv_major: bool):
+  """Block specs for a ``(B, i, j)`` grid, ``(i, j)`` = ``(query block, key block)`` (or swapped when
+  ``kv_major``): q, k, v sections of ``qkv``, the query-side ``[B, N, H d]`` arrays (out, do, dq), the
+  key-side ones (dk, dv), the words and the lse/delta rows."""
+  def order(i, j):
+    return (j, i) if kv_major else (i, j)
+
+  lanes = cfg.heads * cfg.head_dim if cfg.split else 3 * cfg.heads * cfg.head_dim
+  hd = cfg.heads * cfg.head_dim
+  mh = cfg.heads if cfg.mask_h else 1
+
+  def section(s, rows, which):
+    lane_block = s if cfg.split else 0
+    return pl.BlockSpec((None, rows, lanes),
+                        lambda b, i, j, occ: (b, order(i, j)[which], lane_block))
+
+  q_spec, k_spec, v_spec = section(0, cfg.bq, 0), section(1, cfg.bk, 1), section(2, cfg.bk, 1)
+  qside = pl.BlockSpec((None, cfg.bq, hd), lambda b, i, j, occ: (b, order(i, j)[0], 0))
+  kside = pl.BlockSpec((None, cfg.bk, hd), lambda b, i, j, occ: (b, order(i, j)[1], 0))
+
+  def w_map(b, i, j, occ):
+    qi, ki = order(i, j)
+    return (b if cfg.mask_b else 0, 0, ki, 0, qi)
+
+  w_spec = pl.BlockSpec((None, mh, None, cfg.nw, cfg.bq), w_map)
+  row_spec = pl.BlockSpec((None, cfg.heads, 1, cfg.bq), lambda b, i, j, occ: (b, 0, 0, order(i, j)[0]))
+  return q_spec, k_spec, v_spec, qside, kside, w_spec, row_spec
+
+
+def _tpu_section_bytes(cfg: _Config, qkv: Array) -> int:
+  """Bytes of one q/k/v read of ``qkv`` (a section, or whole rows when the sections share a block)."""
+  return _nbytes(qkv) // (3 if cfg.split else 1)
+
+
+def _tpu_params(cfg: _Config, name: str, cost: pl.CostEstimate) -> dict:
+  return dict(compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+              interpret=cfg.tpu_interpret(), cost_estimate=cost, name=name)
+
+
+def _tpu_forward(cfg: _Config, qkv, words, occ, out_dtype):
+  """``qkv [B, N, 3 H d]`` -> ``(out [B, N, H d] out_dtype, lse [B, H, 1, Nq_pad] f32)``."""
+  bsz, n, _ = qkv.shape
+  nh, d = cfg.heads, cfg.head_dim
+  q_spec, k_spec, v_spec, qside, _, w_spec, row_spec = _tpu_specs(cfg, kv_major=False)
+  out_shape = (_out((bsz, n, nh * d), qkv, out_dtype), _out((bsz, nh, 1, cfg.nq * cfg.bq), qkv))
+  # Every block of an occupied pair is computed (skipping is data-dependent): two products of
+  # 2 * bq * bk * d flops per head and pair; one exp per logit, one log per row; k and v read once per
+  # query block.
+  pairs = bsz * nh * cfg.nq * cfg.bq * cfg.nk * cfg.bk
+  section = _tpu_section_bytes(cfg, qkv)
   cost = pl.CostEstimate(
-      flops=4 * pairs * d, transcendentals=pairs + bsz * nh * nq_pad,
-      bytes_accessed=_nbytes(q, words, occ) + cfg.nq * _nbytes(k, v) + bsz * nh * nq_pad * (d + 1) * 4)
+      flops=4 * pairs * d, transcendentals=pairs + bsz * nh * cfg.nq * cfg.bq,
+      bytes_accessed=section * (1 + 2 * cfg.nq) + _nbytes(words, occ)
+      + bsz * n * nh * d * jnp.dtype(out_dtype).itemsize + bsz * nh * cfg.nq * cfg.bq * 4)
   return pl.pallas_call(
       functools.partial(_tpu_fwd_kernel, cfg=cfg),
       out_shape=out_shape,
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=1, grid=(bsz, nh, cfg.nq, cfg.nk),
-          in_specs=[q_spec, k_spec, k_spec, w_spec],
-          out_specs=[q_spec, row_spec],
-          scratch_shapes=[pltpu.VMEM((cfg.bq, 1), F32), pltpu.VMEM((cfg.bq, 1), F32),
-                          pltpu.VMEM((cfg.bq, d), F32)]),
-      compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-      interpret=cfg.tpu_interpret(), cost_estimate=cost, name="sparse_attention_fwd",
-  )(occ, q, k, v, words)
+          num_scalar_prefetch=1, grid=(bsz, cfg.nq, cfg.nk),
+          in_specs=[q_spec, k_spec, v_spec, w_spec],
+          out_specs=[qside, row_spec],
+          scratch_shapes=[pltpu.VMEM((nh, cfg.bq, 1), F32), pltpu.VMEM((nh, cfg.bq, 1), F32),
+                          pltpu.VMEM((nh, cfg.bq, d), F32)]),
+      **_tpu_params(cfg, "sparse_attention_fwd", cost),
+  )(occ, qkv, qkv, qkv, words)
 
 
-def _tpu_backward(cfg: _Config, q, k, v, words, occ, do, lse, delta):
-  """Gradients ``(dq, dk, dv)`` float32 ``[B, H, N_pad, d]`` from ``do [B, H, Nq_pad, d]`` and the rows
-  ``lse, delta [B, H, 1, Nq_pad]``."""
-  bsz, nh, nq_pad, d = q.shape
-  nk_pad = k.shape[2]
-  pairs = bsz * nh * nq_pad * nk_pad
-  params = dict(interpret=cfg.tpu_interpret())
+def _tpu_backward(cfg: _Config, qkv, words, occ, do, lse, delta):
+  """``d qkv [B, N, 3 H d]`` float32 from ``do [B, N, H d]`` and the rows ``lse, delta [B, H, 1, Nq_pad]``."""
+  bsz, n, _ = qkv.shape
+  nh, d = cfg.heads, cfg.head_dim
+  pairs = bsz * nh * cfg.nq * cfg.bq * cfg.nk * cfg.bk
+  section = _tpu_section_bytes(cfg, qkv)
   rows = _nbytes(lse, delta)
-
-  q_spec, k_spec, w_spec, row_spec = _tpu_specs(cfg, d, kv_major=False)
-  # dq: products s, dp, dq (3 x 2 Nq Nk d flops); k, v are read once per query block.
+  grad = _out((bsz, n, nh * d), qkv)
+  q_spec, k_spec, v_spec, qside, kside, w_spec, row_spec = _tpu_specs(cfg, kv_major=False)
+  # dq: products s, dp, dq (3 x 2 bq bk d flops per head and pair); k, v read once per query block.
   dq_cost = pl.CostEstimate(
       flops=6 * pairs * d, transcendentals=pairs,
-      bytes_accessed=_nbytes(q, do, words, occ) + rows + cfg.nq * _nbytes(k, v)
-      + bsz * nh * nq_pad * d * 4)
+      bytes_accessed=section * (1 + 2 * cfg.nq) + _nbytes(do, words, occ) + rows + _nbytes(grad))
   dq = pl.pallas_call(
       functools.partial(_tpu_dq_kernel, cfg=cfg),
-      out_shape=_out(q.shape, q),
+      out_shape=grad,
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=1, grid=(bsz, nh, cfg.nq, cfg.nk),
-          in_specs=[q_spec, k_spec, k_spec, w_spec, q_spec, row_spec, row_spec],
-          out_specs=q_spec, scratch_shapes=[pltpu.VMEM((cfg.bq, d), F32)]),
-      compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-      cost_estimate=dq_cost, name="sparse_attention_dq", **params,
-  )(occ, q, k, v, words, do, lse, delta)
+          num_scalar_prefetch=1, grid=(bsz, cfg.nq, cfg.nk),
+          in_specs=[q_spec, k_spec, v_spec, w_spec, qside, row_spec, row_spec],
+          out_specs=qside, scratch_shapes=[pltpu.VMEM((nh, cfg.bq, d), F32)]),
+      **_tpu_params(cfg, "sparse_attention_dq", dq_cost),
+  )(occ, qkv, qkv, qkv, words, do, lse, delta)
 
-  q_spec, k_spec, w_spec, row_spec = _tpu_specs(cfg, d, kv_major=True)
-  # dk, dv: products s, dv, dp, dk (4 x 2 Nq Nk d flops); q, do, lse, delta are read once per key block.
+  q_spec, k_spec, v_spec, qside, kside, w_spec, row_spec = _tpu_specs(cfg, kv_major=True)
+  # dk, dv: products s, dv, dp, dk (4 x 2 bq bk d flops per head and pair); q, do, lse, delta read once
+  # per key block.
   dkv_cost = pl.CostEstimate(
       flops=8 * pairs * d, transcendentals=pairs,
-      bytes_accessed=cfg.nk * (_nbytes(q, do) + rows) + _nbytes(k, v, words, occ)
-      + 2 * bsz * nh * nk_pad * d * 4)
+      bytes_accessed=cfg.nk * (section + _nbytes(do) + rows) + 2 * section + _nbytes(words, occ)
+      + 2 * _nbytes(grad))
   dk, dv = pl.pallas_call(
       functools.partial(_tpu_dkv_kernel, cfg=cfg),
-      out_shape=(_out(k.shape, q), _out(v.shape, q)),
+      out_shape=(grad, grad),
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=1, grid=(bsz, nh, cfg.nk, cfg.nq),
-          in_specs=[q_spec, k_spec, k_spec, w_spec, q_spec, row_spec, row_spec],
-          out_specs=[k_spec, k_spec],
-          scratch_shapes=[pltpu.VMEM((cfg.bk, d), F32), pltpu.VMEM((cfg.bk, d), F32)]),
-      compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-      cost_estimate=dkv_cost, name="sparse_attention_dkv", **params,
-  )(occ, q, k, v, words, do, lse, delta)
-  return dq, dk, dv
+          num_scalar_prefetch=1, grid=(bsz, cfg.nk, cfg.nq),
+          in_specs=[q_spec, k_spec, v_spec, w_spec, qside, row_spec, row_spec],
+          out_specs=[kside, kside],
+          scratch_shapes=[pltpu.VMEM((nh, cfg.bk, d), F32), pltpu.VMEM((nh, cfg.bk, d), F32)]),
+      **_tpu_params(cfg, "sparse_attention_dkv", dkv_cost),
+  )(occ, qkv, qkv, qkv, words, do, lse, delta)
+  return jnp.concatenate([dq, dk, dv], axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4))
+def _tpu_core(cfg: _Config, qkv, words, occ, out_dtype):
+  return _tpu_forward(cfg, qkv, words, occ, out_dtype)[0]
+
+
+def _tpu_core_fwd(cfg: _Config, qkv, words, occ, out_dtype):
+  out, lse = _tpu_forward(cfg, qkv, words, occ, out_dtype)
+  return out, (qkv, words, occ, out, lse)
+
+
+def _tpu_core_bwd(cfg: _Config, out_dtype, res, dout):
+  del out_dtype
+  qkv, words, occ, out, lse = res
+  bsz, n, hd = out.shape
+  prod = (dout.astype(F32) * out.astype(F32)).reshape(bsz, n, cfg.heads, cfg.head_dim)
+  delta = jnp.swapaxes(jnp.sum(prod, axis=-1), 1, 2)[:, :, None, :]        # rowsum(dO * O): [B, H, 1, N]
+  delta = jnp.pad(delta, ((0, 0), (0, 0), (0, 0), (0, lse.shape[-1] - n)))
+  dqkv = _tpu_backward(cfg, qkv, words, occ, dout, lse, delta)
+  return dqkv.astype(qkv.dtype), None, None
+
+
+_tpu_core.defvjp(_tpu_core_fwd, _tpu_core_bwd)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -511,41 +590,34 @@ def _gpu_backward(cfg: _Config, q, k, v, words, do, lse, delta):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _core(cfg: _Config, q, k, v, words, occ):
-  return _core_fwd(cfg, q, k, v, words, occ)[0]
+def _gpu_core(cfg: _Config, q, k, v, words):
+  return _gpu_core_fwd(cfg, q, k, v, words)[0]
 
 
-def _core_fwd(cfg: _Config, q, k, v, words, occ):
-  if cfg.backend == "tpu":
-    out, lse = _tpu_forward(cfg, q, k, v, words, occ)
-  else:
-    out, lse = _gpu_forward(cfg, q, k, v, words)
-  return out, (q, k, v, words, occ, out, lse)
+def _gpu_core_fwd(cfg: _Config, q, k, v, words):
+  out, lse = _gpu_forward(cfg, q, k, v, words)
+  return out, (q, k, v, words, out, lse)
 
 
-def _core_bwd(cfg: _Config, res, dout):
-  q, k, v, words, occ, out, lse = res
+def _gpu_core_bwd(cfg: _Config, res, dout):
+  q, k, v, words, out, lse = res
   delta = jnp.sum(dout * out, axis=-1)                     # rowsum(dO * O) = sum_j p_j dp_j
-  if cfg.backend == "tpu":
-    dq, dk, dv = _tpu_backward(cfg, q, k, v, words, occ, dout, lse, delta[:, :, None, :])
-  else:
-    dq, dk, dv = _gpu_backward(cfg, q, k, v, words, dout, lse, jnp.swapaxes(delta, 1, 2))
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+  dq, dk, dv = _gpu_backward(cfg, q, k, v, words, dout, lse, jnp.swapaxes(delta, 1, 2))
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
-_core.defvjp(_core_fwd, _core_bwd)
+_gpu_core.defvjp(_gpu_core_fwd, _gpu_core_bwd)
 
 
-def _mask_layout(packed: Array, cfg: _Config, nq_pad: int, nk_pad: int):
-  """``packed [B|1, H|1, W, N_q]`` -> ``(words [B|1, H|1, nk, nw, Nq_pad] int32, occ [B|1 * H|1 * nq * nk]
-  int32)``: the per-key-block words (pad queries and keys never kept; a reshape of the padded words, no
-  transpose) and the flat table of non-empty ``(query block, key block)`` pairs."""
+def _mask_layout(packed: Array, cfg: _Config) -> tuple[Array, Array]:
+  """``packed [B|1, H|1, W, N_q]`` -> ``(words [B|1, H|1, nk, nw, nq * bq] int32, occ [B|1 * nq * nk]
+  int32)``: the words of each key block (padding never kept; a reshape of the padded words, no transpose)
+  and the flat table of ``(query block, key block)`` pairs that some head keeps anything of (TPU)."""
   mb, mh, n_words, n_rows = packed.shape
-  w_pad = nk_pad // BITS
-  padded = jnp.pad(packed, ((0, 0), (0, 0), (0, w_pad - n_words), (0, nq_pad - n_rows)))
-  words = padded.reshape(mb, mh, cfg.nk, cfg.nw, nq_pad)
-  occ = jnp.any(words.reshape(mb, mh, cfg.nk, cfg.nw, cfg.nq, cfg.bq) != 0, axis=(3, 5))   # [., ., nk, nq]
-  return words, jnp.swapaxes(occ, 2, 3).reshape(-1).astype(jnp.int32)
+  padded = jnp.pad(packed, ((0, 0), (0, 0), (0, cfg.nk * cfg.nw - n_words), (0, cfg.nq * cfg.bq - n_rows)))
+  words = padded.reshape(mb, mh, cfg.nk, cfg.nw, cfg.nq * cfg.bq)
+  occ = jnp.any(words.reshape(mb, mh, cfg.nk, cfg.nw, cfg.nq, cfg.bq) != 0, axis=(1, 3, 5))   # [., nk, nq]
+  return words, jnp.swapaxes(occ, 1, 2).reshape(-1).astype(jnp.int32)
 
 
 def sparse_attention(q: Array, k: Array, v: Array, packed: Array, *, scale: float, backend: str = "tpu",
@@ -554,19 +626,20 @@ def sparse_attention(q: Array, k: Array, v: Array, packed: Array, *, scale: floa
   """Masked softmax attention, fused: ``[B, N, H, d]`` x3 and a bit-packed mask -> ``[B, N, H, d]`` f32.
 
   Args:
-    q, k, v: ``[B, N_q, H, d]``, ``[B, N_k, H, d]`` x2, any float dtype; the products run in q's dtype
-      (k and v are cast to it) with float32 accumulation, the softmax in float32.
+    q, k, v: ``[B, N_q, H, d]``, ``[B, N_k, H, d]`` x2 (TPU: ``N_q = N_k``), any float dtype; the products
+      run in q's dtype (k and v are cast to it) with float32 accumulation, the softmax in float32.
     packed: ``[B|1, H|1, ceil(N_k / 32), N_q] int32`` (``attention.bitmask``): bit j of ``packed[..., w, i]``
       set when query i keeps key 32 w + j. A leading 1 broadcasts over batch or heads. No gradient.
     scale: the logit scale (``d ** -0.5`` for the reference).
     backend: ``"tpu"`` (Mosaic) or ``"gpu"`` (Triton).
     interpret: run the kernels on CPU (TPU: ``pltpu.InterpretParams()``; GPU: the Pallas interpreter).
-    block_q, block_k: query rows / keys per block (block_k a multiple of 32; powers of two on GPU). On a
-      real TPU a block must be a multiple of 128 (block_k always; block_q when there are several).
+    block_q, block_k: query rows / keys per block. TPU: N (the default up to 512 tokens) or, on a real
+      TPU, a multiple of 128 (the default above); GPU: powers of two, block_k at least 32.
 
   Returns:
     ``[B, N_q, H, d]`` float32; rows with no kept key are 0. Differentiable in q, k and v (the backward
-    is Pallas too).
+    is Pallas too). TPU: the kernel writes q's dtype (the float32 result rounded once), which the output
+    projection reads.
   """
   if backend not in ("tpu", "gpu"):
     raise ValueError(f"unknown backend {backend!r}; allowed: 'tpu', 'gpu'")
@@ -574,22 +647,24 @@ def sparse_attention(q: Array, k: Array, v: Array, packed: Array, *, scale: floa
   nk = k.shape[1]
   if packed.ndim != 4 or packed.shape[3] != nq or packed.shape[2] != bitmask.words(nk):
     raise ValueError(f"packed mask {packed.shape} does not fit q {q.shape} and {nk} keys")
+  if backend == "tpu" and nq != nk:
+    raise ValueError(f"the TPU kernel needs as many queries as keys; got {nq} and {nk}")
   bq, bk = _block_sizes(backend, nq, nk, block_q, block_k)
-  nq_pad, nk_pad = _round_up(nq, bq), _round_up(nk, bk)
   cfg = _Config(backend=backend, scale=float(scale), interpret=bool(interpret), bq=bq, bk=bk,
-                nq=nq_pad // bq, nk=nk_pad // bk, mask_b=packed.shape[0] > 1, mask_h=packed.shape[1] > 1)
+                nq=-(-nq // bq), nk=-(-nk // bk), mask_b=packed.shape[0] > 1, mask_h=packed.shape[1] > 1,
+                heads=nh, head_dim=d, n=nq, split=(nh * d) % 128 == 0)
   dtype = q.dtype
   q, k, v, packed = _same_vma(q, k.astype(dtype), v.astype(dtype), packed)
-  words, occ = _mask_layout(packed.astype(jnp.int32), cfg, nq_pad, nk_pad)
+  words, occ = _mask_layout(packed.astype(jnp.int32), cfg)
 
   if backend == "tpu":
-    def prep(t, n_pad):                                    # [B, N, H, d] -> [B, H, N_pad, d]
-      return jnp.pad(jnp.swapaxes(t, 1, 2), ((0, 0), (0, 0), (0, n_pad - t.shape[1]), (0, 0)))
-    out = _core(cfg, prep(q, nq_pad), prep(k, nk_pad), prep(v, nk_pad), words, occ)
-    return jnp.swapaxes(out[:, :, :nq], 1, 2)
+    qkv = jnp.stack([q, k, v], axis=2).reshape(bsz, nq, 3 * nh * d)   # the qkv projection's layout
+    out = _tpu_core(cfg, qkv, words, occ, dtype)
+    return out.reshape(bsz, nq, nh, d).astype(F32)
 
+  nq_pad, nk_pad = cfg.nq * bq, cfg.nk * bk
   d_pad = max(16, _next_pow2(d))
   def prep_gpu(t, n_pad):                                  # pad N and d, keep [B, N, H, d]
     return jnp.pad(t, ((0, 0), (0, n_pad - t.shape[1]), (0, 0), (0, d_pad - d)))
-  out = _core(cfg, prep_gpu(q, nq_pad), prep_gpu(k, nk_pad), prep_gpu(v, nk_pad), words, occ)
+  out = _gpu_core(cfg, prep_gpu(q, nq_pad), prep_gpu(k, nk_pad), prep_gpu(v, nk_pad), words)
   return out[:, :nq, :, :d]
