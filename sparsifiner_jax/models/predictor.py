@@ -152,7 +152,7 @@ class MaskPredictor(nnx.Module):
 
 
   def fused_mask(self, q: Array, factors: tuple, basis: Array, budget: int) -> Array:
-    """The packed mask ``[B, H, N, ceil(N / 32)] int32`` (CLS row dense) in one Pallas pass for
+    """The packed mask ``[B, H, ceil(N / 32), N] int32`` (CLS row dense) in one Pallas pass for
     ``backend.target()``, per batch shard, from raw q ``[B, N, H, d]``, ``factors(...)`` and the sparse
     ``basis_rows`` (``[m, N]`` or ``[B, m, N]``). No gradient: a selection."""
     target = backend.target()
