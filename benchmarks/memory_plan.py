@@ -3,7 +3,8 @@
   python benchmarks/memory_plan.py [--topologies v5e:2x4 v5e:4x8 v4:2x2x4 v5p:2x4x4] [--json out.json]
 
 For each topology and phase, compiles the real train step (``sparsifiner_jax.compile_for``, no TPU
-needed) at the recipe's batch and reports per-chip peak memory against the chip's HBM. Per chip family,
+needed) at the recipe's batch and reports per-device peak memory against the device's HBM (a device is a
+chip; v4 topologies compile each of a chip's two TensorCores as a device with half its 32 GiB). Per chip family,
 the largest per-chip batch that fits is found from two compiles (peak memory is close to linear in the
 batch: the fit's intercept is the parameters, optimizer state and code) and then checked by compiling it
 (stepping down by 8 until it fits). Where the recipe does not fit, the table gives the ``grad_accum`` that
@@ -48,7 +49,7 @@ def peak(topology: str, phase: str, per_chip: int, grad_accum: int = 1) -> int:
 def largest_batch(topology: str, phase: str, known: dict[int, int], log) -> int:
   """The largest per-chip batch (a multiple of 8) whose step fits, from a linear fit of ``known``
   ``{per_chip: peak}`` (two points at least), checked by compiling."""
-  hbm = compile_for.hbm_bytes(topology) * HEADROOM
+  hbm = compile_for.hbm_bytes(topology, compile_for.topology_devices(topology)) * HEADROOM
   (b0, p0), (b1, p1) = sorted(known.items())[:1] + sorted(known.items())[-1:]
   slope = (p1 - p0) / (b1 - b0)
   guess = int((hbm - (p0 - slope * b0)) / slope) // 8 * 8
@@ -71,7 +72,8 @@ def main() -> None:
   log = lambda msg: print(msg, file=sys.stderr, flush=True)   # noqa: E731
   rows, families = [], {}
   for topology in args.topologies:
-    chips = len(compile_for.topology_devices(topology))
+    devices = compile_for.topology_devices(topology)
+    chips = len(devices)
     for phase in PHASES:
       per_chip = args.batch // chips
       p = peak(topology, phase, per_chip)
@@ -79,7 +81,7 @@ def main() -> None:
       families.setdefault((topology.split(":")[0], phase), {"topology": topology, "known": {}})
       families[(topology.split(":")[0], phase)]["known"][per_chip] = p
       rows.append(dict(topology=topology, name=NAMES.get(topology, topology), chips=chips, phase=phase,
-                       per_chip=per_chip, peak=p, hbm=compile_for.hbm_bytes(topology)))
+                       per_chip=per_chip, peak=p, hbm=compile_for.hbm_bytes(topology, devices)))
   limits = {}
   for (family, phase), f in families.items():
     known = f["known"]
@@ -87,7 +89,7 @@ def main() -> None:
       b = max(8, min(known) // 2 // 8 * 8)
       known[b] = peak(f["topology"], phase, b)
     limits[(family, phase)] = largest_batch(f["topology"], phase, known, log)
-  print("| slice | chips | phase | batch / chip | peak GiB / chip | HBM GiB | fits | largest batch / chip | "
+  print("| slice | devices | phase | batch / device | peak GiB / device | HBM GiB | fits | largest batch / device | "
         "to fit |\n|---|---|---|---|---|---|---|---|---|")
   for r in rows:
     limit = limits[(r["topology"].split(":")[0], r["phase"])]

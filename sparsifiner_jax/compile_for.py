@@ -11,7 +11,8 @@ the dense counterpart (the same config with ``model.keep_rate=None`` and no toke
 too and the ratios printed. For the ``recon`` phase, which a dense model does not have, the dense figures
 are its ``distill`` step.
 
-Figures are per chip, from ``compiled.memory_analysis()`` and ``compiled.cost_analysis()``. XLA cannot
+Figures are per device (a chip; on v4, whose topologies compile each TensorCore as a device, half a
+chip), from ``compiled.memory_analysis()`` and ``compiled.cost_analysis()``. XLA cannot
 see inside a Pallas kernel: it counts what the kernel declares (``pl.CostEstimate``: its FLOPs, and at
 least its operand and result bytes as HBM traffic).
 """
@@ -75,8 +76,11 @@ class Figures:
             + self.code_bytes)
 
 
-def hbm_bytes(topology: str) -> int:
-  return HBM_GIB[topology.split(":")[0]] * GIB
+def hbm_bytes(topology: str, devices=None) -> int:
+  """HBM per device of ``topology``: a chip's, or its share where the topology lists each TensorCore of a
+  chip as a device (v4 compiles without megacore: two devices of 16 GiB per 32 GiB chip)."""
+  cores = 1 + max((getattr(d, "core_on_chip", 0) for d in devices), default=0) if devices else 1
+  return HBM_GIB[topology.split(":")[0]] * GIB // cores
 
 
 def topology_devices(topology: str) -> list:
@@ -189,7 +193,7 @@ def compare(config, topology: str, what: str, *, phase: str | None = None,
   """Compiles ``config`` (and its dense counterpart) for ``topology``; the report as a dict."""
   devices = topology_devices(topology)
   compiled, info = compile_step(config, devices, what, phase=phase, batch_per_chip=batch_per_chip)
-  out = dict(topology=topology, hbm_bytes=hbm_bytes(topology), **info,
+  out = dict(topology=topology, hbm_bytes=hbm_bytes(topology, devices), **info,
              model=dataclasses.asdict(figures(compiled)))
   out["model"]["peak_bytes"] = figures(compiled).peak_bytes
   if dense:
@@ -207,9 +211,9 @@ def format_report(r: dict[str, Any]) -> str:
   """The report as a small table."""
   mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items())
   phase = f" ({r['phase']})" if r.get("phase") else ""
-  lines = [f"{r['what']}{phase} on {r['topology']}: {r['chips']} chips of {r['hbm_bytes'] / GIB:.0f} GiB HBM, "
-           f"batch {r['batch']} ({r['batch_per_chip']} per chip), mesh {mesh}",
-           f"{'per chip':<12}{'peak GiB':>10}{'% HBM':>8}{'temp GiB':>10}{'FLOPs':>11}{'bytes':>11}"]
+  lines = [f"{r['what']}{phase} on {r['topology']}: {r['chips']} devices of {r['hbm_bytes'] / GIB:.0f} GiB HBM, "
+           f"batch {r['batch']} ({r['batch_per_chip']} per device), mesh {mesh}",
+           f"{'per device':<12}{'peak GiB':>10}{'% HBM':>8}{'temp GiB':>10}{'FLOPs':>11}{'bytes':>11}"]
   rows = [("model", r["model"])] + ([("dense", r["dense"])] if "dense" in r else [])
   for name, f in rows:
     lines.append(f"{name:<12}{f['peak_bytes'] / GIB:>10.2f}{100 * f['peak_bytes'] / r['hbm_bytes']:>7.0f}%"

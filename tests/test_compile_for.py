@@ -34,7 +34,14 @@ def test_eval_step_runs_the_kernels_per_chip():
   assert info["chips"] == 4 and info["batch"] % 4 == 0
   assert text.count("tpu_custom_call") >= 2                  # the mask and the attention kernels
   assert "all-gather" not in text
-  assert fig.flops > 0 and fig.bytes_accessed > 0 and 0 < fig.peak_bytes < compile_for.hbm_bytes(TOPOLOGY)
+  assert fig.flops > 0 and fig.bytes_accessed > 0 and 0 < fig.peak_bytes < 16 * 2 ** 30
+
+
+def test_v4_devices_are_tensorcores_with_half_a_chip_of_hbm():
+  devices = compile_for.topology_devices("v4:2x2x1")                       # 4 chips, 2 cores each
+  assert len(devices) == 8
+  assert compile_for.hbm_bytes("v4:2x2x1", devices) == 16 * 2 ** 30
+  assert compile_for.hbm_bytes(TOPOLOGY, compile_for.topology_devices(TOPOLOGY)) == 16 * 2 ** 30
 
 
 def test_dense_counterpart_has_no_kernels():
@@ -66,7 +73,7 @@ def test_cli_reports_ratios_and_writes_json(tmp_path):
   out = tmp_path / "report.json"
   r = _cli("--config", "configs/tiny_test.py", "--topology", TOPOLOGY, "--what", "eval", "--json", str(out))
   assert r.returncode == 0, r.stderr
-  assert "model/dense" in r.stdout and "v5e:2x2: 4 chips of 16 GiB HBM" in r.stdout
+  assert "model/dense" in r.stdout and "v5e:2x2: 4 devices of 16 GiB HBM" in r.stdout
   report = json.loads(out.read_text())
   assert set(report["ratios"]) == {"flops", "bytes_accessed", "temp_bytes", "peak_bytes"}
   assert report["ratios"]["flops"] == pytest.approx(report["model"]["flops"] / report["dense"]["flops"])
