@@ -10,6 +10,8 @@
 
 Writes ``WORKDIR/demo.json``, ``summary.md``, ``sweep_table.{md,csv}``, ``pareto.png``, ``connectivity.png``
 and the runs' eval JSONs, and prints the table. Runs from an installed package too (``configs`` ships with it).
+It runs on the CPU unless ``JAX_PLATFORMS`` says otherwise (with libtpu installed, JAX would otherwise
+probe for a TPU at start-up and print libtpu's notices).
 """
 
 from __future__ import annotations
@@ -145,6 +147,8 @@ def main(argv=None) -> int:
   ap.add_argument("--workdir", default="workdirs/demo")
   ap.add_argument("--debug", action="store_true", help="show the traceback on errors")
   args = ap.parse_args(argv)
+  if "JAX_PLATFORMS" not in os.environ:   # a CPU-sized run: never probe for accelerators
+    jax.config.update("jax_platforms", "cpu")
   absl_logging.set_verbosity(absl_logging.INFO if args.debug else absl_logging.ERROR)
   try:
     run(args.workdir)

@@ -651,8 +651,8 @@ def build_eval_dataset(input_cfg, split: str, *, img_size: int, local_batch_size
   num_batches = num_eval_batches(n, b, process_count)
   example_fn = _eval_example_fn(input_cfg, img_size=img_size,
                                 encoded=source.folder or source.encoded)
-  if _get(input_cfg, "cache"):
-    records = records.cache()
+  # No ``cache()``: each evaluation builds its dataset anew and reads it once, so a cache would never
+  # serve a second pass (and TF warns when a caller stops after the first batch).
   ds = records.map(example_fn, num_parallel_calls=tf.data.AUTOTUNE)
   pad = tf.data.Dataset.from_tensors({
       "image": tf.zeros([img_size, img_size, 3], tf.float32),
