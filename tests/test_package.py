@@ -122,12 +122,13 @@ def test_every_module_imports_on_its_own():
   assert not failed, "\n".join(failed)
 
 
-@pytest.mark.parametrize("path", ["README.md", "docs", "sparsifiner_jax", "configs", "benchmarks"])
+@pytest.mark.parametrize("path", ["README.md", "BENCHMARKS.md", "docs", "sparsifiner_jax", "configs", "benchmarks",
+                                  "scripts"])
 def test_no_reference_to_files_outside_the_repository(path):
   hits = []
   target = ROOT / path
   for f in ([target] if target.is_file() else sorted(target.rglob("*"))):
-    if f.is_file() and f.suffix in (".py", ".md", ".cc", ".h") and "results" not in f.parts:
+    if f.is_file() and f.suffix in (".py", ".md", ".cc", ".h", ".sh", ".sbatch"):
       text = f.read_text(errors="ignore")
       for needle in ("shared/spec", "SPARSIFINER.md", "BASELINES.md", "ENVIRONMENT.md", "STYLE.md"):
         if needle in text:
