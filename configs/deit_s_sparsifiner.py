@@ -1,6 +1,6 @@
 """The paper's recipe on ImageNet: Sparsifiner DeiT-S/16, keep 0.25, 5 recon + 45 distill epochs.
 
-  python train.py --config configs/deit_s_sparsifiner.py --workdir gs://.../run \
+  python train.py --config configs/deit_s_sparsifiner.py --workdir /mnt/runs/deit_s \
       --config.init=weights/deit_s --config.teacher.weights=weights/deit_s
 
 Args (``--config configs/deit_s_sparsifiner.py:keep_rate=0.1``): ``keep_rate``, ``variant`` (timm name).

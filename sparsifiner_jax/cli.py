@@ -19,7 +19,7 @@ from ml_collections import config_flags
 from sparsifiner_jax import config_check, errors, sharding
 from sparsifiner_jax.data.options import InputConfigError
 from sparsifiner_jax.evaluation import report
-from sparsifiner_jax.io import checkpoint, state_dict, weights
+from sparsifiner_jax.io import checkpoint, paths, state_dict, weights
 from sparsifiner_jax.train import trainer, workdir
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:arg]).",
@@ -108,6 +108,8 @@ def run_main(kind: str) -> None:
       raise app.UsageError("--workdir is required")
     absl_logging.set_verbosity(absl_logging.INFO if _DEBUG.value else absl_logging.WARNING)
     try:
+      for flag in (_WORKDIR, _WEIGHTS, _OUT):
+        paths.require_local(flag.value, f"--{flag.name}")
       maybe_initialize_distributed()
       config_check.check_config(config, train=kind == "train")  # fast: before TensorFlow loads
       if kind == "train":

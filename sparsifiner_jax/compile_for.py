@@ -33,7 +33,7 @@ from flax import nnx
 from sparsifiner_jax import cli, config_check, errors, models, sharding
 from sparsifiner_jax.attention import backend
 from sparsifiner_jax.evaluation.evaluator import make_eval_step
-from sparsifiner_jax.io import atomic
+from sparsifiner_jax.io import atomic, paths
 from sparsifiner_jax.train.phases import TRAINABLE, resolve_phases
 from sparsifiner_jax.train.step import make_train_step, state_layout
 
@@ -239,6 +239,7 @@ def main(argv) -> None:
   if config is None or _TOPOLOGY.value is None:
     raise app.UsageError("--config and --topology are required")
   try:
+    paths.require_local(_JSON.value, "--json")
     config_check.check_misc(config)
     config_check.check_model(config)
     report = compare(config, _TOPOLOGY.value, _WHAT.value, phase=_PHASE.value,

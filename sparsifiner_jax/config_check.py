@@ -18,6 +18,7 @@ from typing import Any
 import jax
 
 from sparsifiner_jax import models, sharding
+from sparsifiner_jax.io import paths
 
 PHASES = ("train", "recon", "distill", "joint")
 LOSS_TERMS = ("cls", "kd", "tok", "recon")
@@ -101,13 +102,14 @@ def _bool(config, path: str) -> None:
 
 
 def _path(config, path: str, what: str) -> str:
-  """A path field: '' (unset) or an existing local path (remote URLs are not checked)."""
+  """A path field: '' (unset) or an existing local path (URLs are refused: ``io.paths``)."""
   v = _value(config, path)
   if v is _MISSING or v is None or v == "":
     return ""
   if not isinstance(v, str):
     _fail(path, v, f"is not allowed; allowed: a path to {what}, or ''")
-  if "://" not in v and not os.path.exists(v):
+  paths.require_local(v, f"config.{path}")
+  if not os.path.exists(v):
     raise ConfigError(f"config.{path}={v!r} does not exist; allowed: a path to {what}, or ''")
   return v
 

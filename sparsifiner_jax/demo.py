@@ -32,7 +32,7 @@ from configs.sweeps import keep_rate as keep_rate_sweep
 from sparsifiner_jax import cli, errors, models, sweeps
 from sparsifiner_jax.data import input_pipeline
 from sparsifiner_jax.evaluation import report, viz
-from sparsifiner_jax.io import atomic, weights
+from sparsifiner_jax.io import atomic, paths, weights
 from sparsifiner_jax.train import trainer
 
 
@@ -151,6 +151,7 @@ def main(argv=None) -> int:
     jax.config.update("jax_platforms", "cpu")
   absl_logging.set_verbosity(absl_logging.INFO if args.debug else absl_logging.ERROR)
   try:
+    paths.require_local(args.workdir, "--workdir")
     run(args.workdir)
   except Exception as e:  # pylint: disable=broad-except
     return errors.report(e, cli.USER_ERRORS, debug=args.debug)

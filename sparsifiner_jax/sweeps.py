@@ -43,7 +43,7 @@ from typing import Any, Iterable, Sequence
 
 from sparsifiner_jax import errors
 from sparsifiner_jax.evaluation import viz
-from sparsifiner_jax.io import atomic
+from sparsifiner_jax.io import atomic, paths
 
 CONFIG_ARG = "config_arg"   # sweep key: the run's config argument, not a --config.* flag
 
@@ -374,6 +374,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                      help="after '--': arguments appended to every command")
   args = parser.parse_args(argv)
   try:
+    paths.require_local(getattr(args, "out", None), "--out")
+    paths.require_local(getattr(args, "workdir_root", None), "--workdir-root")
     if args.command == "aggregate":
       out = aggregate_to_dir(args.paths, args.out, title=args.title)
       print(f"aggregated {out['rows']} runs: {out['markdown']}, {out['csv']}, {out['plot']}")
@@ -390,7 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       return 1
     return 0
   except Exception as e:  # pylint: disable=broad-except
-    return errors.report(e, (SweepError, OSError), prog=parser.prog)
+    return errors.report(e, (SweepError, OSError, paths.PathError), prog=parser.prog)
 
 
 if __name__ == "__main__":

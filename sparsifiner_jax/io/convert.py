@@ -55,7 +55,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from sparsifiner_jax import errors, models
-from sparsifiner_jax.io import atomic, weights
+from sparsifiner_jax.io import atomic, paths, weights
 from sparsifiner_jax.io.big_vision import from_big_vision, to_big_vision
 from sparsifiner_jax.io.resample import reduce_n_keeping, adapt_state_dict
 from sparsifiner_jax.io.state_dict import (PREDICTOR, WEIGHT_TYPES, ConversionError, as_numpy, flatten,
@@ -464,6 +464,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   option, 1 for anything else; ``--debug``: the traceback too)."""
   args = _parser().parse_args(argv)
   try:
+    paths.require_local(args.src, "SRC")
+    paths.require_local(args.dst, "DST")
     out = convert(args.src, args.dst, model=args.model, img_size=args.img_size,
                   keep_rate=args.keep_rate, src_format=args.src_format, dst_format=args.dst_format,
                   backbone_only=args.backbone_only, trust_pickle=args.trust_pickle,
