@@ -130,14 +130,15 @@ class MaskPredictor(nnx.Module):
     """
     q, k = qkv[:, :, 0], qkv[:, :, 1]
     factors = self.factors(k, token_index=token_index, key_keep=key_keep)
-    logits = coefficient_logits(q, query_weights(*factors, self.dtype), self.logit_scale, self.dtype)
+    weights = query_weights(*factors, self.dtype)                     # [B, H, d + 1, m]
+    logits = coefficient_logits(q, weights, self.logit_scale, self.dtype)
     basis = self.basis_rows(recon, token_index)
     approx = self.combine(logits, basis, recon)
     if recon:
       return None, approx
     budget = self.budget if kept_patches is None else min(self.budget, kept_patches)
     if key_keep is None and backend.pallas_enabled():
-      packed = self.fused_mask(q, factors, basis, budget)
+      packed = self.fused_mask(q, weights, basis, budget)
       return mask_lib.packed_mask(packed, budget, num_dense_rows=1), approx
     if key_keep is None:
       # In XLA (other backends, no kernels) the mask comes from the logits above.
@@ -150,13 +151,12 @@ class MaskPredictor(nnx.Module):
     scores = jnp.where(key_keep[:, None, None, :], jax.lax.stop_gradient(approx), -jnp.inf)
     return mask_lib.topk_mask(scores, budget, num_dense_rows=1), approx
 
-
-  def fused_mask(self, q: Array, factors: tuple, basis: Array, budget: int) -> Array:
+  def fused_mask(self, q: Array, weights: Array, basis: Array, budget: int) -> Array:
     """The packed mask ``[B, H, ceil(N / 32), N] int32`` (CLS row dense) in one Pallas pass for
-    ``backend.target()``, per batch shard, from raw q ``[B, N, H, d]``, ``factors(...)`` and the sparse
-    ``basis_rows`` (``[m, N]`` or ``[B, m, N]``). No gradient: a selection."""
+    ``backend.target()``, per batch shard, from raw q ``[B, N, H, d]``, ``query_weights(...)``
+    ``[B, H, d + 1, m]`` and the sparse ``basis_rows`` (``[m, N]`` or ``[B, m, N]``). No gradient: a
+    selection."""
     target = backend.target()
-    weights = query_weights(*factors, self.dtype)                     # [B, H, d + 1, m]
 
     def run(q, weights, basis):
       return pallas_mask.lowrank_topk_mask(

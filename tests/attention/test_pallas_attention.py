@@ -2,13 +2,12 @@
 ``masked_attention``: forward and gradients, both backends in interpret mode on CPU, plus a Mosaic
 compile for a real TPU topology (needs libtpu, no TPU)."""
 
-import importlib.util
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sparsifiner_jax import compile_for
 from sparsifiner_jax.attention import AttentionMask, masked_attention
 from sparsifiner_jax.attention.mask import keep_mask
 from sparsifiner_jax.attention import bitmask
@@ -121,13 +120,10 @@ def test_more_lengths_fp32(backend, n, d, blocks):
 
 def test_tpu_compile():
   """Mosaic compiles the forward and the gradient for a v5e topology (no TPU needed, libtpu is)."""
-  if importlib.util.find_spec("libtpu") is None:
-    pytest.skip("libtpu is not installed (pip install 'libtpu==0.0.42.*'): no Mosaic compiler")
-  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  topo = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu")
-  mesh = jax.sharding.Mesh(np.array(topo.devices).reshape(-1), ("data",))
-  b, n, h, d = 2 * len(topo.devices), 197, 2, 64
+  devices = compile_for.topology_devices("v5e:2x2")
+  mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+  b, n, h, d = 2 * len(devices), 197, 2, 64
   sharding = NamedSharding(mesh, P("data"))
   x = jax.ShapeDtypeStruct((b, n, h, d), jnp.bfloat16, sharding=sharding)
   m = jax.ShapeDtypeStruct((b, h, bitmask.words(n), n), jnp.int32, sharding=sharding)
@@ -145,5 +141,5 @@ def test_tpu_compile():
     assert "tpu_custom_call" in text
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    per_chip = (b // len(topo.devices)) * h * n * n * d
+    per_chip = (b // len(devices)) * h * n * n * d
     assert cost["flops"] >= min_flops * per_chip

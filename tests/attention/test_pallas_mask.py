@@ -9,14 +9,13 @@ approximation up to 1e-5 of the row's largest magnitude (a different summation o
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparsifiner_jax import precision
+from sparsifiner_jax import compile_for, precision
 from sparsifiner_jax.attention import bitmask
 from sparsifiner_jax.attention.pallas import mask as pallas_mask
 from sparsifiner_jax.models import predictor as predictor_lib
@@ -165,15 +164,8 @@ def test_bad_arguments():
 
 
 def tpu_topology_mesh():
-  """A compile-only 4-chip v5e mesh (``libtpu`` needed, no TPU), or skips with the reason."""
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")   # other processes may hold libtpu's lock
-  try:
-    import libtpu  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-  except ImportError:
-    pytest.skip("libtpu not importable (pip install 'libtpu==0.0.42.*'): no TPU compiler")
-  from jax.experimental import topologies   # pylint: disable=g-import-not-at-top
-  topo = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu")
-  return jax.sharding.Mesh(np.array(topo.devices).reshape(-1), ("data",))
+  """A compile-only 4-chip v5e mesh (libtpu, no TPU)."""
+  return jax.sharding.Mesh(np.array(compile_for.topology_devices("v5e:2x2")), ("data",))
 
 
 def compile_tpu(mesh, *, b, n, h, d, m, coef_k, k, dtype=jnp.bfloat16, per_example=False):
