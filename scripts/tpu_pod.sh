@@ -5,7 +5,7 @@
 #
 # Each worker needs the repository at ~/sparsifiner_jax with its .venv (`make .venv/.installed`, then
 # `pip install "jax[tpu]==0.10.2"` on TPU VMs), the dataset readable (config.input.data_dir), and
-# WORKDIR on a filesystem every worker mounts (docs/launch.md). jax.distributed finds the other
+# WORKDIR where every worker can reach it: gs://BUCKET/PATH or a shared filesystem (docs/launch.md). jax.distributed finds the other
 # workers by itself (SPARSIFINER_DISTRIBUTED=1). Re-running the same command resumes the run.
 set -euo pipefail
 if [ $# -lt 3 ]; then

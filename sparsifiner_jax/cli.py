@@ -108,8 +108,9 @@ def run_main(kind: str) -> None:
       raise app.UsageError("--workdir is required")
     absl_logging.set_verbosity(absl_logging.INFO if _DEBUG.value else absl_logging.WARNING)
     try:
-      for flag in (_WORKDIR, _WEIGHTS, _OUT):
-        paths.require_local(flag.value, f"--{flag.name}")
+      for flag in (_WORKDIR, _WEIGHTS, _OUT):  # a bad URL or bucket: one line before anything runs
+        if flag.value:
+          paths.check_reachable(flag.value, f"--{flag.name}")
       maybe_initialize_distributed()
       config_check.check_config(config, train=kind == "train")  # fast: before TensorFlow loads
       if kind == "train":

@@ -12,7 +12,6 @@ Every error is a ``ConfigError`` (a ``ValueError``) whose message starts with th
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 import jax
@@ -102,14 +101,13 @@ def _bool(config, path: str) -> None:
 
 
 def _path(config, path: str, what: str) -> str:
-  """A path field: '' (unset) or an existing local path (URLs are refused: ``io.paths``)."""
+  """A path field: '' (unset) or an existing local path or gs:// URL (``io.paths``)."""
   v = _value(config, path)
   if v is _MISSING or v is None or v == "":
     return ""
   if not isinstance(v, str):
     _fail(path, v, f"is not allowed; allowed: a path to {what}, or ''")
-  paths.require_local(v, f"config.{path}")
-  if not os.path.exists(v):
+  if not paths.check_reachable(v, f"config.{path}").exists():
     raise ConfigError(f"config.{path}={v!r} does not exist; allowed: a path to {what}, or ''")
   return v
 

@@ -182,7 +182,7 @@ def run(script: str, config: str, sweep: Sequence[dict[str, Any]] | str, workdir
       print(record["command"], file=stream)
       continue
     print(f"[{i + 1}/{len(commands)}] {record['command']}", file=stream, flush=True)
-    os.makedirs(workdir, exist_ok=True)
+    paths.resolve(workdir).mkdir(parents=True, exist_ok=True)
     record["returncode"] = subprocess.run(argv, check=False).returncode
     if record["returncode"] != 0:
       print(f"run {i + 1} ({workdir}) failed with exit status {record['returncode']}", file=stream,
@@ -282,11 +282,11 @@ def aggregate(json_paths: Iterable[str]) -> list[dict[str, Any]]:
   """
   rows = []
   for path in json_paths:
-    if not os.path.isfile(path):
+    file = paths.resolve(path, "RUN_JSON")
+    if not file.exists() or file.is_dir():
       raise SweepError(f"result file {path!r} not found")
     try:
-      with open(path) as f:
-        data = json.load(f)
+      data = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
       raise SweepError(f"{path}: malformed JSON: {e}") from e
     for record in data if isinstance(data, list) else [data]:
@@ -374,8 +374,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                      help="after '--': arguments appended to every command")
   args = parser.parse_args(argv)
   try:
-    paths.require_local(getattr(args, "out", None), "--out")
-    paths.require_local(getattr(args, "workdir_root", None), "--workdir-root")
+    for what in ("out", "workdir_root"):  # a bad URL or bucket: one line before anything runs
+      if getattr(args, what, None):
+        paths.check_reachable(getattr(args, what), "--" + what.replace("_", "-"))
     if args.command == "aggregate":
       out = aggregate_to_dir(args.paths, args.out, title=args.title)
       print(f"aggregated {out['rows']} runs: {out['markdown']}, {out['csv']}, {out['plot']}")

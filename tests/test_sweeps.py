@@ -11,6 +11,7 @@ from PIL import Image
 
 from sparsifiner_jax import sweeps
 from sparsifiner_jax.evaluation import viz
+from sparsifiner_jax.io import atomic, paths
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEEP_RATE = os.path.join(ROOT, "configs", "sweeps", "keep_rate.py")
@@ -120,18 +121,18 @@ def fake_runs(tmp_path):
       dict(method="evit", keep_rate=0.7, top1=79.5, flops=dict(total=3.0e9)),
       dict(method="evit", keep_rate=0.5, top1=78.5, flops=dict(total=2.3e9)),
   ]
-  paths = []
+  files = []
   for i, rec in enumerate(records):
     path = tmp_path / f"run{i}" / "eval.json"
     path.parent.mkdir()
     path.write_text(json.dumps(rec))
-    paths.append(str(path))
-  return paths
+    files.append(str(path))
+  return files
 
 
 def test_aggregate_table_and_plot(tmp_path):
-  paths = fake_runs(tmp_path)
-  rows = sweeps.aggregate(paths)
+  files = fake_runs(tmp_path)
+  rows = sweeps.aggregate(files)
   assert [r["method"] for r in rows] == ["dense"] + ["evit"] * 2 + ["sparsifiner"] * 3
   dense = rows[0]
   assert dense["dense"] and dense["top1"] == pytest.approx(79.8)
@@ -178,8 +179,8 @@ def cli(*args, cwd=ROOT):
 
 
 def test_cli(tmp_path):
-  paths = fake_runs(tmp_path)
-  out = cli("aggregate", *paths, "--out", str(tmp_path / "agg"))
+  files = fake_runs(tmp_path)
+  out = cli("aggregate", *files, "--out", str(tmp_path / "agg"))
   assert out.returncode == 0, out.stderr
   assert {"results.md", "results.csv", "pareto.png"} <= set(os.listdir(tmp_path / "agg"))
   out = cli("run", "--config", "configs/tiny_test.py", "--sweep", "configs/sweeps/keep_rate.py:0.1",
@@ -201,3 +202,12 @@ def test_cli_errors_are_one_line(tmp_path, args, msg):
   assert out.returncode == 2
   assert msg in out.stderr
   assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+
+
+def test_aggregate_reads_and_writes_a_bucket(tmp_path, bucket):
+  remote = [atomic.write_text(f"{bucket}/run{i}/eval.json", open(p).read())
+            for i, p in enumerate(fake_runs(tmp_path))]
+  out = sweeps.aggregate_to_dir(remote, bucket + "/table", title="in a bucket")
+  assert out["rows"] == "6" and out["plot"] == bucket + "/table/pareto.png"
+  assert "| sparsifiner | deit_small_patch16_224 | 0.25 | 79.40 |" in paths.resolve(out["markdown"]).read_text()
+  assert paths.resolve(out["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

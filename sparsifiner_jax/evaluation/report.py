@@ -26,7 +26,7 @@ from flax import nnx
 from sparsifiner_jax import models, sharding
 from sparsifiner_jax.evaluation import flops
 from sparsifiner_jax.evaluation.evaluator import Evaluator
-from sparsifiner_jax.io import atomic, checkpoint, weights
+from sparsifiner_jax.io import atomic, checkpoint, paths, weights
 from sparsifiner_jax.models.vit import token_schedule
 
 
@@ -51,15 +51,15 @@ def resolve_weights(workdir: str | None, weights_path: str | None, step: int | N
     return weights_path, None
   if not workdir:
     raise ValueError("give --weights DIR or --workdir DIR (a training run)")
-  ckpt = os.path.join(workdir, "ckpt")
+  root = paths.check_reachable(workdir, "--workdir")
+  ckpt = root / "ckpt"
   if step is not None:
-    return ckpt, step
+    return os.fspath(ckpt), step
   for name in ("final", "best"):
-    path = os.path.join(workdir, name)
-    if os.path.isdir(path):
-      return path, None
-  if os.path.isdir(ckpt) and any(d.isdigit() for d in os.listdir(ckpt)):
-    return ckpt, -1
+    if (root / name).is_dir():
+      return os.fspath(root / name), None
+  if ckpt.is_dir() and any(d.name.isdigit() for d in ckpt.iterdir()):
+    return os.fspath(ckpt), -1
   raise FileNotFoundError(f"workdir {workdir!r} has no final/ or best/ weights and no training "
                           "checkpoint; train first or pass --weights DIR")
 
@@ -69,12 +69,12 @@ def load_params(model: nnx.Module, source: str, step: int | None, mesh) -> str:
   report (a weights dir, or ``<ckpt dir>@<step>``)."""
   if step is None:
     weights.load_weights(source, model)
-    return os.path.abspath(source)
+    return os.fspath(paths.resolve(source))
   _, params, _ = models.split_params(model)
   abstract = sharding.abstract(params, sharding.tree_shardings(mesh, params))
   step, params = checkpoint.restore_params(source, abstract, None if step < 0 else step)
   nnx.update(model, params["predictor"], params["backbone"])
-  return f"{os.path.abspath(source)}@{step}"
+  return f"{os.fspath(paths.resolve(source))}@{step}"
 
 
 def peak_memory_bytes() -> int:
@@ -148,7 +148,9 @@ def format_table(r: dict[str, Any]) -> str:
 def main(config, *, workdir=None, weights_path=None, step=None, out=None) -> dict[str, Any]:
   result = evaluate_checkpoint(config, workdir=workdir, weights_path=weights_path,
                                step=parse_step(step))
-  out = out or os.path.join(workdir or os.path.dirname(os.path.abspath(weights_path)), "eval.json")
+  if not out:
+    out = os.fspath(paths.resolve(workdir) / "eval.json" if workdir else
+                    paths.resolve(weights_path).parent / "eval.json")
   if jax.process_index() == 0:
     atomic.write_json(out, result, default=float)
     print(format_table(result))

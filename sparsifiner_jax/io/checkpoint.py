@@ -7,8 +7,9 @@ never saved.
 What survives what (docs/reliability.md):
 
   * A kill mid-save: orbax writes ``<step>.orbax-checkpoint-tmp`` and renames it into place once
-    complete, so a checkpoint that looks complete is complete. Leftover temporary directories are
-    removed when the next run opens the directory.
+    complete (in a ``gs://`` bucket, which cannot rename: it writes ``<step>/commit_success.txt``
+    last), so a checkpoint that looks complete is complete. Leftovers are removed when the next run
+    opens the directory.
   * A damaged checkpoint (truncated, garbled or deleted files): restoring it fails, or its contents do
     not match the checksum in its meta (orbax does not notice a flipped bit in array data by itself).
     ``restore_latest_good`` then warns and falls back to the next older checkpoint; the damaged one is
@@ -28,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+
+from sparsifiner_jax.io import paths
 
 
 class CheckpointError(ValueError):
@@ -121,11 +124,12 @@ def read_latest_meta(directory: str) -> dict[str, Any] | None:
 
   Read-only: creates, cleans and changes nothing (used to refuse a workdir before writing to it).
   """
-  if not os.path.isdir(directory):
+  directory = paths.resolve(directory)
+  if not directory.is_dir():
     return None
   opts = ocp.CheckpointManagerOptions(read_only=True, enable_async_checkpointing=False)
   with _quiet_absl():
-    mngr = ocp.CheckpointManager(os.path.abspath(directory), options=opts)
+    mngr = ocp.CheckpointManager(directory, options=opts)
   try:
     for step in sorted(mngr.all_steps(), reverse=True):
       try:
@@ -147,13 +151,14 @@ def restore_params(directory: str, abstract_params: dict[str, Any], step: int | 
   the whole state, so it is not checked here; orbax still fails on missing or truncated files. Raises
   CheckpointError (one line) for a missing step or parameters that do not fit.
   """
-  directory = os.path.abspath(directory)
-  if not os.path.isdir(directory):
+  path = paths.resolve(directory)
+  directory = os.fspath(path)
+  if not path.is_dir():
     raise CheckpointError(f"no training checkpoints: {directory!r} does not exist")
   target = dict(params={k: v for k, v in abstract_params.items() if jax.tree.leaves(v)})
   opts = ocp.CheckpointManagerOptions(read_only=True, enable_async_checkpointing=False)
   with _quiet_absl():
-    mngr = ocp.CheckpointManager(directory, options=opts,
+    mngr = ocp.CheckpointManager(path, options=opts,
                                  item_handlers=dict(state=ocp.PyTreeCheckpointHandler()))
     try:
       steps = sorted(mngr.all_steps())
@@ -195,12 +200,15 @@ def _first_words(e: BaseException) -> str:
 class Checkpointer:
   """Thin wrapper so the rest of the code does not depend on orbax's moving API."""
 
-  def __init__(self, directory: str, *, max_to_keep: int = 2):
-    self.directory = os.path.abspath(directory)
+  def __init__(self, directory, *, max_to_keep: int = 2, before_save=None):
+    """``before_save()``: called before each save; may raise to stop it (the workdir lock's check)."""
+    path = paths.resolve(directory)
+    self.directory = os.fspath(path)
+    self._before_save = before_save or (lambda: None)
     opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                         enable_async_checkpointing=False,
                                         cleanup_tmp_directories=True)
-    self._mngr = ocp.CheckpointManager(self.directory, options=opts)
+    self._mngr = ocp.CheckpointManager(path, options=opts)
     self._unreadable: set[int] = set()
 
   def all_steps(self) -> list[int]:
@@ -215,6 +223,7 @@ class Checkpointer:
     A no-op if that step is already saved, unless ``restore_latest_good`` found it unreadable: then it
     is replaced.
     """
+    self._before_save()
     if step in self._mngr.all_steps():
       if step not in self._unreadable:
         return

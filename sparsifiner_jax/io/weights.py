@@ -6,7 +6,9 @@ Layout of a weights directory ``DIR``::
                      statistics, ``state_dict.WEIGHT_TYPES``) as a pure dict
     DIR/model.json   {"name": <models.create name>, "config": <ViTConfig fields>}
 
-Writes are atomic (``io.atomic``): ``DIR`` is never half-written. Training workdirs
+``DIR`` may be local or in a bucket (``gs://``). Writes are atomic (``io.atomic``): ``DIR`` is never
+half-written; in a bucket ``model.json`` is removed first and written last, so a directory without it
+is incomplete and refused. Training workdirs
 (``io.checkpoint``) are different: they hold the full train state.
 """
 
@@ -23,7 +25,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from sparsifiner_jax import errors
-from sparsifiner_jax.io import atomic, state_dict
+from sparsifiner_jax.io import atomic, paths, state_dict
 
 
 class WeightsError(ValueError):
@@ -57,16 +59,16 @@ def save_weights(path: str, model: nnx.Module, *, name: str | None = None) -> st
     with open(os.path.join(tmp, "model.json"), "w") as f:
       json.dump(model_meta(model, name), f, indent=1, default=list)
 
-  return atomic.write_dir(path, write)
+  return atomic.write_dir(path, write, last="model.json")
 
 
-def read_meta(path: str) -> dict[str, Any]:
-  meta_path = os.path.join(path, "model.json")
-  if not os.path.isdir(path):
+def read_meta(path) -> dict[str, Any]:
+  root = paths.resolve(path, "weights")
+  path, meta_path = os.fspath(path), os.fspath(root / "model.json")
+  if not root.is_dir():
     raise WeightsError(f"weights directory {path!r} does not exist")
   try:
-    with open(meta_path) as f:
-      return json.load(f)
+    return json.loads((root / "model.json").read_text())
   except (OSError, json.JSONDecodeError) as e:
     raise WeightsError(f"{meta_path!r} is missing or unreadable ({e}); is {path!r} a weights "
                        "directory written by sparsifiner_jax (weights.save_weights or convert)?") from e
@@ -77,7 +79,7 @@ def read_state_dict(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   meta = read_meta(path)
   try:
     with ocp.StandardCheckpointer() as ckptr:
-      saved = ckptr.restore(os.path.join(os.path.abspath(path), "params"))
+      saved = ckptr.restore(paths.resolve(path) / "params")
   except Exception as e:  # orbax raises many types for corrupt/missing data
     raise WeightsError(f"cannot read parameters from {path!r}: {errors.with_type(e)}") from e
   flat = state_dict.flatten(saved)

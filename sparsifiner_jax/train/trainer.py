@@ -9,7 +9,6 @@ an uninterrupted one.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import time
 from typing import Any
@@ -23,7 +22,7 @@ from tqdm.auto import tqdm
 
 from sparsifiner_jax import config_check, models, sharding
 from sparsifiner_jax.evaluation.evaluator import Evaluator
-from sparsifiner_jax.io import weights
+from sparsifiner_jax.io import paths, weights
 from sparsifiner_jax.io.checkpoint import Checkpointer
 from sparsifiner_jax.train.metrics import MetricWriter
 from sparsifiner_jax.train.phases import LOSS_TERMS, Phase, resolve_phases, trainable_of
@@ -73,13 +72,14 @@ def train(config, workdir: str, *, stop_after: int | None = None, devices=None) 
   ``devices``: the devices of the mesh (default: all). One run at a time per workdir (``lock_workdir``).
   """
   mesh, info = config_check.check_train(config, devices)  # every field, before anything is written
-  check_workdir(config, workdir)
-  os.makedirs(workdir, exist_ok=True)
-  with lock_workdir(workdir):
-    return _train(config, workdir, mesh, info, stop_after)
+  path = paths.check_reachable(workdir, "workdir")
+  check_workdir(config, path)
+  path.mkdir(parents=True, exist_ok=True)
+  with lock_workdir(path) as lock:
+    return _train(config, path, mesh, info, stop_after, lock)
 
 
-def _train(config, workdir: str, mesh, info, stop_after: int | None) -> dict[str, Any]:
+def _train(config, workdir, mesh, info, stop_after: int | None, lock) -> dict[str, Any]:
   # Deferred: tf.data imports TensorFlow, which `config_check` errors and the step's tests do without.
   from sparsifiner_jax.data import input_pipeline  # pylint: disable=import-outside-toplevel
 
@@ -108,7 +108,8 @@ def _train(config, workdir: str, mesh, info, stop_after: int | None) -> dict[str
   def abstract_state(phase: Phase):
     return state_layout(params, params_sh, phase, mesh, ema=config.get("ema_decay", 0.0) > 0)
 
-  ckpt = Checkpointer(os.path.join(workdir, "ckpt"), max_to_keep=int(config.get("keep_ckpts", 2)))
+  ckpt = Checkpointer(workdir / "ckpt", max_to_keep=int(config.get("keep_ckpts", 2)),
+                      before_save=lock.check)
   writer = MetricWriter(workdir)
   restored = ckpt.restore_latest_good(
       lambda meta: abstract_state(next(p for p in phases if p.name == meta["phase"]))[1])
@@ -182,11 +183,11 @@ def _train(config, workdir: str, mesh, info, stop_after: int | None) -> dict[str
            f"density {ev['density']:.4f}")
       if ev["top1"] > best:
         best = ev["top1"]
-        _save_weights(graphdef, state["params"], rest, os.path.join(workdir, "best"), config)
+        _save_weights(graphdef, state["params"], rest, workdir / "best", config)
   if step >= total:
-    _save_weights(graphdef, state["params"], rest, os.path.join(workdir, "final"), config)
+    _save_weights(graphdef, state["params"], rest, workdir / "final", config)
     if state.get("ema") is not None:
-      _save_weights(graphdef, state["ema"], rest, os.path.join(workdir, "final_ema"), config)
+      _save_weights(graphdef, state["ema"], rest, workdir / "final_ema", config)
   ckpt.close()
   writer.close()
   return dict(step=step, phases=results, state=state)

@@ -8,10 +8,14 @@ import hashlib
 import json
 import os
 import socket
+import threading
+import time
+import uuid
 from typing import Any
 
 import jax
 
+from sparsifiner_jax.io import paths
 from sparsifiner_jax.io.checkpoint import read_latest_meta
 from sparsifiner_jax.train.phases import Phase
 
@@ -35,43 +39,180 @@ def config_fingerprint(config) -> str:
   return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def check_workdir(config, workdir: str) -> None:
+def check_workdir(config, workdir) -> None:
   """Refuses, before anything is written, a workdir that is a file or holds a run of another config."""
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise ValueError(f"workdir {workdir!r} exists and is not a directory")
-  meta = read_latest_meta(os.path.join(workdir, "ckpt"))
+  path = paths.resolve(workdir, "workdir")
+  if path.exists() and not path.is_dir():
+    raise ValueError(f"workdir {os.fspath(workdir)!r} exists and is not a directory")
+  meta = read_latest_meta(path / "ckpt")
   if (meta is not None and meta.get("config_fingerprint") != config_fingerprint(config)
       and not config.get("allow_config_change")):
-    raise ValueError(f"workdir {workdir!r} holds a run of another config; use a new workdir, or set "
-                     "--config.allow_config_change=True to continue it anyway")
+    raise ValueError(f"workdir {os.fspath(workdir)!r} holds a run of another config; use a new "
+                     "workdir, or set --config.allow_config_change=True to continue it anyway")
+
+
+class _NoLock:
+  """What processes other than 0 hold."""
+
+  def check(self) -> None:
+    pass
 
 
 @contextlib.contextmanager
-def lock_workdir(workdir: str):
-  """Holds ``WORKDIR/.lock`` (an exclusive ``flock``) while the block runs, on process 0 only.
+def lock_workdir(workdir):
+  """One run at a time per workdir: held while the block runs, by process 0 only.
 
   A second run on the same workdir fails at once with TrainingError naming the holder, instead of two
-  runs interleaving checkpoints and metrics. The kernel drops the lock when its holder dies (even by
-  SIGKILL), so a killed run never leaves a stale lock. Needs a filesystem with ``flock`` (local disks;
-  on NFS only within one host).
+  runs interleaving checkpoints and metrics. Yields an object whose ``check()`` raises TrainingError if
+  the workdir was taken over meanwhile (called before each checkpoint). Local workdirs: an exclusive
+  ``flock`` on ``WORKDIR/.lock``, which the kernel drops when its holder dies (even by SIGKILL); needs a
+  filesystem with ``flock`` (local disks; on NFS only within one host). Buckets: a lease
+  (:class:`Lease`).
   """
   if jax.process_index() != 0:
-    yield
+    yield _NoLock()
     return
-  path = os.path.join(workdir, ".lock")
-  f = open(path, "a+")  # pylint: disable=consider-using-with  # held until the block ends
+  path = paths.resolve(workdir, "workdir")
+  if paths.is_remote(path):
+    lease = Lease(path / LEASE_NAME, os.fspath(workdir))
+    lease.acquire()
+    try:
+      yield lease
+    finally:
+      lease.release()
+    return
+  f = open(path / ".lock", "a+")  # pylint: disable=consider-using-with  # held until the block ends
   try:
     try:
       fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
       f.seek(0)
       holder = f.read().strip() or "unknown process"
-      raise TrainingError(f"workdir {workdir!r} is in use by another run ({holder}); wait for it to "
-                          "end or use another workdir") from None
+      raise TrainingError(f"workdir {os.fspath(workdir)!r} is in use by another run ({holder}); wait "
+                          "for it to end or use another workdir") from None
     f.seek(0)
     f.truncate()
     f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
     f.flush()
-    yield
+    yield _NoLock()
   finally:
     f.close()  # releases the lock
+
+
+LEASE_NAME = "lease.json"
+
+
+def lease_seconds() -> float:
+  """How long a bucket lease outlives its last renewal (``SPARSIFINER_LEASE_SECONDS``, default 120)."""
+  return float(os.environ.get("SPARSIFINER_LEASE_SECONDS", "120"))
+
+
+def _boot_id() -> str:
+  try:
+    with open("/proc/sys/kernel/random/boot_id") as f:
+      return f.read().strip()
+  except OSError:
+    return ""
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # another user's process
+    return True
+  return True
+
+
+class Lease:
+  """A workdir lock for object storage, where there is no ``flock``: the object ``WORKDIR/lease.json``.
+
+  It names its holder (host, boot, pid) and a random token, and a thread renews it every quarter of
+  :func:`lease_seconds`. A lease is free when it is absent, when its holder ran on this host (same
+  boot) and that process is gone (a run killed by SIGKILL can be resumed at once on the same machine),
+  or when it was not renewed for :func:`lease_seconds` (a holder that died on another host: its
+  successor waits that long). After writing, the lease is read back after a short pause; two runs that
+  start together both see one winner's token. A renewal that finds another token marks the lease lost,
+  and ``check()`` then stops the run before its next checkpoint.
+  """
+
+  def __init__(self, path, workdir: str, *, settle: float = 1.0):
+    self.path, self.workdir, self.settle = path, workdir, settle
+    self.seconds = lease_seconds()
+    self.token = uuid.uuid4().hex
+    self.lost: str | None = None
+    self._stop = threading.Event()
+    self._thread: threading.Thread | None = None
+
+  def _read(self) -> dict[str, Any] | None:
+    try:
+      return json.loads(self.path.read_text())
+    except FileNotFoundError:
+      return None
+    except (ValueError, OSError):  # garbled or half-visible: treat it as held until it expires
+      return dict(holder="an unreadable lease", renewed=time.time())
+
+  def _write(self) -> None:
+    self.path.write_text(json.dumps(dict(
+        token=self.token, host=socket.gethostname(), boot=_boot_id(), pid=os.getpid(),
+        holder=f"pid {os.getpid()} on {socket.gethostname()}", renewed=time.time(),
+        seconds=self.seconds)))
+
+  def _free(self, cur: dict[str, Any]) -> bool:
+    if cur.get("host") == socket.gethostname() and cur.get("boot") == _boot_id() and "pid" in cur:
+      return not _pid_alive(int(cur["pid"]))
+    return time.time() - float(cur.get("renewed", 0)) > float(cur.get("seconds", self.seconds))
+
+  def _refuse(self, cur: dict[str, Any]) -> TrainingError:
+    age = time.time() - float(cur.get("renewed", 0))
+    return TrainingError(
+        f"workdir {self.workdir!r} is in use by another run ({cur.get('holder', 'unknown')}, lease "
+        f"renewed {max(age, 0):.0f} s ago); wait for it to end (a run that died on another host frees "
+        f"it {cur.get('seconds', self.seconds):.0f} s after its last renewal), or use another workdir")
+
+  def acquire(self) -> None:
+    cur = self._read()
+    if cur is not None and not self._free(cur):
+      raise self._refuse(cur)
+    self._write()
+    time.sleep(self.settle)
+    cur = self._read()
+    if cur is None:
+      raise TrainingError(f"workdir {self.workdir!r}: another run removed this run's lease as it "
+                          "started; is a second run starting on it? Try again")
+    if cur.get("token") != self.token:
+      raise self._refuse(cur)
+    self._thread = threading.Thread(target=self._renew, name="workdir-lease", daemon=True)
+    self._thread.start()
+
+  def renew(self) -> bool:
+    """Rewrites the lease with the current time, unless another run's token is there: then marks it
+    lost and returns False."""
+    cur = self._read()
+    if cur is not None and cur.get("token") != self.token:
+      self.lost = cur.get("holder", "another run")
+      return False
+    self._write()
+    return True
+
+  def _renew(self) -> None:
+    while not self._stop.wait(self.seconds / 4):
+      try:
+        if not self.renew():
+          return
+      except Exception:  # pylint: disable=broad-except  # a failed renewal: the next one retries
+        continue
+
+  def check(self) -> None:
+    if self.lost is not None:
+      raise TrainingError(f"workdir {self.workdir!r} was taken over by {self.lost} (this run's lease "
+                          "lapsed); stopping before the next checkpoint")
+
+  def release(self) -> None:
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join()
+    cur = self._read()
+    if cur is not None and cur.get("token") == self.token:
+      self.path.unlink(missing_ok=True)

@@ -1,4 +1,5 @@
-"""Object-storage URLs are refused with one line before anything is written (``io.paths``)."""
+"""The path layer (``io.paths``): which paths are URLs, and the commands that stay local-only refuse
+URLs with one line before anything is written. Buckets themselves: tests/io/test_bucket.py."""
 
 import os
 import pathlib
@@ -19,26 +20,27 @@ def test_is_url(path, url):
   assert paths.is_url(path) == url
 
 
-def test_config_path_fields_refuse_urls():
+def test_config_path_fields_check_the_bucket(bucket):
   from configs import tiny_test   # pylint: disable=import-outside-toplevel
   config = tiny_test.get_config()
-  config.init = "gs://bucket/weights"
-  with pytest.raises(ValueError, match=r"config.init='gs://bucket/weights': object-storage URLs"):
+  config.init = "gs://no-such-bucket/weights"
+  with pytest.raises(ValueError, match=r"config.init='gs://no-such-bucket/weights': bucket "
+                     "'no-such-bucket' does not exist"):
+    config_check.check_config(config)
+  config.init = bucket + "/weights"
+  with pytest.raises(ValueError, match=r"config.init='gs://.*/weights' does not exist"):
     config_check.check_config(config)
 
 
 @pytest.mark.parametrize("argv", [
-    ["train.py", "--config", str(ROOT / "configs/tiny_test.py"), "--workdir", "gs://bucket/run"],
-    ["eval.py", "--config", str(ROOT / "configs/tiny_test.py"), "--workdir", "runs/x", "--out",
-     "gs://b/eval.json"],
     ["-m", "sparsifiner_jax.convert", "weights/in", "gs://bucket/out"],
+    ["-m", "sparsifiner_jax.demo", "--workdir", "gs://bucket/demo"],
 ])
-def test_commands_refuse_urls_in_one_line_and_write_nothing(argv, tmp_path):
+def test_local_only_commands_refuse_urls_in_one_line_and_write_nothing(argv, tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  script = argv[0] if argv[0] == "-m" else str(ROOT / argv[0])
-  r = subprocess.run([sys.executable, script, *argv[1:]], cwd=tmp_path, env=env, capture_output=True,
+  r = subprocess.run([sys.executable, *argv], cwd=tmp_path, env=env, capture_output=True,
                      text=True, timeout=300)
   lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
   assert r.returncode == 2, r.stderr
-  assert len(lines) == 1 and "object-storage URLs are not supported yet" in lines[0], r.stderr
+  assert len(lines) == 1 and "this command writes local files only" in lines[0], r.stderr
   assert list(tmp_path.iterdir()) == []          # no local "gs:" folder, nothing else either

@@ -21,7 +21,7 @@ import pytest
 from configs import tiny_test
 from sparsifiner_jax import config_check, models, sharding
 from sparsifiner_jax.evaluation import evaluator
-from sparsifiner_jax.io import checkpoint
+from sparsifiner_jax.io import checkpoint, paths
 from sparsifiner_jax.train import trainer
 from sparsifiner_jax.train import workdir as workdir_lib
 
@@ -43,29 +43,34 @@ def _train_cmd(workdir, *overrides):
 
 
 def _logged_steps(workdir) -> list[int]:
-  """Steps in metrics.jsonl (a line cut by a kill is ignored)."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+  """Steps in metrics.jsonl (a line cut by a kill is ignored); the workdir may be a bucket."""
+  path = paths.resolve(workdir) / "metrics.jsonl"
+  try:
+    text = path.read_text()
+  except FileNotFoundError:
     return []
   steps = []
-  with open(path) as f:
-    for line in f:
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError:
-        continue
-      if "train/loss" in rec:
-        steps.append(rec["step"])
+  for line in text.splitlines():
+    try:
+      rec = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if "train/loss" in rec:
+      steps.append(rec["step"])
   return steps
 
 
+def _ckpt_names(workdir) -> list[str]:
+  d = paths.resolve(workdir) / "ckpt"
+  return [p.name for p in d.iterdir()] if d.is_dir() else []
+
+
 def _ckpt_steps(workdir) -> list[int]:
-  d = os.path.join(workdir, "ckpt")
-  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+  return sorted(int(n) for n in _ckpt_names(workdir) if n.isdigit())
 
 
 def _final_meta(workdir) -> dict:
-  ck = checkpoint.Checkpointer(os.path.join(workdir, "ckpt"))
+  ck = checkpoint.Checkpointer(paths.resolve(workdir) / "ckpt")
   try:
     return ck.read_meta(ck.latest_step())
   finally:
@@ -80,7 +85,7 @@ def _flat(params):
 def _saved_weights(path):
   import orbax.checkpoint as ocp
   with ocp.StandardCheckpointer() as ckptr:
-    return _flat(ckptr.restore(os.path.join(path, "params")))
+    return _flat(ckptr.restore(paths.resolve(path) / "params"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -114,7 +119,11 @@ def _interrupt(workdir, env, overrides, sig, target_step, delay):
   return proc.returncode, out, err
 
 
-def test_kill_and_preempt_resume_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("where", ["local", "bucket"])
+def test_kill_and_preempt_resume_is_bit_identical(where, tmp_path, request):
+  """In a bucket (a GCS server on 127.0.0.1) too, compared with a local reference run; then eval.py
+  reads the bucket's final weights and writes its report there."""
+  run = tmp_path / "run" if where == "local" else request.getfixturevalue("bucket") + "/run"
   env = _env(tmp_path)
   overrides = _RANDOM_RUN
   total = 6
@@ -122,7 +131,6 @@ def test_kill_and_preempt_resume_is_bit_identical(tmp_path):
                        capture_output=True, text=True, timeout=TIMEOUT)  # also fills the XLA cache
   assert ref.returncode == 0, ref.stderr[-3000:]
 
-  run = tmp_path / "run"
   rng = np.random.default_rng(2025)
   reached = 0
   for sig in (signal.SIGTERM, signal.SIGKILL, signal.SIGKILL, signal.SIGKILL):
@@ -140,14 +148,24 @@ def test_kill_and_preempt_resume_is_bit_identical(tmp_path):
                         text=True, timeout=TIMEOUT)
   assert last.returncode == 0, last.stderr[-3000:]
   assert "resumed from step" in last.stdout and "unreadable" not in last.stderr
-  assert not [n for n in os.listdir(run / "ckpt") if "tmp" in n]  # no half-written leftovers
+  assert not [n for n in _ckpt_names(run) if "tmp" in n]  # no half-written leftovers
+  if where == "bucket":  # no renames there: a finished step holds orbax's commit file
+    assert all((paths.resolve(run) / "ckpt" / str(s) / "commit_success.txt").exists()
+               for s in _ckpt_steps(run))
 
-  want, got = _saved_weights(tmp_path / "ref" / "final"), _saved_weights(run / "final")
+  want, got = _saved_weights(tmp_path / "ref" / "final"), _saved_weights(paths.resolve(run) / "final")
   assert want.keys() == got.keys()
   for k in want:
     np.testing.assert_array_equal(got[k], want[k], err_msg=k)
   # The whole train state (params, optimizer moments, step) is bit-identical too.
   assert _final_meta(run)["state_checksum"] == _final_meta(tmp_path / "ref")["state_checksum"]
+  if where == "bucket":
+    ev = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--config",
+                         os.path.join(ROOT, "configs", "tiny_test.py"), "--workdir", str(run)],
+                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    report = json.loads((paths.resolve(run) / "eval.json").read_text())
+    assert report["weights"] == f"{run}/final" and 0.0 <= report["top1"] <= 1.0
 
 
 # --------------------------------------------------------------------------------------------------
