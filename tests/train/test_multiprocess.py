@@ -17,6 +17,7 @@ import pytest
 
 from configs import tiny_test
 from sparsifiner_jax.data import input_pipeline
+from sparsifiner_jax.io import paths
 from sparsifiner_jax.train import trainer
 
 ROOT = str(pathlib.Path(__file__).resolve().parents[2])
@@ -56,8 +57,8 @@ def _launch(workdir, port, num_processes=2):
 
 
 def _metrics(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
+  return [json.loads(line) for line in
+          (paths.resolve(workdir) / "metrics.jsonl").read_text().splitlines()]
 
 
 def _reference_config():
@@ -73,7 +74,7 @@ def _reference_config():
 def _saved_params(path):
   import orbax.checkpoint as ocp
   with ocp.StandardCheckpointer() as ckptr:
-    tree = ckptr.restore(os.path.join(path, "params"))
+    tree = ckptr.restore(paths.resolve(path) / "params")
   return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree)}
 
 
@@ -93,8 +94,12 @@ def test_one_process_can_read_the_shards_of_two():
     input_pipeline.num_data_shards(cfg, process_count=2)
 
 
-def test_two_processes_reach_the_loss_of_one(tmp_path):
-  results = _launch(tmp_path / "mp", _free_port())
+@pytest.mark.parametrize("where", ["local", "bucket"])
+def test_two_processes_reach_the_loss_of_one(where, tmp_path, request):
+  """With a bucket workdir too (a GCS server on 127.0.0.1): each process writes its checkpoint shards
+  there, process 0 the metrics and weights."""
+  mp_dir = tmp_path / "mp" if where == "local" else request.getfixturevalue("bucket") + "/mp"
+  results = _launch(mp_dir, _free_port())
   for i, (rc, _, err) in enumerate(results):
     assert rc == 0, f"process {i}:\n{err[-4000:]}"
   assert "phase train done at step 3" in results[0][1]
@@ -105,7 +110,7 @@ def test_two_processes_reach_the_loss_of_one(tmp_path):
   with jax.default_device(devs[0]):
     ref = trainer.train(_reference_config(), str(ref_dir), devices=devs)
 
-  mp, one = _metrics(tmp_path / "mp"), _metrics(ref_dir)
+  mp, one = _metrics(mp_dir), _metrics(ref_dir)
   train_mp = {m["step"]: m["train/loss"] for m in mp if "train/loss" in m}
   train_one = {m["step"]: m["train/loss"] for m in one if "train/loss" in m}
   assert sorted(train_mp) == list(range(1, STEPS + 1))
@@ -115,8 +120,9 @@ def test_two_processes_reach_the_loss_of_one(tmp_path):
   assert eval_mp == [pytest.approx(ref["phases"]["train"]["loss"], abs=1e-5)]
 
   # Both processes wrote every checkpoint together, and process 0 wrote the gathered weights.
-  assert sorted(int(n) for n in os.listdir(tmp_path / "mp" / "ckpt") if n.isdigit()) == [2, 3]
-  got, want = _saved_params(tmp_path / "mp" / "final"), _saved_params(ref_dir / "final")
+  ckpt = paths.resolve(mp_dir) / "ckpt"
+  assert sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) == [2, 3]
+  got, want = _saved_params(paths.resolve(mp_dir) / "final"), _saved_params(ref_dir / "final")
   assert got.keys() == want.keys()
   for k in want:
     x, y = got[k], want[k]
