@@ -104,7 +104,14 @@ LEASE_NAME = "lease.json"
 
 def lease_seconds() -> float:
   """How long a bucket lease outlives its last renewal (``SPARSIFINER_LEASE_SECONDS``, default 120)."""
-  return float(os.environ.get("SPARSIFINER_LEASE_SECONDS", "120"))
+  v = os.environ.get("SPARSIFINER_LEASE_SECONDS", "120")
+  try:
+    seconds = float(v)
+  except ValueError:
+    seconds = -1.0
+  if not seconds > 0:
+    raise ValueError(f"SPARSIFINER_LEASE_SECONDS={v!r} is not allowed; allowed: seconds > 0")
+  return seconds
 
 
 def _boot_id() -> str:

@@ -173,6 +173,15 @@ def _eventually(condition, seconds=10.0):
     time.sleep(0.05)
 
 
+@pytest.mark.parametrize("value", ["0", "soon", "-5"])
+def test_bad_lease_length_is_refused(value, bucket, monkeypatch):
+  monkeypatch.setenv("SPARSIFINER_LEASE_SECONDS", value)
+  with pytest.raises(ValueError, match=f"SPARSIFINER_LEASE_SECONDS='{value}' is not allowed"):
+    with workdir_lib.lock_workdir(bucket):
+      pass
+  assert _objects(bucket) == []
+
+
 def test_lease_is_renewed(bucket, monkeypatch):
   monkeypatch.setenv("SPARSIFINER_LEASE_SECONDS", "0.4")   # renewed every 0.1 s
   with workdir_lib.lock_workdir(bucket) as lease:
