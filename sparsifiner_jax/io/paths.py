@@ -11,7 +11,7 @@ is no ``flock``. So :mod:`sparsifiner_jax.io.atomic` uploads each file in one re
 renaming, and :mod:`sparsifiner_jax.train.workdir` holds a lease object instead of a lock.
 
 Test servers: ``STORAGE_EMULATOR_HOST`` (gcsfs) and ``TENSORSTORE_GCS_HTTP_URL`` (tensorstore) point
-both halves at one server; tests/io/test_bucket.py starts one on 127.0.0.1.
+both halves at one server; the tests start one on 127.0.0.1 (tests/gcs_server.py).
 """
 
 from __future__ import annotations
