@@ -45,8 +45,12 @@ def _this_process_only() -> ocp.options.MultiprocessingOptions:
   return ocp.options.MultiprocessingOptions(primary_host=p, active_processes={p})
 
 
-def save_weights(path: str, model: nnx.Module, *, name: str | None = None) -> str:
+def save_weights(path: str, model: nnx.Module, *, name: str | None = None,
+                 evaluation: dict[str, Any] | None = None) -> str:
   """Saves ``model``'s weights (and its config) to ``path`` atomically; returns the absolute path.
+
+  ``evaluation``: recorded in ``model.json`` as ``"evaluation"`` (the trainer's ``best/`` keeps the
+  top-1 it was chosen by, so a resumed run compares against it).
 
   Multi-process: one process writes (the arrays must be fully addressable to it, e.g. gathered).
   """
@@ -57,7 +61,10 @@ def save_weights(path: str, model: nnx.Module, *, name: str | None = None) -> st
       ckptr.save(os.path.join(tmp, "params"), params)
       ckptr.wait_until_finished()
     with open(os.path.join(tmp, "model.json"), "w") as f:
-      json.dump(model_meta(model, name), f, indent=1, default=list)
+      meta = model_meta(model, name)
+      if evaluation is not None:
+        meta["evaluation"] = evaluation
+      json.dump(meta, f, indent=1, default=list)
 
   return atomic.write_dir(path, write, last="model.json")
 

@@ -122,7 +122,7 @@ def _train(config, workdir, mesh, info, stop_after: int | None, lock) -> dict[st
 
   eval_fn = Evaluator(config, mesh)
   results: dict[str, Any] = {}
-  best = -1.0
+  best = _best_top1(workdir / "best") if restored is not None else -1.0
   pending: list = []  # (step, metrics) of the steps not yet checked for non-finite values
   with _Preemption() as preempt, jax.set_mesh(mesh):
     for phase in phases:
@@ -183,7 +183,8 @@ def _train(config, workdir, mesh, info, stop_after: int | None, lock) -> dict[st
            f"density {ev['density']:.4f}")
       if ev["top1"] > best:
         best = ev["top1"]
-        _save_weights(graphdef, state["params"], rest, workdir / "best", config)
+        _save_weights(graphdef, state["params"], rest, workdir / "best", config,
+                      evaluation=dict(top1=float(best), step=step, phase=phase.name))
   if step >= total:
     _save_weights(graphdef, state["params"], rest, workdir / "final", config)
     if state.get("ema") is not None:
@@ -224,12 +225,22 @@ def _save(ckpt, config, phase, step, state, pending):
   ckpt.save(step, state, state_meta(config, phase, step))
 
 
-def _save_weights(graphdef, params, rest, path, config):
+def _best_top1(path) -> float:
+  """The top-1 that ``best/`` was chosen by before this run resumed (-1 if there is none): every
+  process reads the same file, so all of them agree on when to write ``best/`` again."""
+  try:
+    return float(weights.read_meta(path).get("evaluation", {}).get("top1", -1.0))
+  except weights.WeightsError:
+    return -1.0
+
+
+def _save_weights(graphdef, params, rest, path, config, evaluation=None):
   if jax.process_count() > 1:  # every process takes part in gathering arrays sharded over processes
     params = multihost_utils.process_allgather(params, tiled=True)
   if jax.process_index() != 0:
     return
-  weights.save_weights(path, models.merge_params(graphdef, params, rest), name=config.model_name)
+  weights.save_weights(path, models.merge_params(graphdef, params, rest), name=config.model_name,
+                       evaluation=evaluation)
 
 
 def _progress(config, phase: Phase, step: int):

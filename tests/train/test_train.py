@@ -66,6 +66,11 @@ def test_resume_equals_uninterrupted(tmp_path, teacher_dir):
   for k in a:
     np.testing.assert_array_equal(a[k], b[k])
   assert os.path.isdir(tmp_path / "full" / "final")
+  # best/ was chosen by the same evaluation: the resumed run compared against the top-1 recorded with
+  # best/ instead of starting over at -1 (which rewrote best/ at the first phase end after a resume).
+  full_best = weights.read_meta(str(tmp_path / "full" / "best"))["evaluation"]
+  assert weights.read_meta(str(tmp_path / "part" / "best"))["evaluation"] == full_best
+  assert set(full_best) == {"top1", "step", "phase"}
 
 
 def test_eight_devices_equal_one(tmp_path, teacher_dir):
