@@ -71,13 +71,13 @@ def save_weights(path: str, model: nnx.Module, *, name: str | None = None,
 
 def read_meta(path) -> dict[str, Any]:
   root = paths.resolve(path, "weights")
-  path, meta_path = os.fspath(path), os.fspath(root / "model.json")
+  path, meta_path = os.fspath(path), root / "model.json"
   if not root.is_dir():
     raise WeightsError(f"weights directory {path!r} does not exist")
   try:
-    return json.loads((root / "model.json").read_text())
+    return json.loads(meta_path.read_text())
   except (OSError, json.JSONDecodeError) as e:
-    raise WeightsError(f"{meta_path!r} is missing or unreadable ({e}); is {path!r} a weights "
+    raise WeightsError(f"{os.fspath(meta_path)!r} is missing or unreadable ({e}); is {path!r} a weights "
                        "directory written by sparsifiner_jax (weights.save_weights or convert)?") from e
 
 

@@ -148,6 +148,9 @@ class Lease:
     self.path, self.workdir, self.settle = path, workdir, settle
     self.seconds = lease_seconds()
     self.token = uuid.uuid4().hex
+    host, pid = socket.gethostname(), os.getpid()
+    self._record = dict(token=self.token, host=host, boot=_boot_id(), pid=pid,
+                        holder=f"pid {pid} on {host}", seconds=self.seconds)
     self.lost: str | None = None
     self._stop = threading.Event()
     self._thread: threading.Thread | None = None
@@ -157,14 +160,15 @@ class Lease:
       return json.loads(self.path.read_text())
     except FileNotFoundError:
       return None
-    except (ValueError, OSError):  # garbled or half-visible: treat it as held until it expires
-      return dict(holder="an unreadable lease", renewed=time.time())
+    except (ValueError, OSError):  # garbled: held until a lease written when it was would expire
+      try:
+        written = float(self.path.stat().mtime)
+      except OSError:
+        written = 0.0
+      return dict(holder="an unreadable lease", renewed=written)
 
   def _write(self) -> None:
-    self.path.write_text(json.dumps(dict(
-        token=self.token, host=socket.gethostname(), boot=_boot_id(), pid=os.getpid(),
-        holder=f"pid {os.getpid()} on {socket.gethostname()}", renewed=time.time(),
-        seconds=self.seconds)))
+    self.path.write_text(json.dumps(dict(self._record, renewed=time.time())))
 
   def _free(self, cur: dict[str, Any]) -> bool:
     if cur.get("host") == socket.gethostname() and cur.get("boot") == _boot_id() and "pid" in cur:

@@ -173,6 +173,17 @@ def _eventually(condition, seconds=10.0):
     time.sleep(0.05)
 
 
+def test_an_unreadable_lease_holds_until_it_would_have_expired(bucket, monkeypatch):
+  monkeypatch.setenv("SPARSIFINER_LEASE_SECONDS", "2")
+  _lease_path(bucket).write_text("{not json")
+  with pytest.raises(workdir_lib.TrainingError, match=r"in use by another run \(an unreadable lease"):
+    with workdir_lib.lock_workdir(bucket):
+      pass
+  _eventually(lambda: time.time() - _lease_path(bucket).stat().mtime > 3.0)
+  with workdir_lib.lock_workdir(bucket):
+    assert json.loads(_lease_path(bucket).read_text())["pid"] == os.getpid()
+
+
 @pytest.mark.parametrize("value", ["0", "soon", "-5"])
 def test_bad_lease_length_is_refused(value, bucket, monkeypatch):
   monkeypatch.setenv("SPARSIFINER_LEASE_SECONDS", value)
