@@ -2,9 +2,10 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+GPU_STAMP := $(VENV)/.gpu-compiler
 PYTEST_ARGS ?=
 
-.PHONY: test test-all demo bench clean-venv
+.PHONY: test test-all gpu-compiler demo bench clean-venv
 
 $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -12,6 +13,12 @@ $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	$(VENV)/bin/pip install -q -r requirements-test.txt
 	$(VENV)/bin/pip install -q --no-deps -e .
 	touch $(STAMP)
+
+$(GPU_STAMP): $(STAMP) requirements-gpu.txt
+	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements-gpu.txt
+	touch $(GPU_STAMP)
+
+gpu-compiler: $(GPU_STAMP)  ## XLA's GPU compiler in .venv: the GPU compile tests and compile_for --topology h100:N
 
 test: $(STAMP)  ## fast suite (slow tests excluded)
 	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)

@@ -25,6 +25,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from configs import deit_s_sparsifiner  # noqa: E402
 from sparsifiner_jax import compile_for  # noqa: E402
+from sparsifiner_jax.compile import targets  # noqa: E402
 
 GIB = 2 ** 30
 NAMES = {"v5e:2x4": "v5e-8", "v5e:4x8": "v5e-32", "v4:2x2x4": "v4-32", "v5p:2x4x4": "v5p-64"}
@@ -40,16 +41,15 @@ def _config(grad_accum: int = 1):
 
 
 def peak(topology: str, phase: str, per_chip: int, grad_accum: int = 1) -> int:
-  devices = compile_for.topology_devices(topology)
-  compiled, _ = compile_for.compile_step(_config(grad_accum), devices, "train", phase=phase,
-                                         batch_per_chip=per_chip)
-  return compile_for.figures(compiled).peak_bytes
+  program = compile_for.compile_step(_config(grad_accum), targets.devices(topology), "train",
+                                     phase=phase, batch_per_chip=per_chip)
+  return program.figures.peak_bytes
 
 
 def largest_batch(topology: str, phase: str, known: dict[int, int], log) -> int:
   """The largest per-chip batch (a multiple of 8) whose step fits, from a linear fit of ``known``
   ``{per_chip: peak}`` (two points at least), checked by compiling."""
-  hbm = compile_for.hbm_bytes(topology, compile_for.topology_devices(topology)) * HEADROOM
+  hbm = targets.memory_bytes(topology, targets.devices(topology)) * HEADROOM
   (b0, p0), (b1, p1) = sorted(known.items())[:1] + sorted(known.items())[-1:]
   slope = (p1 - p0) / (b1 - b0)
   guess = int((hbm - (p0 - slope * b0)) / slope) // 8 * 8
@@ -72,7 +72,7 @@ def main() -> None:
   log = lambda msg: print(msg, file=sys.stderr, flush=True)   # noqa: E731
   rows, families = [], {}
   for topology in args.topologies:
-    devices = compile_for.topology_devices(topology)
+    devices = targets.devices(topology)
     chips = len(devices)
     for phase in PHASES:
       per_chip = args.batch // chips
@@ -81,7 +81,7 @@ def main() -> None:
       families.setdefault((topology.split(":")[0], phase), {"topology": topology, "known": {}})
       families[(topology.split(":")[0], phase)]["known"][per_chip] = p
       rows.append(dict(topology=topology, name=NAMES.get(topology, topology), chips=chips, phase=phase,
-                       per_chip=per_chip, peak=p, hbm=compile_for.hbm_bytes(topology, devices)))
+                       per_chip=per_chip, peak=p, hbm=targets.memory_bytes(topology, devices)))
   limits = {}
   for (family, phase), f in families.items():
     known = f["known"]

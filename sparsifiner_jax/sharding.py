@@ -75,32 +75,60 @@ def abstract(tree, shardings):
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), tree, shardings)
 
 
-def batch_shards() -> int:
-  """How many batch shards the mesh set by ``jax.set_mesh`` has (1 without one): the product of its
-  ``AXES`` sizes. Traced code reads the mesh of the surrounding ``jit``'s context."""
+def _operand_mesh(args):
+  """The mesh of the first operand that carries one (``jax.typeof(x).sharding``: a ``jit`` traced with
+  sharded inputs, or a sharded array), or None."""
+  for a in jax.tree.leaves(args):
+    if isinstance(a, jax.Array):
+      mesh = getattr(jax.typeof(a).sharding, "mesh", None)
+      if mesh is not None and not mesh.empty:
+        return mesh
+  return None
+
+
+def _batch_mesh(args):
+  """The mesh traced code splits its batch over: the context's (``jax.set_mesh``, the surrounding
+  ``jit``'s), else the one ``args`` are sharded over, else None."""
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
+  return _operand_mesh(args) if mesh.empty else mesh
+
+
+def _batch_axes(mesh) -> tuple[str, ...]:
+  """The axes of ``mesh`` the batch is split over: ``AXES`` where the mesh has them, else all of its axes
+  (a mesh of the caller's own naming)."""
+  axes = tuple(a for a in AXES if a in mesh.axis_names)
+  return axes or tuple(mesh.axis_names)
+
+
+def batch_shards(args=()) -> int:
+  """How many batch shards traced code runs with: the product of the batch axes of the mesh set by
+  ``jax.set_mesh`` (the surrounding ``jit``'s context), else of the mesh ``args`` are sharded over; 1
+  without either."""
+  mesh = _batch_mesh(args)
+  if mesh is None:
     return 1
-  return int(np.prod([mesh.shape[a] for a in AXES if a in mesh.axis_names]))
+  return int(np.prod([mesh.shape[a] for a in _batch_axes(mesh)]))
 
 
 def per_batch_shard(fn, args: tuple, batched: tuple[bool, ...], out_batched=True):
-  """``fn(*args)`` run on each device's slice of the batch (``jax.shard_map`` over the batch axes of the
-  context mesh), for kernels that cannot be partitioned automatically (XLA FFI custom calls, Pallas).
+  """``fn(*args)`` run on each device's slice of the batch (``jax.shard_map`` over the batch axes), for
+  kernels that cannot be partitioned automatically (XLA FFI custom calls, Pallas).
 
-  ``batched[i]``: whether ``args[i]``'s leading dimension is the batch (split) or not (replicated, e.g.
-  parameters, or a ``[1, ...]`` operand broadcast over the batch). ``out_batched`` (a bool, or a pytree
-  prefix of bools over the outputs) says the same of the outputs. Without a mesh of more than one batch
-  shard, or when the batch does not divide over the shards, this is plain ``fn(*args)``.
+  The mesh is the context's (``jax.set_mesh``), else the one the operands are sharded over: a plain
+  ``jax.jit`` with sharded inputs needs no mesh context. ``batched[i]``: whether ``args[i]``'s leading
+  dimension is the batch (split) or not (replicated, e.g. parameters, or a ``[1, ...]`` operand
+  broadcast over the batch). ``out_batched`` (a bool, or a pytree prefix of bools over the outputs) says
+  the same of the outputs. Without a mesh of more than one batch shard, or when the batch does not
+  divide over the shards, this is plain ``fn(*args)``.
   """
-  shards = batch_shards()
+  shards = batch_shards(args)
   sizes = {np.shape(a)[0] for a, b in zip(args, batched) if b}
   if len(sizes) > 1:
     raise ValueError(f"per_batch_shard: the batched arguments must share one leading size; got {sizes}")
   if shards == 1 or not sizes or sizes.pop() % shards:   # nothing to split
     return fn(*args)
-  mesh = jax.sharding.get_abstract_mesh()
-  axes = tuple(a for a in AXES if a in mesh.axis_names)
+  mesh = _batch_mesh(args)
+  axes = _batch_axes(mesh)
   in_specs = tuple(P(axes) if b else P() for b in batched)
   out_specs = jax.tree.map(lambda b: P(axes) if b else P(), out_batched)
   return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)

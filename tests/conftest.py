@@ -32,6 +32,19 @@ def import_timm():
   return pytest.importorskip("timm", reason="timm not installed (pip install -r requirements-test.txt)")
 
 
+def need_compiler_for(topology: str) -> None:
+  """Skips a test that compiles for a GPU ``topology`` when XLA's GPU compiler is not installed (``make
+  gpu-compiler``); under CI, where ``.ci/run`` installs it, its absence fails the test instead."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  from sparsifiner_jax.compile import targets  # pylint: disable=g-import-not-at-top
+  if targets.platform(topology) != "gpu" or importlib.util.find_spec("jax_plugins.xla_cuda12"):
+    return
+  message = "XLA's GPU compiler is not installed (make gpu-compiler: pip install -r requirements-gpu.txt)"
+  if os.environ.get("CI"):
+    pytest.fail(message)
+  pytest.skip(message)
+
+
 @pytest.fixture(scope="session")
 def timm():
   return import_timm()

@@ -137,7 +137,8 @@ class MaskPredictor(nnx.Module):
     if recon:
       return None, approx
     budget = self.budget if kept_patches is None else min(self.budget, kept_patches)
-    if key_keep is None and backend.pallas_enabled():
+    if key_keep is None and backend.pallas_enabled() and pallas_mask.fits(
+        q.shape[1], weights.shape[-1], q.shape[-1], self.dtype, backend.target().platform):
       packed = self.fused_mask(q, weights, basis, budget)
       return mask_lib.packed_mask(packed, budget, num_dense_rows=1), approx
     if key_keep is None:

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparsifiner_jax import compile_for
+from sparsifiner_jax.compile import targets
 from sparsifiner_jax.attention import AttentionMask, masked_attention
 from sparsifiner_jax.attention.mask import keep_mask
 from sparsifiner_jax.attention import bitmask
@@ -121,7 +121,7 @@ def test_more_lengths_fp32(backend, n, d, blocks):
 def test_tpu_compile():
   """Mosaic compiles the forward and the gradient for a v5e topology (no TPU needed, libtpu is)."""
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  devices = compile_for.topology_devices("v5e:2x2")
+  devices = targets.devices("v5e:2x2")
   mesh = jax.sharding.Mesh(np.array(devices), ("data",))
   b, n, h, d = 2 * len(devices), 197, 2, 64
   sharding = NamedSharding(mesh, P("data"))

@@ -15,9 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparsifiner_jax import compile_for, precision
+from sparsifiner_jax import precision
 from sparsifiner_jax.attention import bitmask
 from sparsifiner_jax.attention.pallas import mask as pallas_mask
+from sparsifiner_jax.compile import targets
 from sparsifiner_jax.models import predictor as predictor_lib
 
 BACKENDS = ("tpu", "gpu")
@@ -85,6 +86,25 @@ def test_matches_xla_fp32(backend, name, shape, coef_k, k):
   got = kernel_mask(q, weights, basis, backend=backend, scale=scale, coef_k=coef_k, k=k)
   assert got.shape == want.shape and got.dtype == jnp.int32
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_gpu_interpreted_kernel_runs_the_compiled_loop_form():
+  """The GPU tests above run the bisections in the form the GPU compile uses (rolled loops), so their
+  exactness, ties included, is the compiled kernel's."""
+  assert pallas_mask._unroll("gpu", interpret=True) == pallas_mask._unroll("gpu", interpret=False) is False
+
+
+@pytest.mark.parametrize("unroll", [False, True], ids=["rolled", "unrolled"])
+def test_topk_selection_both_loop_forms(unroll):
+  """The selection alone, in both loop forms, equals ``lax.top_k`` (ties to the lowest index) on rows
+  full of ties: few distinct values, signed zeros, and invalid (padding) lanes past 50."""
+  rng = np.random.default_rng(0)
+  x = rng.choice(np.array([-1.5, -0.0, 0.0, 0.25, 2.0], np.float32), size=(64, 128))
+  valid = jnp.arange(128)[None] < 50
+  for k in (1, 7, 25, 50):
+    got = jax.jit(lambda x: pallas_mask._topk_keep(x, k, valid, unroll))(jnp.asarray(x))
+    want = topk_rows(jnp.where(valid, jnp.asarray(x) + 0.0, -jnp.inf), k)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def test_ties_are_exercised():
@@ -165,7 +185,7 @@ def test_bad_arguments():
 
 def tpu_topology_mesh():
   """A compile-only 4-chip v5e mesh (libtpu, no TPU)."""
-  return jax.sharding.Mesh(np.array(compile_for.topology_devices("v5e:2x2")), ("data",))
+  return jax.sharding.Mesh(np.array(targets.devices("v5e:2x2")), ("data",))
 
 
 def compile_tpu(mesh, *, b, n, h, d, m, coef_k, k, dtype=jnp.bfloat16, per_example=False):

@@ -42,6 +42,7 @@ _TPU_MAX_ROWS = 512     # TPU: up to this many tokens, one block holds every que
 _TPU_BLOCK_Q = 256      # TPU: query rows per block above it
 _GPU_BLOCK_Q = 16       # GPU: query rows per program (Triton's smallest dot tile)
 _GPU_MIN_DIM = 16       # GPU: tl.dot needs every dimension >= 16
+_GPU_STAGED_BYTES = 96 * 1024   # GPU: the most shared memory a call may stage (every CUDA GPU since sm_80)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,13 +90,26 @@ def _sizes(n: int, m: int, d: int, backend: str, block_q: int | None) -> _Sizes:
   raise ValueError(f"backend must be 'tpu' or 'gpu', got {backend!r}")
 
 
+def fits(n: int, m: int, d: int, compute_dtype, backend: str) -> bool:
+  """Whether the kernel compiles for ``n`` tokens, ``m`` coefficients and head dim ``d`` on ``backend``.
+
+  GPU: the product ``coef @ basis`` stages the whole padded basis ``[m_pad, n_pad]`` in shared memory
+  (DeiT-S at 224 px in bf16: 16 KiB; at 448 px, 785 tokens: 512 KiB, beyond an H100's 227 KiB), so
+  long sequences take the XLA selection instead. TPU: every size (the basis block lives in VMEM).
+  """
+  if backend != "gpu":
+    return True
+  s = _sizes(n, m, d, backend, None)
+  return s.m_pad * s.n_pad * jnp.dtype(compute_dtype).itemsize <= _GPU_STAGED_BYTES
+
+
 # ----------------------------------------------------------------------------------------------------
 # Kernel pieces (traced inside the kernel; plain jnp on values of one block).
 
 
 def _order_key(x: Array) -> Array:
   """float32 ``[R, L]`` -> int32 keys with the floats' order (``-0.0`` counted as ``+0.0``)."""
-  bits = jax.lax.bitcast_convert_type(x + 0.0, jnp.int32)
+  bits = jax.lax.bitcast_convert_type(jnp.where(x == 0, 0.0, x), jnp.int32)   # (x + 0.0 may be folded)
   return jnp.where(bits < 0, bits ^ np.int32(0x7FFFFFFF), bits)
 
 
@@ -104,10 +118,20 @@ def _count(mask: Array) -> Array:
   return jnp.sum(jnp.where(mask, 1.0, 0.0), axis=-1, keepdims=True)
 
 
+def _loop(steps: int, body, init, unroll: bool):
+  """``body(i, carry)`` for ``i < steps``: unrolled in Python (straight-line code) or a rolled loop."""
+  if not unroll:
+    return jax.lax.fori_loop(0, steps, body, init)
+  carry = init
+  for i in range(steps):
+    carry = body(i, carry)
+  return carry
+
+
 def _topk_keep(x: Array, k: int, valid: Array, unroll: bool) -> Array:
   """Boolean ``[R, L]``: each row's ``k`` largest valid entries of float32 ``x [R, L]`` (ties: lowest
   index), ``valid [R|1, L]``; needs ``1 <= k <= count(valid)`` per row. ``unroll``: unroll the bisections
-  (compiled kernels) or keep them loops (the interpreter compiles faster)."""
+  or keep them loops (:func:`_unroll` decides)."""
   key = jnp.where(valid, _order_key(x), _INT_MIN)
 
   def value_step(i, t):
@@ -116,7 +140,7 @@ def _topk_keep(x: Array, k: int, valid: Array, unroll: bool) -> Array:
     cand = t ^ jnp.left_shift(jnp.int32(1), 31 - i)
     return jnp.where(_count(key >= cand) >= k, cand, t)
 
-  t = jax.lax.fori_loop(0, 32, value_step, jnp.full((x.shape[0], 1), _INT_MIN, jnp.int32), unroll=unroll)
+  t = _loop(32, value_step, jnp.full((x.shape[0], 1), _INT_MIN, jnp.int32), unroll)
   above = key > t
   need = k - _count(above)                                     # >= 1 entries equal to t to keep
   tied = key == t
@@ -128,7 +152,7 @@ def _topk_keep(x: Array, k: int, valid: Array, unroll: bool) -> Array:
     cand = c | jnp.left_shift(jnp.int32(1), bits - 1 - i)
     return jnp.where(_count(tied & (index < cand)) < need, cand, c)
 
-  c = jax.lax.fori_loop(0, bits, index_step, jnp.zeros((x.shape[0], 1), jnp.int32), unroll=unroll)
+  c = _loop(bits, index_step, jnp.zeros((x.shape[0], 1), jnp.int32), unroll)
   return above | (tied & (index <= c))
 
 
@@ -262,14 +286,30 @@ def lowrank_topk_mask(q: Array, weights: Array, basis: Array, *, scale: float, c
                           (lambda bi, hi, ri: (bi, hi, 0, ri)) if word_major else
                           (lambda bi, hi, ri: (bi, hi, ri, 0)))
   kernel = functools.partial(_kernel, sizes=s, scale=float(scale), coef_k=min(coef_k, m), k=k,
-                             num_dense_rows=num_dense_rows, unroll=not interpret, word_major=word_major)
+                             num_dense_rows=num_dense_rows, unroll=_unroll(backend, interpret),
+                             word_major=word_major)
   cost = _cost(b, h, s, coef_k, k, operands, int(np.prod(out_shape.shape)) * 4)
   packed = pl.pallas_call(
       kernel, out_shape=out_shape, grid=(b, h, s.rows_pad // s.rows), in_specs=in_specs,
-      out_specs=out_spec, cost_estimate=cost, **_backend_kwargs(backend, interpret))(*operands)
+      out_specs=out_spec, cost_estimate=cost, name="lowrank_topk_mask",
+      **_backend_kwargs(backend, interpret))(*operands)
   if word_major:
     return packed[..., :n]
   return jnp.swapaxes(packed[:, :, :n, :s.words], -1, -2)
+
+
+def _unroll(backend: str, interpret: bool) -> bool:
+  """Whether the bisection loops of :func:`_topk_keep` are unrolled.
+
+  TPU: unrolled (Mosaic schedules the straight-line steps together). GPU: rolled loops, always, the
+  form that is compiled also being the one the interpreted tests run. Pallas' Triton lowering rejects
+  ``fori_loop(unroll=True)``; unrolled in Python both forms compile, and for DeiT-S (N = 197, bf16) the
+  rolled kernel is 58 KB of PTX with 72 registers per thread against 289 KB and 80 registers unrolled
+  (``ptxas -v`` for sm_90a: no spills and 17 KB of shared memory in both), and a loop step (a count
+  over a whole row) is long enough that the loop's own overhead does not matter. In the interpreter
+  loops also compile faster.
+  """
+  return backend == "tpu" and not interpret
 
 
 def _backend_kwargs(backend: str, interpret: bool) -> dict:

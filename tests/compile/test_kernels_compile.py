@@ -1,0 +1,80 @@
+"""Every Pallas kernel compiled for every accelerator target, with no accelerator: the mask selection, the
+attention forward, dq and dk/dv, in bf16 and f32, for an H100 (Triton -> sm_90a PTX and cubin) and TPU
+v4, v5e, v5p and v6e (Mosaic, libtpu).
+
+Interpreted tests check the kernels' numbers; only these check that they lower and fit: a kernel the
+interpreter runs can still be rejected by the Triton or Mosaic lowering, or exceed shared memory or VMEM.
+Shapes: DeiT-S at 224 px (N = 197: not a multiple of the GPU blocks, one TPU block) and at 448 px
+(N = 785: a ragged last block of 128 rows on TPU, 64 on GPU)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from sparsifiner_jax.attention import backend, bitmask
+from sparsifiner_jax.attention.pallas import attention as pallas_attention
+from sparsifiner_jax.attention.pallas import mask as pallas_mask
+from sparsifiner_jax.compile import targets
+from conftest import need_compiler_for
+
+TARGETS = ("h100:1", "v4:2x2x1", "v5e:2x2", "v5p:2x2x1", "v6e:2x2")
+B, H, D = 2, 6, 64                 # DeiT-S heads, 2 examples
+KERNELS = ("lowrank_topk_mask", "sparse_attention_fwd", "sparse_attention_dq", "sparse_attention_dkv")
+
+
+@functools.lru_cache(maxsize=None)
+def _device(topology: str):
+  return targets.devices(topology)[0]
+
+
+def _compile(topology: str, n: int, dtype, with_mask: bool):
+  """Compiles, for one device of ``topology``, the predictor's mask kernel (``with_mask``) and the
+  attention's forward and gradient (dq, dk/dv kernels)."""
+  platform = targets.platform(topology)
+  spec = NamedSharding(Mesh(np.array([_device(topology)]), ("data",)), P())
+  arg = lambda shape, dt=dtype: jax.ShapeDtypeStruct(shape, dt, sharding=spec)   # noqa: E731
+  m = n // 6
+
+  def program(q, k, v, packed, weights, basis):
+    if with_mask:
+      packed = pallas_mask.lowrank_topk_mask(q, weights, basis, scale=0.125, coef_k=8, k=-(-n // 4),
+                                             compute_dtype=dtype, backend=platform)
+    attend = lambda q, k, v: pallas_attention.sparse_attention(   # noqa: E731
+        q, k, v, packed, scale=D ** -0.5, backend=platform)
+    out, grads = jax.value_and_grad(lambda *qkv: jnp.sum(attend(*qkv)), argnums=(0, 1, 2))(q, k, v)
+    return out, grads
+
+  args = (arg((B, n, H, D)), arg((B, n, H, D)), arg((B, n, H, D)),
+          arg((B, H, bitmask.words(n), n), jnp.int32), arg((B, H, D + 1, m), jnp.float32),
+          arg((m, n), jnp.float32))
+  with backend.compiling_for(platform):
+    return jax.jit(program).trace(*args).lower().compile()
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
+@pytest.mark.parametrize("n", [197, 785])
+@pytest.mark.parametrize("topology", TARGETS)
+def test_every_kernel_compiles(topology, n, dtype):
+  need_compiler_for(topology)
+  platform = targets.platform(topology)
+  with_mask = pallas_mask.fits(n, n // 6, D, dtype, platform)
+  compiled = _compile(topology, n, dtype, with_mask)
+  text = compiled.as_text()
+  call = "tpu_custom_call" if platform == "tpu" else "__gpu$xla.gpu.triton"
+  expected = KERNELS if with_mask else KERNELS[1:]
+  assert text.count(call) == len(expected)
+  for name in expected:
+    assert name in text, f"{name} is not in the program compiled for {topology}"
+  assert compiled.memory_analysis().output_size_in_bytes > 0
+
+
+def test_gpu_mask_kernel_fits_where_deit_s_224_runs():
+  """The GPU mask kernel stages its basis in shared memory: DeiT-S at 224 px fits (so ``auto`` runs it),
+  448 px does not (``auto`` selects in XLA there)."""
+  assert pallas_mask.fits(197, 32, D, jnp.bfloat16, "gpu") and pallas_mask.fits(197, 32, D, jnp.float32, "gpu")
+  assert not pallas_mask.fits(785, 130, D, jnp.bfloat16, "gpu")
+  assert pallas_mask.fits(785, 130, D, jnp.bfloat16, "tpu")
