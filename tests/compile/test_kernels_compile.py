@@ -18,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from sparsifiner_jax.attention import backend, bitmask
 from sparsifiner_jax.attention.pallas import attention as pallas_attention
 from sparsifiner_jax.attention.pallas import mask as pallas_mask
-from sparsifiner_jax.compile import targets
+from sparsifiner_jax.compile import gpu_kernels, targets
 from conftest import need_compiler_for
 
 TARGETS = ("h100:1", "v4:2x2x1", "v5e:2x2", "v5p:2x2x1", "v6e:2x2")
@@ -78,3 +78,20 @@ def test_gpu_mask_kernel_fits_where_deit_s_224_runs():
   assert pallas_mask.fits(197, 32, D, jnp.bfloat16, "gpu") and pallas_mask.fits(197, 32, D, jnp.float32, "gpu")
   assert not pallas_mask.fits(785, 130, D, jnp.bfloat16, "gpu")
   assert pallas_mask.fits(785, 130, D, jnp.bfloat16, "tpu")
+
+
+def test_gpu_kernel_stats_from_ptxas(tmp_path):
+  """``compile.gpu_kernels``: each named kernel of a program compiled for an H100, with its launch grid,
+  shared memory (XLA's launch sequence) and registers and spills (``ptxas -v``)."""
+  need_compiler_for("h100:1")
+  spec = NamedSharding(Mesh(np.array([_device("h100:1")]), ("data",)), P())
+  arg = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=spec)   # noqa: E731
+  n, m = 197, 32
+  fn = functools.partial(pallas_mask.lowrank_topk_mask, scale=0.125, coef_k=8, k=50,
+                         compute_dtype=jnp.bfloat16, backend="gpu")
+  args = (arg((B, n, H, D), jnp.bfloat16), arg((B, H, D + 1, m), jnp.float32), arg((m, n), jnp.float32))
+  jax.jit(fn).trace(*args).lower().compile({"xla_dump_to": str(tmp_path)})
+  (stats,) = gpu_kernels.kernel_stats(tmp_path, ("lowrank_topk_mask",))
+  assert stats.name == "lowrank_topk_mask" and stats.grid == (B, H, 13)     # 197 rows in blocks of 16
+  assert 0 < stats.registers <= 255 and stats.spill_bytes == 0
+  assert stats.shared_bytes > 0 and stats.ptx_bytes > 0

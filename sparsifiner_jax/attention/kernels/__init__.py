@@ -24,11 +24,12 @@ into one library in a cache directory
 atomically, so concurrent processes are safe. ``SPARSIFINER_JAX_CPU_KERNELS=0`` disables the kernels (the
 XLA path is then used everywhere); ``kernel_status()`` says which path is active and why.
 
-Sharding: XLA cannot partition custom calls, so under a mesh set with ``jax.set_mesh`` (the trainer and
-the evaluator set theirs) every kernel call runs inside ``jax.shard_map`` over the batch axes
-(``sharding.per_batch_shard``): each device computes its own examples, and no activation is gathered
-around the kernels. Without a context mesh (or when the batch does not divide over it) XLA gathers the
-operands and every device computes the whole batch: correct, but replicated.
+Sharding: XLA cannot partition custom calls, so every kernel call runs inside ``jax.shard_map`` over the
+batch axes (``sharding.per_batch_shard``) of the mesh set with ``jax.set_mesh`` (the trainer and the
+evaluator set theirs), or else of the mesh its operands are sharded over (a plain ``jax.jit`` with
+sharded inputs): each device computes its own examples, and no activation is gathered around the
+kernels. With neither (or when the batch does not divide over the mesh) XLA gathers the operands and every
+device computes the whole batch: correct, but replicated.
 """
 
 from __future__ import annotations

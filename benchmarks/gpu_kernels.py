@@ -1,0 +1,100 @@
+"""The Pallas GPU kernels compiled for an H100 without a GPU: registers, spills, shared memory, PTX size.
+
+  python benchmarks/gpu_kernels.py [--json benchmarks/results/DATE_gpu_kernels.json]
+
+Needs XLA's GPU compiler (``make gpu-compiler``). For DeiT-S's heads (6 x 64) and 2 examples, at 197
+tokens (224 px) and 785 (448 px), bf16 and float32: the mask-selection kernel in both loop forms of its
+bisections (rolled, as compiled, and unrolled in Python; only where it fits, ``pallas/mask.py: fits``)
+and the attention's forward, dq and dk/dv kernels. Figures from ``ptxas -v --gpu-name sm_90a`` and XLA's
+launch sequence (``compile.gpu_kernels``). Nothing here is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import sys
+import tempfile
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")   # compile-only
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
+
+from sparsifiner_jax.attention import bitmask  # noqa: E402
+from sparsifiner_jax.attention.pallas import attention as pallas_attention  # noqa: E402
+from sparsifiner_jax.attention.pallas import mask as pallas_mask  # noqa: E402
+from sparsifiner_jax.compile import gpu_kernels, targets  # noqa: E402
+
+B, H, D = 2, 6, 64
+ATTENTION = ("sparse_attention_fwd", "sparse_attention_dq", "sparse_attention_dkv")
+
+
+def _args(n: int, dtype):
+  spec = NamedSharding(Mesh(np.array(targets.devices("h100:1")[:1]), ("data",)), P())
+  arg = lambda shape, dt=dtype: jax.ShapeDtypeStruct(shape, dt, sharding=spec)   # noqa: E731
+  return arg((B, n, H, D)), arg((B, H, D + 1, n // 6), jnp.float32), arg((n // 6, n), jnp.float32), \
+      arg((B, H, bitmask.words(n), n), jnp.int32)
+
+
+def _compile(fn, args, names) -> list[gpu_kernels.KernelStats]:
+  with tempfile.TemporaryDirectory() as dump:
+    jax.jit(fn).trace(*args).lower().compile({"xla_dump_to": dump})
+    return gpu_kernels.kernel_stats(dump, names)
+
+
+def cases():
+  for n in (197, 785):
+    for dtype in (jnp.bfloat16, jnp.float32):
+      q, weights, basis, packed = _args(n, dtype)
+      if pallas_mask.fits(n, n // 6, D, dtype, "gpu"):
+        for unroll in (False, True):
+          def mask(q, weights, basis, unroll=unroll):
+            original = pallas_mask._unroll   # pylint: disable=protected-access
+            pallas_mask._unroll = lambda *_: unroll   # pylint: disable=protected-access
+            try:
+              return pallas_mask.lowrank_topk_mask(q, weights, basis, scale=0.125, coef_k=8, k=-(-n // 4),
+                                                   compute_dtype=dtype, backend="gpu")
+            finally:
+              pallas_mask._unroll = original   # pylint: disable=protected-access
+          for s in _compile(mask, (q, weights, basis), ("lowrank_topk_mask",)):
+            yield dict(n=n, dtype=jnp.dtype(dtype).name, loops="unrolled" if unroll else "rolled",
+                       **dataclasses.asdict(s))
+
+      def attention_grad(q, k, v, packed):
+        loss = lambda q, k, v: jnp.sum(pallas_attention.sparse_attention(   # noqa: E731
+            q, k, v, packed, scale=D ** -0.5, backend="gpu"))
+        return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+      for s in _compile(attention_grad, (q, q, q, packed), ATTENTION):
+        yield dict(n=n, dtype=jnp.dtype(dtype).name, loops="", **dataclasses.asdict(s))
+
+
+def table(rows) -> str:
+  out = ["| kernel | N | dtype | loops | grid | registers / thread | spilled bytes | shared memory KiB | PTX KB |",
+         "|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    out.append(f"| {r['name']} | {r['n']} | {r['dtype']} | {r['loops'] or '-'} | "
+               f"{'x'.join(map(str, r['grid']))} | {r['registers']} | {r['spill_bytes']} | "
+               f"{r['shared_bytes'] / 1024:.1f} | {r['ptx_bytes'] / 1000:.0f} |")
+  return "\n".join(out)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--json", default=None)
+  args = parser.parse_args()
+  rows = list(cases())
+  print(table(rows))
+  if args.json:
+    pathlib.Path(args.json).write_text(json.dumps(dict(device="NVIDIA H100 SXM (sm_90a), compile only",
+                                                       jax=jax.__version__, rows=rows), indent=1))
+
+
+if __name__ == "__main__":
+  main()
