@@ -3,10 +3,13 @@
   python benchmarks/tpu_compile.py [--topology v5e:2x2] [--cases eval tokens train 448] [--json out.json]
 
 Each case compiles the project's real step twice with ``sparsifiner_jax.compile_for`` (the model, and its
-dense counterpart: same config, ``keep_rate=None``, no token sparsity) and prints XLA's per-chip FLOPs,
-bytes accessed and temporary memory with the model/dense ratios, as a Markdown table. DeiT-S in bfloat16,
-keep 0.25. XLA counts a Pallas kernel by its declared ``pl.CostEstimate`` (its FLOPs; its operand and
-result bytes as HBM traffic, k and v once per query block).
+dense counterpart: same config, ``keep_rate=None``, no token sparsity; its attention both ways, XLA's and
+the fused Pallas kernel, the faster kept) and prints, per chip, the clock's
+estimated time (``compile.clock``: XLA's estimated cycles for XLA ops, static bundles for the Pallas
+kernels), XLA's FLOPs, bytes accessed and temporary memory, with the model/dense ratios, as a Markdown
+table, and the top ops by time. DeiT-S in bfloat16, keep 0.25. XLA counts a Pallas kernel by its declared
+``pl.CostEstimate`` (its FLOPs; its operand and result bytes as HBM traffic, k and v once per query
+block); only the clock sees how long its instructions take to issue.
 
 Cases: ``eval`` (224 px, 64 images per chip), ``tokens`` (the same with token keep 0.7 at layers 3/6/9),
 ``train`` (the paper's phase-2 step: batch 1,344 on the topology, student and dense teacher), ``448``
@@ -20,7 +23,9 @@ import datetime
 import json
 import os
 import pathlib
+import shutil
 import sys
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")   # compile-only: never open a local accelerator
 
@@ -28,6 +33,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from configs import deit_s_sparsifiner  # noqa: E402
 from sparsifiner_jax import compile_for  # noqa: E402
+from sparsifiner_jax.compile import clock  # noqa: E402
 
 CASES = {   # name: (what, batch per chip or None for the config's, model overrides, phase)
     "eval": ("eval", 64, {}, None),
@@ -47,16 +53,28 @@ def run_case(name: str, topology: str) -> dict:
 
 
 def table(results: dict[str, dict]) -> str:
-  rows = ["| case | topology | batch / chip | FLOPs | bytes accessed | temp memory | peak memory |",
-          "|---|---|---|---|---|---|---|"]
+  rows = ["| case | topology | batch / chip | time (clock) | FLOPs | bytes accessed | temp memory | peak memory |",
+          "|---|---|---|---|---|---|---|---|"]
   for name, r in results.items():
     m, d, q = r["model"], r["dense"], r["ratios"]
     cell = lambda k, scale=1.0, unit="": (f"{m[k] / scale:.3g}{unit} vs {d[k] / scale:.3g}{unit}: "   # noqa
                                           f"**{q[k]:.2f}x**")
-    rows.append(f"| {name} | {r['topology']} | {r['batch_per_chip']} | {cell('flops')} | "
+    time = (f"{m['time']['ms']:.3g} ms vs {d['time']['ms']:.3g} ms ({d['attention']}; other "
+            f"{d['other_ms']:.3g}): **{q['time']:.2f}x**")
+    rows.append(f"| {name} | {r['topology']} | {r['batch_per_chip']} | {time} | {cell('flops')} | "
                 f"{cell('bytes_accessed')} | {cell('temp_bytes', 2 ** 20, ' MiB')} | "
                 f"{cell('peak_bytes', 2 ** 20, ' MiB')} |")
   return "\n".join(rows)
+
+
+def top_ops(results: dict[str, dict]) -> str:
+  """Per case, the model's ops by time (XLA op kinds and kernels, summed over layers)."""
+  out = []
+  for name, r in results.items():
+    t = r["model"]["time"]
+    ops = ", ".join(f"{o['name']} x{o['count']} {o['ms']:.3g} ms" for o in t["top"][:6])
+    out.append(f"* {name}: XLA ops {t['xla_ms']:.3g} ms, Pallas kernels {t['pallas_ms']:.3g} ms; {ops}")
+  return "\n".join(out)
 
 
 def main() -> None:
@@ -66,13 +84,20 @@ def main() -> None:
   parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
   parser.add_argument("--json", default=None, help="also write the raw figures here")
   args = parser.parse_args()
+  dump = tempfile.mkdtemp(prefix="sparsifiner_clock_")
+  clock.enable(dump)   # before libtpu starts
   results = {}
-  for name in args.cases:
-    topology = args.train_topology if CASES[name][0] == "train" else args.topology
-    print(f"compiling {name} for {topology} ...", file=sys.stderr, flush=True)
-    results[name] = run_case(name, topology)
+  try:
+    for name in args.cases:
+      topology = args.train_topology if CASES[name][0] == "train" else args.topology
+      print(f"compiling {name} for {topology} ...", file=sys.stderr, flush=True)
+      results[name] = run_case(name, topology)
+  finally:
+    shutil.rmtree(dump, ignore_errors=True)
   print(f"## TPU compiler figures, {datetime.date.today()}: DeiT-S bf16 keep 0.25, per chip, model vs dense\n")
   print(table(results))
+  print()
+  print(top_ops(results))
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps(results, indent=1))
 

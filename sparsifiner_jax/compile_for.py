@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import sys
+import tempfile
 from typing import Any
 
 import jax
@@ -31,7 +33,7 @@ from flax import nnx
 
 from sparsifiner_jax import cli, config_check, errors, models, sharding
 from sparsifiner_jax.attention import backend
-from sparsifiner_jax.compile import cost, targets
+from sparsifiner_jax.compile import clock, cost, targets
 from sparsifiner_jax.evaluation.evaluator import make_eval_step
 from sparsifiner_jax.io import atomic, paths
 from sparsifiner_jax.train.phases import TRAINABLE, resolve_phases
@@ -47,6 +49,8 @@ _BATCH = flags.DEFINE_integer("batch_per_chip", None, "Examples per device (defa
                               "batch_size, or eval_batch_size, over the devices).", lower_bound=1)
 _COMPARE = flags.DEFINE_bool("compare", True, "Also compile the dense counterpart and print ratios.")
 _JSON = flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
+_CLOCK = flags.DEFINE_bool("clock", False, "TPU: also estimate the time per step from the TPU compiler's "
+                           "own output (compile.clock: XLA's estimated cycles, the kernels' bundles).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +60,7 @@ class Program:
   compiled: Any
   figures: cost.Figures
   info: dict[str, Any]
+  ops: list[clock.Op] | None = None    # the clock's ops, where libtpu writes its bundles (clock.enable)
 
 
 def dense_counterpart(config):
@@ -131,8 +136,13 @@ def compile_step(config, devices, what: str, *, phase: str | None = None,
   platform = targets.platform_of(devices)
   with backend.compiling_for(platform), jax.set_mesh(mesh):   # models are built (on the host) before
     traced = step.trace(*args)
+    start = clock.now()
     compiled = targets.compile_lowered(traced.lower(), platform)
-  return Program(compiled, cost.figures(compiled, traced.jaxpr, platform), info)
+    end = clock.now()
+  ops = None
+  if platform == "tpu" and clock.dump_dir() is not None:
+    ops = clock.program_ops(compiled.as_text(), clock.kernel_bundle_files(clock.dump_dir(), start, end))
+  return Program(compiled, cost.figures(compiled, traced.jaxpr, platform), info, ops)
 
 
 def compare(config, topology: str, what: str, *, phase: str | None = None,
@@ -140,18 +150,45 @@ def compare(config, topology: str, what: str, *, phase: str | None = None,
   """Compiles ``config`` (and its dense counterpart) for ``topology``; the report as a dict."""
   devices = targets.devices(topology)
   program = compile_step(config, devices, what, phase=phase, batch_per_chip=batch_per_chip)
-  info, fig = program.info, program.figures
+  info = program.info
   out = dict(topology=topology, platform=targets.platform(topology),
              memory_bytes=targets.memory_bytes(topology, devices), **info,
-             model=dict(dataclasses.asdict(fig), peak_bytes=fig.peak_bytes))
+             model=_figures(program, topology))
   if dense:
     dense_phase = "distill" if info.get("phase") == "recon" else info.get("phase")
-    d = compile_step(dense_counterpart(config), devices, what, phase=dense_phase,
-                     batch_per_chip=info["batch_per_chip"])
-    out["dense"] = dict(dataclasses.asdict(d.figures), peak_bytes=d.figures.peak_bytes,
-                        phase=d.info.get("phase"))
+    out["dense"] = _fastest_dense(config, devices, what, dense_phase, info["batch_per_chip"], topology,
+                                  timed=program.ops is not None)
     out["ratios"] = {k: out["model"][k] / out["dense"][k] if out["dense"][k] else None
                      for k in ("flops", "bytes_accessed", "temp_bytes", "peak_bytes")}
+    if "time" in out["model"]:
+      out["ratios"]["time"] = out["model"]["time"]["ms"] / out["dense"]["time"]["ms"]
+  return out
+
+
+def _fastest_dense(config, devices, what, phase, batch_per_chip, topology, timed: bool) -> dict[str, Any]:
+  """The dense counterpart's figures. With the clock, its attention both ways, XLA's (executor
+  ``dense``) and the fused Pallas kernel (``fused``), and the faster kept (``attention`` says which;
+  ``other_ms`` the slower's time); without it, as ``auto`` picks."""
+  executors = ("dense", "fused") if timed else (None,)
+  found = []
+  for executor in executors:
+    c = dense_counterpart(config)
+    if executor:
+      c.model.executor = executor
+    d = compile_step(c, devices, what, phase=phase, batch_per_chip=batch_per_chip)
+    found.append(dict(_figures(d, topology), phase=d.info.get("phase"),
+                      attention={"dense": "xla", "fused": "pallas", None: "auto"}[executor]))
+  found.sort(key=lambda f: f["time"]["ms"] if timed else 0.0)
+  if len(found) > 1:
+    found[0]["other_ms"] = found[1]["time"]["ms"]
+  return found[0]
+
+
+def _figures(program: Program, topology: str) -> dict[str, Any]:
+  """A program's figures for the report: counts, peak memory, and the clock's time where it ran."""
+  out = dict(dataclasses.asdict(program.figures), peak_bytes=program.figures.peak_bytes)
+  if program.ops is not None:
+    out["time"] = clock.summary(program.ops, clock.clock_ghz(topology))
   return out
 
 
@@ -172,6 +209,14 @@ def format_report(r: dict[str, Any]) -> str:
     fmt = lambda x: "-" if x is None else f"{x:.2f}x"   # noqa: E731
     lines.append(f"{'model/dense':<12}{fmt(q['peak_bytes']):>10}{'':>8}{fmt(q['temp_bytes']):>10}"
                  f"{fmt(q['flops']):>11}{fmt(q['bytes_accessed']):>11}")
+  if "time" in r["model"]:
+    t = r["model"]["time"]
+    dense_ms = (f" vs dense {r['dense']['time']['ms']:.3g} ms ({r['dense']['attention']} attention, the "
+                f"faster; the other {r['dense']['other_ms']:.3g} ms): {r['ratios']['time']:.2f}x"
+                if "dense" in r else "")
+    lines.append(f"estimated time per step {t['ms']:.3g} ms{dense_ms} (XLA ops {t['xla_ms']:.3g} ms, "
+                 f"Pallas kernels {t['pallas_ms']:.3g} ms, at {t['clock_ghz']} GHz); top ops:")
+    lines += [f"  {o['ms']:9.3g} ms  {o['kind']:<6} {o['name']} (x{o['count']})" for o in t["top"]]
   over = r["model"]["peak_bytes"] - r["memory_bytes"]
   if over > 0:
     lines.append(f"does NOT fit: {over / GIB:.2f} GiB over per device; lower the batch per device, raise "
@@ -179,7 +224,7 @@ def format_report(r: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-USER_ERRORS = cli.USER_ERRORS + (targets.TopologyError,)
+USER_ERRORS = cli.USER_ERRORS + (targets.TopologyError, clock.ClockError)
 
 
 def main(argv) -> None:
@@ -189,7 +234,12 @@ def main(argv) -> None:
   config = cli.load_config()
   if config is None or _TOPOLOGY.value is None:
     raise app.UsageError("--config and --topology are required")
+  dump = None
   try:
+    if _CLOCK.value:   # before libtpu starts: it reads its dump flags once
+      clock.clock_ghz(_TOPOLOGY.value)
+      dump = tempfile.mkdtemp(prefix="sparsifiner_clock_")
+      clock.enable(dump)
     paths.require_local(_JSON.value, "--json")
     config_check.check_misc(config)
     config_check.check_model(config)
@@ -202,6 +252,9 @@ def main(argv) -> None:
     if cli.debug_requested():
       raise
     sys.exit(errors.report(e, USER_ERRORS, prog="compile_for"))
+  finally:
+    if dump:
+      shutil.rmtree(dump, ignore_errors=True)
 
 
 if __name__ == "__main__":

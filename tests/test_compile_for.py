@@ -143,6 +143,7 @@ def test_cli_reports_ratios_and_writes_json(tmp_path):
     (("--topology", "h100:9"), "1-8 GPUs per host"),
     (("--topology", "h100:0x2"), "unknown topology 'h100:0x2'"),
     (("--topology", "v5e:9x9"), "topology 'v5e:9x9'"),
+    (("--topology", "h100:2", "--clock"), "--clock: no clock rate known for 'h100'"),
     (("--topology", TOPOLOGY, "--what", "train", "--phase", "warmup"), "--phase='warmup' is not a phase"),
     (("--topology", TOPOLOGY, "--batch_per_chip", "0"), "batch"),
 ])

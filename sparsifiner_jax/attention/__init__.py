@@ -8,11 +8,12 @@ The names most callers need are re-exported here: ``attention.AttentionMask``,
 from sparsifiner_jax.attention.executors import (EXECUTORS, Executor, attention_logits, attention_probs,
                                                  auto_attention, dense_attention, get_executor,
                                                  heads_first, masked_attention, sigmoid_attention,
-                                                 softmax_attention, sparse_attention, weighted_values)
+                                                 softmax_attention, sparse_attention, unmasked_attention,
+                                                 weighted_values)
 from sparsifiner_jax.attention.mask import (FILLS, AttentionMask, budget, indices_to_dense, keep_mask,
                                             topk_mask)
 
 __all__ = ["EXECUTORS", "FILLS", "AttentionMask", "Executor", "attention_logits", "attention_probs",
            "auto_attention", "budget", "dense_attention", "get_executor", "heads_first", "indices_to_dense",
            "keep_mask", "masked_attention", "sigmoid_attention", "softmax_attention", "sparse_attention",
-           "topk_mask", "weighted_values"]
+           "topk_mask", "unmasked_attention", "weighted_values"]

@@ -5,7 +5,9 @@
   (``kernels.sparse_attention``) and its backward kernel over the same kept entries; on TPU and GPU the
   fused Pallas kernel (``pallas.attention``: flash-style, the mask applied on chip, forward and backward)
   run per batch shard; ``masked`` where neither applies.
-* ``dense``  -- plain softmax attention; ignores the mask (the teacher).
+* ``dense``  -- plain softmax attention in XLA; ignores the mask.
+* ``fused``  -- the Pallas kernel, on TPU and GPU only: over the mask's packed rows, or dense (a model
+  without a mask) with no mask read at all.
 * ``masked`` -- the reference: dense logits, ``-inf`` outside the mask, softmax, rows with no kept key
   return 0 (the official code's ``nan_to_num``).
 * ``sigmoid`` -- sigmoid attention (weights ``sigmoid(logit - log N)``, not normalised), masked-dense.
@@ -23,12 +25,18 @@ import jax
 import jax.numpy as jnp
 
 from sparsifiner_jax import sharding
-from sparsifiner_jax.attention import backend, kernels
+from sparsifiner_jax.attention import backend, bitmask, kernels
 from sparsifiner_jax.attention.mask import AttentionMask
 from sparsifiner_jax.attention.pallas import attention as pallas_attention
 from sparsifiner_jax.precision import mixed_einsum
 
 Array = jax.Array
+
+# Tokens from which the fused dense kernel runs a model without a mask (the dense model, the teacher)
+# under ``auto``, per platform: where the clock says it beats XLA's attention (BENCHMARKS.md: on v5e,
+# DeiT-S bf16 eval, 0.66x XLA's time at 197 tokens and 0.81x at 785; shorter sequences were not
+# measured). GPU: no clock, so XLA's attention.
+FUSED_DENSE_MIN_TOKENS = {"tpu": 197, "gpu": 10 ** 9}
 
 def heads_first(t: Array) -> Array:
   """``[B, N, H, d] -> [B, H, N, d]``: XLA:CPU runs the attention matmuls much faster in this layout."""
@@ -166,10 +174,51 @@ def fused_attention(q: Array, k: Array, v: Array, mask: AttentionMask) -> Array:
   return sharding.per_batch_shard(run, (q, k, v, packed), (True, True, True, packed.shape[0] > 1))
 
 
+def fused_dense_attention(q: Array, k: Array, v: Array, key_valid: Array | None = None) -> Array:
+  """``softmax_attention`` as the Pallas kernel for ``backend.target()``'s accelerator, per batch shard:
+  no mask read and no bits expanded; with ``key_valid [B, N]`` (token pruning) the kept keys travel as
+  one packed row per example, broadcast over heads and queries. ``[B, N, H, d]`` float32."""
+  target = backend.target()
+
+  def run(q, k, v, *packed):
+    return pallas_attention.sparse_attention(q, k, v, packed[0] if packed else None,
+                                             scale=q.shape[-1] ** -0.5, backend=target.platform,
+                                             interpret=target.interpret)
+
+  if key_valid is None:
+    return sharding.per_batch_shard(run, (q, k, v), (True, True, True))
+  row = bitmask.pack(key_valid[:, None, None, :])                         # [B, 1, W, 1]
+  packed = jnp.broadcast_to(row, (*row.shape[:3], q.shape[1]))
+  return sharding.per_batch_shard(run, (q, k, v, packed), (True,) * 4)
+
+
+def unmasked_attention(q: Array, k: Array, v: Array, key_valid: Array | None, executor: str) -> Array:
+  """Attention of a layer without a mask (a dense model, the teacher) on ``executor``: the fused kernel
+  under ``fused``, and under ``auto`` on an accelerator from ``FUSED_DENSE_MIN_TOKENS`` tokens; XLA's
+  ``softmax_attention`` otherwise."""
+  platform = backend.target().platform
+  fused = backend.pallas_enabled() and (
+      executor == "fused" or executor == "auto" and q.shape[1] >= FUSED_DENSE_MIN_TOKENS.get(platform, 0))
+  return fused_dense_attention(q, k, v, key_valid) if fused else softmax_attention(q, k, v, key_valid)
+
+
+def fused_masked_attention(q: Array, k: Array, v: Array, mask: AttentionMask | None) -> Array:
+  """The ``fused`` executor: the Pallas kernel (TPU, GPU), over the mask or without one."""
+  if not backend.pallas_enabled():
+    raise ValueError("the 'fused' executor runs the Pallas kernels, on TPU and GPU only; on "
+                     f"{backend.target().platform} use 'auto'")
+  if mask is None:
+    return fused_dense_attention(q, k, v)
+  if mask.fill != "neg_inf":
+    raise ValueError(f"the 'fused' executor takes masks with fill='neg_inf', not {mask.fill!r}")
+  return fused_attention(q, k, v, mask)
+
+
 Executor = Callable[[Array, Array, Array, AttentionMask | None], Array]
 EXECUTORS: dict[str, Executor] = {
     "auto": auto_attention,
     "dense": dense_attention,
+    "fused": fused_masked_attention,
     "masked": masked_attention,
     "sparse": sparse_attention,
 }

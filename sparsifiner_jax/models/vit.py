@@ -196,6 +196,7 @@ class Attention(nnx.Module):
     self.qkv = nnx.Linear(cfg.embed_dim, 3 * cfg.embed_dim, use_bias=cfg.qkv_bias, **kw)
     self.proj = nnx.Linear(cfg.embed_dim, cfg.embed_dim, **kw)
     self.executor = attn_lib.get_executor(cfg.executor)
+    self.executor_name = cfg.executor
     learned = cfg.attention_pattern == "sparsifiner"
     # A fixed/oracle pattern: a hashable callable (q, k) -> AttentionMask, part of the graphdef.
     self.pattern = None if learned else patterns.build(cfg, layer, keep_rate)
@@ -225,7 +226,7 @@ class Attention(nnx.Module):
         mask = dataclasses.replace(mask, key_valid=key_valid)
       out = self.executor(q, k, v, mask)
     else:
-      out = attn_lib.softmax_attention(q, k, v, key_valid)
+      out = attn_lib.unmasked_attention(q, k, v, key_valid, self.executor_name)
     out = self.proj(out.reshape(b, n, dim))
     aux = dict(mask=mask, approx_attn=approx, attn=attn_lib.attention_probs(q, k),
                cls_attn=cls_attention(q, k, key_valid))

@@ -143,3 +143,61 @@ def test_tpu_compile():
     cost = cost[0] if isinstance(cost, list) else cost
     per_chip = (b // len(devices)) * h * n * n * d
     assert cost["flops"] >= min_flops * per_chip
+
+
+# The fused dense kernel (``packed=None``; ``executors.fused_dense_attention`` with token-pruning key
+# masks) against XLA's softmax attention, float32 within 1e-5 (of the largest |value|), gradients too.
+
+def _check_dense(backend, shape, key_valid=None, **blocks):
+  from sparsifiner_jax.attention import backend as backend_lib   # pylint: disable=g-import-not-at-top
+  from sparsifiner_jax.attention import executors   # pylint: disable=g-import-not-at-top
+  q, k, v = _qkv(shape, seed=5)
+  ref = _grads(lambda q, k, v: executors.softmax_attention(q, k, v, key_valid), q, k, v)
+  if key_valid is None:
+    fn = lambda q, k, v: _run(q, k, v, None, backend, **blocks)   # noqa: E731
+  else:
+    def fn(q, k, v):
+      with backend_lib.compiling_for(backend, interpret=True):
+        return executors.fused_dense_attention(q, k, v, key_valid)
+  got = _grads(fn, q, k, v)
+  for name, r, g in zip(("out", "dq", "dk", "dv"), ref, got):
+    tol = 1e-5 * max(1.0, float(jnp.max(jnp.abs(r))))
+    np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=tol, rtol=0, err_msg=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dense_kernel_ragged_blocks_fp32(backend):
+  """N = 150: a partial last query and key block (TPU 128-row blocks; GPU 32)."""
+  blocks = dict(block_q=128, block_k=128) if backend == "tpu" else dict(block_q=32, block_k=32)
+  _check_dense(backend, (2, 150, 2, 16), **blocks)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dense_kernel_default_blocks_fp32(backend):
+  _check_dense(backend, (2, 65, 2, 16))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dense_kernel_with_token_pruning_key_mask_fp32(backend):
+  """Pruned keys (``key_valid``, per example) are dropped from every query's softmax."""
+  key_valid = jax.random.uniform(jax.random.key(9), (2, 65)) < 0.6
+  key_valid = key_valid.at[:, 0].set(True)
+  _check_dense(backend, (2, 65, 2, 16), key_valid=key_valid)
+
+
+def test_fused_executor_is_refused_off_accelerators():
+  from sparsifiner_jax.attention import executors   # pylint: disable=g-import-not-at-top
+  q, k, v = _qkv((1, 9, 2, 8))
+  with pytest.raises(ValueError, match="'fused' executor runs the Pallas kernels, on TPU and GPU only"):
+    executors.fused_masked_attention(q, k, v, None)
+
+
+@pytest.mark.parametrize("n,fused", [(65, False), (197, True)])
+def test_auto_runs_dense_layers_fused_on_tpu_from_197_tokens(n, fused):
+  """A layer without a mask under ``auto`` on TPU: the fused kernel from ``FUSED_DENSE_MIN_TOKENS``
+  (where the clock measured it faster than XLA's attention), XLA's attention below."""
+  from sparsifiner_jax.attention import backend as backend_lib, executors   # pylint: disable=g-import-not-at-top
+  q, k, v = _qkv((1, n, 2, 8))
+  with backend_lib.compiling_for("tpu", interpret=True):
+    text = str(jax.make_jaxpr(lambda q, k, v: executors.unmasked_attention(q, k, v, None, "auto"))(q, k, v))
+  assert ("pallas_call" in text) == fused

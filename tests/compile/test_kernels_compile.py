@@ -31,9 +31,9 @@ def _device(topology: str):
   return targets.devices(topology)[0]
 
 
-def _compile(topology: str, n: int, dtype, with_mask: bool):
+def _compile(topology: str, n: int, dtype, with_mask: bool, dense: bool = False):
   """Compiles, for one device of ``topology``, the predictor's mask kernel (``with_mask``) and the
-  attention's forward and gradient (dq, dk/dv kernels)."""
+  attention's forward and gradient (dq, dk/dv kernels), masked or ``dense`` (no mask)."""
   platform = targets.platform(topology)
   spec = NamedSharding(Mesh(np.array([_device(topology)]), ("data",)), P())
   arg = lambda shape, dt=dtype: jax.ShapeDtypeStruct(shape, dt, sharding=spec)   # noqa: E731
@@ -44,7 +44,7 @@ def _compile(topology: str, n: int, dtype, with_mask: bool):
       packed = pallas_mask.lowrank_topk_mask(q, weights, basis, scale=0.125, coef_k=8, k=-(-n // 4),
                                              compute_dtype=dtype, backend=platform)
     attend = lambda q, k, v: pallas_attention.sparse_attention(   # noqa: E731
-        q, k, v, packed, scale=D ** -0.5, backend=platform)
+        q, k, v, None if dense else packed, scale=D ** -0.5, backend=platform)
     out, grads = jax.value_and_grad(lambda *qkv: jnp.sum(attend(*qkv)), argnums=(0, 1, 2))(q, k, v)
     return out, grads
 
@@ -70,6 +70,16 @@ def test_every_kernel_compiles(topology, n, dtype):
   for name in expected:
     assert name in text, f"{name} is not in the program compiled for {topology}"
   assert compiled.memory_analysis().output_size_in_bytes > 0
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
+@pytest.mark.parametrize("topology", TARGETS)
+def test_dense_kernels_compile(topology, dtype):
+  """The fused dense attention (no mask), forward and gradient, at 785 tokens (ragged last blocks)."""
+  need_compiler_for(topology)
+  text = _compile(topology, 785, dtype, with_mask=False, dense=True).as_text()
+  call = "tpu_custom_call" if targets.platform(topology) == "tpu" else "__gpu$xla.gpu.triton"
+  assert text.count(call) == 3 and all(name in text for name in KERNELS[1:])
 
 
 def test_gpu_mask_kernel_fits_where_deit_s_224_runs():

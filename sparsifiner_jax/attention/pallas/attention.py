@@ -68,6 +68,8 @@ class _Config:
   head_dim: int = 0
   n: int = 0
   split: bool = True     # TPU: q, k and v are separate lane blocks of qkv (H d a multiple of 128)
+  dense: bool = False    # no mask: every real key kept (the words are not read)
+  n_keys: int = 0        # the real key count (GPU; keys past it are padding)
 
   @property
   def nw(self) -> int:
@@ -206,7 +208,23 @@ def _live_rows(x: Array, block: int, size: int, n: int) -> Array:
   return jnp.where(row < n, x, jnp.zeros_like(x))
 
 
-def _tpu_keep(w_ref, cfg: _Config, h: int, shape, key_axis: int) -> Array:
+def _keys_valid(ki, cfg: _Config, shape, key_axis: int, n_keys: int) -> Array | None:
+  """Dense mode: which keys of key block ``ki`` are real (``< n_keys``), as a ``shape`` tile with keys
+  along ``key_axis``; None where the block has no padding."""
+  if n_keys % cfg.bk == 0:
+    return None
+  return ki * cfg.bk + lax.broadcasted_iota(jnp.int32, shape, key_axis) < n_keys
+
+
+def _where(keep: Array | None, x: Array, fill) -> Array:
+  return x if keep is None else jnp.where(keep, x, fill)
+
+
+def _tpu_keep(w_ref, cfg: _Config, h: int, shape, key_axis: int, ki) -> Array | None:
+  """The keep tile of head ``h`` (keys along ``key_axis``): the mask's bits, or in dense mode the real
+  keys of key block ``ki`` (None: all)."""
+  if cfg.dense:
+    return _keys_valid(ki, cfg, shape, key_axis, cfg.n)
   hm = h if cfg.mask_h else 0
   words = [w_ref[hm, j:j + 1, :] for j in range(cfg.nw)]
   if key_axis == 1:
@@ -231,7 +249,7 @@ def _tpu_fwd_kernel(occ_ref, q_ref, k_ref, v_ref, w_ref, o_ref, lse_ref, m_sc, l
       v = _live_rows(_head(v_ref, cfg, 2, h), ki, cfg.bk, cfg.n)
       q = _scaled(_head(q_ref, cfg, 0, h), cfg.scale, k.dtype)
       s = lax.dot_general(q, k, NT, preferred_element_type=F32)                  # [bq, bk]
-      s = jnp.where(_tpu_keep(w_ref, cfg, h, s.shape, 1), s, -jnp.inf)
+      s = _where(_tpu_keep(w_ref, cfg, h, s.shape, 1, ki), s, -jnp.inf)
       m, l, acc = _online_softmax_step(s, m_sc[h], l_sc[h], acc_sc[h], v)
       m_sc[h], l_sc[h], acc_sc[h] = m, l, acc
 
@@ -260,11 +278,11 @@ def _tpu_dq_kernel(occ_ref, q_ref, k_ref, v_ref, w_ref, do_ref, lse_ref, delta_r
       v = _live_rows(_head(v_ref, cfg, 2, h), ki, cfg.bk, cfg.n)
       q = _scaled(_head(q_ref, cfg, 0, h), cfg.scale, k.dtype)
       s = lax.dot_general(q, k, NT, preferred_element_type=F32)                  # [bq, bk]
-      keep = _tpu_keep(w_ref, cfg, h, s.shape, 1)
-      p = jnp.where(keep, jnp.exp(s - _row_to_col(lse_ref[h])), 0.0)
+      keep = _tpu_keep(w_ref, cfg, h, s.shape, 1, ki)
+      p = _where(keep, jnp.exp(s - _row_to_col(lse_ref[h])), 0.0)
       do = do_ref[:, h * d:(h + 1) * d].astype(v.dtype)
       dp = lax.dot_general(do, v, NT, preferred_element_type=F32)
-      ds = jnp.where(keep, p * (dp - _row_to_col(delta_ref[h])), 0.0)
+      ds = _where(keep, p * (dp - _row_to_col(delta_ref[h])), 0.0)
       dq_sc[h] += lax.dot_general(ds.astype(k.dtype), k, NN, preferred_element_type=F32)
 
   @pl.when(ki == cfg.nk - 1)
@@ -292,11 +310,11 @@ def _tpu_dkv_kernel(occ_ref, q_ref, k_ref, v_ref, w_ref, do_ref, lse_ref, delta_
       q = _live_rows(_scaled(_head(q_ref, cfg, 0, h), cfg.scale, k.dtype), qi, cfg.bq, cfg.n)
       do = _live_rows(do_ref[:, h * d:(h + 1) * d].astype(v.dtype), qi, cfg.bq, cfg.n)
       st = lax.dot_general(k, q, NT, preferred_element_type=F32)                 # [bk, bq]
-      keep = _tpu_keep(w_ref, cfg, h, st.shape, 0)
-      pt = jnp.where(keep, jnp.exp(st - lse_ref[h]), 0.0)
+      keep = _tpu_keep(w_ref, cfg, h, st.shape, 0, ki)
+      pt = _where(keep, jnp.exp(st - lse_ref[h]), 0.0)
       dv_sc[h] += lax.dot_general(pt.astype(v.dtype), do, NN, preferred_element_type=F32)
       dpt = lax.dot_general(v, do, NT, preferred_element_type=F32)
-      dst = jnp.where(keep, pt * (dpt - delta_ref[h]), 0.0)
+      dst = _where(keep, pt * (dpt - delta_ref[h]), 0.0)
       dk_sc[h] += lax.dot_general(dst.astype(q.dtype), q, NN, preferred_element_type=F32)
 
   @pl.when(qi == cfg.nq - 1)
@@ -447,7 +465,9 @@ _tpu_core.defvjp(_tpu_core_fwd, _tpu_core_bwd)
 
 def _gpu_keep(w_ref, ki, q_rows, cfg: _Config):
   """Keep tile ``[bq, bk]`` of key block ``ki`` for the query rows ``q_rows`` (a slice of the words' last
-  axis) from ``w_ref [nk, nw, *]``."""
+  axis) from ``w_ref [nk, nw, *]``; in dense mode the real keys of the block (None: all)."""
+  if cfg.dense:
+    return _keys_valid(ki, cfg, (cfg.bq, cfg.bk), 1, cfg.n_keys)
   words = [w_ref[ki, pl.ds(j, 1), q_rows].reshape(cfg.bq, 1) for j in range(cfg.nw)]
   return _expand_bits(words, (cfg.bq, cfg.bk), 1)
 
@@ -460,7 +480,7 @@ def _gpu_fwd_kernel(q_ref, k_ref, v_ref, w_ref, o_ref, lse_ref, *, cfg: _Config)
   def body(ki, carry):
     keys = pl.ds(ki * cfg.bk, cfg.bk)
     s = lax.dot_general(q, k_ref[keys, :], NT, preferred_element_type=F32)
-    s = jnp.where(_gpu_keep(w_ref, ki, slice(None), cfg), s, -jnp.inf)
+    s = _where(_gpu_keep(w_ref, ki, slice(None), cfg), s, -jnp.inf)
     return _online_softmax_step(s, *carry, v_ref[keys, :])
 
   init = (jnp.full((cfg.bq, 1), -jnp.inf, F32), jnp.zeros((cfg.bq, 1), F32), jnp.zeros((cfg.bq, d), F32))
@@ -480,7 +500,7 @@ def _gpu_dq_kernel(q_ref, k_ref, v_ref, w_ref, do_ref, lse_ref, delta_ref, dq_re
     keys = pl.ds(ki * cfg.bk, cfg.bk)
     k, v = k_ref[keys, :], v_ref[keys, :]
     s = lax.dot_general(q, k, NT, preferred_element_type=F32)
-    s = jnp.where(_gpu_keep(w_ref, ki, slice(None), cfg), s, -jnp.inf)
+    s = _where(_gpu_keep(w_ref, ki, slice(None), cfg), s, -jnp.inf)
     p = jnp.exp(s - lse)
     ds = p * (lax.dot_general(do, v, NT, preferred_element_type=F32) - delta)
     return dq + lax.dot_general(ds.astype(k_dtype), k, NN, preferred_element_type=F32)
@@ -493,6 +513,7 @@ def _gpu_dkv_kernel(q_ref, k_ref, v_ref, w_ref, do_ref, lse_ref, delta_ref, dk_r
                     cfg: _Config):
   k, v = k_ref[...], v_ref[...]
   tn = (((0,), (0,)), ((), ()))        # a.T @ b
+  key_block = pl.program_id(0)
 
   def body(qi, carry):
     dk, dv = carry
@@ -500,8 +521,11 @@ def _gpu_dkv_kernel(q_ref, k_ref, v_ref, w_ref, do_ref, lse_ref, delta_ref, dk_r
     q = _scaled(q_ref[rows, :], cfg.scale, k.dtype)
     do = do_ref[rows, :].astype(k.dtype)
     s = lax.dot_general(q, k, NT, preferred_element_type=F32)                    # [bq, bk]
-    words = [w_ref[pl.ds(j, 1), rows].reshape(cfg.bq, 1) for j in range(cfg.nw)]
-    s = jnp.where(_expand_bits(words, s.shape, 1), s, -jnp.inf)
+    if cfg.dense:
+      keep = _keys_valid(key_block, cfg, s.shape, 1, cfg.n_keys)
+    else:
+      keep = _expand_bits([w_ref[pl.ds(j, 1), rows].reshape(cfg.bq, 1) for j in range(cfg.nw)], s.shape, 1)
+    s = _where(keep, s, -jnp.inf)
     p = jnp.exp(s - lse_ref[rows].reshape(cfg.bq, 1))
     dv = dv + lax.dot_general(p.astype(k.dtype), do, tn, preferred_element_type=F32)
     ds = p * (lax.dot_general(do, v, NT, preferred_element_type=F32) - delta_ref[rows].reshape(cfg.bq, 1))
@@ -620,10 +644,12 @@ def _mask_layout(packed: Array, cfg: _Config) -> tuple[Array, Array]:
   return words, jnp.swapaxes(occ, 1, 2).reshape(-1).astype(jnp.int32)
 
 
-def sparse_attention(q: Array, k: Array, v: Array, packed: Array, *, scale: float, backend: str = "tpu",
-                     interpret: bool = False, block_q: int | None = None,
+def sparse_attention(q: Array, k: Array, v: Array, packed: Array | None, *, scale: float,
+                     backend: str = "tpu", interpret: bool = False, block_q: int | None = None,
                      block_k: int | None = None) -> Array:
   """Masked softmax attention, fused: ``[B, N, H, d]`` x3 and a bit-packed mask -> ``[B, N, H, d]`` f32.
+  With ``packed=None``, dense attention in the same kernels (no mask read, no bits expanded; only the
+  padding past the last real key is masked).
 
   Args:
     q, k, v: ``[B, N_q, H, d]``, ``[B, N_k, H, d]`` x2 (TPU: ``N_q = N_k``), any float dtype; the products
@@ -645,6 +671,9 @@ def sparse_attention(q: Array, k: Array, v: Array, packed: Array, *, scale: floa
     raise ValueError(f"unknown backend {backend!r}; allowed: 'tpu', 'gpu'")
   bsz, nq, nh, d = q.shape
   nk = k.shape[1]
+  dense = packed is None
+  if dense:   # a [1, 1, W, N] stand-in: its blocks are fetched once (their index never changes), never read
+    packed = jnp.zeros((1, 1, bitmask.words(nk), nq), jnp.int32)
   if packed.ndim != 4 or packed.shape[3] != nq or packed.shape[2] != bitmask.words(nk):
     raise ValueError(f"packed mask {packed.shape} does not fit q {q.shape} and {nk} keys")
   if backend == "tpu" and nq != nk:
@@ -652,10 +681,12 @@ def sparse_attention(q: Array, k: Array, v: Array, packed: Array, *, scale: floa
   bq, bk = _block_sizes(backend, nq, nk, block_q, block_k)
   cfg = _Config(backend=backend, scale=float(scale), interpret=bool(interpret), bq=bq, bk=bk,
                 nq=-(-nq // bq), nk=-(-nk // bk), mask_b=packed.shape[0] > 1, mask_h=packed.shape[1] > 1,
-                heads=nh, head_dim=d, n=nq, split=(nh * d) % 128 == 0)
+                heads=nh, head_dim=d, n=nq, split=(nh * d) % 128 == 0, dense=dense, n_keys=nk)
   dtype = q.dtype
   q, k, v, packed = _same_vma(q, k.astype(dtype), v.astype(dtype), packed)
   words, occ = _mask_layout(packed.astype(jnp.int32), cfg)
+  if dense:
+    occ = jnp.ones_like(occ)
 
   if backend == "tpu":
     qkv = jnp.stack([q, k, v], axis=2).reshape(bsz, nq, 3 * nh * d)   # the qkv projection's layout
