@@ -94,17 +94,28 @@ def test_gpu_interpreted_kernel_runs_the_compiled_loop_form():
   assert pallas_mask._unroll("gpu", interpret=True) == pallas_mask._unroll("gpu", interpret=False) is False
 
 
+@pytest.mark.parametrize("axis", [1, 0], ids=["rows", "columns"])
 @pytest.mark.parametrize("unroll", [False, True], ids=["rolled", "unrolled"])
-def test_topk_selection_both_loop_forms(unroll):
-  """The selection alone, in both loop forms, equals ``lax.top_k`` (ties to the lowest index) on rows
-  full of ties: few distinct values, signed zeros, and invalid (padding) lanes past 50."""
+def test_topk_selection_both_loop_forms(unroll, axis):
+  """The selection alone, in both loop forms and both layouts (rows along lanes as on GPU, or as columns
+  as on TPU), equals ``lax.top_k`` (ties to the lowest index) on rows full of ties: few distinct values,
+  signed zeros, and invalid (padding) entries past 50."""
   rng = np.random.default_rng(0)
   x = rng.choice(np.array([-1.5, -0.0, 0.0, 0.25, 2.0], np.float32), size=(64, 128))
   valid = jnp.arange(128)[None] < 50
   for k in (1, 7, 25, 50):
-    got = jax.jit(lambda x: pallas_mask._topk_keep(x, k, valid, unroll))(jnp.asarray(x))
+    if axis == 1:
+      got = jax.jit(lambda x: pallas_mask._topk_keep(x, k, valid, unroll))(jnp.asarray(x))
+    else:
+      got = jax.jit(lambda x: pallas_mask._topk_keep(x.T, k, valid.T, unroll, axis=0).T)(jnp.asarray(x))
     want = topk_rows(jnp.where(valid, jnp.asarray(x) + 0.0, -jnp.inf), k)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_pack_columns_is_the_bitmask_layout():
+  keep = jax.random.bernoulli(jax.random.key(2), 0.3, (3, 96))                 # [rows, keys]
+  got = pallas_mask._pack_columns(keep.T, bitmask.words(96))
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(bitmask.pack(keep)))
 
 
 def test_ties_are_exercised():
