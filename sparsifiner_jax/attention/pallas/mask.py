@@ -188,16 +188,12 @@ def _pack_columns(keep_t: Array, words: int) -> Array:
                           for w in range(words)], axis=0)
 
 
-def _kernel(q_ref, wq_ref, bias_ref, basis_ref, out_ref, *, sizes: _Sizes, scale: float, coef_k: int,
-            k: int, num_dense_rows: int, unroll: bool, word_major: bool):
-  """One (b, h, row block): ``q_ref [rows, d_pad]``, ``wq_ref [d_pad, m_pad]`` (compute dtype),
-  ``bias_ref [1, m_pad]`` float32, ``basis_ref [m_pad, n_pad]`` (compute dtype) -> ``out_ref`` int32:
-  ``[words, rows]`` word-major (TPU: the ``bitmask`` layout, compact in tiled memory) or ``[rows, w_pad]``
-  (GPU; transposed by the caller)."""
+def _kernel_rows(q_ref, wq_ref, bias_ref, basis_ref, out_ref, *, sizes: _Sizes, scale: float, coef_k: int,
+                 k: int, num_dense_rows: int, unroll: bool):
+  """GPU, one (b, h, row block): ``q_ref [rows, d_pad]``, ``wq_ref [d_pad, m_pad]`` (compute dtype),
+  ``bias_ref [1, m_pad]`` float32, ``basis_ref [m_pad, n_pad]`` (compute dtype) -> ``out_ref [rows, w_pad]``
+  int32 (transposed to the ``bitmask`` layout by the caller), each query row's scores along a row."""
   s = sizes
-  if word_major:
-    return _kernel_columns(q_ref, wq_ref, bias_ref, basis_ref, out_ref, sizes=s, scale=scale,
-                           coef_k=coef_k, k=k, num_dense_rows=num_dense_rows, unroll=unroll)
   z = jnp.dot(q_ref[...], wq_ref[...], preferred_element_type=jnp.float32)
   z = (z + bias_ref[...]) * scale                                            # [rows, m_pad]
   m_valid = jax.lax.broadcasted_iota(jnp.int32, (1, s.m_pad), 1) < s.m
@@ -218,10 +214,10 @@ def _kernel(q_ref, wq_ref, bias_ref, basis_ref, out_ref, *, sizes: _Sizes, scale
 
 def _kernel_columns(q_ref, wq_ref, bias_ref, basis_ref, out_ref, *, sizes: _Sizes, scale: float,
                     coef_k: int, k: int, num_dense_rows: int, unroll: bool):
-  """TPU: :func:`_kernel` with each query row's scores as a column (``z.T [m_pad, rows]``,
-  ``approx.T [n_pad, rows]``): the top-k's counts are sums over sublanes, element-wise adds on the vector
-  unit, where along lanes they would each take the cross-lane unit; the words come out ``[words, rows]``,
-  the ``bitmask`` layout, with no transpose."""
+  """TPU: :func:`_kernel_rows` (same operands) with each query row's scores as a column (``z.T [m_pad,
+  rows]``, ``approx.T [n_pad, rows]``): the top-k's counts are sums over sublanes, element-wise adds on the
+  vector unit, where along lanes they would each take the cross-lane unit; ``out_ref [words, rows]``, the
+  ``bitmask`` layout, with no transpose."""
   s = sizes
   z = jnp.dot(q_ref[...], wq_ref[...], preferred_element_type=jnp.float32)
   z = jnp.transpose((z + bias_ref[...]) * scale)                            # [m_pad, rows]
@@ -327,9 +323,9 @@ def lowrank_topk_mask(q: Array, weights: Array, basis: Array, *, scale: float, c
   out_spec = pl.BlockSpec((None, None, *block),
                           (lambda bi, hi, ri: (bi, hi, 0, ri)) if word_major else
                           (lambda bi, hi, ri: (bi, hi, ri, 0)))
-  kernel = functools.partial(_kernel, sizes=s, scale=float(scale), coef_k=min(coef_k, m), k=k,
-                             num_dense_rows=num_dense_rows, unroll=_unroll(backend, interpret),
-                             word_major=word_major)
+  kernel = functools.partial(_kernel_columns if word_major else _kernel_rows, sizes=s, scale=float(scale),
+                             coef_k=min(coef_k, m), k=k, num_dense_rows=num_dense_rows,
+                             unroll=_unroll(backend, interpret))
   cost = _cost(b, h, s, coef_k, k, operands, int(np.prod(out_shape.shape)) * 4)
   packed = pl.pallas_call(
       kernel, out_shape=out_shape, grid=(b, h, s.rows_pad // s.rows), in_specs=in_specs,
