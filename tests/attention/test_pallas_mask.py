@@ -73,6 +73,9 @@ CASES = [   # (name, inputs kwargs, coef_k, k)
     ("coef_all", dict(n=40, d=16, m=10), 10, 12),
     ("coef_over", dict(n=40, d=16, m=10), 64, 12),
     ("ties", dict(n=65, d=8, m=16, zero_columns=30, threshold=0.05), 2, 60),
+    # TPU reads q as [B, N, H d] 128 lanes at a time when d divides 128 and H d is a multiple of it:
+    ("lanes_d64", dict(n=65, d=64, h=2, m=16), 8, 17),
+    ("lanes_d32", dict(n=40, d=32, h=4, m=8), 3, 11),
 ]
 
 

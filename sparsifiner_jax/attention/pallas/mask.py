@@ -78,10 +78,10 @@ def _sizes(n: int, m: int, d: int, backend: str, block_q: int | None) -> _Sizes:
   """Block sizes for ``n`` tokens, ``m`` coefficients, head dim ``d`` on ``backend``."""
   words = bitmask.words(n)
   if backend == "tpu":
-    rows = block_q or (_round_up(n, 16) if n <= _TPU_MAX_ROWS else _TPU_BLOCK_Q)
-    if rows % 16 or (rows < n and rows % _LANES):
-      raise ValueError(f"block_q={rows} must be a multiple of 16 (bf16 sublane tiling), and of {_LANES} "
-                       f"when it is less than N={n} (the words' lane tiling)")
+    rows = block_q or (n if n <= _TPU_MAX_ROWS else _TPU_BLOCK_Q)
+    if rows != n and (rows % 16 or rows < n and rows % _LANES):
+      raise ValueError(f"block_q={rows} must be N={n} or a multiple of 16 (bf16 sublane tiling), and of "
+                       f"{_LANES} when it is less than N (the words' lane tiling)")
     return _Sizes(n, m, d, _round_up(n, _LANES), m, d, _round_up(words, _LANES), rows,
                   _round_up(n, rows), words)
   if backend == "gpu":
@@ -212,15 +212,26 @@ def _kernel_rows(q_ref, wq_ref, bias_ref, basis_ref, out_ref, *, sizes: _Sizes, 
   out_ref[...] = _pack(keep, s.w_pad)                                     # [rows, w_pad]
 
 
-def _kernel_columns(q_ref, wq_ref, bias_ref, basis_ref, out_ref, *, sizes: _Sizes, scale: float,
+def _kernel_columns(q_ref, w_ref, basis_ref, out_ref, *, sizes: _Sizes, heads_per_block: int, scale: float,
                     coef_k: int, k: int, num_dense_rows: int, unroll: bool):
-  """TPU: :func:`_kernel_rows` (same operands) with each query row's scores as a column (``z.T [m_pad,
-  rows]``, ``approx.T [n_pad, rows]``): the top-k's counts are sums over sublanes, element-wise adds on the
-  vector unit, where along lanes they would each take the cross-lane unit; ``out_ref [words, rows]``, the
-  ``bitmask`` layout, with no transpose."""
+  """TPU, one (b, h, row block): ``q_ref [rows, 128]`` (compute dtype: the 128 lanes of the queries'
+  ``[B, N, H d]`` layout that hold head ``h``, among ``heads_per_block`` heads; or ``[rows, d]`` of
+  heads-first queries, ``heads_per_block = 1``, see :func:`_tpu_call`), ``w_ref [d + 1, m]``
+  float32 (``query_weights``' layout), ``basis_ref [m_pad, n_pad]`` (compute dtype) -> ``out_ref [words,
+  rows]``, the ``bitmask`` layout. With lane blocks no operand is transposed, padded or sliced in HBM.
+
+  :func:`_kernel_rows`' steps with each query row's scores as a column (``z.T [m, rows]``,
+  ``approx.T [n_pad, rows]``): the top-k's counts are sums over sublanes, element-wise adds on the vector
+  unit, where along lanes they would each take the cross-lane unit; the words need no transpose."""
   s = sizes
-  z = jnp.dot(q_ref[...], wq_ref[...], preferred_element_type=jnp.float32)
-  z = jnp.transpose((z + bias_ref[...]) * scale)                            # [m_pad, rows]
+  lanes = q_ref[...]
+  slot = jax.lax.rem(pl.program_id(1), heads_per_block)
+  q = lanes[:, :s.d]
+  for j in range(1, heads_per_block):
+    q = jnp.where(slot == j, lanes[:, j * s.d:(j + 1) * s.d], q)
+  w = w_ref[...]                                                            # [d + 1, m]
+  z = jnp.dot(q, w[:s.d].astype(q.dtype), preferred_element_type=jnp.float32)
+  z = jnp.transpose((z + w[s.d:]) * scale)                                  # [m, rows]
   m_valid = jax.lax.broadcasted_iota(jnp.int32, (s.m_pad, 1), 0) < s.m
   z = jnp.where(m_valid, z, -jnp.inf)
   e = jnp.exp(z - jnp.max(z, axis=0, keepdims=True))
@@ -305,35 +316,65 @@ def lowrank_topk_mask(q: Array, weights: Array, basis: Array, *, scale: float, c
   m = weights.shape[-1]
   s = _sizes(n, m, d, backend, block_q)
   dtype = jnp.dtype(compute_dtype)
-  operands = _operands(q, weights, basis, s, dtype)
-  word_major = backend == "tpu"
-  block = (s.words, s.rows) if word_major else (s.rows, s.w_pad)
-  shape = (b, h, s.words, s.rows_pad) if word_major else (b, h, s.rows_pad, s.w_pad)
-  # Inside shard_map (check_vma) the mask varies over the mesh axes as q does.
-  out_shape = jax.ShapeDtypeStruct(shape, jnp.int32,
-                                   manual_axis_type=getattr(jax.typeof(operands[0]), "mat", None))
-  per_example = basis.ndim == 3
-  in_specs = [
-      pl.BlockSpec((None, None, s.rows, s.d_pad), lambda bi, hi, ri: (bi, hi, ri, 0)),
-      pl.BlockSpec((None, None, s.d_pad, s.m_pad), lambda bi, hi, ri: (bi, hi, 0, 0)),
-      pl.BlockSpec((None, None, 1, s.m_pad), lambda bi, hi, ri: (bi, hi, 0, 0)),
-      pl.BlockSpec((None, s.m_pad, s.n_pad),
-                   (lambda bi, hi, ri: (bi, 0, 0)) if per_example else (lambda bi, hi, ri: (0, 0, 0))),
-  ]
-  out_spec = pl.BlockSpec((None, None, *block),
-                          (lambda bi, hi, ri: (bi, hi, 0, ri)) if word_major else
-                          (lambda bi, hi, ri: (bi, hi, ri, 0)))
-  kernel = functools.partial(_kernel_columns if word_major else _kernel_rows, sizes=s, scale=float(scale),
-                             coef_k=min(coef_k, m), k=k, num_dense_rows=num_dense_rows,
-                             unroll=_unroll(backend, interpret))
-  cost = _cost(b, h, s, coef_k, k, operands, int(np.prod(out_shape.shape)) * 4)
+  kernel_args = dict(sizes=s, scale=float(scale), coef_k=min(coef_k, m), k=k, num_dense_rows=num_dense_rows,
+                     unroll=_unroll(backend, interpret))
+  call = _tpu_call if backend == "tpu" else _gpu_call
+  operands, in_specs, out_shape, out_spec, kernel = call(q, weights, basis, s, dtype, kernel_args)
   packed = pl.pallas_call(
-      kernel, out_shape=out_shape, grid=(b, h, s.rows_pad // s.rows), in_specs=in_specs,
-      out_specs=out_spec, cost_estimate=cost, name="lowrank_topk_mask",
-      **_backend_kwargs(backend, interpret))(*operands)
-  if word_major:
-    return packed[..., :n]
+      kernel, out_shape=out_shape, grid=(b, h, s.rows_pad // s.rows), in_specs=in_specs, out_specs=out_spec,
+      cost_estimate=_cost(b, h, s, coef_k, k, operands, int(np.prod(out_shape.shape)) * 4),
+      name="lowrank_topk_mask", **_backend_kwargs(backend, interpret))(*operands)
+  if backend == "tpu":
+    return packed if s.rows_pad == n else packed[..., :n]
   return jnp.swapaxes(packed[:, :, :n, :s.words], -1, -2)
+
+
+def _out_shape(shape, like: Array) -> jax.ShapeDtypeStruct:
+  """int32 ``shape``; inside shard_map (check_vma) the mask varies over the mesh axes as ``like`` does."""
+  return jax.ShapeDtypeStruct(shape, jnp.int32, manual_axis_type=getattr(jax.typeof(like), "mat", None))
+
+
+def _basis_spec(basis: Array, block) -> pl.BlockSpec:
+  """The basis block ``[m_pad, n_pad]``: one for all examples, or per example."""
+  if basis.shape[0] > 1:
+    return pl.BlockSpec(block, lambda bi, hi, ri: (bi, 0, 0))
+  return pl.BlockSpec(block, lambda bi, hi, ri: (0, 0, 0))
+
+
+def _tpu_call(q, weights, basis, s: _Sizes, dtype, kernel_args):
+  """TPU operands as the predictor has them: q ``[B, N, H d]`` read 128 lanes (the block holding the
+  head) at a time, where the head dim divides 128 and ``H d`` is a multiple of it; else q heads-first and
+  padded as for the GPU (:func:`_operands`), one head per block."""
+  b, n, h, d = q.shape
+  lane_heads = _LANES // d if _LANES % d == 0 and (h * d) % _LANES == 0 else 0
+  basis = basis[None] if basis.ndim == 2 else basis
+  basis = jnp.pad(basis.astype(dtype), [(0, 0), (0, s.m_pad - s.m), (0, s.n_pad - s.n)])
+  if lane_heads:
+    qf = q.astype(dtype).reshape(b, n, h * d)
+    q_spec = pl.BlockSpec((None, s.rows, _LANES), lambda bi, hi, ri: (bi, ri, jax.lax.div(hi, lane_heads)))
+  else:
+    qf = jnp.pad(jnp.swapaxes(q, 1, 2).astype(dtype), [(0, 0), (0, 0), (0, s.rows_pad - n), (0, 0)])
+    q_spec = pl.BlockSpec((None, None, s.rows, d), lambda bi, hi, ri: (bi, hi, ri, 0))
+  operands = (qf, weights.astype(jnp.float32), basis)
+  in_specs = [q_spec, pl.BlockSpec((None, None, d + 1, s.m), lambda bi, hi, ri: (bi, hi, 0, 0)),
+              _basis_spec(basis, (None, s.m_pad, s.n_pad))]
+  out_shape = _out_shape((b, h, s.words, s.rows_pad), qf)
+  out_spec = pl.BlockSpec((None, None, s.words, s.rows), lambda bi, hi, ri: (bi, hi, 0, ri))
+  kernel = functools.partial(_kernel_columns, heads_per_block=max(lane_heads, 1), **kernel_args)
+  return operands, in_specs, out_shape, out_spec, kernel
+
+
+def _gpu_call(q, weights, basis, s: _Sizes, dtype, kernel_args):
+  """GPU operands: heads-first, every dimension padded to a power of two (:func:`_operands`)."""
+  b, n, h, _ = q.shape
+  operands = _operands(q, weights, basis, s, dtype)
+  in_specs = [pl.BlockSpec((None, None, s.rows, s.d_pad), lambda bi, hi, ri: (bi, hi, ri, 0)),
+              pl.BlockSpec((None, None, s.d_pad, s.m_pad), lambda bi, hi, ri: (bi, hi, 0, 0)),
+              pl.BlockSpec((None, None, 1, s.m_pad), lambda bi, hi, ri: (bi, hi, 0, 0)),
+              _basis_spec(operands[3], (None, s.m_pad, s.n_pad))]
+  out_shape = _out_shape((b, h, s.rows_pad, s.w_pad), operands[0])
+  out_spec = pl.BlockSpec((None, None, s.rows, s.w_pad), lambda bi, hi, ri: (bi, hi, ri, 0))
+  return operands, in_specs, out_shape, out_spec, functools.partial(_kernel_rows, **kernel_args)
 
 
 def _unroll(backend: str, interpret: bool) -> bool:
