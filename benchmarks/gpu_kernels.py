@@ -76,7 +76,8 @@ def cases():
 
 
 def table(rows) -> str:
-  out = ["| kernel | N | dtype | loops | grid | registers / thread | spilled bytes | shared memory KiB | PTX KB |",
+  out = ["| kernel | N | dtype | loops | grid | registers / thread | spilled bytes | shared memory KiB "
+         "| PTX KB |",
          "|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     out.append(f"| {r['name']} | {r['n']} | {r['dtype']} | {r['loops'] or '-'} | "

@@ -53,7 +53,8 @@ def run_case(name: str, topology: str) -> dict:
 
 
 def table(results: dict[str, dict]) -> str:
-  rows = ["| case | topology | batch / chip | time (clock) | FLOPs | bytes accessed | temp memory | peak memory |",
+  rows = ["| case | topology | batch / chip | time (clock) | FLOPs | bytes accessed | temp memory "
+          "| peak memory |",
           "|---|---|---|---|---|---|---|---|"]
   for name, r in results.items():
     m, d, q = r["model"], r["dense"], r["ratios"]

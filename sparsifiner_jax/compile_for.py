@@ -2,7 +2,8 @@
 reports what the compiler says about it: memory per device against the device's memory, FLOPs and bytes.
 
   python -m sparsifiner_jax.compile_for --config configs/deit_s_sparsifiner.py --topology v5e:2x4 \\
-      --what eval|train [--phase distill] [--batch_per_chip 64] [--json out.json] [--config.x.y=v ...]
+      --what eval|train [--phase distill] [--batch_per_chip 64] [--clock] [--json out.json] \\
+      [--config.x.y=v ...]
 
 Topologies (``compile.targets``): TPU ``v4:2x2x1``, ``v5e:2x4``, ``v5p:2x2x4``, ``v6e:2x2`` (needs
 ``libtpu``), GPU ``h100:8``, ``a100:4``, ``h100:8x2`` (needs ``requirements-gpu.txt``). The step is the one
@@ -13,8 +14,11 @@ sparsity) is compiled too and the ratios printed. For the ``recon`` phase, which
 have, the dense figures are its ``distill`` step.
 
 Figures are per device (a GPU; a TPU chip, or on v4, whose topologies compile each TensorCore as a
-device, half a chip): ``compile.cost``. XLA cannot see inside a Pallas kernel: it counts what the kernel
-declares (``pl.CostEstimate``: its FLOPs, and at least its operand and result bytes as HBM traffic).
+device, half a chip): ``compile.cost``. With ``--clock`` (TPU) also an estimated time per step and the op
+kinds that take it (``compile.clock``), and the dense counterpart is compiled with XLA's attention and
+with the fused dense kernel, the faster being the baseline. XLA cannot see inside a Pallas kernel: it
+counts what the kernel declares (``pl.CostEstimate``: its FLOPs, and at least its operand and result bytes
+as HBM traffic).
 """
 
 from __future__ import annotations

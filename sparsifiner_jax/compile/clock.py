@@ -227,5 +227,5 @@ def summary(ops: list[Op], ghz: float, top: int = 8) -> dict:
   by_time = sorted(groups.items(), key=lambda g: -sum(o.total for o in g[1]))
   return dict(ms=ms(sum(o.total for o in ops)), xla_ms=ms(sum(o.total for o in ops if o.kind == "xla")),
               pallas_ms=ms(sum(o.total for o in ops if o.kind == "pallas")), clock_ghz=ghz,
-              top=[dict(name=name, kind=kind, count=sum(o.count for o in group), ms=ms(sum(o.total for o in group)))
-                   for (name, kind), group in by_time[:top]])
+              top=[dict(name=name, kind=kind, count=sum(o.count for o in group),
+                        ms=ms(sum(o.total for o in group))) for (name, kind), group in by_time[:top]])

@@ -15,8 +15,8 @@ import pathlib
 import re
 import subprocess
 
-_THUNK = re.compile(r"kCustomKernel \[[^\]]*\] (\S+) grid: \[(\d+), (\d+), (\d+)\] threads: \[(\d+), (\d+), (\d+)\]"
-                    r"\s+shared_memory: (\d+) bytes")
+_THUNK = re.compile(r"kCustomKernel \[[^\]]*\] (\S+) grid: \[(\d+), (\d+), (\d+)\] "
+                    r"threads: \[(\d+), (\d+), (\d+)\]\s+shared_memory: (\d+) bytes")
 
 
 @dataclasses.dataclass(frozen=True)

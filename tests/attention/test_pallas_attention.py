@@ -196,7 +196,8 @@ def test_fused_executor_is_refused_off_accelerators():
 def test_auto_runs_dense_layers_fused_on_tpu_from_197_tokens(n, fused):
   """A layer without a mask under ``auto`` on TPU: the fused kernel from ``FUSED_DENSE_MIN_TOKENS``
   (where the clock measured it faster than XLA's attention), XLA's attention below."""
-  from sparsifiner_jax.attention import backend as backend_lib, executors   # pylint: disable=g-import-not-at-top
+  from sparsifiner_jax.attention import backend as backend_lib   # pylint: disable=g-import-not-at-top
+  from sparsifiner_jax.attention import executors   # pylint: disable=g-import-not-at-top
   q, k, v = _qkv((1, n, 2, 8))
   with backend_lib.compiling_for("tpu", interpret=True):
     text = str(jax.make_jaxpr(lambda q, k, v: executors.unmasked_attention(q, k, v, None, "auto"))(q, k, v))

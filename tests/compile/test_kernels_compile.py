@@ -85,7 +85,8 @@ def test_dense_kernels_compile(topology, dtype):
 def test_gpu_mask_kernel_fits_where_deit_s_224_runs():
   """The GPU mask kernel stages its basis in shared memory: DeiT-S at 224 px fits (so ``auto`` runs it),
   448 px does not (``auto`` selects in XLA there)."""
-  assert pallas_mask.fits(197, 32, D, jnp.bfloat16, "gpu") and pallas_mask.fits(197, 32, D, jnp.float32, "gpu")
+  assert pallas_mask.fits(197, 32, D, jnp.bfloat16, "gpu")
+  assert pallas_mask.fits(197, 32, D, jnp.float32, "gpu")
   assert not pallas_mask.fits(785, 130, D, jnp.bfloat16, "gpu")
   assert pallas_mask.fits(785, 130, D, jnp.bfloat16, "tpu")
 
