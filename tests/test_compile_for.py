@@ -54,8 +54,8 @@ def test_digits_steps_compile(topology, what, phase):
   depth = 4
   calls = text.count(KERNEL_CALL[targets.platform(topology)])
   assert calls == {"eval": 2, "recon": 0, "distill": 4}[phase or what] * depth
-  assert fig.flops > 0 and fig.bytes_accessed > 0 and fig.temp_bytes > 0
-  assert fig.peak_bytes < targets.memory_bytes(topology)
+  assert fig.flops > 0 and fig.bytes_accessed > 0
+  assert 0 < fig.peak_bytes < targets.memory_bytes(topology)
 
 
 def test_gpu_flops_count_what_tpu_flops_count():

@@ -38,6 +38,7 @@ Array = jax.Array
 # measured). GPU: no clock, so XLA's attention.
 FUSED_DENSE_MIN_TOKENS = {"tpu": 197, "gpu": 10 ** 9}
 
+
 def heads_first(t: Array) -> Array:
   """``[B, N, H, d] -> [B, H, N, d]``: XLA:CPU runs the attention matmuls much faster in this layout."""
   return jnp.swapaxes(t, 1, 2)
