@@ -1,7 +1,8 @@
 """What ``ptxas`` and XLA say about each GPU kernel of a program compiled without a GPU.
 
-Compile with ``XLA_FLAGS=--xla_dump_to=DIR`` set before JAX starts; XLA then writes, per program, the PTX of
-every kernel (``*.ptx``, entry named after the Pallas kernel's ``name``) and its launch sequence
+Compile with XLA's dump on (``lowered.compile({"xla_dump_to": DIR})``, or ``XLA_FLAGS=--xla_dump_to=DIR``
+before JAX starts); XLA then writes, per program, the PTX of every kernel (``*.ptx``, entry named after
+the Pallas kernel's ``name``) and its launch sequence
 (``*thunk_sequence.txt``: grid, threads, shared memory per kernel). :func:`kernel_stats` reads both and
 runs ``ptxas -v`` (from ``nvidia-cuda-nvcc-cu12``, ``requirements-gpu.txt``) on each kernel for the
 registers per thread and the spilled bytes. A register or shared-memory figure is what one launch needs

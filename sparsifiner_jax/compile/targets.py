@@ -10,8 +10,8 @@ A topology is ``family:shape``:
   and JAX must run on the CPU platform (``JAX_PLATFORMS=cpu`` before JAX starts): with a CUDA platform
   open, the plugin would look for a real GPU instead.
 
-What a compile for these devices proves, and what it does not: docs/launch.md ("Compiling without the
-hardware").
+What a compile for these devices proves, and what it does not: docs/training.md ("Compiling for a TPU
+or GPU topology").
 """
 
 from __future__ import annotations

@@ -69,7 +69,7 @@ class _Config:
   n: int = 0
   split: bool = True     # TPU: q, k and v are separate lane blocks of qkv (H d a multiple of 128)
   dense: bool = False    # no mask: every real key kept (the words are not read)
-  n_keys: int = 0        # the real key count (GPU; keys past it are padding)
+  n_keys: int = 0        # the real key count (keys past it are padding; TPU: equal to n)
 
   @property
   def nw(self) -> int:
@@ -208,12 +208,12 @@ def _live_rows(x: Array, block: int, size: int, n: int) -> Array:
   return jnp.where(row < n, x, jnp.zeros_like(x))
 
 
-def _keys_valid(ki, cfg: _Config, shape, key_axis: int, n_keys: int) -> Array | None:
+def _keys_valid(ki, cfg: _Config, shape, key_axis: int) -> Array | None:
   """Dense mode: which keys of key block ``ki`` are real (``< n_keys``), as a ``shape`` tile with keys
-  along ``key_axis``; None where the block has no padding."""
-  if n_keys % cfg.bk == 0:
+  along ``key_axis``; None where no block has padding."""
+  if cfg.n_keys % cfg.bk == 0:
     return None
-  return ki * cfg.bk + lax.broadcasted_iota(jnp.int32, shape, key_axis) < n_keys
+  return ki * cfg.bk + lax.broadcasted_iota(jnp.int32, shape, key_axis) < cfg.n_keys
 
 
 def _where(keep: Array | None, x: Array, fill) -> Array:
@@ -224,7 +224,7 @@ def _tpu_keep(w_ref, cfg: _Config, h: int, shape, key_axis: int, ki) -> Array | 
   """The keep tile of head ``h`` (keys along ``key_axis``): the mask's bits, or in dense mode the real
   keys of key block ``ki`` (None: all)."""
   if cfg.dense:
-    return _keys_valid(ki, cfg, shape, key_axis, cfg.n)
+    return _keys_valid(ki, cfg, shape, key_axis)
   hm = h if cfg.mask_h else 0
   words = [w_ref[hm, j:j + 1, :] for j in range(cfg.nw)]
   if key_axis == 1:
@@ -467,7 +467,7 @@ def _gpu_keep(w_ref, ki, q_rows, cfg: _Config):
   """Keep tile ``[bq, bk]`` of key block ``ki`` for the query rows ``q_rows`` (a slice of the words' last
   axis) from ``w_ref [nk, nw, *]``; in dense mode the real keys of the block (None: all)."""
   if cfg.dense:
-    return _keys_valid(ki, cfg, (cfg.bq, cfg.bk), 1, cfg.n_keys)
+    return _keys_valid(ki, cfg, (cfg.bq, cfg.bk), 1)
   words = [w_ref[ki, pl.ds(j, 1), q_rows].reshape(cfg.bq, 1) for j in range(cfg.nw)]
   return _expand_bits(words, (cfg.bq, cfg.bk), 1)
 
@@ -522,7 +522,7 @@ def _gpu_dkv_kernel(q_ref, k_ref, v_ref, w_ref, do_ref, lse_ref, delta_ref, dk_r
     do = do_ref[rows, :].astype(k.dtype)
     s = lax.dot_general(q, k, NT, preferred_element_type=F32)                    # [bq, bk]
     if cfg.dense:
-      keep = _keys_valid(key_block, cfg, s.shape, 1, cfg.n_keys)
+      keep = _keys_valid(key_block, cfg, s.shape, 1)
     else:
       keep = _expand_bits([w_ref[pl.ds(j, 1), rows].reshape(cfg.bq, 1) for j in range(cfg.nw)], s.shape, 1)
     s = _where(keep, s, -jnp.inf)

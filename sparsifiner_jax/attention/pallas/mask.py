@@ -268,16 +268,28 @@ def _cost(b: int, h: int, s: _Sizes, coef_k: int, k: int, operands, out_bytes: i
                          bytes_accessed=int(operand_bytes + out_bytes))
 
 
-def _operands(q: Array, weights: Array, basis: Array, s: _Sizes, dtype):
-  """Padded kernel operands: q ``[B, H, rows_pad, d_pad]``, w_q ``[B, H, d_pad, m_pad]`` (``dtype``),
-  bias ``[B, H, 1, m_pad]`` float32, basis ``[1|B, m_pad, n_pad]`` (``dtype``), zeros in the padding."""
-  pad = lambda x, widths: jnp.pad(x, [(0, 0)] * (x.ndim - len(widths)) + widths)   # noqa: E731
-  qt = pad(jnp.swapaxes(q, 1, 2).astype(dtype), [(0, s.rows_pad - s.n), (0, s.d_pad - s.d)])
-  wq = pad(weights[:, :, :s.d].astype(dtype), [(0, s.d_pad - s.d), (0, s.m_pad - s.m)])
-  bias = pad(weights[:, :, s.d:].astype(jnp.float32), [(0, 0), (0, s.m_pad - s.m)])
+def _pad(x: Array, widths) -> Array:
+  """``x`` zero-padded at the end of its trailing ``len(widths)`` axes by ``widths``."""
+  return jnp.pad(x, [(0, 0)] * (x.ndim - len(widths)) + [(0, w) for w in widths])
+
+
+def _heads_first_q(q: Array, s: _Sizes, dtype) -> Array:
+  """q ``[B, N, H, d]`` -> ``[B, H, rows_pad, d_pad]`` (``dtype``), zeros in the padding."""
+  return _pad(jnp.swapaxes(q, 1, 2).astype(dtype), [s.rows_pad - s.n, s.d_pad - s.d])
+
+
+def _basis_operand(basis: Array, s: _Sizes, dtype) -> Array:
+  """The basis ``[m, N]`` or ``[B, m, N]`` -> ``[1|B, m_pad, n_pad]`` (``dtype``), zeros in the padding."""
   basis = basis[None] if basis.ndim == 2 else basis
-  basis = pad(basis.astype(dtype), [(0, s.m_pad - s.m), (0, s.n_pad - s.n)])
-  return qt, wq, bias, basis
+  return _pad(basis.astype(dtype), [s.m_pad - s.m, s.n_pad - s.n])
+
+
+def _operands(q: Array, weights: Array, basis: Array, s: _Sizes, dtype):
+  """GPU kernel operands: q ``[B, H, rows_pad, d_pad]``, w_q ``[B, H, d_pad, m_pad]`` (``dtype``),
+  bias ``[B, H, 1, m_pad]`` float32, basis ``[1|B, m_pad, n_pad]`` (``dtype``), zeros in the padding."""
+  wq = _pad(weights[:, :, :s.d].astype(dtype), [s.d_pad - s.d, s.m_pad - s.m])
+  bias = _pad(weights[:, :, s.d:].astype(jnp.float32), [0, s.m_pad - s.m])
+  return _heads_first_q(q, s, dtype), wq, bias, _basis_operand(basis, s, dtype)
 
 
 def _check(q: Array, weights: Array, basis: Array, coef_k: int, k: int, num_dense_rows: int) -> None:
@@ -308,7 +320,7 @@ def lowrank_topk_mask(q: Array, weights: Array, basis: Array, *, scale: float, c
       ``q[:, r]`` (the predictor's row ``r - 1``).
     compute_dtype: the products' input dtype (float32 accumulation).
     backend: ``"tpu"`` (Mosaic) or ``"gpu"`` (Triton). interpret: run the kernel in Pallas' interpreter.
-    block_q: query rows per grid step (TPU: a multiple of 16, and of 128 below N; default every row up to
+    block_q: query rows per grid step (TPU: N, or a multiple of 16, and of 128 below N; default N up to
       N = 512, then 256. GPU: a power of two >= 16, default 16).
   """
   _check(q, weights, basis, coef_k, k, num_dense_rows)
@@ -347,13 +359,12 @@ def _tpu_call(q, weights, basis, s: _Sizes, dtype, kernel_args):
   padded as for the GPU (:func:`_operands`), one head per block."""
   b, n, h, d = q.shape
   lane_heads = _LANES // d if _LANES % d == 0 and (h * d) % _LANES == 0 else 0
-  basis = basis[None] if basis.ndim == 2 else basis
-  basis = jnp.pad(basis.astype(dtype), [(0, 0), (0, s.m_pad - s.m), (0, s.n_pad - s.n)])
+  basis = _basis_operand(basis, s, dtype)
   if lane_heads:
     qf = q.astype(dtype).reshape(b, n, h * d)
     q_spec = pl.BlockSpec((None, s.rows, _LANES), lambda bi, hi, ri: (bi, ri, jax.lax.div(hi, lane_heads)))
   else:
-    qf = jnp.pad(jnp.swapaxes(q, 1, 2).astype(dtype), [(0, 0), (0, 0), (0, s.rows_pad - n), (0, 0)])
+    qf = _heads_first_q(q, s, dtype)
     q_spec = pl.BlockSpec((None, None, s.rows, d), lambda bi, hi, ri: (bi, hi, ri, 0))
   operands = (qf, weights.astype(jnp.float32), basis)
   in_specs = [q_spec, pl.BlockSpec((None, None, d + 1, s.m), lambda bi, hi, ri: (bi, hi, 0, 0)),
