@@ -26,7 +26,7 @@ Datasets (``input_cfg.dataset``):
   rrc_scale       (lo, hi) RandomResizedCrop area fraction, (0.08, 1.0).
   rrc_ratio       (lo, hi) RandomResizedCrop aspect ratio, (3/4, 4/3).
   hflip           bool  random horizontal flip.
-  randaugment     str   timm spec, e.g. "rand-m9-mstd0.5"; "" turns it off.
+  randaugment     str   timm spec, e.g. "rand-m9-mstd0.5-inc1" (the default); "" turns it off.
   random_erasing  float probability of timm RandomErasing (pixel mode, after normalisation).
   shuffle_buffer  int   tf.data shuffle buffer (tfds datasets; image folders are fully permuted).
   cache           bool  keep this process's encoded examples in memory after the first epoch

@@ -8,6 +8,8 @@ import ml_collections
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DIGITS = "digits"
+# The DeiT / Sparsifiner recipe's RandAugment: magnitude 9 (std 0.5), the "increasing" op variants.
+OFFICIAL_RANDAUGMENT = "rand-m9-mstd0.5-inc1"
 
 
 class InputConfigError(ValueError):
@@ -28,7 +30,7 @@ def default_config() -> ml_collections.ConfigDict:
       rrc_scale=(0.08, 1.0),
       rrc_ratio=(3 / 4, 4 / 3),
       hflip=True,
-      randaugment="rand-m9-mstd0.5",
+      randaugment=OFFICIAL_RANDAUGMENT,
       random_erasing=0.25,
       shuffle_buffer=10_000,
       cache=False,

@@ -76,6 +76,43 @@ def test_randaugment_ops_match_pil(photo):
                                                        photo))
 
 
+def test_default_randaugment_is_the_official_string():
+  """DeiT / Sparsifiner train with "rand-m9-mstd0.5-inc1"; the default and the recipe configs say so."""
+  from configs import common, deit_s_sparsifiner
+  from sparsifiner_jax.data import options
+  official = "rand-m9-mstd0.5-inc1"
+  assert options.default_config().randaugment == official
+  assert common.base_config().input.randaugment == official
+  assert deit_s_sparsifiner.get_config().input.randaugment == official
+  cfg = augment.parse_randaugment(official)
+  assert (cfg.magnitude, cfg.num_layers, cfg.magnitude_std, cfg.increasing) == (9.0, 2, 0.5, True)
+  assert not augment.parse_randaugment("rand-m9-mstd0.5").increasing
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_inc1_ops_match_timm_increasing_transforms(photo, timm, monkeypatch, sign):
+  """``inc1`` applies timm's ``_RAND_INCREASING_TRANSFORMS``: each op, at timm's own level-to-argument
+  rule and PIL op, gives the same pixels; ``inc0`` differs where the two variants differ."""
+  from PIL import Image
+  aa = timm.data.auto_augment
+  assert [n.replace("Increasing", "") for n in aa._RAND_INCREASING_TRANSFORMS] == list(augment.RAND_OPS)
+  # timm's _randomly_negate negates when random.random() > 0.5: fix the sign it draws.
+  monkeypatch.setattr(aa.random, "random", lambda: 0.0 if sign > 0 else 1.0)
+  pil = Image.fromarray(photo)
+  x = tf.constant(photo, tf.float32)
+  for name in ("Posterize", "Solarize", "Color", "Contrast", "Brightness", "Sharpness"):
+    timm_name = name + "Increasing"
+    assert timm_name in aa._RAND_INCREASING_TRANSFORMS
+    for level in (3.0, 9.0):
+      args = aa.LEVEL_TO_ARG[timm_name](level, dict(aa._HPARAMS_DEFAULT))
+      want = np.asarray(aa.NAME_TO_OP[timm_name](pil, *args), np.float32)
+      op = augment.RAND_OPS.index(name)
+      got, plain = (augment.apply_op(x, op, tf.constant(level), tf.constant(float(sign)),
+                                     increasing=inc).numpy() for inc in (True, False))
+      np.testing.assert_array_equal(got, want, err_msg=f"{name} level {level} sign {sign}")
+      assert not np.array_equal(plain, want), (name, level)
+
+
 def test_randaugment_is_seeded_and_keeps_uint8_range(photo):
   cfg = augment.parse_randaugment("rand-m9-mstd0.5")
   x = tf.constant(photo, tf.float32)
