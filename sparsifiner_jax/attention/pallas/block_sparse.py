@@ -1,0 +1,506 @@
+"""Block-sparse attention in Pallas, forward and backward, for TPU (Mosaic) and GPU (Triton).
+
+``block_sparse_attention(q, k, v, table, block=b, scale=...)``: every query row of query block ``i``
+attends to the tokens of the key blocks ``table[b, h, i, :]`` (``attention.blocks``), softmax in float32,
+products in q's dtype with float32 accumulation. Only kept blocks are ever loaded:
+
+* forward and dq: the grid (TPU) or the loop (GPU) runs over the ``K`` entries of the table, and the
+  index map of k and v reads the kept key block from the table (prefetched into SMEM on TPU);
+* dk, dv: over the transposed table (``blocks.transpose``): for each key block, the query blocks that
+  keep it. Its static length is ``nb``; steps past a key block's count re-read the block of the step
+  before (the same block index, so nothing new is loaded) and compute nothing.
+
+No per-element mask is built: a kept block is kept whole. Only the ragged last block (``N`` not a
+multiple of ``b``) is masked, in a separate code path taken for that block alone: its keys past ``N``
+get ``-inf``, and rows past ``N`` (read past the array's end) are zeroed where a zero probability would
+otherwise multiply garbage.
+
+TPU: q, k, v and the output are heads-first ``[B, H, N, d]`` (a block is ``[b, d]``, ``d`` the full minor
+dim), the grid is ``(B, H, query or key block, step)``, online-softmax state in VMEM scratch, the
+per-row logsumexp saved as ``[B, H, nb, 1, b]`` rows. GPU: ``[B, N_pad, H, d_pad]`` as Triton wants
+(powers of two), grid ``(block, B, H)`` with a ``fori_loop`` over the table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as plgpu
+
+from sparsifiner_jax.attention import blocks
+from sparsifiner_jax.attention.pallas.attention import (F32, NN, NT, _col_to_row, _finalize, _nbytes,
+                                                        _next_pow2, _online_softmax_step, _out, _row_to_col,
+                                                        _same_vma, _scaled)
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  """Static parameters of one call (hashable: the custom_vjp's non-differentiable argument)."""
+  scale: float
+  interpret: bool
+  block: int             # b: tokens per query and key block
+  nb: int                # blocks: ceil(N / b)
+  kept: int              # K: key blocks kept per query block
+  n: int                 # N: real tokens
+  heads: int
+  head_dim: int
+
+  @property
+  def ragged(self) -> bool:
+    """The last block is partial."""
+    return self.n % self.block != 0
+
+  def pairs(self, bsz: int) -> int:
+    """(query, key) token pairs the kernels compute: ``B H nb K b^2``."""
+    return bsz * self.heads * self.nb * self.kept * self.block * self.block
+
+
+def _live(x: Array, blk, cfg: _Config, axis: int) -> Array:
+  """``x`` with the entries of tokens at or past N along ``axis`` zeroed (block ``blk``)."""
+  token = blk * cfg.block + lax.broadcasted_iota(jnp.int32, x.shape, axis)
+  return jnp.where(token < cfg.n, x, jnp.zeros_like(x))
+
+
+def _real_keys(s: Array, kb, cfg: _Config, axis: int) -> Array:
+  """Logits ``s`` with keys at or past N (along ``axis``) set to ``-inf``."""
+  token = kb * cfg.block + lax.broadcasted_iota(jnp.int32, s.shape, axis)
+  return jnp.where(token < cfg.n, s, -jnp.inf)
+
+
+def _by_block(cfg: _Config, blk, step) -> None:
+  """Runs ``step(ragged)`` for block ``blk``: the masked form only for a ragged last block."""
+  if not cfg.ragged:
+    step(False)
+    return
+  last = blk == cfg.nb - 1
+  pl.when(last)(lambda: step(True))
+  pl.when(jnp.logical_not(last))(lambda: step(False))
+
+
+# ------------------------------------------------------------------------------------------------
+# TPU (Mosaic).
+
+
+def _entry(ref, cfg: _Config, width: int, b, h, i, j):
+  """``table[b, h, i, j]`` of a flattened ``[B, H, nb, width]`` SMEM table."""
+  return ref[((b * cfg.heads + h) * cfg.nb + i) * width + j]
+
+
+def _tpu_fwd_kernel(tab_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *, cfg: _Config):
+  b, h, i, j = (pl.program_id(a) for a in range(4))
+  kb = _entry(tab_ref, cfg, cfg.kept, b, h, i, j)
+
+  @pl.when(j == 0)
+  def _init():
+    m_sc[...] = jnp.full(m_sc.shape, -jnp.inf, F32)
+    l_sc[...] = jnp.zeros(l_sc.shape, F32)
+    acc_sc[...] = jnp.zeros(acc_sc.shape, F32)
+
+  def step(ragged: bool):
+    k, v = k_ref[...], v_ref[...]
+    q = _scaled(q_ref[...], cfg.scale, k.dtype)
+    s = lax.dot_general(q, k, NT, preferred_element_type=F32)                    # [b, b]
+    if ragged:
+      s, v = _real_keys(s, kb, cfg, 1), _live(v, kb, cfg, 0)
+    m_sc[...], l_sc[...], acc_sc[...] = _online_softmax_step(s, m_sc[...], l_sc[...], acc_sc[...], v)
+
+  _by_block(cfg, kb, step)
+
+  @pl.when(j == cfg.kept - 1)
+  def _done():
+    out, lse = _finalize(m_sc[...], l_sc[...], acc_sc[...])
+    o_ref[...] = out.astype(o_ref.dtype)
+    lse_ref[...] = _col_to_row(lse)
+
+
+def _tpu_dq_kernel(tab_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_sc, *,
+                   cfg: _Config):
+  b, h, i, j = (pl.program_id(a) for a in range(4))
+  kb = _entry(tab_ref, cfg, cfg.kept, b, h, i, j)
+
+  @pl.when(j == 0)
+  def _init():
+    dq_sc[...] = jnp.zeros(dq_sc.shape, F32)
+
+  def step(ragged: bool):
+    k, v = k_ref[...], v_ref[...]
+    if ragged:          # rows past N: garbage that a zero probability would still turn into NaN
+      k, v = _live(k, kb, cfg, 0), _live(v, kb, cfg, 0)
+    q = _scaled(q_ref[...], cfg.scale, k.dtype)
+    s = lax.dot_general(q, k, NT, preferred_element_type=F32)                    # [b, b]
+    if ragged:
+      s = _real_keys(s, kb, cfg, 1)
+    p = jnp.exp(s - _row_to_col(lse_ref[...]))
+    dp = lax.dot_general(do_ref[...].astype(v.dtype), v, NT, preferred_element_type=F32)
+    ds = p * (dp - _row_to_col(delta_ref[...]))
+    dq_sc[...] += lax.dot_general(ds.astype(k.dtype), k, NN, preferred_element_type=F32)
+
+  _by_block(cfg, kb, step)
+
+  @pl.when(j == cfg.kept - 1)
+  def _done():
+    dq_ref[...] = (dq_sc[...] * cfg.scale).astype(dq_ref.dtype)
+
+
+def _tpu_dkv_kernel(rows_ref, count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
+                    dk_sc, dv_sc, *, cfg: _Config):
+  """Keys on sublanes, queries on lanes (``s.T [b, b]``): the lse and delta rows need no relayout."""
+  b, h, kb, j = (pl.program_id(a) for a in range(4))
+  qb = _entry(rows_ref, cfg, cfg.nb, b, h, kb, j)
+
+  @pl.when(j == 0)
+  def _init():
+    dk_sc[...] = jnp.zeros(dk_sc.shape, F32)
+    dv_sc[...] = jnp.zeros(dv_sc.shape, F32)
+
+  def step(ragged: bool):
+    k, v = k_ref[...], v_ref[...]
+    q = _scaled(q_ref[...], cfg.scale, k.dtype)
+    do = do_ref[...].astype(v.dtype)
+    if ragged:         # query rows past N: zeroed, and their probabilities too
+      q, do = _live(q, qb, cfg, 0), _live(do, qb, cfg, 0)
+    # (Keys past N, in a ragged last key block, only feed rows of dk and dv that are never written.)
+    st = lax.dot_general(k, q, NT, preferred_element_type=F32)                   # [b keys, b queries]
+    pt = jnp.exp(st - lse_ref[...])
+    if ragged:
+      pt = _live(pt, qb, cfg, 1)
+    dv_sc[...] += lax.dot_general(pt.astype(v.dtype), do, NN, preferred_element_type=F32)
+    dpt = lax.dot_general(v, do, NT, preferred_element_type=F32)
+    dst = pt * (dpt - delta_ref[...])
+    dk_sc[...] += lax.dot_general(dst.astype(q.dtype), q, NN, preferred_element_type=F32)
+
+  live = j < count_ref[(b * cfg.heads + h) * cfg.nb + kb]
+  pl.when(live)(lambda: _by_block(cfg, qb, step))
+
+  @pl.when(j == cfg.nb - 1)
+  def _done():
+    dk_ref[...] = dk_sc[...].astype(dk_ref.dtype)
+    dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
+
+
+def _tpu_params(name: str, cost: pl.CostEstimate, cfg: _Config) -> dict:
+  semantics = ("parallel", "parallel", "parallel", "arbitrary")
+  return dict(compiler_params=pltpu.CompilerParams(dimension_semantics=semantics), cost_estimate=cost,
+              interpret=pltpu.InterpretParams() if cfg.interpret else False, name=name)
+
+
+def _tpu_specs(cfg: _Config, d: int, block_of):
+  """Specs on a ``(B, H, i, j)`` grid: the ``[b, d]`` tile of query block ``i`` (``tile(0)``) or of the
+  block the table names (``tile(1)``), and the ``[1, b]`` lse/delta row of either. ``block_of(which, b, h,
+  i, j, *tables)`` gives the block."""
+  def tile(which):
+    return pl.BlockSpec((None, None, cfg.block, d),
+                        lambda b, h, i, j, *t: (b, h, block_of(which, b, h, i, j, *t), 0))
+
+  def row(which):
+    return pl.BlockSpec((None, None, None, 1, cfg.block),
+                        lambda b, h, i, j, *t: (b, h, block_of(which, b, h, i, j, *t), 0, 0))
+  return tile, row
+
+
+def _tpu_forward(cfg: _Config, q, k, v, table, out_dtype):
+  """Heads-first ``q, k, v [B, H, N, d]`` -> ``(out [B, H, N, d] out_dtype, lse [B, H, nb, 1, b] f32)``."""
+  bsz, nh, n, d = q.shape
+  tile, row = _tpu_specs(cfg, d, lambda which, b, h, i, j, tab: (
+      i if which == 0 else _entry(tab, cfg, cfg.kept, b, h, i, j)))
+  pairs = cfg.pairs(bsz)
+  cost = pl.CostEstimate(
+      flops=4 * pairs * d, transcendentals=pairs + bsz * nh * cfg.nb * cfg.block,
+      bytes_accessed=_nbytes(q, table) + 2 * cfg.kept * _nbytes(k)
+      + _nbytes(q) // q.dtype.itemsize * jnp.dtype(out_dtype).itemsize + bsz * nh * cfg.nb * cfg.block * 4)
+  return pl.pallas_call(
+      functools.partial(_tpu_fwd_kernel, cfg=cfg),
+      out_shape=(_out((bsz, nh, n, d), q, out_dtype), _out((bsz, nh, cfg.nb, 1, cfg.block), q)),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=1, grid=(bsz, nh, cfg.nb, cfg.kept),
+          in_specs=[tile(0), tile(1), tile(1)], out_specs=[tile(0), row(0)],
+          scratch_shapes=[pltpu.VMEM((cfg.block, 1), F32), pltpu.VMEM((cfg.block, 1), F32),
+                          pltpu.VMEM((cfg.block, d), F32)]),
+      **_tpu_params("block_sparse_attention_fwd", cost, cfg),
+  )(table.reshape(-1), q, k, v)
+
+
+def _tpu_backward(cfg: _Config, q, k, v, table, do, lse, delta):
+  """``(dq, dk, dv)`` float32 ``[B, H, N, d]`` from ``do [B, H, N, d]`` and ``lse, delta [B, H, nb, 1, b]``."""
+  bsz, nh, n, d = q.shape
+  pairs = cfg.pairs(bsz)
+  grad = _out(q.shape, q)
+  tile, row = _tpu_specs(cfg, d, lambda which, b, h, i, j, tab: (
+      i if which == 0 else _entry(tab, cfg, cfg.kept, b, h, i, j)))
+  # dq: products s, dp, dq (3 x 2 b^2 d flops per kept pair of blocks); k, v read once per kept block.
+  dq_cost = pl.CostEstimate(
+      flops=6 * pairs * d, transcendentals=pairs,
+      bytes_accessed=_nbytes(q, do, table, lse, delta) + 2 * cfg.kept * _nbytes(k) + _nbytes(q) * 4
+      // q.dtype.itemsize)
+  dq = pl.pallas_call(
+      functools.partial(_tpu_dq_kernel, cfg=cfg),
+      out_shape=grad,
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=1, grid=(bsz, nh, cfg.nb, cfg.kept),
+          in_specs=[tile(0), tile(1), tile(1), tile(0), row(0), row(0)], out_specs=tile(0),
+          scratch_shapes=[pltpu.VMEM((cfg.block, d), F32)]),
+      **_tpu_params("block_sparse_attention_dq", dq_cost, cfg),
+  )(table.reshape(-1), q, k, v, do, lse, delta)
+
+  rows, counts = blocks.transpose(table, cfg.nb)
+  # dk, dv over the transposed table: block i of the grid is a key block, the table names query blocks.
+  tile, row = _tpu_specs(cfg, d, lambda which, b, h, i, j, rws, cnt: (
+      i if which == 0 else _entry(rws, cfg, cfg.nb, b, h, i, j)))
+  dkv_cost = pl.CostEstimate(
+      flops=8 * pairs * d, transcendentals=pairs,
+      bytes_accessed=_nbytes(k, v, rows, counts) + cfg.kept * (_nbytes(q, do) + _nbytes(lse, delta))
+      + 2 * _nbytes(k) * 4 // k.dtype.itemsize)
+  dk, dv = pl.pallas_call(
+      functools.partial(_tpu_dkv_kernel, cfg=cfg),
+      out_shape=(grad, grad),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=2, grid=(bsz, nh, cfg.nb, cfg.nb),
+          in_specs=[tile(1), tile(0), tile(0), tile(1), row(1), row(1)], out_specs=[tile(0), tile(0)],
+          scratch_shapes=[pltpu.VMEM((cfg.block, d), F32), pltpu.VMEM((cfg.block, d), F32)]),
+      **_tpu_params("block_sparse_attention_dkv", dkv_cost, cfg),
+  )(rows.reshape(-1), counts.reshape(-1), q, k, v, do, lse, delta)
+  return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _tpu_core(cfg: _Config, q, k, v, table):
+  return _tpu_forward(cfg, q, k, v, table, q.dtype)[0]
+
+
+def _tpu_core_fwd(cfg: _Config, q, k, v, table):
+  out, lse = _tpu_forward(cfg, q, k, v, table, q.dtype)
+  return out, (q, k, v, table, out, lse)
+
+
+def _tpu_core_bwd(cfg: _Config, res, dout):
+  q, k, v, table, out, lse = res
+  delta = jnp.sum(dout.astype(F32) * out.astype(F32), axis=-1)            # rowsum(dO * O): [B, H, N]
+  pad = cfg.nb * cfg.block - cfg.n
+  delta = jnp.pad(delta, ((0, 0), (0, 0), (0, pad))).reshape(lse.shape)
+  dq, dk, dv = _tpu_backward(cfg, q, k, v, table, dout, lse, delta)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_tpu_core.defvjp(_tpu_core_fwd, _tpu_core_bwd)
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU (Triton). Operands ``[B, N_pad, H, d_pad]``; a program holds one block of ``b`` rows and loops over
+# its table row, reading each kept block at its offset.
+
+
+def _gpu_fwd_kernel(tab_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Config):
+  q = _scaled(q_ref[...], cfg.scale, k_ref.dtype)
+
+  def body(j, carry):
+    kb = tab_ref[j]
+    keys = pl.ds(kb * cfg.block, cfg.block)
+    s = lax.dot_general(q, k_ref[keys, :], NT, preferred_element_type=F32)
+    if cfg.ragged:
+      s = _real_keys(s, kb, cfg, 1)
+    return _online_softmax_step(s, *carry, v_ref[keys, :])
+
+  b = cfg.block
+  init = (jnp.full((b, 1), -jnp.inf, F32), jnp.zeros((b, 1), F32), jnp.zeros((b, q.shape[-1]), F32))
+  out, lse = _finalize(*lax.fori_loop(0, cfg.kept, body, init))
+  o_ref[...] = out.astype(o_ref.dtype)
+  lse_ref[...] = lse.reshape(b)
+
+
+def _gpu_dq_kernel(tab_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, cfg: _Config):
+  dtype = k_ref.dtype
+  b = cfg.block
+  q = _scaled(q_ref[...], cfg.scale, dtype)
+  do = do_ref[...].astype(dtype)
+  lse, delta = lse_ref[...].reshape(b, 1), delta_ref[...].reshape(b, 1)
+
+  def body(j, dq):
+    kb = tab_ref[j]
+    keys = pl.ds(kb * b, b)
+    k, v = k_ref[keys, :], v_ref[keys, :]
+    s = lax.dot_general(q, k, NT, preferred_element_type=F32)
+    if cfg.ragged:
+      s = _real_keys(s, kb, cfg, 1)
+    p = jnp.exp(s - lse)
+    ds = p * (lax.dot_general(do, v, NT, preferred_element_type=F32) - delta)
+    return dq + lax.dot_general(ds.astype(dtype), k, NN, preferred_element_type=F32)
+
+  dq = lax.fori_loop(0, cfg.kept, body, jnp.zeros(q.shape, F32))
+  dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
+
+
+def _gpu_dkv_kernel(rows_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
+                    cfg: _Config):
+  """``rows_ref``: this key block's count, then the query blocks keeping it."""
+  k, v = k_ref[...], v_ref[...]
+  b = cfg.block
+  tn = (((0,), (0,)), ((), ()))        # a.T @ b
+  kb = pl.program_id(0)
+
+  def body(j, carry):
+    dk, dv = carry
+    queries = pl.ds(rows_ref[j + 1] * b, b)
+    q = _scaled(q_ref[queries, :], cfg.scale, k.dtype)
+    do = do_ref[queries, :].astype(k.dtype)
+    s = lax.dot_general(q, k, NT, preferred_element_type=F32)                    # [b, b]
+    if cfg.ragged:
+      s = _real_keys(s, kb, cfg, 1)
+    p = jnp.exp(s - lse_ref[queries].reshape(b, 1))
+    dv = dv + lax.dot_general(p.astype(k.dtype), do, tn, preferred_element_type=F32)
+    ds = p * (lax.dot_general(do, v, NT, preferred_element_type=F32) - delta_ref[queries].reshape(b, 1))
+    dk = dk + lax.dot_general(ds.astype(k.dtype), q, tn, preferred_element_type=F32)
+    return dk, dv
+
+  zeros = jnp.zeros(k.shape, F32)
+  dk, dv = lax.fori_loop(0, rows_ref[0], body, (zeros, zeros))
+  dk_ref[...] = dk.astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _gpu_params(name: str, cost: pl.CostEstimate, cfg: _Config) -> dict:
+  return dict(compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2), interpret=cfg.interpret,
+              cost_estimate=cost, name=name)
+
+
+def _pow2_columns(t: Array) -> Array:
+  """Pads the last axis to a power of two (Triton's block rule) by repeating its last column."""
+  width = _next_pow2(t.shape[-1])
+  return jnp.pad(t, [(0, 0)] * (t.ndim - 1) + [(0, width - t.shape[-1])], mode="edge")
+
+
+def _gpu_forward(cfg: _Config, q, k, v, table):
+  """``q, k, v [B, N_pad, H, d_pad]`` -> ``(out [B, N_pad, H, d_pad] f32, lse [B, H, N_pad] f32)``."""
+  bsz, n_pad, nh, d = q.shape
+  b = cfg.block
+  table = _pow2_columns(table)
+  blk = pl.BlockSpec((None, b, None, d), lambda i, bb, h: (bb, i, h, 0))
+  whole = pl.BlockSpec((None, n_pad, None, d), lambda i, bb, h: (bb, 0, h, 0))
+  tab = pl.BlockSpec((None, None, None, table.shape[-1]), lambda i, bb, h: (bb, h, i, 0))
+  pairs = cfg.pairs(bsz)
+  cost = pl.CostEstimate(
+      flops=4 * pairs * d, transcendentals=pairs + bsz * nh * n_pad,
+      bytes_accessed=_nbytes(q, table) + 2 * cfg.kept * _nbytes(k) + bsz * nh * n_pad * (d + 1) * 4)
+  return pl.pallas_call(
+      functools.partial(_gpu_fwd_kernel, cfg=cfg),
+      out_shape=(_out(q.shape, q), _out((bsz, nh, n_pad), q)),
+      grid=(cfg.nb, bsz, nh), in_specs=[tab, blk, whole, whole],
+      out_specs=[blk, pl.BlockSpec((None, None, b), lambda i, bb, h: (bb, h, i))],
+      **_gpu_params("block_sparse_attention_fwd", cost, cfg),
+  )(table, q, k, v)
+
+
+def _gpu_backward(cfg: _Config, q, k, v, table, do, lse, delta):
+  """``(dq, dk, dv)`` float32 ``[B, N_pad, H, d_pad]`` from ``do`` and ``lse, delta [B, H, N_pad]``."""
+  bsz, n_pad, nh, d = q.shape
+  b = cfg.block
+  pairs = cfg.pairs(bsz)
+  blk = pl.BlockSpec((None, b, None, d), lambda i, bb, h: (bb, i, h, 0))
+  whole = pl.BlockSpec((None, n_pad, None, d), lambda i, bb, h: (bb, 0, h, 0))
+  row_blk = pl.BlockSpec((None, None, b), lambda i, bb, h: (bb, h, i))
+  row_all = pl.BlockSpec((None, None, n_pad), lambda i, bb, h: (bb, h, 0))
+  padded = _pow2_columns(table)
+  tab = pl.BlockSpec((None, None, None, padded.shape[-1]), lambda i, bb, h: (bb, h, i, 0))
+  dq_cost = pl.CostEstimate(
+      flops=6 * pairs * d, transcendentals=pairs,
+      bytes_accessed=_nbytes(q, do, padded, lse, delta) + 2 * cfg.kept * _nbytes(k) + _nbytes(q) * 4
+      // q.dtype.itemsize)
+  dq = pl.pallas_call(
+      functools.partial(_gpu_dq_kernel, cfg=cfg),
+      out_shape=_out(q.shape, q), grid=(cfg.nb, bsz, nh),
+      in_specs=[tab, blk, whole, whole, blk, row_blk, row_blk], out_specs=blk,
+      **_gpu_params("block_sparse_attention_dq", dq_cost, cfg),
+  )(padded, q, k, v, do, lse, delta)
+
+  rows, counts = blocks.transpose(table, cfg.nb)
+  rows = _pow2_columns(jnp.concatenate([counts[..., None], rows], axis=-1))
+  rows_spec = pl.BlockSpec((None, None, None, rows.shape[-1]), lambda i, bb, h: (bb, h, i, 0))
+  dkv_cost = pl.CostEstimate(
+      flops=8 * pairs * d, transcendentals=pairs,
+      bytes_accessed=_nbytes(k, v, rows) + cfg.kept * _nbytes(q, do, lse, delta) + 2 * _nbytes(k) * 4
+      // k.dtype.itemsize)
+  dk, dv = pl.pallas_call(
+      functools.partial(_gpu_dkv_kernel, cfg=cfg),
+      out_shape=(_out(k.shape, q), _out(v.shape, q)), grid=(cfg.nb, bsz, nh),
+      in_specs=[rows_spec, whole, blk, blk, whole, row_all, row_all], out_specs=[blk, blk],
+      **_gpu_params("block_sparse_attention_dkv", dkv_cost, cfg),
+  )(rows, q, k, v, do, lse, delta)
+  return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _gpu_core(cfg: _Config, q, k, v, table):
+  return _gpu_forward(cfg, q, k, v, table)[0]
+
+
+def _gpu_core_fwd(cfg: _Config, q, k, v, table):
+  out, lse = _gpu_forward(cfg, q, k, v, table)
+  return out, (q, k, v, table, out, lse)
+
+
+def _gpu_core_bwd(cfg: _Config, res, dout):
+  q, k, v, table, out, lse = res
+  delta = jnp.swapaxes(jnp.sum(dout * out, axis=-1), 1, 2)                 # rowsum(dO * O): [B, H, N_pad]
+  dq, dk, dv = _gpu_backward(cfg, q, k, v, table, dout, lse, delta)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_gpu_core.defvjp(_gpu_core_fwd, _gpu_core_bwd)
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def check_block(block: int, backend: str) -> None:
+  """Raises ValueError unless ``block`` suits ``backend``'s kernels: a multiple of 8 (TPU sublanes), a
+  power of two of at least 16 on GPU (Triton's dot tiles)."""
+  if backend == "tpu" and block % 8:
+    raise ValueError(f"mask_block={block}: the TPU block kernels need a multiple of 8")
+  if backend == "gpu" and (block < 16 or block & (block - 1)):
+    raise ValueError(f"mask_block={block}: the GPU block kernels need a power of two >= 16")
+
+
+def block_sparse_attention(q: Array, k: Array, v: Array, table: Array, *, block: int, scale: float,
+                           backend: str = "tpu", interpret: bool = False) -> Array:
+  """Attention over kept blocks: ``[B, N, H, d]`` x3 and a kept-block table -> ``[B, N, H, d]`` float32.
+
+  Args:
+    q, k, v: ``[B, N, H, d]``; the products run in q's dtype (k and v cast to it), softmax in float32.
+    table: ``[B|1, H, nb, K] int32`` (``attention.blocks``): query block ``i`` of head ``h`` attends to
+      the tokens of key blocks ``table[b, h, i]`` (distinct; ``nb = ceil(N / block)``). No gradient.
+    block: tokens per block (``check_block``).
+    scale: the logit scale (``d ** -0.5``).
+    backend: ``"tpu"`` (Mosaic) or ``"gpu"`` (Triton); ``interpret``: run on CPU.
+
+  Returns:
+    ``[B, N, H, d]`` float32, differentiable in q, k and v (the backward is Pallas too). Every row is
+    computed from its block's table row, the first one included: the executor replaces dense rows.
+  """
+  if backend not in ("tpu", "gpu"):
+    raise ValueError(f"unknown backend {backend!r}; allowed: 'tpu', 'gpu'")
+  check_block(block, backend)
+  bsz, n, nh, d = q.shape
+  nb = blocks.count(n, block)
+  if table.ndim != 4 or table.shape[1:3] != (nh, nb) or table.shape[0] not in (1, bsz):
+    raise ValueError(f"block table {table.shape} does not fit q {q.shape} with block {block} "
+                     f"(want [B|1, {nh}, {nb}, K])")
+  cfg = _Config(scale=float(scale), interpret=bool(interpret), block=block, nb=nb, kept=table.shape[-1],
+                n=n, heads=nh, head_dim=d)
+  dtype = q.dtype
+  table = jnp.broadcast_to(table.astype(jnp.int32), (bsz, *table.shape[1:]))
+  q, k, v, table = _same_vma(q, k.astype(dtype), v.astype(dtype), table)
+  if backend == "tpu":
+    heads_first = lambda t: jnp.swapaxes(t, 1, 2)          # noqa: E731
+    out = _tpu_core(cfg, heads_first(q), heads_first(k), heads_first(v), lax.stop_gradient(table))
+    return heads_first(out).astype(F32)
+  n_pad, d_pad = nb * block, max(16, _next_pow2(d))
+  pad = lambda t: jnp.pad(t, ((0, 0), (0, n_pad - n), (0, 0), (0, d_pad - d)))   # noqa: E731
+  out = _gpu_core(cfg, pad(q), pad(k), pad(v), lax.stop_gradient(table))
+  return out[:, :n, :, :d]
