@@ -25,30 +25,122 @@ class TrainingError(RuntimeError):
 
 
 def state_meta(config, phase: Phase, step: int) -> dict[str, Any]:
+  """A checkpoint's meta: where the run is, and the config fields it ran with (``trajectory_fields``)."""
   return dict(step=int(step), phase=phase.name, data_position=int(step),
-              config_fingerprint=config_fingerprint(config))
+              config_fingerprint=config_fingerprint(config), config=trajectory_fields(config))
+
+
+# Fields that do not change a run's trajectory (logging, evaluation and checkpoint cadence; the mesh: a
+# run may resume on another topology; the override flag itself): never compared.
+UNCOMPARED = ("log_every", "eval_every", "ckpt_every", "keep_ckpts", "progress", "total_steps_cap",
+              "mesh", "allow_config_change")
+
+# Fields added while a checkpoint's meta held only the hash of the whole config (before it recorded
+# ``config``), with the value that reproduces the older runs: a legacy fingerprint is also accepted
+# without them. No later field needs an entry here (``config_changes`` handles them).
+_ADDED_TO_LEGACY_FINGERPRINT = {"input.data_shards": None}
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  """Nested dicts to dotted names; an empty dict stays one value."""
+  out = {}
+  for key, value in d.items():
+    if isinstance(value, dict) and value:
+      out.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def trajectory_fields(config) -> dict[str, Any]:
+  """The fields that define a run's trajectory: dotted name -> value as JSON gives it back (tuples
+  become lists), every field but ``UNCOMPARED``."""
+  flat = _flatten(json.loads(json.dumps(config.to_dict(), default=str)))
+  return {k: v for k, v in flat.items() if k.split(".")[0] not in UNCOMPARED}
 
 
 def config_fingerprint(config) -> str:
-  """Hash of the fields that define a run's trajectory (not logging/eval/checkpoint cadence, not the
-  mesh: a run may resume on another topology)."""
-  d = config.to_dict()
-  for k in ("log_every", "eval_every", "ckpt_every", "keep_ckpts", "progress", "total_steps_cap",
-            "mesh"):
-    d.pop(k, None)
-  return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+  """Hash of ``trajectory_fields``: equal configs, equal fingerprints."""
+  blob = json.dumps(trajectory_fields(config), sort_keys=True)
+  return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def default_fields() -> dict[str, Any]:
+  """``trajectory_fields`` of the defaults, ``configs/common.py``'s ``base_config()``."""
+  from configs import common  # pylint: disable=import-outside-toplevel  # configs imports this package
+  return trajectory_fields(common.base_config())
+
+
+def config_changes(saved: dict[str, Any], config) -> list[str]:
+  """How ``config`` differs from the ``trajectory_fields`` a run ``saved``, one "name: old -> new" each.
+
+  A field absent from ``saved`` that ``config`` holds at its default (``default_fields``) is no change:
+  a field added to the project with its default leaves earlier runs resumable. Any other difference
+  is one: a changed value, a field either side lacks (including a default changed since the run began:
+  ``saved`` holds the value the run used).
+  """
+  now, defaults, out = trajectory_fields(config), None, []
+  for name in sorted(set(saved) | set(now)):
+    if name not in now:
+      out.append(f"{name}: {saved[name]!r} -> absent")
+    elif name not in saved:
+      defaults = default_fields() if defaults is None else defaults
+      if name not in defaults or defaults[name] != now[name]:
+        out.append(f"{name}: absent -> {now[name]!r}")
+    elif saved[name] != now[name]:
+      out.append(f"{name}: {saved[name]!r} -> {now[name]!r}")
+  return out
+
+
+def _legacy_fingerprints(config) -> set[str]:
+  """The fingerprints a checkpoint written before metas recorded ``config`` may hold for ``config``:
+  the hash of the whole ``config.to_dict()`` less cadence and mesh, with and without the fields of
+  ``_ADDED_TO_LEGACY_FINGERPRINT`` (when at their value), under either ``allow_config_change``."""
+  out = set()
+  for allow in (False, True):
+    for drop_added in (False, True):
+      d = config.to_dict()
+      for k in ("log_every", "eval_every", "ckpt_every", "keep_ckpts", "progress", "total_steps_cap",
+                "mesh"):
+        d.pop(k, None)
+      d["allow_config_change"] = allow
+      for name, value in _ADDED_TO_LEGACY_FINGERPRINT.items() if drop_added else ():
+        *parents, leaf = name.split(".")
+        node = d
+        for key in parents:
+          node = node.get(key, {})
+        if leaf in node and node[leaf] == value:
+          del node[leaf]
+      blob = json.dumps(d, sort_keys=True, default=str)
+      out.add(hashlib.sha256(blob.encode()).hexdigest()[:16])
+  return out
+
+
+def _run_changes(meta: dict[str, Any], config) -> list[str]:
+  """``config_changes`` against a checkpoint's meta; a legacy meta (a fingerprint only) either
+  matches one of ``_legacy_fingerprints`` or is one unnamed change."""
+  if "config" in meta:
+    return config_changes(meta["config"], config)
+  if meta.get("config_fingerprint") in _legacy_fingerprints(config):
+    return []
+  return ["the fingerprint differs (the checkpoint predates recorded configs)"]
 
 
 def check_workdir(config, workdir) -> None:
-  """Refuses, before anything is written, a workdir that is a file or holds a run of another config."""
+  """Refuses, before anything is written, a workdir that is a file or holds a run of another config
+  (``config_changes`` against its newest checkpoint), unless ``config.allow_config_change``."""
   path = paths.resolve(workdir, "workdir")
   if path.exists() and not path.is_dir():
     raise ValueError(f"workdir {os.fspath(workdir)!r} exists and is not a directory")
   meta = read_latest_meta(path / "ckpt")
-  if (meta is not None and meta.get("config_fingerprint") != config_fingerprint(config)
-      and not config.get("allow_config_change")):
-    raise ValueError(f"workdir {os.fspath(workdir)!r} holds a run of another config; use a new "
-                     "workdir, or set --config.allow_config_change=True to continue it anyway")
+  if meta is None or config.allow_config_change:
+    return
+  changes = _run_changes(meta, config)
+  if changes:
+    more = f"; and {len(changes) - 3} more" if len(changes) > 3 else ""
+    raise ValueError(f"workdir {os.fspath(workdir)!r} holds a run of another config "
+                     f"({'; '.join(changes[:3])}{more}); use a new workdir, or set "
+                     "--config.allow_config_change=True to continue it anyway")
 
 
 class _NoLock:
