@@ -4,7 +4,8 @@
 2. Sparsifiner phase 1 (``recon``: predictors fit the teacher's attention) and phase 2 (``distill``:
    backbone fine-tuned under the top-k mask) from the teacher (``configs/digits_sparsifiner.py``);
 3. evaluate: dense teacher, Sparsifiner, and the teacher under a mask from untrained predictors (what the
-   two phases buy); agreement with the teacher's predictions; attention density; MHSA FLOPs cut;
+   two phases buy); agreement with the teacher's predictions; attention density; attention recall (the
+   share of the dense attention's probability mass inside the mask, ``evaluation.recall``); MHSA FLOPs cut;
 4. evaluate the Sparsifiner checkpoint at several keep rates -> table + Pareto plot, and draw one
    connectivity picture.
 
@@ -103,24 +104,14 @@ def run(workdir: str) -> dict:
       dense_top1=dense_eval["top1"], sparsifiner_top1=sparse_eval["top1"],
       untrained_mask_top1=untrained_eval["top1"], agreement_with_teacher=agreement,
       keep_rate=sp_cfg.model.keep_rate, attention_density=sparse_eval["density"],
+      untrained_mask_density=untrained_eval["density"], dense_recall=dense_eval["recall"],
+      attention_recall=sparse_eval["recall"], untrained_mask_recall=untrained_eval["recall"],
       attention_matrix_flops_cut=mhsa_cut,
       mhsa_flops_cut=1 - sparse_eval["flops"]["mhsa"] / sparse_eval["flops"]["mhsa_dense"],
       total_flops_cut=1 - sparse_eval["flops"]["total"] / sparse_eval["flops"]["total_dense"],
       test_examples=int(len(labels)), minutes=(time.time() - t0) / 60,
       files=dict(table=table_md, pareto=pareto, connectivity=picture))
-  lines = [
-      "| model | test top-1 % | attention density % | agreement with teacher % |",
-      "|---|---|---|---|",
-      f"| dense ViT (teacher) | {100 * summary['dense_top1']:.2f} | 100.00 | 100.00 |",
-      f"| Sparsifiner keep {summary['keep_rate']} | {100 * summary['sparsifiner_top1']:.2f} | "
-      f"{100 * summary['attention_density']:.2f} | {100 * agreement:.2f} |",
-      f"| teacher + untrained predictor mask | {100 * summary['untrained_mask_top1']:.2f} | "
-      f"{100 * untrained_eval['density']:.2f} | - |",
-      "",
-      f"Attention-matrix MACs (QK^T, AV + predictor) cut: {100 * mhsa_cut:.1f} %; "
-      f"MHSA MACs cut: {100 * summary['mhsa_flops_cut']:.1f} %; total: "
-      f"{100 * summary['total_flops_cut']:.1f} %.",
-  ]
+  lines = summary_lines(summary)
   atomic.write_text(os.path.join(workdir, "summary.md"), "\n".join(lines) + "\n")
   atomic.write_json(os.path.join(workdir, "demo.json"), summary)
   print("\n".join(lines))
@@ -128,6 +119,27 @@ def run(workdir: str) -> dict:
     print(f"{k}: {v}")
   print(f"summary: {os.path.join(workdir, 'demo.json')} ({summary['minutes']:.1f} min)")
   return summary
+
+
+def summary_lines(summary: dict) -> list[str]:
+  """``summary.md``'s lines (a Markdown table and a FLOPs sentence) from ``run``'s summary dict:
+  fractions in, percent out; one row per model with top-1, attention density, attention recall (the
+  mean over layers of the kept share of the dense attention's probability mass) and agreement."""
+  def pct(key, digits=2):
+    return f"{100 * summary[key]:.{digits}f}"
+
+  return [
+      "| model | test top-1 % | attention density % | attention recall % | agreement with teacher % |",
+      "|---|---|---|---|---|",
+      f"| dense ViT (teacher) | {pct('dense_top1')} | 100.00 | {pct('dense_recall')} | 100.00 |",
+      f"| Sparsifiner keep {summary['keep_rate']} | {pct('sparsifiner_top1')} | "
+      f"{pct('attention_density')} | {pct('attention_recall')} | {pct('agreement_with_teacher')} |",
+      f"| teacher + untrained predictor mask | {pct('untrained_mask_top1')} | "
+      f"{pct('untrained_mask_density')} | {pct('untrained_mask_recall')} | - |",
+      "",
+      f"Attention-matrix MACs (QK^T, AV + predictor) cut: {pct('attention_matrix_flops_cut', 1)} %; "
+      f"MHSA MACs cut: {pct('mhsa_flops_cut', 1)} %; total: {pct('total_flops_cut', 1)} %.",
+  ]
 
 
 def _connectivity_picture(config, weights_path, out):

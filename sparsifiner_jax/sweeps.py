@@ -21,9 +21,11 @@ and, unless ``--weights``/``--workdir`` are passed through, evaluates the traini
 directory (so a train sweep followed by an eval sweep over the same root lines up).
 
 Result JSON schema (eval.py): ``{"method", "model", "keep_rate", "top1", "top5", "loss", "density",
-"flops": {"total", "mhsa", "attention_matrix"} (MACs), "images_per_s", ...}``; only ``top1`` is required,
-everything else may be missing. ``top1``, ``top5`` and ``density`` are fractions (values above 1 are
-taken as percent already); tables and plots show percent. Errors in the CLI (missing sweep file, malformed JSON) print one line on
+"recall", "flops": {"total", "mhsa", "attention_matrix"} (MACs), "images_per_s", ...}``; only ``top1`` is
+required, everything else may be missing (results written before eval.py reported ``recall`` show "–"
+there). ``top1``, ``top5``, ``density`` and ``recall`` (attention recall: the share of the dense
+attention's probability mass inside the sparse mask) are fractions (values above 1 are taken as percent
+already); tables and plots show percent. Errors in the CLI (missing sweep file, malformed JSON) print one line on
 stderr and exit with status 2.
 """
 
@@ -202,13 +204,14 @@ TABLE_COLUMNS = (  # (field, header, format)
     ("top1", "top-1 %", "{:.2f}"),
     ("top5", "top-5 %", "{:.2f}"),
     ("density", "density %", "{:.2f}"),
+    ("recall", "recall %", "{:.2f}"),
     ("gmacs_total", "total GMACs", "{:.3f}"),
     ("gmacs_mhsa", "MHSA GMACs", "{:.3f}"),
     ("gmacs_attention_matrix", "attn-matrix GMACs", "{:.4f}"),
     ("images_per_s", "img/s", "{:.1f}"),
 )
-CSV_FIELDS = ("method", "model", "keep_rate", "top1", "top5", "loss", "density", "gmacs_total",
-              "gmacs_mhsa", "gmacs_attention_matrix", "images_per_s", "dense", "path")
+CSV_FIELDS = ("method", "model", "keep_rate", "top1", "top5", "loss", "density", "recall",
+              "gmacs_total", "gmacs_mhsa", "gmacs_attention_matrix", "images_per_s", "dense", "path")
 
 
 def _number(value) -> float | None:
@@ -222,7 +225,7 @@ def _number(value) -> float | None:
 
 
 def _as_percent(value) -> float | None:
-  """Accuracies/densities are stored as fractions by eval.py; tables show percent."""
+  """Accuracies, densities and recalls are stored as fractions by eval.py; tables show percent."""
   value = _number(value)
   if value is None:
     return None
@@ -262,6 +265,7 @@ def _row(record: dict[str, Any], path: str) -> dict[str, Any]:
       "top5": _as_percent(record.get("top5")),
       "loss": _number(record.get("loss")),
       "density": _as_percent(record.get("density")),
+      "recall": _as_percent(record.get("recall")),
       "gmacs_total": g("total"),
       "gmacs_mhsa": g("mhsa"),
       "gmacs_attention_matrix": g("attention_matrix"),
@@ -322,8 +326,10 @@ def write_table(rows: Sequence[dict[str, Any]], md_path: str | None, csv_path: s
                 ) -> tuple[str | None, str | None]:
   """Writes the rows as a Markdown table and/or a CSV (all ``CSV_FIELDS``). Returns the paths."""
   if md_path:
-    atomic.write_text(md_path, "Top-1/top-5/density in %, FLOPs in GMACs per image (1 multiply-add = 1 "
-                      "MAC); see sparsifiner_jax/evaluation/flops.py for the definitions.\n\n"
+    atomic.write_text(md_path, "Top-1/top-5/density/recall in %, FLOPs in GMACs per image (1 multiply-add "
+                      "= 1 MAC); see sparsifiner_jax/evaluation/flops.py for the definitions. Recall: "
+                      "the share of the dense attention's probability mass inside the sparse mask "
+                      "(sparsifiner_jax/evaluation/recall.py).\n\n"
                       + format_markdown(rows))
   if csv_path:
     def write_csv(tmp):

@@ -110,14 +110,15 @@ def test_run_executes_sequentially(tmp_path):
 def fake_runs(tmp_path):
   records = [
       dict(method="dense", model="deit_small_patch16_224", keep_rate=None, top1=0.798, top5=0.95,
-           loss=0.9, density=1.0, flops=dict(total=4.60e9, mhsa=1.75e9, attention_matrix=0.358e9),
-           images_per_s=10.0),
+           loss=0.9, density=1.0, recall=1.0,
+           flops=dict(total=4.60e9, mhsa=1.75e9, attention_matrix=0.358e9), images_per_s=10.0),
       *[dict(method="sparsifiner", model="deit_small_patch16_224", keep_rate=r, top1=a, top5=0.94,
-             loss=1.0, density=d, flops=dict(total=t, mhsa=m, attention_matrix=am), images_per_s=9.0)
-        for r, a, d, t, m, am in [(0.5, 0.797, 0.5, 4.57e9, 1.72e9, 0.31e9),
-                                  (0.25, 0.794, 0.2576, 4.44e9, 1.59e9, 0.20e9),
-                                  (0.1, 0.780, 0.104, 4.38e9, 1.54e9, 0.15e9)]],
-      # EViT-like: only some fields.
+             loss=1.0, density=d, recall=rc, flops=dict(total=t, mhsa=m, attention_matrix=am),
+             images_per_s=9.0)
+        for r, a, d, rc, t, m, am in [(0.5, 0.797, 0.5, 0.97, 4.57e9, 1.72e9, 0.31e9),
+                                      (0.25, 0.794, 0.2576, 0.9123, 4.44e9, 1.59e9, 0.20e9),
+                                      (0.1, 0.780, 0.104, 0.81, 4.38e9, 1.54e9, 0.15e9)]],
+      # EViT-like (or written before eval.py reported recall): only some fields.
       dict(method="evit", keep_rate=0.7, top1=79.5, flops=dict(total=3.0e9)),
       dict(method="evit", keep_rate=0.5, top1=78.5, flops=dict(total=2.3e9)),
   ]
@@ -139,16 +140,21 @@ def test_aggregate_table_and_plot(tmp_path):
   assert dense["gmacs_total"] == pytest.approx(4.6) and dense["gmacs_attention_matrix"] == pytest.approx(0.358)
   evit = rows[1]
   assert evit["top1"] == 79.5 and evit["gmacs_mhsa"] is None and evit["top5"] is None
+  assert evit["recall"] is None and dense["recall"] == pytest.approx(100.0)
+  assert rows[-2]["recall"] == pytest.approx(91.23)       # largest GMACs first: keep 0.25 is 2nd of 3
   assert not any(r["dense"] for r in rows[1:])
 
   md, csv_path = sweeps.write_table(rows, str(tmp_path / "out" / "t.md"), str(tmp_path / "out" / "t.csv"))
   text = open(md).read()
-  assert "| method | model | keep rate | top-1 % |" in text
-  assert "| sparsifiner | deit_small_patch16_224 | 0.25 | 79.40 | 94.00 | 25.76 | 4.440 | 1.590 | 0.2000 | 9.0 |" in text
-  assert "| evit |  | 0.7 | 79.50 | – |" in text
+  assert "| method | model | keep rate | top-1 % | top-5 % | density % | recall % |" in text
+  assert ("| sparsifiner | deit_small_patch16_224 | 0.25 | 79.40 | 94.00 | 25.76 | 91.23 | 4.440 | 1.590 "
+          "| 0.2000 | 9.0 |") in text
+  assert "| dense | deit_small_patch16_224 | – | 79.80 | 95.00 | 100.00 | 100.00 |" in text
+  assert "| evit |  | 0.7 | 79.50 | – | – | – | 3.000 |" in text   # no recall: shown as "–"
   with open(csv_path) as f:
     table = list(csv.DictReader(f))
   assert len(table) == 6 and table[0]["method"] == "dense" and table[1]["gmacs_mhsa"] == ""
+  assert table[0]["recall"] == "100.0" and table[1]["recall"] == ""
 
   png = viz.pareto_plot(rows, str(tmp_path / "out" / "pareto.png"), dpi=50)
   with Image.open(png) as im:

@@ -1,4 +1,4 @@
-"""Exact evaluation: top-1/top-5, loss and realised attention density over a whole split.
+"""Exact evaluation: top-1/top-5, loss, realised attention density and attention recall over a split.
 
 The eval iterator pads the last batch and marks real examples with ``mask``; every statistic is a
 masked sum divided by the number of real examples, so nothing is dropped or counted twice.
@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparsifiner_jax import models, sharding
+from sparsifiner_jax.evaluation import recall as recall_lib
 
 Array = jax.Array
 
@@ -23,8 +24,10 @@ def topk_accuracy(logits: Array, labels: Array, k: int) -> Array:
   return jnp.any(idx == labels[:, None], axis=-1).astype(jnp.float32)
 
 
-def per_example_stats(model, images, labels):
-  """``{"correct1", "correct5", "loss", "density": [B], "layer_density": [B, depth]}`` for one batch."""
+def per_example_stats(model, images, labels, *, recall: bool = False):
+  """``{"correct1", "correct5", "loss", "density": [B], "layer_density": [B, depth]}`` for one batch;
+  with ``recall`` also ``"recall": [B]`` and ``"layer_recall": [B, depth]`` (``recall.attention_recall``;
+  it makes XLA compute the dense attention of every masked layer)."""
   logits, aux = model(images, train=False)
   k5 = min(5, logits.shape[-1])
   logp = jax.nn.log_softmax(logits)
@@ -40,16 +43,20 @@ def per_example_stats(model, images, labels):
   layer = jnp.stack(dens, axis=-1)
   out["layer_density"] = layer
   out["density"] = jnp.mean(layer, axis=-1)
+  if recall:
+    out["layer_recall"] = recall_lib.layer_recalls(aux, logits.shape[0])
+    out["recall"] = jnp.mean(out["layer_recall"], axis=-1)
   return out
 
 
-def make_eval_step(graphdef, mesh):
+def make_eval_step(graphdef, mesh, *, recall: bool = False):
   """``step(params, rest, images, labels, mask) -> sums`` jitted over ``mesh``: the masked per-batch sums
   of ``per_example_stats`` (and ``count``), replicated; the batch split over the batch axes, the
-  parameters placed as they come."""
+  parameters placed as they come. ``recall`` adds the attention-recall sums; off by default, so the
+  step that ``compile_for`` measures is the model's inference alone."""
   def step(params, rest, images, labels, mask):
     model = models.merge_params(graphdef, params, rest)
-    stats = per_example_stats(model, images, labels)
+    stats = per_example_stats(model, images, labels, recall=recall)
     w = mask.astype(jnp.float32)
     sums = {k: jnp.sum(v * (w if v.ndim == 1 else w[:, None]), axis=0) for k, v in stats.items()}
     sums["count"] = jnp.sum(w)
@@ -60,17 +67,23 @@ def make_eval_step(graphdef, mesh):
 
 
 class Evaluator:
-  """Evaluates parameter groups on ``config.input.eval_split``; the jitted step is built once."""
+  """Evaluates parameter groups on ``config.input.eval_split``; the jitted step is built once.
 
-  def __init__(self, config, mesh, split: str | None = None):
+  ``run`` returns fractions averaged over the real examples: ``top1``, ``top5``, ``loss``,
+  ``density``, ``layer_density`` (one per layer), and with ``recall`` (the default) ``recall`` (the
+  layer mean) and ``layer_recall`` (``recall.attention_recall``); plus ``num_examples``.
+  """
+
+  def __init__(self, config, mesh, split: str | None = None, *, recall: bool = True):
     self.config = config
     self.mesh = mesh
     self.split = split or config.input.eval_split
+    self.recall = recall
     self._fn = None
 
   def _compiled(self, graphdef):
     if self._fn is None:
-      self._fn = make_eval_step(graphdef, self.mesh)
+      self._fn = make_eval_step(graphdef, self.mesh, recall=self.recall)
     return self._fn
 
   def run(self, graphdef, params, rest) -> dict[str, Any]:
@@ -90,7 +103,11 @@ class Evaluator:
       total = sums if total is None else jax.tree.map(jnp.add, total, sums)
     total = jax.device_get(total)
     n = max(float(total["count"]), 1.0)
-    return dict(top1=float(total["correct1"]) / n, top5=float(total["correct5"]) / n,
-                loss=float(total["loss"]) / n, density=float(total["density"]) / n,
-                layer_density=[float(x) / n for x in np.asarray(total["layer_density"])],
-                num_examples=int(total["count"]))
+    out = dict(top1=float(total["correct1"]) / n, top5=float(total["correct5"]) / n,
+               loss=float(total["loss"]) / n, density=float(total["density"]) / n,
+               layer_density=[float(x) / n for x in np.asarray(total["layer_density"])])
+    if self.recall:
+      out.update(recall=float(total["recall"]) / n,
+                 layer_recall=[float(x) / n for x in np.asarray(total["layer_recall"])])
+    out["num_examples"] = int(total["count"])
+    return out

@@ -6,9 +6,10 @@ then ``best/``, then its newest training checkpoint (a run still in progress). T
 the config, so sparsity knobs can differ from training: ``--config.model.keep_rate=0.1`` evaluates the
 same checkpoint at another keep rate.
 
-Reported: top-1, top-5, loss, realised attention density (overall and per layer), FLOPs (analytic,
-with the realised mask and basis sparsity: total, MHSA, attention matrix, and their dense references),
-images/s of the jitted forward, peak memory.
+Reported: top-1, top-5, loss, realised attention density (overall and per layer), attention recall
+(overall and per layer: the share of the dense attention's probability mass inside the sparse mask,
+``evaluation.recall``; 1 for a dense layer), FLOPs (analytic, with the realised mask and basis sparsity:
+total, MHSA, attention matrix, and their dense references), images/s of the jitted forward, peak memory.
 """
 
 from __future__ import annotations
@@ -124,7 +125,8 @@ def evaluate_checkpoint(config, *, workdir=None, weights_path=None, step=None) -
       model=config.model_name, weights=loaded, split=split,
       keep_rate=config.model.keep_rate, num_examples=ev["num_examples"],
       top1=ev["top1"], top5=ev["top5"], loss=ev["loss"], density=ev["density"],
-      layer_density=ev["layer_density"], tokens_per_layer=list(token_schedule(model.config)),
+      layer_density=ev["layer_density"], recall=ev["recall"], layer_recall=ev["layer_recall"],
+      tokens_per_layer=list(token_schedule(model.config)),
       flops=report.totals, gmacs=report.gmacs,
       images_per_s=throughput(model, bs, config.model.img_size, model.config.in_chans),
       throughput_batch=bs, peak_memory_bytes=peak_memory_bytes(),
@@ -137,6 +139,8 @@ def format_table(r: dict[str, Any]) -> str:
           ("top-1 %", f"{100 * r['top1']:.2f}"), ("top-5 %", f"{100 * r['top5']:.2f}"),
           ("loss", f"{r['loss']:.4f}"), ("attention density %", f"{100 * r['density']:.2f}"),
           ("per-layer density %", " ".join(f"{100 * d:.1f}" for d in r["layer_density"])),
+          ("attention recall %", f"{100 * r['recall']:.2f}"),
+          ("per-layer recall %", " ".join(f"{100 * x:.1f}" for x in r["layer_recall"])),
           ("total GMACs", f"{r['gmacs']['total']:.4f}"), ("MHSA GMACs", f"{r['gmacs']['mhsa']:.4f}"),
           ("attention-matrix GMACs", f"{r['gmacs']['attention_matrix']:.5f}"),
           ("images/s", f"{r['images_per_s']:.1f} (batch {r['throughput_batch']}, {r['device']})"),
