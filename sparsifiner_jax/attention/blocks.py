@@ -104,3 +104,16 @@ def transpose(table: Array, nb: int) -> tuple[Array, Array]:
   last = jnp.maximum(counts - 1, 0)[..., None]
   step = jnp.minimum(jnp.arange(nb, dtype=jnp.int32), last)
   return jnp.take_along_axis(order, step, axis=-1), counts
+
+
+def block_mask(table: Array, num_keys: int, block: int, num_dense_rows: int = 1) -> mask_lib.AttentionMask:
+  """The ``AttentionMask`` of a kept-block ``table [B, H, nb, K]`` over ``num_keys`` tokens: the sparse
+  rows (after the ``num_dense_rows`` dense ones) keep the tokens of their block's table row. ``keep``,
+  ``indices`` (at most ``K * block`` per row, the rest marked invalid) are derived lazily, as
+  ``mask.keep_mask`` derives them: XLA computes them only if a consumer uses them."""
+  keep = expand(table, num_keys, block)[..., num_dense_rows:, :]
+  width = min(table.shape[-1] * block, num_keys)
+  _, idx = jax.lax.top_k(keep.astype(jnp.float32), width)       # kept columns first, increasing
+  valid = jnp.take_along_axis(keep, idx, axis=-1)
+  return mask_lib.AttentionMask(indices=idx.astype(jnp.int32), valid=valid, num_dense_rows=num_dense_rows,
+                                num_keys=num_keys, keep=keep, table=table, block_size=block)

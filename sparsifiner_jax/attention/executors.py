@@ -28,6 +28,7 @@ from sparsifiner_jax import sharding
 from sparsifiner_jax.attention import backend, bitmask, kernels
 from sparsifiner_jax.attention.mask import AttentionMask
 from sparsifiner_jax.attention.pallas import attention as pallas_attention
+from sparsifiner_jax.attention.pallas import block_sparse as pallas_block_sparse
 from sparsifiner_jax.precision import mixed_einsum
 
 Array = jax.Array
@@ -164,7 +165,10 @@ def auto_attention(q: Array, k: Array, v: Array, mask: AttentionMask | None) -> 
 
 def fused_attention(q: Array, k: Array, v: Array, mask: AttentionMask) -> Array:
   """``masked_attention`` as one Pallas kernel for ``backend.target()``'s accelerator (interpreted when
-  the target says so), run on each device's slice of the batch: ``[B, N, H, d]`` float32."""
+  the target says so), run on each device's slice of the batch: ``[B, N, H, d]`` float32. A block-mode
+  mask (``mask.table``) runs the block kernels, which load kept blocks only."""
+  if mask.table is not None and mask.key_valid is None:
+    return block_attention(q, k, v, mask)
   target = backend.target()
   packed = mask.packed_rows()
 
@@ -173,6 +177,26 @@ def fused_attention(q: Array, k: Array, v: Array, mask: AttentionMask) -> Array:
                                              backend=target.platform, interpret=target.interpret)
 
   return sharding.per_batch_shard(run, (q, k, v, packed), (True, True, True, packed.shape[0] > 1))
+
+
+def block_attention(q: Array, k: Array, v: Array, mask: AttentionMask) -> Array:
+  """A block-mode mask (``mask.table``, ``attention.blocks``) on the Pallas block kernels, per batch
+  shard; the dense leading rows (CLS) are computed apart in XLA (one row per head: ``O(N d)``) and
+  replace the kernel's. ``[B, N, H, d]`` float32."""
+  target = backend.target()
+  block, nd = mask.block_size, mask.num_dense_rows
+
+  def run(q, k, v, table):
+    return pallas_block_sparse.block_sparse_attention(
+        q, k, v, table, block=block, scale=q.shape[-1] ** -0.5, backend=target.platform,
+        interpret=target.interpret)
+
+  table = mask.table
+  out = sharding.per_batch_shard(run, (q, k, v, table), (True, True, True, table.shape[0] > 1))
+  if not nd:
+    return out
+  dense_rows = softmax_attention(q[:, :nd], k, v)
+  return jnp.concatenate([dense_rows, out[:, nd:]], axis=1)
 
 
 def fused_dense_attention(q: Array, k: Array, v: Array, key_valid: Array | None = None) -> Array:

@@ -21,6 +21,9 @@ A pattern provider (Sparsifiner's learned top-k in ``models.predictor``, the fix
   *every* query row, dense rows included (``bitmask``), when the provider made it (the accelerator mask
   kernel). The accelerator attention kernels read it; ``keep`` and ``indices`` are unpacked from it only
   if some consumer asks for them.
+* ``table`` ``[B, H, nb, K] int32`` or ``None``, with ``block_size`` (static int, 0 without a table):
+  block mode (``attention.blocks``): query block ``i`` keeps the tokens of key blocks ``table[..., i, :]``.
+  ``keep`` (its sparse rows) is then the table expanded; the accelerator block kernels read the table.
 
 CLS handling lives here, in one place: the dense leading rows are never part of ``indices``.
 
@@ -65,6 +68,8 @@ class AttentionMask:
   fill: str = dataclasses.field(default="neg_inf", metadata=dict(static=True))
   keep: Array | None = None
   packed: Array | None = None
+  table: Array | None = None
+  block_size: int = dataclasses.field(default=0, metadata=dict(static=True))
 
   def __post_init__(self):
     if self.fill not in FILLS:

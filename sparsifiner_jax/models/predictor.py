@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sparsifiner_jax import precision, sharding
-from sparsifiner_jax.attention import backend, kernels
+from sparsifiner_jax.attention import backend, blocks, kernels
 from sparsifiner_jax.attention import mask as mask_lib
 from sparsifiner_jax.attention.pallas import mask as pallas_mask
 
@@ -42,13 +42,17 @@ class MaskPredictor(nnx.Module):
     num_tokens: N, including the CLS token.
     keep_rate: rho; the budget is k = ceil(rho * N) keys per patch query row.
     reduce_n, reduce_c: rn and rc (m = N // rn, c = d // rc).
+    block: b > 0 selects blocks (block mode, ``attention.blocks``): the factors pooled per block of b
+      tokens score (query block, key block) pairs, and each query block keeps ``ceil(rho * N / b)`` key
+      blocks; 0 selects keys per row, as the official code does.
   """
 
   def __init__(self, num_heads: int, head_dim: int, num_tokens: int, keep_rate: float, *,
                reduce_n: int = 6, reduce_c: int = 2, basis_threshold: float = 0.02,
-               coef_topk: int = 8, signed_basis: bool = False, dtype=jnp.float32,
+               coef_topk: int = 8, signed_basis: bool = False, block: int = 0, dtype=jnp.float32,
                rngs: nnx.Rngs):
     self.num_heads = num_heads
+    self.block = block
     self.num_tokens = num_tokens
     self.keep_rate = keep_rate
     self.budget = mask_lib.budget(keep_rate, num_tokens)
@@ -131,6 +135,8 @@ class MaskPredictor(nnx.Module):
     q, k = qkv[:, :, 0], qkv[:, :, 1]
     factors = self.factors(k, token_index=token_index, key_keep=key_keep)
     weights = query_weights(*factors, self.dtype)                     # [B, H, d + 1, m]
+    if self.block:
+      return self.block_mask(q, weights, recon, token_index, key_keep)
     logits = coefficient_logits(q, weights, self.logit_scale, self.dtype)
     basis = self.basis_rows(recon, token_index)
     approx = self.combine(logits, basis, recon)
@@ -151,6 +157,26 @@ class MaskPredictor(nnx.Module):
       return mask_lib.keep_mask(keep, budget, num_dense_rows=1), approx
     scores = jnp.where(key_keep[:, None, None, :], jax.lax.stop_gradient(approx), -jnp.inf)
     return mask_lib.topk_mask(scores, budget, num_dense_rows=1), approx
+
+  def block_mask(self, q: Array, weights: Array, recon: bool, token_index: Array | None,
+                 key_keep: Array | None) -> tuple[mask_lib.AttentionMask | None, Array]:
+    """Block mode: ``(mask, block_scores [B, H, nb, nb])`` from raw q ``[B, N, H, d]`` and
+    ``query_weights(...)``. The scores are the predictor's approximation pooled per block: coefficient
+    logits of each query block's mean q (the logits are linear in q, so this is their mean), combined with
+    the basis summed over each key block's tokens (pruned keys, ``key_keep`` False, contribute nothing).
+    In reconstruction mode they approximate the teacher's ``blocks.attention_mass`` and no mask is made.
+    Cost O(B H (N/b)^2 m), no ``N x N`` array."""
+    n = q.shape[1]
+    q_blocks = blocks.pool(q, self.block, axis=1, mean=True)                # [B, nb, H, d]
+    logits = coefficient_logits(q_blocks, weights, self.logit_scale, self.dtype, first_row=0)
+    basis = self.basis_rows(recon, token_index)                             # [m, N] or [B, m, N]
+    if key_keep is not None:
+      basis = basis * key_keep[:, None, :].astype(basis.dtype)
+    scores = self.combine(logits, blocks.pool(basis, self.block, axis=-1, mean=False), recon)
+    if recon:
+      return None, scores
+    table = blocks.select(scores, blocks.budget(self.keep_rate, n, self.block))
+    return blocks.block_mask(table, n, self.block, num_dense_rows=1), scores
 
   def fused_mask(self, q: Array, weights: Array, basis: Array, budget: int) -> Array:
     """The packed mask ``[B, H, ceil(N / 32), N] int32`` (CLS row dense) in one Pallas pass for
@@ -175,12 +201,12 @@ def threshold_basis(basis: Array, threshold: float, signed: bool = False) -> Arr
   return jnp.where(magnitude > threshold, basis if signed else magnitude, 0.0)
 
 
-def coefficient_logits(q: Array, weights: Array, scale: float, dtype) -> Array:
-  """Logits of the basis coefficients ``[B, H, N-1, m]`` float32 from raw q ``[B, N, H, d]`` and
-  ``weights = query_weights(...)`` ``[B, H, d + 1, m]``: ``(q . weights[:d] + weights[d]) * scale``, the
-  product in ``dtype``; the CLS row is not predicted."""
+def coefficient_logits(q: Array, weights: Array, scale: float, dtype, first_row: int = 1) -> Array:
+  """Logits of the basis coefficients ``[B, H, N - first_row, m]`` float32 from raw q ``[B, N, H, d]``
+  and ``weights = query_weights(...)`` ``[B, H, d + 1, m]``: ``(q . weights[:d] + weights[d]) * scale``,
+  the product in ``dtype``; rows before ``first_row`` (the CLS row) are not predicted."""
   d = q.shape[-1]
-  scores = precision.mixed_einsum("bnhd,bhdm->bhnm", q[:, 1:], weights[:, :, :d], dtype)
+  scores = precision.mixed_einsum("bnhd,bhdm->bhnm", q[:, first_row:], weights[:, :, :d], dtype)
   return (scores + weights[:, :, d:]) * scale
 
 

@@ -56,6 +56,9 @@ class ViTConfig:
   basis_threshold: float = 0.02
   coef_topk: int = 8
   signed_basis: bool = False
+  # Block mode (attention.blocks): 0 selects keys per query row (the official method); b > 0 (a power of
+  # two >= 16) selects blocks of b keys per block of b query rows, which the block kernels skip whole.
+  mask_block: int = 0
   # Attention pattern (sparsifiner_jax.attention.patterns): "sparsifiner" (the learned predictor; dense when
   # keep_rate is None) or a fixed/oracle pattern such as "fibottention", with its options as
   # ((name, value), ...) pairs.
@@ -123,6 +126,12 @@ class ViTConfig:
         bad(f"token_pruning_layers={layers} must be increasing layer indices in [0, {self.depth - 2}]")
       if self.token_pruning_mode not in TOKEN_PRUNING_MODES:
         bad(f"token_pruning_mode={self.token_pruning_mode!r}; allowed: {', '.join(TOKEN_PRUNING_MODES)}")
+    if not isinstance(self.mask_block, int) or isinstance(self.mask_block, bool) or self.mask_block < 0 \
+        or (self.mask_block and (self.mask_block < 16 or self.mask_block & (self.mask_block - 1))):
+      bad(f"mask_block={self.mask_block!r} must be 0 (per-row selection) or a power of two >= 16")
+    if self.mask_block and self.attention_pattern != "sparsifiner":
+      bad(f"mask_block={self.mask_block} is block mode of the learned predictor; attention_pattern="
+          f"{self.attention_pattern!r} takes mask_block=0")
     patterns.validate(self)
     rates = self.layer_keep_rates()
     if rates is not None:
@@ -203,7 +212,7 @@ class Attention(nnx.Module):
     self.mask_predictor = nnx.data(None if keep_rate is None or not learned else MaskPredictor(
           cfg.num_heads, cfg.head_dim, cfg.num_tokens, keep_rate, reduce_n=cfg.reduce_n,
           reduce_c=cfg.reduce_c, basis_threshold=cfg.basis_threshold, coef_topk=cfg.coef_topk,
-          signed_basis=cfg.signed_basis, dtype=self.compute_dtype, rngs=rngs))
+          signed_basis=cfg.signed_basis, block=cfg.mask_block, dtype=self.compute_dtype, rngs=rngs))
 
   def __call__(self, x: Array, *, recon: bool = False, tokens: "TokenState | None" = None
                ) -> tuple[Array, dict[str, Any]]:

@@ -7,6 +7,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+from sparsifiner_jax.attention import blocks
+
 Array = jax.Array
 
 
@@ -34,8 +36,11 @@ def token_mse(student_tokens: Array, teacher_tokens: Array, weights: Array | Non
 
 
 def attention_reconstruction(approx: Sequence[Array], teacher_attn: Sequence[Array],
-                             reference_batch: int) -> Array:
+                             reference_batch: int, block: int = 0) -> Array:
   """Sum-reduced squared error between Â ``[B, H, N-1, N]`` and the teacher's patch rows, mean over layers.
+
+  Block mode (``block`` > 0): between the predictor's block scores ``[B, H, nb, nb]`` and the teacher's
+  attention mass per block (``blocks.attention_mass``), as SeerAttention trains its block gate.
 
   The official loss sums over (batch, heads, rows, columns) on each of 8 GPUs with a per-GPU batch of 168
   and DDP averages the gradients, so its scale is that of a sum over ``reference_batch`` examples.
@@ -45,8 +50,9 @@ def attention_reconstruction(approx: Sequence[Array], teacher_attn: Sequence[Arr
   pairs = [(a, t) for a, t in zip(approx, teacher_attn) if a is not None]
   if not pairs:
     raise ValueError("attention reconstruction needs a Sparsifiner model (no layer has a predictor)")
-  terms = [jnp.sum(jnp.square(a.astype(jnp.float32)
-                              - jax.lax.stop_gradient(t[:, :, 1:, :]).astype(jnp.float32)))
+  target = ((lambda t: blocks.attention_mass(t, block)) if block
+            else (lambda t: t[:, :, 1:, :].astype(jnp.float32)))
+  terms = [jnp.sum(jnp.square(a.astype(jnp.float32) - jax.lax.stop_gradient(target(t))))
            for a, t in pairs]
   return jnp.mean(jnp.stack(terms)) * (reference_batch / pairs[0][0].shape[0])
 

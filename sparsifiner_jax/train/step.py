@@ -69,7 +69,8 @@ def make_train_step(graphdef, rest, teacher_graphdef, phase: Phase, tx, config, 
       t_live = t_tokens if index is None else jnp.take_along_axis(t_tokens, index[..., None], axis=1)
       terms["tok"] = losses.token_mse(aux["tokens"], t_live)
     if w["recon"]:
-      terms["recon"] = losses.attention_reconstruction(aux["approx_attn"], t_attn, ref_batch)
+      terms["recon"] = losses.attention_reconstruction(aux["approx_attn"], t_attn, ref_batch,
+                                                       block=model.config.mask_block)
     total = sum(w[k] * v for k, v in terms.items())
     masks = [m for m in aux["masks"] if m is not None]
     density = jnp.mean(jnp.stack([m.density() for m in masks])) if masks else jnp.float32(1.0)

@@ -24,6 +24,13 @@ CASES = {   # name: model overrides (vit_test: 17 tokens at 16 px, 2 layers, 2 h
     "tokens_drop": dict(keep_rate=0.4, img_size=24, depth=3, token_keep_rate=0.5, token_pruning_layers=(1,)),
     "tokens_mask": dict(keep_rate=0.4, img_size=24, depth=3, token_keep_rate=0.5, token_pruning_layers=(1,),
                         token_pruning_mode="mask"),
+    # Block mode: 82 tokens in blocks of 16 (the last one ragged: 2 tokens).
+    "blocks": dict(keep_rate=0.4, img_size=36, mask_block=16),
+    "blocks_keep1.0": dict(keep_rate=1.0, img_size=36, mask_block=16),
+    "blocks_tokens_drop": dict(keep_rate=0.5, img_size=36, depth=3, mask_block=16, token_keep_rate=0.5,
+                               token_pruning_layers=(1,)),
+    "blocks_tokens_mask": dict(keep_rate=0.5, img_size=36, depth=3, mask_block=16, token_keep_rate=0.5,
+                               token_pruning_layers=(1,), token_pruning_mode="mask"),
 }
 
 
@@ -85,7 +92,7 @@ def test_model_forward_and_masks_match_masked(platform, case):
 
 
 @pytest.mark.parametrize("platform", BACKENDS)
-@pytest.mark.parametrize("case", ["keep0.3", "tokens_drop"])
+@pytest.mark.parametrize("case", ["keep0.3", "tokens_drop", "blocks", "blocks_tokens_drop"])
 def test_model_gradients_match_masked(platform, case):
   fast, ref = _pair(**CASES[case])
   images = _images(fast)

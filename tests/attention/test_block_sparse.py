@@ -1,0 +1,197 @@
+"""Block mode: the kept-block tables, the selection, the block kernels (interpreted) and what they load.
+
+References are NumPy (tables, selection, block mass) and the masked executor with the block mask
+expanded (kernels). Tolerances: float32 outputs and gradients within 1e-5 absolute (values of order 1);
+bfloat16 outputs within 2e-2 (8 mantissa bits, sums in a different order)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sparsifiner_jax import models
+from sparsifiner_jax.attention import blocks, executors
+from sparsifiner_jax.attention.pallas import block_sparse
+
+BACKENDS = ("tpu", "gpu")
+
+
+def _numpy_select(scores: np.ndarray, k: int) -> np.ndarray:
+  """Per row: key block 0, then the highest scores (ties: lowest index), increasing."""
+  out = np.zeros(scores.shape[:-1] + (k,), np.int32)
+  for idx in np.ndindex(scores.shape[:-1]):
+    row = scores[idx].astype(np.float64).copy()
+    row[0] = np.inf
+    order = sorted(range(len(row)), key=lambda j: (-row[j], j))
+    out[idx] = sorted(order[:k])
+  return out
+
+
+def _random_table(rng, shape, nb, k):
+  return blocks.select(jnp.asarray(rng.normal(size=shape + (nb, nb)), jnp.float32), k)
+
+
+def test_select_matches_numpy_with_ties():
+  rng = np.random.default_rng(0)
+  scores = rng.integers(0, 3, size=(2, 3, 5, 7)).astype(np.float32)     # many ties
+  for k in (1, 3, 7):
+    np.testing.assert_array_equal(np.asarray(blocks.select(jnp.asarray(scores), k)), _numpy_select(scores, k))
+
+
+def test_select_refuses_a_budget_outside_the_blocks():
+  with pytest.raises(ValueError, match=r"block budget k=5 must be in \[1, 4\]"):
+    blocks.select(jnp.zeros((1, 1, 4, 4)), 5)
+
+
+def test_transpose_matches_numpy_with_unkept_key_blocks():
+  nb = 6
+  table = np.array([[[[0, 2], [0, 2], [0, 5], [0, 2], [0, 1], [0, 2]]]], np.int32)   # 3 and 4: kept by none
+  rows, counts = blocks.transpose(jnp.asarray(table), nb)
+  rows, counts = np.asarray(rows), np.asarray(counts)
+  for kb in range(nb):
+    keeping = [i for i in range(nb) if kb in table[0, 0, i]]
+    assert counts[0, 0, kb] == len(keeping)
+    assert list(rows[0, 0, kb, :len(keeping)]) == keeping
+    # Past the count the last real entry repeats (0 when none): stepping through it loads nothing new.
+    assert set(rows[0, 0, kb, len(keeping):]) <= {keeping[-1] if keeping else 0}
+  assert counts[0, 0, 3] == counts[0, 0, 4] == 0
+
+
+def test_pool_and_attention_mass_match_numpy():
+  rng = np.random.default_rng(1)
+  n, b = 37, 16
+  logits = rng.normal(size=(2, 3, n, n))
+  attn = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+  starts = range(0, n, b)
+  want = np.array([[[[attn[x, h, i:i + b, j:j + b].sum(-1).mean() for j in starts] for i in starts]
+                    for h in range(3)] for x in range(2)])
+  got = np.asarray(blocks.attention_mass(jnp.asarray(attn, jnp.float32), b))
+  np.testing.assert_allclose(got, want, atol=1e-6)
+  np.testing.assert_allclose(got.sum(-1), 1.0, atol=1e-5)
+
+
+def test_expand_keeps_whole_blocks_and_the_ragged_tail():
+  table = jnp.asarray([[[[0, 2]]]], jnp.int32)                           # one query block
+  keep = np.asarray(blocks.expand(table, 10, 4))                           # blocks [0-3] [4-7] [8-9]
+  assert keep.shape == (1, 1, 10, 10)
+  np.testing.assert_array_equal(keep[0, 0, 0], [1, 1, 1, 1, 0, 0, 0, 0, 1, 1])
+
+
+def _reference(q, k, v, table, block):
+  mask = blocks.block_mask(table, q.shape[1], block, num_dense_rows=0)
+  return executors.masked_attention(q, k, v, mask)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n,block,kept", [(37, 16, 2), (32, 16, 1), (70, 32, 3), (37, 16, 3)],
+                         ids=["ragged", "exact", "ragged32", "keep_all"])
+def test_kernels_match_masked_attention(backend, n, block, kept):
+  rng = np.random.default_rng(n + kept)
+  b, h, d = 2, 3, 8
+  q, k, v = (jnp.asarray(rng.normal(size=(b, n, h, d)), jnp.float32) for _ in range(3))
+  table = _random_table(rng, (b, h), blocks.count(n, block), kept)
+  weights = jnp.asarray(rng.normal(size=(b, n, h, d)), jnp.float32)
+
+  def fused(q, k, v):
+    return block_sparse.block_sparse_attention(q, k, v, table, block=block, scale=d ** -0.5,
+                                               backend=backend, interpret=True)
+
+  def loss(fn):
+    return lambda q, k, v: jnp.sum(fn(q, k, v) * weights)
+
+  np.testing.assert_allclose(np.asarray(fused(q, k, v)), np.asarray(_reference(q, k, v, table, block)),
+                             atol=1e-5, rtol=0)
+  got = jax.grad(loss(fused), argnums=(0, 1, 2))(q, k, v)
+  want = jax.grad(loss(lambda q, k, v: _reference(q, k, v, table, block)), argnums=(0, 1, 2))(q, k, v)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=0)
+
+
+def test_bf16_kernel_matches_masked_attention():
+  rng = np.random.default_rng(5)
+  n, block = 37, 16
+  q, k, v = (jnp.asarray(rng.normal(size=(2, n, 2, 16)), jnp.bfloat16) for _ in range(3))
+  table = _random_table(rng, (2, 2), blocks.count(n, block), 2)
+  got = block_sparse.block_sparse_attention(q, k, v, table, block=block, scale=0.25, interpret=True)
+  want = _reference(q, k, v, table, block)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-2, rtol=0)
+
+
+def _visited(spec, grid, *tables):
+  """The block index ``spec``'s index map gives at every grid point, in grid order."""
+  return {point: spec.index_map(*point, *tables) for point in np.ndindex(*grid)}
+
+
+def test_index_maps_load_only_kept_blocks():
+  """Forward and dq: k and v are read at the table's blocks and nowhere else. dk/dv: q is read at the
+  transposed table's blocks; a key block no query block keeps (an empty row of the transposed table)
+  reads one block, the same at every step, and computes nothing."""
+  nb, kept, block = 5, 2, 16
+  table = np.array([[[[0, 1], [0, 3], [0, 1], [0, 3], [0, 1]]]], np.int32)      # 2 and 4 kept by none
+  cfg = block_sparse._Config(scale=1.0, interpret=True, block=block, nb=nb, kept=kept, n=nb * block,
+                             heads=1, head_dim=8)
+  flat = jnp.asarray(table.reshape(-1))
+  tile, _ = block_sparse._tpu_specs(cfg, 8, lambda which, b, h, i, j, tab: (
+      i if which == 0 else block_sparse._entry(tab, cfg, cfg.kept, b, h, i, j)))
+  loads = _visited(tile(1), (1, 1, nb, kept), flat)
+  for i in range(nb):
+    assert sorted(int(loads[(0, 0, i, j)][2]) for j in range(kept)) == list(table[0, 0, i])
+  assert {int(x[2]) for x in loads.values()} == {0, 1, 3}
+
+  rows, counts = blocks.transpose(jnp.asarray(table), nb)
+  tile, _ = block_sparse._tpu_specs(cfg, 8, lambda which, b, h, i, j, rws, cnt: (
+      i if which == 0 else block_sparse._entry(rws, cfg, cfg.nb, b, h, i, j)))
+  loads = _visited(tile(1), (1, 1, nb, nb), rows.reshape(-1), counts.reshape(-1))
+  for kb in range(nb):
+    seq = [int(loads[(0, 0, kb, j)][2]) for j in range(nb)]
+    live = int(counts[0, 0, kb])
+    assert seq[:live] == [i for i in range(nb) if kb in table[0, 0, i]]
+    assert len(set(seq[max(live - 1, 0):])) == 1          # no new block after the last live step
+  assert int(counts[0, 0, 2]) == int(counts[0, 0, 4]) == 0
+
+
+def test_block_selection_matches_numpy_reference():
+  """The predictor's block scores and table against NumPy: q pooled per query block (mean), coefficient
+  logits ``(q W_q + b_q) K̂ / sqrt(H)``, softmax cut to its top ``coef_topk``, times the thresholded
+  ``|W_up|`` summed over each key block; key block 0 forced, top ``ceil(rho nb)``."""
+  model = models.create("vit_test", keep_rate=0.4, img_size=36, mask_block=16)
+  pred = model.blocks[0].attn.mask_predictor
+  rng = np.random.default_rng(2)
+  n, h, d = 82, 2, 16
+  qkv = jnp.asarray(rng.normal(size=(2, n, 3, h, d)), jnp.float32)
+  mask, scores = pred(qkv)
+
+  q, k = np.asarray(qkv[:, :, 0], np.float64), np.asarray(qkv[:, :, 1], np.float64)
+  w_q, b_q = np.asarray(pred.proj_c_q.kernel[...]), np.asarray(pred.proj_c_q.bias[...])
+  w_k, b_k = np.asarray(pred.proj_c_k.kernel[...]), np.asarray(pred.proj_c_k.bias[...])
+  proj_n, up = np.asarray(pred.proj_n[...]), np.asarray(pred.proj_back_n[...]).T      # [N, m], [m, N]
+  basis = np.where(np.abs(up) > pred.basis_threshold, np.abs(up), 0.0)
+  nb = -(-n // 16)
+  q_pool = np.stack([q[:, i * 16:(i + 1) * 16].mean(1) for i in range(nb)], 1)      # [B, nb, H, d]
+  basis_pool = np.stack([basis[:, j * 16:(j + 1) * 16].sum(1) for j in range(nb)], 1)   # [m, nb]
+  k_hat = np.einsum("bnhc,nm->bhcm", k @ w_k + b_k, proj_n)
+  logits = np.einsum("bihc,bhcm->bhim", q_pool @ w_q + b_q, k_hat) * h ** -0.5
+  coef = np.exp(logits - logits.max(-1, keepdims=True))
+  coef /= coef.sum(-1, keepdims=True)
+  cut = np.sort(logits, -1)[..., -pred.coef_topk][..., None]
+  coef = np.where(logits >= cut, coef, 0.0)
+  want = coef @ basis_pool
+  np.testing.assert_allclose(np.asarray(scores), want, rtol=1e-4, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(mask.table), _numpy_select(want, blocks.budget(0.4, n, 16)))
+  assert mask.block_size == 16 and mask.table.shape == (2, h, nb, 3)
+
+
+def test_block_mask_rows_keep_whole_blocks():
+  table = jnp.asarray([[[[0, 1], [0, 2], [0, 2]]]], jnp.int32)
+  mask = blocks.block_mask(table, 40, 16)                                  # rows 1..39
+  dense = np.asarray(mask.to_dense())[0, 0]
+  assert dense[0].all()                                                    # CLS row dense
+  np.testing.assert_array_equal(dense[5], np.arange(40) < 32)             # query block 0: blocks 0, 1
+  np.testing.assert_array_equal(dense[39], (np.arange(40) < 16) | (np.arange(40) >= 32))
+  assert np.asarray(mask.valid).sum(-1)[0, 0, 38] == 16 + 8               # ragged block: 8 real keys
+
+
+@pytest.mark.parametrize("bad", [8, 24, -16])
+def test_config_refuses_a_block_that_is_not_a_power_of_two(bad):
+  with pytest.raises(ValueError, match=r"mask_block=.* must be 0 \(per-row selection\) or a power of two"):
+    models.create("vit_test", keep_rate=0.25, mask_block=bad)
