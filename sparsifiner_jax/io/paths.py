@@ -16,8 +16,11 @@ both halves at one server; the tests start one on 127.0.0.1 (tests/gcs_server.py
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
+import sys
 
 # Before gcsfs or etils look at them (both read them once): epath's fsspec backend for gs:// even with
 # TensorFlow installed, and plain gcsfs (its bucket-type probe needs the storage-control API and warns
@@ -38,6 +41,9 @@ _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$")
 # and ending with a letter or digit (names with dots may be up to 222 characters).
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
 ALLOWED = "a local path or gs://BUCKET/PATH"
+# How long check_reachable waits for a bucket to answer. gcsfs alone retries a connection error for
+# over a minute (twice over: a failed bucket GET falls back to a listing), logging each traceback.
+REACH_SECONDS = 10.0
 
 
 class PathError(ValueError):
@@ -75,17 +81,59 @@ def resolve(path, what: str = "path") -> epath.Path:
   return epath.Path(os.path.abspath(os.path.expanduser(path)))
 
 
+class _GcsfsErrors(logging.Filter):
+  """Drops every record of the ``gcsfs`` logger, keeping the last exception it reported. gcsfs logs
+  each retry from inside its ``except`` block, so that exception is ``sys.exc_info()`` then."""
+
+  def __init__(self):
+    super().__init__()
+    self.last: BaseException | None = None
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    exc = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
+    self.last = exc if exc is not None else self.last
+    return False
+
+
+@contextlib.contextmanager
+def _quiet_gcsfs():
+  """Silences gcsfs's retry log while the block runs; yields the :class:`_GcsfsErrors` filter."""
+  logger = logging.getLogger("gcsfs")
+  errors, level = _GcsfsErrors(), logger.level
+  logger.addFilter(errors)
+  logger.setLevel(logging.DEBUG)  # the retry records are debug records
+  try:
+    yield errors
+  finally:
+    logger.removeFilter(errors)
+    logger.setLevel(level)
+
+
+def _bucket_exists(bucket: str, seconds: float) -> bool:
+  """Whether ``gs://bucket`` exists, asked for at most ``seconds`` (gcsfs retries within them, quietly).
+  Raises gcsfs's error, or a TimeoutError naming the last error it retried on."""
+  fs = fsspec.filesystem("gs")  # the instance epath uses (fsspec caches one per arguments)
+  with _quiet_gcsfs() as errors:
+    try:
+      return fs.exists(bucket, timeout=seconds)  # on timeout, fsspec cancels the request
+    except fsspec.exceptions.FSTimeoutError:
+      last = errors.last
+      cause = f"; last error {type(last).__name__}: {last}" if last is not None else ""
+      raise TimeoutError(f"no answer in {seconds:g} s{cause}") from None
+
+
 def check_reachable(path, what: str) -> epath.Path:
-  """:func:`resolve`, and for a URL: its bucket exists and answers. Call before writing anything, so
-  a typo in a bucket name ends in one line instead of a run that fails at its first checkpoint."""
+  """:func:`resolve`, and for a URL: its bucket exists and answers within :data:`REACH_SECONDS`. Call
+  before writing anything, so a typo in a bucket name or an unreachable endpoint ends in one line
+  (naming the error's cause) instead of a run that fails at its first checkpoint."""
   p = resolve(path, what)
   if is_remote(p):
     bucket = _bucket_of(os.fspath(p), what)
     try:
-      found = epath.Path(f"gs://{bucket}").exists()
+      found = _bucket_exists(bucket, REACH_SECONDS)
     except Exception as e:  # pylint: disable=broad-except  # auth, network: many types
       raise PathError(f"{what}={os.fspath(path)!r}: cannot reach bucket {bucket!r} "
-                      f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+                      f"({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
     if not found:
       raise PathError(f"{what}={os.fspath(path)!r}: bucket {bucket!r} does not exist (or these "
                       "credentials cannot see it); create it first")

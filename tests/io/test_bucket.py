@@ -240,3 +240,27 @@ def test_bad_bucket_url_is_one_line_and_writes_nothing(flag, url, message, bucke
   assert r.returncode == 2, r.stderr
   assert len(lines) == 1 and message in lines[0] and lines[0].startswith("error: "), r.stderr
   assert list(tmp_path.iterdir()) == [] and _objects(bucket) == []
+
+
+def test_unreachable_bucket_is_one_line_within_seconds(tmp_path):
+  """A Cloud Storage endpoint nothing listens on (a closed port on 127.0.0.1): train.py prints one line
+  naming the cause and exits 2 within ``paths.REACH_SECONDS`` plus start-up, with no traceback (gcsfs
+  alone retried for over a minute, printing about 100 lines of tracebacks)."""
+  import gcs_server  # pylint: disable=import-outside-toplevel  # tests/ is on sys.path (conftest)
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]  # closed when the block ends: connections are refused
+  env = dict(os.environ, JAX_PLATFORMS="cpu", **gcs_server.client_env(port))
+  start = time.monotonic()
+  r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs/tiny_test.py"),
+                      "--workdir", "gs://some-bucket/run"], cwd=tmp_path, env=env, capture_output=True,
+                     text=True, timeout=300)
+  elapsed = time.monotonic() - start
+  assert r.returncode == 2, r.stderr
+  assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+  assert r.stderr.startswith("error: --workdir='gs://some-bucket/run': cannot reach bucket "
+                             f"'some-bucket' (TimeoutError: no answer in {paths.REACH_SECONDS:g} s; "
+                             "last error ClientConnectorError: Cannot connect to host "
+                             f"127.0.0.1:{port}"), r.stderr
+  assert elapsed < paths.REACH_SECONDS + 40, elapsed  # start-up takes seconds; before: over 60 s
+  assert list(tmp_path.iterdir()) == []
