@@ -2,9 +2,9 @@
 
   python train.py --config configs/digits_sparsifiner.py[:arg] --workdir DIR [--config.x.y=v ...]
 
-Resumes automatically from DIR. Multi-process: set SPARSIFINER_COORDINATOR=host:port,
-SPARSIFINER_NUM_PROCESSES and SPARSIFINER_PROCESS_ID (or run under a launcher that jax.distributed
-auto-detects, with SPARSIFINER_DISTRIBUTED=1).
+Resumes automatically from DIR. Multi-process: set SPARSIFINER_JAX_COORDINATOR=host:port,
+SPARSIFINER_JAX_NUM_PROCESSES and SPARSIFINER_JAX_PROCESS_ID (or run under a launcher that
+jax.distributed auto-detects, with SPARSIFINER_JAX_DISTRIBUTED=1). sparsifiner_jax/env.py lists them.
 """
 
 from sparsifiner_jax import cli

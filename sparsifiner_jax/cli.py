@@ -16,7 +16,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from sparsifiner_jax import config_check, errors, sharding
+from sparsifiner_jax import config_check, env, errors, sharding
 from sparsifiner_jax.data.options import InputConfigError
 from sparsifiner_jax.evaluation import report
 from sparsifiner_jax.io import checkpoint, paths, state_dict, weights
@@ -32,15 +32,26 @@ _STEP = flags.DEFINE_string("step", None, "eval.py: the workdir's training check
                             "('latest': the newest) instead of its final/ or best/ weights.")
 
 
+def _count_var(name: str) -> int:
+  """The integer launch variable ``SPARSIFINER_JAX_<name>``; ValueError (one line) if unset or bad."""
+  value = env.get(name)
+  try:
+    return int(value)
+  except (TypeError, ValueError):
+    raise ValueError(f"{env.PREFIX}{name}={value!r} is not allowed with {env.PREFIX}COORDINATOR; "
+                     "allowed: an integer >= 0") from None
+
+
 def maybe_initialize_distributed() -> None:
-  env = os.environ
-  if "SPARSIFINER_COORDINATOR" in env:
-    if env.get("SPARSIFINER_CPU_COLLECTIVES", "1") == "1" and env.get("JAX_PLATFORMS", "") == "cpu":
+  """``jax.distributed.initialize`` as the ``SPARSIFINER_JAX_*`` launch variables say (``env``)."""
+  coordinator = env.get("COORDINATOR")
+  if coordinator is not None:
+    if env.get("CPU_COLLECTIVES", "1") == "1" and os.environ.get("JAX_PLATFORMS", "") == "cpu":
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=env["SPARSIFINER_COORDINATOR"],
-                               num_processes=int(env["SPARSIFINER_NUM_PROCESSES"]),
-                               process_id=int(env["SPARSIFINER_PROCESS_ID"]))
-  elif env.get("SPARSIFINER_DISTRIBUTED") == "1":
+    jax.distributed.initialize(coordinator_address=coordinator,
+                               num_processes=_count_var("NUM_PROCESSES"),
+                               process_id=_count_var("PROCESS_ID"))
+  elif env.get("DISTRIBUTED") == "1":
     jax.distributed.initialize()
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 
+from sparsifiner_jax import env
 from sparsifiner_jax.io import paths
 from sparsifiner_jax.io.checkpoint import read_latest_meta
 from sparsifiner_jax.train.phases import Phase
@@ -195,14 +196,15 @@ LEASE_NAME = "lease.json"
 
 
 def lease_seconds() -> float:
-  """How long a bucket lease outlives its last renewal (``SPARSIFINER_LEASE_SECONDS``, default 120)."""
-  v = os.environ.get("SPARSIFINER_LEASE_SECONDS", "120")
+  """How long a bucket lease outlives its last renewal (``SPARSIFINER_JAX_LEASE_SECONDS``, default
+  120)."""
+  v = env.get("LEASE_SECONDS", "120")
   try:
     seconds = float(v)
   except ValueError:
     seconds = -1.0
   if not seconds > 0:
-    raise ValueError(f"SPARSIFINER_LEASE_SECONDS={v!r} is not allowed; allowed: seconds > 0")
+    raise ValueError(f"SPARSIFINER_JAX_LEASE_SECONDS={v!r} is not allowed; allowed: seconds > 0")
   return seconds
 
 

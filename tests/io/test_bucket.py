@@ -174,7 +174,7 @@ def _eventually(condition, seconds=10.0):
 
 
 def test_an_unreadable_lease_holds_until_it_would_have_expired(bucket, monkeypatch):
-  monkeypatch.setenv("SPARSIFINER_LEASE_SECONDS", "2")
+  monkeypatch.setenv("SPARSIFINER_JAX_LEASE_SECONDS", "2")
   _lease_path(bucket).write_text("{not json")
   with pytest.raises(workdir_lib.TrainingError, match=r"in use by another run \(an unreadable lease"):
     with workdir_lib.lock_workdir(bucket):
@@ -186,15 +186,15 @@ def test_an_unreadable_lease_holds_until_it_would_have_expired(bucket, monkeypat
 
 @pytest.mark.parametrize("value", ["0", "soon", "-5"])
 def test_bad_lease_length_is_refused(value, bucket, monkeypatch):
-  monkeypatch.setenv("SPARSIFINER_LEASE_SECONDS", value)
-  with pytest.raises(ValueError, match=f"SPARSIFINER_LEASE_SECONDS='{value}' is not allowed"):
+  monkeypatch.setenv("SPARSIFINER_JAX_LEASE_SECONDS", value)
+  with pytest.raises(ValueError, match=f"SPARSIFINER_JAX_LEASE_SECONDS='{value}' is not allowed"):
     with workdir_lib.lock_workdir(bucket):
       pass
   assert _objects(bucket) == []
 
 
 def test_lease_is_renewed(bucket, monkeypatch):
-  monkeypatch.setenv("SPARSIFINER_LEASE_SECONDS", "0.4")   # renewed every 0.1 s
+  monkeypatch.setenv("SPARSIFINER_JAX_LEASE_SECONDS", "0.4")   # renewed every 0.1 s
   with workdir_lib.lock_workdir(bucket) as lease:
     first = json.loads(_lease_path(bucket).read_text())["renewed"]
     _eventually(lambda: json.loads(_lease_path(bucket).read_text())["renewed"] > first)

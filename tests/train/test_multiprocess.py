@@ -38,8 +38,8 @@ def _launch(workdir, port, num_processes=2):
   for i in range(num_processes):
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
                XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               SPARSIFINER_COORDINATOR=f"127.0.0.1:{port}",
-               SPARSIFINER_NUM_PROCESSES=str(num_processes), SPARSIFINER_PROCESS_ID=str(i))
+               SPARSIFINER_JAX_COORDINATOR=f"127.0.0.1:{port}",
+               SPARSIFINER_JAX_NUM_PROCESSES=str(num_processes), SPARSIFINER_JAX_PROCESS_ID=str(i))
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--config",
            os.path.join(ROOT, "configs", "tiny_test.py"), "--workdir", str(workdir), *OVERRIDES]
     procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
