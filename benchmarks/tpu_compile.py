@@ -13,7 +13,9 @@ block); only the clock sees how long its instructions take to issue.
 
 Cases: ``eval`` (224 px, 64 images per chip), ``tokens`` (the same with token keep 0.7 at layers 3/6/9),
 ``train`` (the paper's phase-2 step: batch 1,344 on the topology, student and dense teacher), ``448``
-(448 px, 785 tokens, 16 images per chip).
+(448 px, 785 tokens, 16 images per chip); block mode: ``blocks`` (224 px, blocks of 32), ``blocks448``
+(blocks of 128), ``blocks896`` (3,137 tokens, 4 images per chip), ``blocks448_train`` (the phase-2 step
+at 448 px, 32 images per chip, with the dense teacher).
 """
 
 from __future__ import annotations
@@ -40,6 +42,11 @@ CASES = {   # name: (what, batch per chip or None for the config's, model overri
     "tokens": ("eval", 64, {"token_keep_rate": 0.7}, None),
     "train": ("train", None, {}, "distill"),
     "448": ("eval", 16, {"img_size": 448}, None),
+    # Block mode (ViTConfig.mask_block): blocks of b query rows x b keys, skipped whole by the kernels.
+    "blocks": ("eval", 64, {"mask_block": 32}, None),
+    "blocks448": ("eval", 16, {"img_size": 448, "mask_block": 128}, None),
+    "blocks896": ("eval", 4, {"img_size": 896, "mask_block": 128}, None),
+    "blocks448_train": ("train", 32, {"img_size": 448, "mask_block": 128}, "distill"),
 }
 
 

@@ -195,3 +195,10 @@ def test_block_mask_rows_keep_whole_blocks():
 def test_config_refuses_a_block_that_is_not_a_power_of_two(bad):
   with pytest.raises(ValueError, match=r"mask_block=.* must be 0 \(per-row selection\) or a power of two"):
     models.create("vit_test", keep_rate=0.25, mask_block=bad)
+
+
+def test_block_mask_counts_from_the_table_equal_the_expanded_mask():
+  rng = np.random.default_rng(4)
+  table = _random_table(rng, (2, 3), blocks.count(40, 16), 2)
+  mask = blocks.block_mask(table, 40, 16)
+  np.testing.assert_array_equal(np.asarray(mask.nnz()), np.asarray(mask.to_dense()).sum((-1, -2)))
