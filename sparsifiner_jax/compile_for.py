@@ -109,10 +109,10 @@ def compile_step(config, devices, what: str, *, phase: str | None = None,
                  batch_per_chip: int | None = None) -> Program:
   """Lowers and compiles ``what`` (``"eval"`` or ``"train"``) of ``config`` on a mesh of ``devices``
   (compile-only TPU or GPU devices: ``compile.targets.devices``)."""
-  mesh = sharding.make_mesh(config.get("mesh"), devices)
+  mesh = sharding.make_mesh(config.mesh, devices)
   chips = mesh.size
   batch = (batch_per_chip * chips if batch_per_chip is not None else
-           int(config.batch_size if what == "train" else config.get("eval_batch_size", config.batch_size)))
+           int(config.batch_size if what == "train" else config.eval_batch_size))
   if batch % chips:
     raise config_check.ConfigError(f"the batch of {batch} does not divide over {chips} devices; allowed: "
                                    f"a multiple of {chips} (or --batch_per_chip)")
@@ -133,7 +133,7 @@ def compile_step(config, devices, what: str, *, phase: str | None = None,
   else:
     ph = _phase(config, phase)
     info["phase"] = ph.name
-    tx, state, state_sh = state_layout(params, params_sh, ph, mesh, ema=config.get("ema_decay", 0.0) > 0)
+    tx, state, state_sh = state_layout(params, params_sh, ph, mesh, ema=config.ema_decay > 0)
     t_graphdef, t_params, t_sh = _teacher(config, ph, mesh)
     step = make_train_step(graphdef, rest, t_graphdef, ph, tx, config, mesh, state_sh, t_sh)
     args = (state, t_params, dict(image=images, label=labels))
@@ -201,8 +201,8 @@ def format_report(r: dict[str, Any]) -> str:
   mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items())
   phase = f" ({r['phase']})" if r.get("phase") else ""
   memory = "HBM" if r["platform"] == "tpu" else "memory"
-  lines = [f"{r['what']}{phase} on {r['topology']}: {r['chips']} devices of {r['memory_bytes'] / GIB:.0f} GiB "
-           f"{memory}, batch {r['batch']} ({r['batch_per_chip']} per device), mesh {mesh}",
+  lines = [f"{r['what']}{phase} on {r['topology']}: {r['chips']} devices of "
+           f"{r['memory_bytes'] / GIB:.0f} GiB {memory}, batch {r['batch']} ({r['batch_per_chip']} per device), mesh {mesh}",
            f"{'per device':<12}{'peak GiB':>10}{'% mem':>8}{'temp GiB':>10}{'FLOPs':>11}{'bytes':>11}"]
   rows = [("model", r["model"])] + ([("dense", r["dense"])] if "dense" in r else [])
   for name, f in rows:

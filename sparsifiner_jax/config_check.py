@@ -23,6 +23,12 @@ PHASES = ("train", "recon", "distill", "joint")
 LOSS_TERMS = ("cls", "kd", "tok", "recon")
 TEACHER_TERMS = ("kd", "tok", "recon")
 NONFINITE = ("stop", "skip")
+# Fields every config holds (``configs/common.py``'s ``base_config()`` sets them): ``check_misc``
+# refuses a config without one, so the trainer, the step and compile_for read them directly.
+REQUIRED = ("seed", "batch_size", "eval_batch_size", "grad_accum", "ema_decay", "nonfinite", "mesh",
+            "allow_config_change", "progress", "log_every", "eval_every", "ckpt_every", "keep_ckpts",
+            "recon_reference_batch", "init", "teacher.weights", "mixup.prob", "mixup.mixup_alpha",
+            "mixup.cutmix_alpha", "mixup.switch_prob", "mixup.label_smoothing")
 
 
 class ConfigError(ValueError):
@@ -230,9 +236,9 @@ def check_devices(config, devices=None):
   """``mesh`` vs the devices, batch sizes vs devices, processes, data shards and grad_accum."""
   devices = list(devices if devices is not None else jax.devices())
   try:
-    mesh = sharding.make_mesh(config.get("mesh"), devices)
+    mesh = sharding.make_mesh(config.mesh, devices)
   except (TypeError, ValueError) as e:
-    raise ConfigError(f"config.mesh={config.get('mesh')!r}: {e}") from None
+    raise ConfigError(f"config.mesh={config.mesh!r}: {e}") from None
   n, procs = mesh.size, jax.process_count()
   accum = _int(config, "grad_accum", 1) or 1
   batch = _int(config, "batch_size", 1)
@@ -253,7 +259,16 @@ def check_devices(config, devices=None):
   return mesh
 
 
+def check_required(config) -> None:
+  """Every field of :data:`REQUIRED` is present."""
+  for path in REQUIRED:
+    if _value(config, path) is _MISSING:
+      raise ConfigError(f"config.{path} is missing; allowed: a config built on configs/common.py's "
+                        "base_config(), which sets every field")
+
+
 def check_misc(config) -> None:
+  check_required(config)
   _int(config, "seed", 0, 2 ** 32 - 1)
   _num(config, "ema_decay", 0, 1, hi_open=True)
   _choice(config, "nonfinite", NONFINITE)

@@ -40,11 +40,11 @@ def make_train_step(graphdef, rest, teacher_graphdef, phase: Phase, tx, config, 
     raise ValueError(f"phase {phase.name!r} uses teacher losses but no teacher is configured")
   trainable = TRAINABLE[phase.name]
   num_classes = config.model.num_classes
-  mix = config.get("mixup", {})
-  accum = int(config.get("grad_accum", 1))
-  ema_decay = float(config.get("ema_decay", 0.0))
-  ref_batch = int(config.get("recon_reference_batch", 168))
-  skip_nonfinite = config.get("nonfinite", "stop") == "skip"
+  mix = config.mixup  # every field guaranteed by config_check.REQUIRED
+  accum = int(config.grad_accum)
+  ema_decay = float(config.ema_decay)
+  ref_batch = int(config.recon_reference_batch)
+  skip_nonfinite = config.nonfinite == "skip"
   seed = int(config.seed)
 
   def forward_teacher(tparams, images):
@@ -86,12 +86,12 @@ def make_train_step(graphdef, rest, teacher_graphdef, phase: Phase, tx, config, 
     frozen_p = {k: v for k, v in params.items() if k not in trainable}
     images, labels = batch["image"], batch["label"]
     b = images.shape[0]
-    onehot = mixup.smooth_labels(labels, num_classes, float(mix.get("label_smoothing", 0.0)))
-    if mix.get("prob", 0.0) > 0:
+    onehot = mixup.smooth_labels(labels, num_classes, float(mix.label_smoothing))
+    if mix.prob > 0:
       images, onehot = mixup.mixup_cutmix(
-          jax.random.fold_in(rng, 1), images, onehot, mixup_alpha=float(mix.get("mixup_alpha", 0.8)),
-          cutmix_alpha=float(mix.get("cutmix_alpha", 1.0)),
-          switch_prob=float(mix.get("switch_prob", 0.5)), prob=float(mix.get("prob", 1.0)))
+          jax.random.fold_in(rng, 1), images, onehot, mixup_alpha=float(mix.mixup_alpha),
+          cutmix_alpha=float(mix.cutmix_alpha), switch_prob=float(mix.switch_prob),
+          prob=float(mix.prob))
     drop_rng = jax.random.fold_in(rng, 2)
     if accum == 1:
       (loss, aux), grads = grad_fn(train_p, frozen_p, images, onehot, drop_rng, tparams)

@@ -91,13 +91,13 @@ def _train(config, workdir, mesh, info, stop_after: int | None, lock) -> dict[st
   total = phases[-1].end
 
   model = models.build_model(config)
-  if config.get("init"):
+  if config.init:
     weights.load_weights(config.init, model)
   graphdef, params, rest = models.split_params(model)
   params_sh = sharding.tree_shardings(mesh, params)
 
   teacher_graphdef = teacher_params = teacher_sh = None
-  if config.teacher.get("weights"):
+  if config.teacher.weights:
     teacher = models.build_teacher(config)
     weights.load_weights(config.teacher.weights, teacher, allow_missing_predictor=False)
     teacher_graphdef, teacher_params = nnx.split(teacher)
@@ -106,9 +106,9 @@ def _train(config, workdir, mesh, info, stop_after: int | None, lock) -> dict[st
     teacher_params = jax.device_put(teacher_params, teacher_sh)
 
   def abstract_state(phase: Phase):
-    return state_layout(params, params_sh, phase, mesh, ema=config.get("ema_decay", 0.0) > 0)
+    return state_layout(params, params_sh, phase, mesh, ema=config.ema_decay > 0)
 
-  ckpt = Checkpointer(workdir / "ckpt", max_to_keep=int(config.get("keep_ckpts", 2)),
+  ckpt = Checkpointer(workdir / "ckpt", max_to_keep=int(config.keep_ckpts),
                       before_save=lock.check)
   writer = MetricWriter(workdir)
   restored = ckpt.restore_latest_good(
@@ -133,7 +133,7 @@ def _train(config, workdir, mesh, info, stop_after: int | None, lock) -> dict[st
         # A fresh optimizer for the phase; params come from the previous phase (or init).
         cur = params if state is None else state["params"]
         ema = state["ema"] if state is not None else (
-            cur if config.get("ema_decay", 0.0) > 0 else None)
+            cur if config.ema_decay > 0 else None)
         init = dict(step=jnp.int32(step), params=cur, opt=tx.init(trainable_of(cur, phase)), ema=ema)
         state = jax.device_put(init, shard)
         state_phase = phase.name
@@ -165,9 +165,9 @@ def _train(config, workdir, mesh, info, stop_after: int | None, lock) -> dict[st
         if preempt.requested:
           _save(ckpt, config, phase, step, state, pending)
           raise Preempted()
-        if config.get("ckpt_every") and step % int(config.ckpt_every) == 0:
+        if config.ckpt_every and step % int(config.ckpt_every) == 0:
           _save(ckpt, config, phase, step, state, pending)
-        if config.get("eval_every") and step % int(config.eval_every) == 0 and step != phase.end:
+        if config.eval_every and step % int(config.eval_every) == 0 and step != phase.end:
           ev = eval_fn.run(graphdef, state["params"], rest)
           writer.write(step, {f"eval/{k}": v for k, v in ev.items()})
       if bar is not None:
@@ -209,7 +209,7 @@ def _check_finite(config, pending: list, ckpt: Checkpointer) -> None:
     if m.get("finite", 1.0) >= 1.0:
       continue
     terms = ", ".join(f"{k}={m[k]:.4g}" for k in (*LOSS_TERMS, "loss", "grad_norm") if k in m)
-    if config.get("nonfinite", "stop") == "skip":
+    if config.nonfinite == "skip":
       logging.warning("step %d: non-finite loss or gradients (%s); update skipped", step, terms)
       continue
     last = ckpt.latest_step()
@@ -244,7 +244,7 @@ def _save_weights(graphdef, params, rest, path, config, evaluation=None):
 
 
 def _progress(config, phase: Phase, step: int):
-  if jax.process_index() != 0 or not config.get("progress", True):
+  if jax.process_index() != 0 or not config.progress:
     return None
   return tqdm(total=phase.steps, initial=max(step - phase.start, 0), desc=f"{phase.name}",
               unit="step", dynamic_ncols=True, leave=False)
