@@ -52,6 +52,18 @@ class _Config:
   n: int                 # N: real tokens
   heads: int
   head_dim: int
+  group: int = 1         # TPU: heads per grid step (their lanes form one tile when ``lanes``)
+  lanes: bool = False    # TPU: operands in the qkv layout ``[B, 1, N, 3 H d]`` (else heads-first)
+
+  def side_shape(self, bsz: int, n: int) -> tuple[int, ...]:
+    """TPU: the query- or key-side operand shape (out, do, dq, dk, dv)."""
+    return (bsz, 1, n, self.heads * self.head_dim) if self.lanes else (bsz, self.heads, n, self.head_dim)
+
+  def from_side(self, x: Array) -> Array:
+    """TPU: a side operand as ``[B, N, H, d]``."""
+    if self.lanes:
+      return x.reshape(x.shape[0], x.shape[2], self.heads, self.head_dim)
+    return jnp.swapaxes(x, 1, 2)
 
   @property
   def ragged(self) -> bool:
@@ -75,18 +87,20 @@ def _real_keys(s: Array, kb, cfg: _Config, axis: int) -> Array:
   return jnp.where(token < cfg.n, s, -jnp.inf)
 
 
-def _by_block(cfg: _Config, blk, step) -> None:
-  """Runs ``step(ragged)`` for block ``blk``: the masked form only for a ragged last block."""
+def _in_tail(blk, cfg: _Config, fn, *xs):
+  """``fn(*xs)`` for the ragged last block (``blk == nb - 1``), ``xs`` unchanged for every other one: a
+  branch around the masking alone, so a fully kept block does no per-element masking."""
   if not cfg.ragged:
-    step(False)
-    return
-  last = blk == cfg.nb - 1
-  pl.when(last)(lambda: step(True))
-  pl.when(jnp.logical_not(last))(lambda: step(False))
+    return xs
+  return lax.cond(blk == cfg.nb - 1, lambda *a: tuple(fn(*a)), lambda *a: tuple(a), *xs)
 
 
 # ------------------------------------------------------------------------------------------------
-# TPU (Mosaic).
+# TPU (Mosaic). A grid step handles a group of ``g`` heads whose lanes form one tile: with ``g d = 128``
+# (DeiT: d = 64, two heads) the operands stay where the qkv projection wrote them, ``qkv [B, 1, N, 3 H d]``,
+# and the output is written as ``[B, 1, N, H d]``, the output projection's layout: no transposes. Other
+# head dims use heads-first ``[B, 3 H, N, d]`` (one transpose), one head per step. Each head of a group
+# reads its own kept block of k and v (its own operand), through the lane tile that holds it.
 
 
 def _entry(ref, cfg: _Config, width: int, b, h, i, j):
@@ -94,9 +108,15 @@ def _entry(ref, cfg: _Config, width: int, b, h, i, j):
   return ref[((b * cfg.heads + h) * cfg.nb + i) * width + j]
 
 
-def _tpu_fwd_kernel(tab_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *, cfg: _Config):
-  b, h, i, j = (pl.program_id(a) for a in range(4))
-  kb = _entry(tab_ref, cfg, cfg.kept, b, h, i, j)
+def _lanes(ref, cfg: _Config, slot: int) -> Array:
+  """Head ``slot`` of a group's ``[b, g d]`` tile: its ``[b, d]`` lanes."""
+  return ref[:, slot * cfg.head_dim:(slot + 1) * cfg.head_dim]
+
+
+def _tpu_fwd_kernel(tab_ref, q_ref, *refs, cfg: _Config):
+  g = cfg.group
+  k_refs, v_refs, (o_ref, lse_ref, m_sc, l_sc, acc_sc) = refs[:g], refs[g:2 * g], refs[2 * g:]
+  b, grp, i, j = (pl.program_id(a) for a in range(4))
 
   @pl.when(j == 0)
   def _init():
@@ -104,86 +124,89 @@ def _tpu_fwd_kernel(tab_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, ac
     l_sc[...] = jnp.zeros(l_sc.shape, F32)
     acc_sc[...] = jnp.zeros(acc_sc.shape, F32)
 
-  def step(ragged: bool):
-    k, v = k_ref[...], v_ref[...]
-    q = _scaled(q_ref[...], cfg.scale, k.dtype)
+  for slot in range(g):
+    kb = _entry(tab_ref, cfg, cfg.kept, b, grp * g + slot, i, j)
+    k, v = _lanes(k_refs[slot], cfg, slot), _lanes(v_refs[slot], cfg, slot)
+    q = _scaled(_lanes(q_ref, cfg, slot), cfg.scale, k.dtype)
     s = lax.dot_general(q, k, NT, preferred_element_type=F32)                    # [b, b]
-    if ragged:
-      s, v = _real_keys(s, kb, cfg, 1), _live(v, kb, cfg, 0)
-    m_sc[...], l_sc[...], acc_sc[...] = _online_softmax_step(s, m_sc[...], l_sc[...], acc_sc[...], v)
-
-  _by_block(cfg, kb, step)
+    s, v = _in_tail(kb, cfg, lambda s, v: (_real_keys(s, kb, cfg, 1), _live(v, kb, cfg, 0)), s, v)
+    m_sc[slot], l_sc[slot], acc_sc[slot] = _online_softmax_step(s, m_sc[slot], l_sc[slot], acc_sc[slot], v)
 
   @pl.when(j == cfg.kept - 1)
   def _done():
-    out, lse = _finalize(m_sc[...], l_sc[...], acc_sc[...])
-    o_ref[...] = out.astype(o_ref.dtype)
-    lse_ref[...] = _col_to_row(lse)
+    for slot in range(g):
+      out, lse = _finalize(m_sc[slot], l_sc[slot], acc_sc[slot])
+      o_ref[:, slot * cfg.head_dim:(slot + 1) * cfg.head_dim] = out.astype(o_ref.dtype)
+      lse_ref[slot:slot + 1, :] = _col_to_row(lse)
 
 
-def _tpu_dq_kernel(tab_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_sc, *,
-                   cfg: _Config):
-  b, h, i, j = (pl.program_id(a) for a in range(4))
-  kb = _entry(tab_ref, cfg, cfg.kept, b, h, i, j)
+def _tpu_dq_kernel(tab_ref, q_ref, *refs, cfg: _Config):
+  g = cfg.group
+  k_refs, v_refs, (do_ref, lse_ref, delta_ref, dq_ref, dq_sc) = refs[:g], refs[g:2 * g], refs[2 * g:]
+  b, grp, i, j = (pl.program_id(a) for a in range(4))
 
   @pl.when(j == 0)
   def _init():
     dq_sc[...] = jnp.zeros(dq_sc.shape, F32)
 
-  def step(ragged: bool):
-    k, v = k_ref[...], v_ref[...]
-    if ragged:          # rows past N: garbage that a zero probability would still turn into NaN
-      k, v = _live(k, kb, cfg, 0), _live(v, kb, cfg, 0)
-    q = _scaled(q_ref[...], cfg.scale, k.dtype)
+  for slot in range(g):
+    kb = _entry(tab_ref, cfg, cfg.kept, b, grp * g + slot, i, j)
+    # Rows past N: garbage that a zero probability would still turn into NaN.
+    k, v = _in_tail(kb, cfg, lambda k, v: (_live(k, kb, cfg, 0), _live(v, kb, cfg, 0)),
+                    _lanes(k_refs[slot], cfg, slot), _lanes(v_refs[slot], cfg, slot))
+    q = _scaled(_lanes(q_ref, cfg, slot), cfg.scale, k.dtype)
     s = lax.dot_general(q, k, NT, preferred_element_type=F32)                    # [b, b]
-    if ragged:
-      s = _real_keys(s, kb, cfg, 1)
-    p = jnp.exp(s - _row_to_col(lse_ref[...]))
-    dp = lax.dot_general(do_ref[...].astype(v.dtype), v, NT, preferred_element_type=F32)
-    ds = p * (dp - _row_to_col(delta_ref[...]))
-    dq_sc[...] += lax.dot_general(ds.astype(k.dtype), k, NN, preferred_element_type=F32)
-
-  _by_block(cfg, kb, step)
+    (s,) = _in_tail(kb, cfg, lambda s: (_real_keys(s, kb, cfg, 1),), s)
+    p = jnp.exp(s - _row_to_col(lse_ref[slot:slot + 1, :]))
+    dp = lax.dot_general(_lanes(do_ref, cfg, slot).astype(v.dtype), v, NT, preferred_element_type=F32)
+    ds = p * (dp - _row_to_col(delta_ref[slot:slot + 1, :]))
+    dq_sc[slot] += lax.dot_general(ds.astype(k.dtype), k, NN, preferred_element_type=F32)
 
   @pl.when(j == cfg.kept - 1)
   def _done():
-    dq_ref[...] = (dq_sc[...] * cfg.scale).astype(dq_ref.dtype)
+    for slot in range(g):
+      dq_ref[:, slot * cfg.head_dim:(slot + 1) * cfg.head_dim] = (dq_sc[slot] * cfg.scale).astype(dq_ref.dtype)
 
 
-def _tpu_dkv_kernel(rows_ref, count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
-                    dk_sc, dv_sc, *, cfg: _Config):
-  """Keys on sublanes, queries on lanes (``s.T [b, b]``): the lse and delta rows need no relayout."""
-  b, h, kb, j = (pl.program_id(a) for a in range(4))
-  qb = _entry(rows_ref, cfg, cfg.nb, b, h, kb, j)
+def _tpu_dkv_kernel(rows_ref, count_ref, k_ref, v_ref, *refs, cfg: _Config):
+  """Keys on sublanes, queries on lanes (``s.T [b, b]``): the lse and delta rows need no relayout. Each
+  head of the group steps through its own column of the transposed table."""
+  g = cfg.group
+  q_refs, do_refs = refs[:g], refs[g:2 * g]
+  lse_refs, delta_refs = refs[2 * g:3 * g], refs[3 * g:4 * g]
+  dk_ref, dv_ref, dk_sc, dv_sc = refs[4 * g:]
+  b, grp, kb, j = (pl.program_id(a) for a in range(4))
 
   @pl.when(j == 0)
   def _init():
     dk_sc[...] = jnp.zeros(dk_sc.shape, F32)
     dv_sc[...] = jnp.zeros(dv_sc.shape, F32)
 
-  def step(ragged: bool):
-    k, v = k_ref[...], v_ref[...]
-    q = _scaled(q_ref[...], cfg.scale, k.dtype)
-    do = do_ref[...].astype(v.dtype)
-    if ragged:         # query rows past N: zeroed, and their probabilities too
-      q, do = _live(q, qb, cfg, 0), _live(do, qb, cfg, 0)
-    # (Keys past N, in a ragged last key block, only feed rows of dk and dv that are never written.)
-    st = lax.dot_general(k, q, NT, preferred_element_type=F32)                   # [b keys, b queries]
-    pt = jnp.exp(st - lse_ref[...])
-    if ragged:
-      pt = _live(pt, qb, cfg, 1)
-    dv_sc[...] += lax.dot_general(pt.astype(v.dtype), do, NN, preferred_element_type=F32)
-    dpt = lax.dot_general(v, do, NT, preferred_element_type=F32)
-    dst = pt * (dpt - delta_ref[...])
-    dk_sc[...] += lax.dot_general(dst.astype(q.dtype), q, NN, preferred_element_type=F32)
+  for slot in range(g):
+    head = grp * g + slot
+    qb = _entry(rows_ref, cfg, cfg.nb, b, head, kb, j)
 
-  live = j < count_ref[(b * cfg.heads + h) * cfg.nb + kb]
-  pl.when(live)(lambda: _by_block(cfg, qb, step))
+    @pl.when(j < count_ref[(b * cfg.heads + head) * cfg.nb + kb])
+    def _step(slot=slot, qb=qb):
+      # (Keys past N, in a ragged last key block, only feed rows of dk and dv that are never written.)
+      k, v = _lanes(k_ref, cfg, slot), _lanes(v_ref, cfg, slot)
+      q = _scaled(_lanes(q_refs[slot], cfg, slot), cfg.scale, k.dtype)
+      do = _lanes(do_refs[slot], cfg, slot).astype(v.dtype)
+      q, do = _in_tail(qb, cfg, lambda q, do: (_live(q, qb, cfg, 0), _live(do, qb, cfg, 0)), q, do)
+      st = lax.dot_general(k, q, NT, preferred_element_type=F32)                 # [b keys, b queries]
+      pt = jnp.exp(st - lse_refs[slot][slot:slot + 1, :])
+      (pt,) = _in_tail(qb, cfg, lambda pt: (_live(pt, qb, cfg, 1),), pt)
+      dv_sc[slot] += lax.dot_general(pt.astype(v.dtype), do, NN, preferred_element_type=F32)
+      dpt = lax.dot_general(v, do, NT, preferred_element_type=F32)
+      dst = pt * (dpt - delta_refs[slot][slot:slot + 1, :])
+      dk_sc[slot] += lax.dot_general(dst.astype(q.dtype), q, NN, preferred_element_type=F32)
 
   @pl.when(j == cfg.nb - 1)
   def _done():
-    dk_ref[...] = dk_sc[...].astype(dk_ref.dtype)
-    dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
+    for slot in range(g):
+      lanes = slice(slot * cfg.head_dim, (slot + 1) * cfg.head_dim)
+      dk_ref[:, lanes] = dk_sc[slot].astype(dk_ref.dtype)
+      dv_ref[:, lanes] = dv_sc[slot].astype(dv_ref.dtype)
 
 
 def _tpu_params(name: str, cost: pl.CostEstimate, cfg: _Config) -> dict:
@@ -192,101 +215,131 @@ def _tpu_params(name: str, cost: pl.CostEstimate, cfg: _Config) -> dict:
               interpret=pltpu.InterpretParams() if cfg.interpret else False, name=name)
 
 
-def _tpu_specs(cfg: _Config, d: int, block_of):
-  """Specs on a ``(B, H, i, j)`` grid: the ``[b, d]`` tile of query block ``i`` (``tile(0)``) or of the
-  block the table names (``tile(1)``), and the ``[1, b]`` lse/delta row of either. ``block_of(which, b, h,
-  i, j, *tables)`` gives the block."""
-  def tile(which):
-    return pl.BlockSpec((None, None, cfg.block, d),
-                        lambda b, h, i, j, *t: (b, h, block_of(which, b, h, i, j, *t), 0))
+class _Specs:
+  """Block specs on a ``(B, group, i, j)`` grid over the 4-D operands ``[B, A, N, W]`` (``qkv`` and the
+  ``[B, 1|H, N, H d|d]`` query- and key-side arrays) and the ``[B, G, nb, g, b]`` lse/delta rows.
+  ``block_of(b, head, i, j, *tables)`` names the block a head's table-driven operand reads."""
 
-  def row(which):
-    return pl.BlockSpec((None, None, None, 1, cfg.block),
-                        lambda b, h, i, j, *t: (b, h, block_of(which, b, h, i, j, *t), 0, 0))
-  return tile, row
+  def __init__(self, cfg: _Config, block_of):
+    self.cfg, self.block_of = cfg, block_of
+
+  def _at(self, section: int, grp):
+    """``(A, W)`` block indices of ``section`` (0 q, 1 k, 2 v) of head group ``grp``."""
+    c = self.cfg
+    groups = c.heads // c.group
+    return (0, section * groups + grp) if c.lanes else (section * c.heads + grp, 0)
+
+  def tile(self, section: int, slot: int | None = None) -> pl.BlockSpec:
+    """The ``[b, g d]`` tile of ``section``: of block ``i`` (``slot`` None), or of the block the table
+    names for head ``slot`` of the group."""
+    c = self.cfg
+
+    def index(b, grp, i, j, *tables):
+      blk = i if slot is None else self.block_of(b, grp * c.group + slot, i, j, *tables)
+      return (b, *self._at(section, grp)[:1], blk, self._at(section, grp)[1])
+    return pl.BlockSpec((None, None, c.block, c.group * c.head_dim), index)
+
+  def row(self, slot: int | None = None) -> pl.BlockSpec:
+    """The group's lse/delta rows ``[g, b]`` of block ``i`` or of head ``slot``'s table block."""
+    c = self.cfg
+
+    def index(b, grp, i, j, *tables):
+      blk = i if slot is None else self.block_of(b, grp * c.group + slot, i, j, *tables)
+      return (b, grp, blk, 0, 0)
+    return pl.BlockSpec((None, None, None, c.group, c.block), index)
 
 
-def _tpu_forward(cfg: _Config, q, k, v, table, out_dtype):
-  """Heads-first ``q, k, v [B, H, N, d]`` -> ``(out [B, H, N, d] out_dtype, lse [B, H, nb, 1, b] f32)``."""
-  bsz, nh, n, d = q.shape
-  tile, row = _tpu_specs(cfg, d, lambda which, b, h, i, j, tab: (
-      i if which == 0 else _entry(tab, cfg, cfg.kept, b, h, i, j)))
+def _tpu_forward(cfg: _Config, qkv, table, out_dtype):
+  """``qkv [B, A, N, W]`` -> ``(out [B, 1|H, N, H d|d] out_dtype, lse [B, G, nb, g, b] f32)``."""
+  bsz, n = qkv.shape[0], qkv.shape[2]
+  g, d = cfg.group, cfg.head_dim
+  specs = _Specs(cfg, lambda b, h, i, j, tab: _entry(tab, cfg, cfg.kept, b, h, i, j))
   pairs = cfg.pairs(bsz)
+  side = _nbytes(qkv) // 3
   cost = pl.CostEstimate(
-      flops=4 * pairs * d, transcendentals=pairs + bsz * nh * cfg.nb * cfg.block,
-      bytes_accessed=_nbytes(q, table) + 2 * cfg.kept * _nbytes(k)
-      + _nbytes(q) // q.dtype.itemsize * jnp.dtype(out_dtype).itemsize + bsz * nh * cfg.nb * cfg.block * 4)
+      flops=4 * pairs * d, transcendentals=pairs + bsz * cfg.heads * cfg.nb * cfg.block,
+      bytes_accessed=side * (1 + 2 * cfg.kept) + _nbytes(table)
+      + side // qkv.dtype.itemsize * jnp.dtype(out_dtype).itemsize + bsz * cfg.heads * cfg.nb * cfg.block * 4)
   return pl.pallas_call(
       functools.partial(_tpu_fwd_kernel, cfg=cfg),
-      out_shape=(_out((bsz, nh, n, d), q, out_dtype), _out((bsz, nh, cfg.nb, 1, cfg.block), q)),
+      out_shape=(_out(cfg.side_shape(bsz, n), qkv, out_dtype),
+                 _out((bsz, cfg.heads // g, cfg.nb, g, cfg.block), qkv)),
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=1, grid=(bsz, nh, cfg.nb, cfg.kept),
-          in_specs=[tile(0), tile(1), tile(1)], out_specs=[tile(0), row(0)],
-          scratch_shapes=[pltpu.VMEM((cfg.block, 1), F32), pltpu.VMEM((cfg.block, 1), F32),
-                          pltpu.VMEM((cfg.block, d), F32)]),
+          num_scalar_prefetch=1, grid=(bsz, cfg.heads // g, cfg.nb, cfg.kept),
+          in_specs=[specs.tile(0)] + [specs.tile(1, s) for s in range(g)] + [specs.tile(2, s) for s in range(g)],
+          out_specs=[specs.tile(0), specs.row()],
+          scratch_shapes=[pltpu.VMEM((g, cfg.block, 1), F32), pltpu.VMEM((g, cfg.block, 1), F32),
+                          pltpu.VMEM((g, cfg.block, d), F32)]),
       **_tpu_params("block_sparse_attention_fwd", cost, cfg),
-  )(table.reshape(-1), q, k, v)
+  )(table.reshape(-1), qkv, *[qkv] * (2 * g))
 
 
-def _tpu_backward(cfg: _Config, q, k, v, table, do, lse, delta):
-  """``(dq, dk, dv)`` float32 ``[B, H, N, d]`` from ``do [B, H, N, d]`` and ``lse, delta [B, H, nb, 1, b]``."""
-  bsz, nh, n, d = q.shape
+def _tpu_backward(cfg: _Config, qkv, table, do, lse, delta):
+  """``d qkv`` float32 (``qkv``'s shape) from ``do`` (the output's shape) and ``lse, delta [B, G, nb, g, b]``."""
+  bsz, n = qkv.shape[0], qkv.shape[2]
+  g, d = cfg.group, cfg.head_dim
   pairs = cfg.pairs(bsz)
-  grad = _out(q.shape, q)
-  tile, row = _tpu_specs(cfg, d, lambda which, b, h, i, j, tab: (
-      i if which == 0 else _entry(tab, cfg, cfg.kept, b, h, i, j)))
+  grad = _out(cfg.side_shape(bsz, n), qkv)
+  side = _nbytes(qkv) // 3
+  specs = _Specs(cfg, lambda b, h, i, j, tab: _entry(tab, cfg, cfg.kept, b, h, i, j))
   # dq: products s, dp, dq (3 x 2 b^2 d flops per kept pair of blocks); k, v read once per kept block.
   dq_cost = pl.CostEstimate(
       flops=6 * pairs * d, transcendentals=pairs,
-      bytes_accessed=_nbytes(q, do, table, lse, delta) + 2 * cfg.kept * _nbytes(k) + _nbytes(q) * 4
-      // q.dtype.itemsize)
+      bytes_accessed=side * (1 + 2 * cfg.kept) + _nbytes(do, table, lse, delta) + side * 4 // qkv.dtype.itemsize)
   dq = pl.pallas_call(
       functools.partial(_tpu_dq_kernel, cfg=cfg),
       out_shape=grad,
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=1, grid=(bsz, nh, cfg.nb, cfg.kept),
-          in_specs=[tile(0), tile(1), tile(1), tile(0), row(0), row(0)], out_specs=tile(0),
-          scratch_shapes=[pltpu.VMEM((cfg.block, d), F32)]),
+          num_scalar_prefetch=1, grid=(bsz, cfg.heads // g, cfg.nb, cfg.kept),
+          in_specs=[specs.tile(0)] + [specs.tile(1, s) for s in range(g)] + [specs.tile(2, s) for s in range(g)]
+          + [specs.tile(0), specs.row(), specs.row()],
+          out_specs=specs.tile(0), scratch_shapes=[pltpu.VMEM((g, cfg.block, d), F32)]),
       **_tpu_params("block_sparse_attention_dq", dq_cost, cfg),
-  )(table.reshape(-1), q, k, v, do, lse, delta)
+  )(table.reshape(-1), qkv, *[qkv] * (2 * g), do, lse, delta)
 
   rows, counts = blocks.transpose(table, cfg.nb)
   # dk, dv over the transposed table: block i of the grid is a key block, the table names query blocks.
-  tile, row = _tpu_specs(cfg, d, lambda which, b, h, i, j, rws, cnt: (
-      i if which == 0 else _entry(rws, cfg, cfg.nb, b, h, i, j)))
+  specs = _Specs(cfg, lambda b, h, i, j, rws, cnt: _entry(rws, cfg, cfg.nb, b, h, i, j))
   dkv_cost = pl.CostEstimate(
       flops=8 * pairs * d, transcendentals=pairs,
-      bytes_accessed=_nbytes(k, v, rows, counts) + cfg.kept * (_nbytes(q, do) + _nbytes(lse, delta))
-      + 2 * _nbytes(k) * 4 // k.dtype.itemsize)
+      bytes_accessed=2 * side + _nbytes(rows, counts) + cfg.kept * (side + _nbytes(do, lse, delta))
+      + 2 * side * 4 // qkv.dtype.itemsize)
   dk, dv = pl.pallas_call(
       functools.partial(_tpu_dkv_kernel, cfg=cfg),
       out_shape=(grad, grad),
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=2, grid=(bsz, nh, cfg.nb, cfg.nb),
-          in_specs=[tile(1), tile(0), tile(0), tile(1), row(1), row(1)], out_specs=[tile(0), tile(0)],
-          scratch_shapes=[pltpu.VMEM((cfg.block, d), F32), pltpu.VMEM((cfg.block, d), F32)]),
+          num_scalar_prefetch=2, grid=(bsz, cfg.heads // g, cfg.nb, cfg.nb),
+          in_specs=[specs.tile(1), specs.tile(2)] + [specs.tile(0, s) for s in range(g)]
+          + [specs.tile(0, s) for s in range(g)] + [specs.row(s) for s in range(g)]
+          + [specs.row(s) for s in range(g)],
+          out_specs=[specs.tile(0), specs.tile(0)],
+          scratch_shapes=[pltpu.VMEM((g, cfg.block, d), F32), pltpu.VMEM((g, cfg.block, d), F32)]),
       **_tpu_params("block_sparse_attention_dkv", dkv_cost, cfg),
-  )(rows.reshape(-1), counts.reshape(-1), q, k, v, do, lse, delta)
-  return dq, dk, dv
+  )(rows.reshape(-1), counts.reshape(-1), qkv, qkv, *[qkv] * g, *[do] * g, *[lse] * g, *[delta] * g)
+  return jnp.concatenate([dq, dk, dv], axis=-1 if cfg.lanes else 1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _tpu_core(cfg: _Config, q, k, v, table):
-  return _tpu_forward(cfg, q, k, v, table, q.dtype)[0]
+def _tpu_core(cfg: _Config, qkv, table):
+  return _tpu_forward(cfg, qkv, table, qkv.dtype)[0]
 
 
-def _tpu_core_fwd(cfg: _Config, q, k, v, table):
-  out, lse = _tpu_forward(cfg, q, k, v, table, q.dtype)
-  return out, (q, k, v, table, out, lse)
+def _tpu_core_fwd(cfg: _Config, qkv, table):
+  out, lse = _tpu_forward(cfg, qkv, table, qkv.dtype)
+  return out, (qkv, table, out, lse)
 
 
 def _tpu_core_bwd(cfg: _Config, res, dout):
-  q, k, v, table, out, lse = res
-  delta = jnp.sum(dout.astype(F32) * out.astype(F32), axis=-1)            # rowsum(dO * O): [B, H, N]
-  pad = cfg.nb * cfg.block - cfg.n
-  delta = jnp.pad(delta, ((0, 0), (0, 0), (0, pad))).reshape(lse.shape)
-  dq, dk, dv = _tpu_backward(cfg, q, k, v, table, dout, lse, delta)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+  qkv, table, out, lse = res
+  bsz, n = qkv.shape[0], qkv.shape[2]
+  prod = (dout.astype(F32) * out.astype(F32))
+  heads = cfg.from_side(prod)                                              # [B, N, H, d]
+  delta = jnp.sum(heads, axis=-1)                                          # rowsum(dO * O): [B, N, H]
+  delta = jnp.pad(delta, ((0, 0), (0, cfg.nb * cfg.block - n), (0, 0)))
+  g = cfg.group
+  delta = delta.reshape(bsz, cfg.nb, cfg.block, cfg.heads // g, g).transpose(0, 3, 1, 4, 2)
+  dqkv = _tpu_backward(cfg, qkv, table, dout, lse, delta)
+  return dqkv.astype(qkv.dtype), None
 
 
 _tpu_core.defvjp(_tpu_core_fwd, _tpu_core_bwd)
@@ -497,9 +550,12 @@ def block_sparse_attention(q: Array, k: Array, v: Array, table: Array, *, block:
   table = jnp.broadcast_to(table.astype(jnp.int32), (bsz, *table.shape[1:]))
   q, k, v, table = _same_vma(q, k.astype(dtype), v.astype(dtype), table)
   if backend == "tpu":
-    heads_first = lambda t: jnp.swapaxes(t, 1, 2)          # noqa: E731
-    out = _tpu_core(cfg, heads_first(q), heads_first(k), heads_first(v), lax.stop_gradient(table))
-    return heads_first(out).astype(F32)
+    group = 128 // d if 128 % d == 0 and nh % (128 // d) == 0 else 1
+    cfg = dataclasses.replace(cfg, group=group, lanes=group * d % 128 == 0)
+    qkv = jnp.stack([q, k, v], axis=2)                                      # [B, N, 3, H, d]
+    qkv = (qkv.reshape(bsz, 1, n, 3 * nh * d) if cfg.lanes
+           else qkv.transpose(0, 2, 3, 1, 4).reshape(bsz, 3 * nh, n, d))
+    return cfg.from_side(_tpu_core(cfg, qkv, lax.stop_gradient(table))).astype(F32)
   n_pad, d_pad = nb * block, max(16, _next_pow2(d))
   pad = lambda t: jnp.pad(t, ((0, 0), (0, n_pad - n), (0, 0), (0, d_pad - d)))   # noqa: E731
   out = _gpu_core(cfg, pad(q), pad(k), pad(v), lax.stop_gradient(table))
