@@ -4,8 +4,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 GPU_STAMP := $(VENV)/.gpu-compiler
 PYTEST_ARGS ?=
+LINT_PATHS := sparsifiner_jax configs benchmarks tests scripts train.py eval.py
 
-.PHONY: test test-all gpu-compiler demo bench clean-venv
+.PHONY: lint test test-all gpu-compiler demo bench clean-venv
 
 $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -20,10 +21,14 @@ $(GPU_STAMP): $(STAMP) requirements-gpu.txt
 
 gpu-compiler: $(GPU_STAMP)  ## XLA's GPU compiler in .venv: the GPU compile tests and compile_for --topology h100:N
 
-test: $(STAMP)  ## fast suite (slow tests excluded)
+lint: $(STAMP)  ## pyflakes, and no line over 110 characters (scripts/check_lines.py); `make test` runs it first
+	$(PY) -m pyflakes $(LINT_PATHS)
+	$(PY) scripts/check_lines.py $(LINT_PATHS)
+
+test: $(STAMP) lint  ## lint, then the fast suite (slow tests excluded)
 	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
 
-test-all: $(STAMP)  ## everything, slow tests included
+test-all: $(STAMP) lint  ## lint, then everything, slow tests included
 	$(PY) -m pytest -q -n 2 -m "" $(PYTEST_ARGS)
 
 demo: $(STAMP)  ## train dense teacher + both Sparsifiner phases on digits, evaluate, print the table

@@ -65,6 +65,7 @@ import contextlib
 import dataclasses
 import difflib
 import functools
+import importlib.util
 import logging
 import os
 import re
@@ -79,17 +80,18 @@ try:  # TF must never take a GPU from JAX.
 except RuntimeError:  # the TF context was already initialised by someone else
   pass
 
-try:  # tfds 4.9.10 needs `importlib_resources` to prepare datasets but does not install it.
-  import importlib_resources  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
-except ImportError:
-  import importlib.resources
-  import importlib.resources.abc  # noqa: F401
+# tfds 4.9.10 needs `importlib_resources` to prepare datasets but does not install it: without it, the
+# standard library's importlib.resources stands in.
+if importlib.util.find_spec("importlib_resources") is None:
+  import importlib.resources  # pylint: disable=g-import-not-at-top
+  import importlib.resources.abc  # noqa: F401  # pylint: disable=g-import-not-at-top
   sys.modules.setdefault("importlib_resources", importlib.resources)
 
 import tensorflow_datasets as tfds  # noqa: E402  # pylint: disable=g-import-not-at-top
 
 from sparsifiner_jax.data import augment, digits  # noqa: E402  # pylint: disable=g-import-not-at-top
-from sparsifiner_jax.data.options import DIGITS, InputConfigError, default_config  # noqa: E402  # pylint: disable=g-import-not-at-top
+from sparsifiner_jax.data.options import (  # noqa: E402  # pylint: disable=g-import-not-at-top
+    DIGITS, InputConfigError, default_config)
 
 log = logging.getLogger(__name__)
 

@@ -117,7 +117,8 @@ def test_append_logs_in_a_bucket_survive_a_reopen(bucket):
 
 @pytest.mark.parametrize("where", ["local", "bucket"])
 def test_tensorboard_reads_the_event_files(where, tmp_path, request):
-  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from tensorboard.backend.event_processing import event_accumulator
   root = str(tmp_path / "w") if where == "local" else request.getfixturevalue("bucket")
   writer = metrics.MetricWriter(root)
   writer.write(3, {"train/loss": 1.5, "eval/layer_density": [0.25, 0.5]})
@@ -160,7 +161,8 @@ def test_lease_refuses_a_live_holder_and_frees_a_dead_or_silent_one(bucket):
   assert not _lease_path(bucket).exists()           # released
   dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                         text=True, check=True)
-  _write_lease(bucket, host=socket.gethostname(), boot=workdir_lib._boot_id(),  # pylint: disable=protected-access
+  boot = workdir_lib._boot_id()  # pylint: disable=protected-access
+  _write_lease(bucket, host=socket.gethostname(), boot=boot,
                pid=int(dead.stdout))                # this host, holder gone (killed): free at once
   with workdir_lib.lock_workdir(bucket):
     pass
