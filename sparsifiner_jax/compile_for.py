@@ -202,7 +202,8 @@ def format_report(r: dict[str, Any]) -> str:
   phase = f" ({r['phase']})" if r.get("phase") else ""
   memory = "HBM" if r["platform"] == "tpu" else "memory"
   lines = [f"{r['what']}{phase} on {r['topology']}: {r['chips']} devices of "
-           f"{r['memory_bytes'] / GIB:.0f} GiB {memory}, batch {r['batch']} ({r['batch_per_chip']} per device), mesh {mesh}",
+           f"{r['memory_bytes'] / GIB:.0f} GiB {memory}, batch {r['batch']} "
+           f"({r['batch_per_chip']} per device), mesh {mesh}",
            f"{'per device':<12}{'peak GiB':>10}{'% mem':>8}{'temp GiB':>10}{'FLOPs':>11}{'bytes':>11}"]
   rows = [("model", r["model"])] + ([("dense", r["dense"])] if "dense" in r else [])
   for name, f in rows:
