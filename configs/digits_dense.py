@@ -1,13 +1,16 @@
-"""Dense ViT trained from scratch on the embedded scikit-learn digits (the demo's teacher)."""
+"""Dense ViT trained from scratch on the embedded scikit-learn digits (the demo's teacher).
+
+Args: ``epochs``, ``img_size`` (16: 65 tokens with patch 2; 32: 257 tokens, the block-mode teacher of
+``configs/digits_blocks.py``)."""
 
 from configs import common
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, epochs=40.0)
+  a = common.parse_arg(arg, epochs=40.0, img_size=16)
   c = common.base_config()
   c.model_name = "vit_digits"
-  c.model.img_size = 16
+  c.model.img_size = a.img_size
   c.model.num_classes = 10
   c.model.drop_path_rate = 0.1
   c.input = common.input_config("digits", train_split="train", eval_split="test",

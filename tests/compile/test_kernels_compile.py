@@ -4,7 +4,7 @@ v4, v5e, v5p and v6e (Mosaic, libtpu).
 
 Interpreted tests check the kernels' numbers; only these check that they lower and fit: a kernel the
 interpreter runs can still be rejected by the Triton or Mosaic lowering, or exceed shared memory or VMEM.
-Shapes: DeiT-S at 224 px (N = 197: not a multiple of the GPU blocks, one TPU block) and at 448 px
+The block-sparse kernels likewise (``test_block_kernels_compile``). Shapes: DeiT-S at 224 px (N = 197: not a multiple of the GPU blocks, one TPU block) and at 448 px
 (N = 785: a ragged last block of 128 rows on TPU, 64 on GPU)."""
 
 import functools
@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from sparsifiner_jax.attention import backend, bitmask
+from sparsifiner_jax.attention import backend, bitmask, blocks
 from sparsifiner_jax.attention.pallas import attention as pallas_attention
+from sparsifiner_jax.attention.pallas import block_sparse
 from sparsifiner_jax.attention.pallas import mask as pallas_mask
 from sparsifiner_jax.compile import gpu_kernels, targets
 from conftest import need_compiler_for
@@ -106,3 +107,31 @@ def test_gpu_kernel_stats_from_ptxas(tmp_path):
   assert stats.name == "lowrank_topk_mask" and stats.grid == (B, H, 13)     # 197 rows in blocks of 16
   assert 0 < stats.registers <= 255 and stats.spill_bytes == 0
   assert stats.shared_bytes > 0 and stats.ptx_bytes > 0
+
+
+BLOCK_KERNELS = ("block_sparse_attention_fwd", "block_sparse_attention_dq", "block_sparse_attention_dkv")
+
+
+@pytest.mark.parametrize("n,block", [(197, 32), (785, 128)])
+@pytest.mark.parametrize("topology", TARGETS)
+def test_block_kernels_compile(topology, n, block):
+  """The block-sparse kernels (forward, dq, dk/dv; bf16) at DeiT-S 224 px in blocks of 32 and 448 px in
+  blocks of 128 (both with a ragged last block): on TPU two heads of 64 per grid step in the qkv layout."""
+  need_compiler_for(topology)
+  platform = targets.platform(topology)
+  spec = NamedSharding(Mesh(np.array([_device(topology)]), ("data",)), P())
+  nb = blocks.count(n, block)
+  kept = blocks.budget(0.25, n, block)
+
+  def program(q, k, v, table):
+    attend = lambda q, k, v: block_sparse.block_sparse_attention(   # noqa: E731
+        q, k, v, table, block=block, scale=D ** -0.5, backend=platform)
+    return jax.value_and_grad(lambda *qkv: jnp.sum(attend(*qkv)), argnums=(0, 1, 2))(q, k, v)
+
+  qkv = jax.ShapeDtypeStruct((B, n, H, D), jnp.bfloat16, sharding=spec)
+  table = jax.ShapeDtypeStruct((B, H, nb, kept), jnp.int32, sharding=spec)
+  with backend.compiling_for(platform):
+    compiled = targets.compile_lowered(jax.jit(program).trace(qkv, qkv, qkv, table).lower(), platform)
+  text = compiled.as_text()
+  call = "tpu_custom_call" if platform == "tpu" else "__gpu$xla.gpu.triton"
+  assert text.count(call) == 3 and all(name in text for name in BLOCK_KERNELS)

@@ -1,5 +1,6 @@
 """Training system: phases freeze what they should, sharded == single device, resume is exact."""
 
+import json
 import os
 
 import jax
@@ -145,3 +146,18 @@ def test_short_digits_run_learns(tmp_path, teacher_dir):
   c.phases.train.warmup_steps = 10
   out = trainer.train(c, str(tmp_path / "learn"))
   assert out["phases"]["train"]["top1"] > 0.3   # chance is 0.1 on the 360 test digits
+
+
+def test_block_mode_trains_both_phases(tmp_path, teacher_dir):
+  """Block mode by config alone: recon fits the block scores to the teacher's block mass (its loss
+  falls), distill fine-tunes under the block mask (17 tokens in blocks of 16: one of two key blocks)."""
+  c = _config(teacher_dir, **{"model.mask_block": 16, "phases.recon.steps": 12, "phases.recon.lr": 3e-2})
+  c.phases.train.steps = 0
+  out = trainer.train(c, str(tmp_path / "blocks"))
+  lines = [json.loads(x) for x in (tmp_path / "blocks" / "metrics.jsonl").read_text().splitlines()]
+  recon = [x["train/recon"] for x in lines if "train/recon" in x]                # steps 1-12
+  assert len(recon) >= 2 and recon[-1] < recon[0]
+  density = [x["train/density"] for x in lines if x["step"] > 12 and "train/density" in x]
+  # The CLS row keeps all 17 keys, the other 16 rows the 16 tokens of key block 0.
+  assert density and all(abs(d - (17 + 16 * 16) / 17 ** 2) < 1e-6 for d in density)
+  assert np.isfinite(out["phases"]["distill"]["top1"])
