@@ -15,10 +15,11 @@ multiple of ``b``) is masked, in a separate code path taken for that block alone
 get ``-inf``, and rows past ``N`` (read past the array's end) are zeroed where a zero probability would
 otherwise multiply garbage.
 
-TPU: q, k, v and the output are heads-first ``[B, H, N, d]`` (a block is ``[b, d]``, ``d`` the full minor
-dim), the grid is ``(B, H, query or key block, step)``, online-softmax state in VMEM scratch, the
-per-row logsumexp saved as ``[B, H, nb, 1, b]`` rows. GPU: ``[B, N_pad, H, d_pad]`` as Triton wants
-(powers of two), grid ``(block, B, H)`` with a ``fori_loop`` over the table.
+TPU: a grid step ``(B, head group, query or key block, step)`` takes a group of heads whose lanes form
+one 128-lane tile, read from ``qkv [B, N, 3 H d]`` and written as ``[B, N, H d]`` (heads-first for other
+head dims), online-softmax state in VMEM scratch, the per-row logsumexp saved as ``[B, G, nb, g, b]``
+rows. GPU: ``[B, N_pad, H, d_pad]`` as Triton wants (powers of two), grid ``(block, B, H)`` with a
+``fori_loop`` over the table.
 """
 
 from __future__ import annotations
@@ -165,7 +166,8 @@ def _tpu_dq_kernel(tab_ref, q_ref, *refs, cfg: _Config):
   @pl.when(j == cfg.kept - 1)
   def _done():
     for slot in range(g):
-      dq_ref[:, slot * cfg.head_dim:(slot + 1) * cfg.head_dim] = (dq_sc[slot] * cfg.scale).astype(dq_ref.dtype)
+      lanes = slice(slot * cfg.head_dim, (slot + 1) * cfg.head_dim)
+      dq_ref[:, lanes] = (dq_sc[slot] * cfg.scale).astype(dq_ref.dtype)
 
 
 def _tpu_dkv_kernel(rows_ref, count_ref, k_ref, v_ref, *refs, cfg: _Config):
@@ -239,6 +241,11 @@ class _Specs:
       return (b, *self._at(section, grp)[:1], blk, self._at(section, grp)[1])
     return pl.BlockSpec((None, None, c.block, c.group * c.head_dim), index)
 
+  def q_and_kept_kv(self) -> list[pl.BlockSpec]:
+    """q of block ``i``, then each head's kept k blocks, then its kept v blocks."""
+    g = self.cfg.group
+    return [self.tile(0)] + [self.tile(1, s) for s in range(g)] + [self.tile(2, s) for s in range(g)]
+
   def row(self, slot: int | None = None) -> pl.BlockSpec:
     """The group's lse/delta rows ``[g, b]`` of block ``i`` or of head ``slot``'s table block."""
     c = self.cfg
@@ -266,8 +273,7 @@ def _tpu_forward(cfg: _Config, qkv, table, out_dtype):
                  _out((bsz, cfg.heads // g, cfg.nb, g, cfg.block), qkv)),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=1, grid=(bsz, cfg.heads // g, cfg.nb, cfg.kept),
-          in_specs=[specs.tile(0)] + [specs.tile(1, s) for s in range(g)] + [specs.tile(2, s) for s in range(g)],
-          out_specs=[specs.tile(0), specs.row()],
+          in_specs=specs.q_and_kept_kv(), out_specs=[specs.tile(0), specs.row()],
           scratch_shapes=[pltpu.VMEM((g, cfg.block, 1), F32), pltpu.VMEM((g, cfg.block, 1), F32),
                           pltpu.VMEM((g, cfg.block, d), F32)]),
       **_tpu_params("block_sparse_attention_fwd", cost, cfg),
@@ -275,7 +281,8 @@ def _tpu_forward(cfg: _Config, qkv, table, out_dtype):
 
 
 def _tpu_backward(cfg: _Config, qkv, table, do, lse, delta):
-  """``d qkv`` float32 (``qkv``'s shape) from ``do`` (the output's shape) and ``lse, delta [B, G, nb, g, b]``."""
+  """``d qkv`` float32 (``qkv``'s shape) from ``do`` (the output's shape) and the rows ``lse, delta
+  [B, G, nb, g, b]``."""
   bsz, n = qkv.shape[0], qkv.shape[2]
   g, d = cfg.group, cfg.head_dim
   pairs = cfg.pairs(bsz)
@@ -285,14 +292,14 @@ def _tpu_backward(cfg: _Config, qkv, table, do, lse, delta):
   # dq: products s, dp, dq (3 x 2 b^2 d flops per kept pair of blocks); k, v read once per kept block.
   dq_cost = pl.CostEstimate(
       flops=6 * pairs * d, transcendentals=pairs,
-      bytes_accessed=side * (1 + 2 * cfg.kept) + _nbytes(do, table, lse, delta) + side * 4 // qkv.dtype.itemsize)
+      bytes_accessed=side * (1 + 2 * cfg.kept) + _nbytes(do, table, lse, delta)
+      + side * 4 // qkv.dtype.itemsize)
   dq = pl.pallas_call(
       functools.partial(_tpu_dq_kernel, cfg=cfg),
       out_shape=grad,
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=1, grid=(bsz, cfg.heads // g, cfg.nb, cfg.kept),
-          in_specs=[specs.tile(0)] + [specs.tile(1, s) for s in range(g)] + [specs.tile(2, s) for s in range(g)]
-          + [specs.tile(0), specs.row(), specs.row()],
+          in_specs=specs.q_and_kept_kv() + [specs.tile(0), specs.row(), specs.row()],
           out_specs=specs.tile(0), scratch_shapes=[pltpu.VMEM((g, cfg.block, d), F32)]),
       **_tpu_params("block_sparse_attention_dq", dq_cost, cfg),
   )(table.reshape(-1), qkv, *[qkv] * (2 * g), do, lse, delta)
