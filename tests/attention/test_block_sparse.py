@@ -131,17 +131,16 @@ def test_index_maps_load_only_kept_blocks():
   cfg = block_sparse._Config(scale=1.0, interpret=True, block=block, nb=nb, kept=kept, n=nb * block,
                              heads=1, head_dim=8)
   flat = jnp.asarray(table.reshape(-1))
-  tile, _ = block_sparse._tpu_specs(cfg, 8, lambda which, b, h, i, j, tab: (
-      i if which == 0 else block_sparse._entry(tab, cfg, cfg.kept, b, h, i, j)))
-  loads = _visited(tile(1), (1, 1, nb, kept), flat)
+  entry = block_sparse._entry
+  specs = block_sparse._Specs(cfg, lambda b, h, i, j, tab: entry(tab, cfg, cfg.kept, b, h, i, j))
+  loads = _visited(specs.tile(1, 0), (1, 1, nb, kept), flat)            # k of head 0: (b, A, block, W)
   for i in range(nb):
     assert sorted(int(loads[(0, 0, i, j)][2]) for j in range(kept)) == list(table[0, 0, i])
   assert {int(x[2]) for x in loads.values()} == {0, 1, 3}
 
   rows, counts = blocks.transpose(jnp.asarray(table), nb)
-  tile, _ = block_sparse._tpu_specs(cfg, 8, lambda which, b, h, i, j, rws, cnt: (
-      i if which == 0 else block_sparse._entry(rws, cfg, cfg.nb, b, h, i, j)))
-  loads = _visited(tile(1), (1, 1, nb, nb), rows.reshape(-1), counts.reshape(-1))
+  specs = block_sparse._Specs(cfg, lambda b, h, i, j, rws, cnt: entry(rws, cfg, cfg.nb, b, h, i, j))
+  loads = _visited(specs.tile(0, 0), (1, 1, nb, nb), rows.reshape(-1), counts.reshape(-1))
   for kb in range(nb):
     seq = [int(loads[(0, 0, kb, j)][2]) for j in range(nb)]
     live = int(counts[0, 0, kb])
