@@ -83,8 +83,8 @@ def _reference(q, k, v, table, block):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("n,block,kept", [(37, 16, 2), (32, 16, 1), (70, 32, 3), (37, 16, 3)],
-                         ids=["ragged", "exact", "ragged32", "keep_all"])
+@pytest.mark.parametrize("n,block,kept", [(37, 16, 2), (32, 16, 1), (70, 32, 3), (37, 16, 3), (200, 128, 1)],
+                         ids=["ragged", "exact", "ragged32", "keep_all", "gpu_tiles"])
 def test_kernels_match_masked_attention(backend, n, block, kept):
   rng = np.random.default_rng(n + kept)
   b, h, d = 2, 3, 8

@@ -40,6 +40,7 @@ from sparsifiner_jax.attention.pallas.attention import (F32, NN, NT, _col_to_row
                                                         _same_vma, _scaled)
 
 Array = jax.Array
+_GPU_TILE = 64          # GPU: the most rows (and keys) a program's tile holds (shared memory at 128)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +55,7 @@ class _Config:
   heads: int
   head_dim: int
   group: int = 1         # TPU: heads per grid step (their lanes form one tile when ``lanes``)
+  sub: int = 0           # GPU: rows and keys per tile (a block is block / sub tiles a side)
   lanes: bool = False    # TPU: operands in the qkv layout ``[B, 1, N, 3 H d]`` (else heads-first)
 
   def side_shape(self, bsz: int, n: int) -> tuple[int, ...]:
@@ -76,15 +78,17 @@ class _Config:
     return bsz * self.heads * self.nb * self.kept * self.block * self.block
 
 
-def _live(x: Array, blk, cfg: _Config, axis: int) -> Array:
-  """``x`` with the entries of tokens at or past N along ``axis`` zeroed (block ``blk``)."""
-  token = blk * cfg.block + lax.broadcasted_iota(jnp.int32, x.shape, axis)
+def _live(x: Array, blk, cfg: _Config, axis: int, first=None) -> Array:
+  """``x`` with the entries of tokens at or past N along ``axis`` zeroed: block ``blk``'s tokens, or those
+  from token ``first`` on."""
+  token = (blk * cfg.block if first is None else first) + lax.broadcasted_iota(jnp.int32, x.shape, axis)
   return jnp.where(token < cfg.n, x, jnp.zeros_like(x))
 
 
-def _real_keys(s: Array, kb, cfg: _Config, axis: int) -> Array:
-  """Logits ``s`` with keys at or past N (along ``axis``) set to ``-inf``."""
-  token = kb * cfg.block + lax.broadcasted_iota(jnp.int32, s.shape, axis)
+def _real_keys(s: Array, kb, cfg: _Config, axis: int, first=None) -> Array:
+  """Logits ``s`` with keys at or past N (along ``axis``) set to ``-inf``: block ``kb``'s keys, or those
+  from key ``first`` on."""
+  token = (kb * cfg.block if first is None else first) + lax.broadcasted_iota(jnp.int32, s.shape, axis)
   return jnp.where(token < cfg.n, s, -jnp.inf)
 
 
@@ -353,47 +357,48 @@ _tpu_core.defvjp(_tpu_core_fwd, _tpu_core_bwd)
 
 
 # ------------------------------------------------------------------------------------------------
-# GPU (Triton). Operands ``[B, N_pad, H, d_pad]``; a program holds one block of ``b`` rows and loops over
-# its table row, reading each kept block at its offset.
+# GPU (Triton). Operands ``[B, N_pad, H, d_pad]``; a program holds one tile of ``sub = min(b, 64)`` rows
+# (Triton keeps a tile's logits in registers and shared memory: larger blocks run as several tiles) and
+# loops over the tiles of its block's kept blocks, reading each at its offset.
 
 
 def _gpu_fwd_kernel(tab_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Config):
   q = _scaled(q_ref[...], cfg.scale, k_ref.dtype)
+  sub, r = cfg.sub, cfg.block // cfg.sub
 
   def body(j, carry):
-    kb = tab_ref[j]
-    keys = pl.ds(kb * cfg.block, cfg.block)
+    first = tab_ref[j // r] * cfg.block + (j % r) * sub              # key tile j: of kept block j // r
+    keys = pl.ds(first, sub)
     s = lax.dot_general(q, k_ref[keys, :], NT, preferred_element_type=F32)
     if cfg.ragged:
-      s = _real_keys(s, kb, cfg, 1)
+      s = _real_keys(s, None, cfg, 1, first)
     return _online_softmax_step(s, *carry, v_ref[keys, :])
 
-  b = cfg.block
-  init = (jnp.full((b, 1), -jnp.inf, F32), jnp.zeros((b, 1), F32), jnp.zeros((b, q.shape[-1]), F32))
-  out, lse = _finalize(*lax.fori_loop(0, cfg.kept, body, init))
+  init = (jnp.full((sub, 1), -jnp.inf, F32), jnp.zeros((sub, 1), F32), jnp.zeros((sub, q.shape[-1]), F32))
+  out, lse = _finalize(*lax.fori_loop(0, cfg.kept * r, body, init))
   o_ref[...] = out.astype(o_ref.dtype)
-  lse_ref[...] = lse.reshape(b)
+  lse_ref[...] = lse.reshape(sub)
 
 
 def _gpu_dq_kernel(tab_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, cfg: _Config):
   dtype = k_ref.dtype
-  b = cfg.block
+  sub, r = cfg.sub, cfg.block // cfg.sub
   q = _scaled(q_ref[...], cfg.scale, dtype)
   do = do_ref[...].astype(dtype)
-  lse, delta = lse_ref[...].reshape(b, 1), delta_ref[...].reshape(b, 1)
+  lse, delta = lse_ref[...].reshape(sub, 1), delta_ref[...].reshape(sub, 1)
 
   def body(j, dq):
-    kb = tab_ref[j]
-    keys = pl.ds(kb * b, b)
+    first = tab_ref[j // r] * cfg.block + (j % r) * sub
+    keys = pl.ds(first, sub)
     k, v = k_ref[keys, :], v_ref[keys, :]
     s = lax.dot_general(q, k, NT, preferred_element_type=F32)
     if cfg.ragged:
-      s = _real_keys(s, kb, cfg, 1)
+      s = _real_keys(s, None, cfg, 1, first)
     p = jnp.exp(s - lse)
     ds = p * (lax.dot_general(do, v, NT, preferred_element_type=F32) - delta)
     return dq + lax.dot_general(ds.astype(dtype), k, NN, preferred_element_type=F32)
 
-  dq = lax.fori_loop(0, cfg.kept, body, jnp.zeros(q.shape, F32))
+  dq = lax.fori_loop(0, cfg.kept * r, body, jnp.zeros(q.shape, F32))
   dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
 
 
@@ -401,26 +406,26 @@ def _gpu_dkv_kernel(rows_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, d
                     cfg: _Config):
   """``rows_ref``: this key block's count, then the query blocks keeping it."""
   k, v = k_ref[...], v_ref[...]
-  b = cfg.block
+  sub, r = cfg.sub, cfg.block // cfg.sub
   tn = (((0,), (0,)), ((), ()))        # a.T @ b
-  kb = pl.program_id(0)
+  first_key = pl.program_id(0) * sub
 
   def body(j, carry):
     dk, dv = carry
-    queries = pl.ds(rows_ref[j + 1] * b, b)
+    queries = pl.ds(rows_ref[j // r + 1] * cfg.block + (j % r) * sub, sub)
     q = _scaled(q_ref[queries, :], cfg.scale, k.dtype)
     do = do_ref[queries, :].astype(k.dtype)
-    s = lax.dot_general(q, k, NT, preferred_element_type=F32)                    # [b, b]
+    s = lax.dot_general(q, k, NT, preferred_element_type=F32)                    # [sub, sub]
     if cfg.ragged:
-      s = _real_keys(s, kb, cfg, 1)
-    p = jnp.exp(s - lse_ref[queries].reshape(b, 1))
+      s = _real_keys(s, None, cfg, 1, first_key)
+    p = jnp.exp(s - lse_ref[queries].reshape(sub, 1))
     dv = dv + lax.dot_general(p.astype(k.dtype), do, tn, preferred_element_type=F32)
-    ds = p * (lax.dot_general(do, v, NT, preferred_element_type=F32) - delta_ref[queries].reshape(b, 1))
+    ds = p * (lax.dot_general(do, v, NT, preferred_element_type=F32) - delta_ref[queries].reshape(sub, 1))
     dk = dk + lax.dot_general(ds.astype(k.dtype), q, tn, preferred_element_type=F32)
     return dk, dv
 
   zeros = jnp.zeros(k.shape, F32)
-  dk, dv = lax.fori_loop(0, rows_ref[0], body, (zeros, zeros))
+  dk, dv = lax.fori_loop(0, rows_ref[0] * r, body, (zeros, zeros))
   dk_ref[...] = dk.astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -436,14 +441,25 @@ def _pow2_columns(t: Array) -> Array:
   return jnp.pad(t, [(0, 0)] * (t.ndim - 1) + [(0, width - t.shape[-1])], mode="edge")
 
 
+class _GpuSpecs:
+  """Block specs on a ``(tile, B, H)`` grid: ``[sub, d]`` tiles, the tile's table row (of its block,
+  ``tile // r``), whole ``[N_pad, d]`` operands and lse/delta rows."""
+
+  def __init__(self, cfg: _Config, n_pad: int, d: int):
+    sub, r = cfg.sub, cfg.block // cfg.sub
+    self.tile = pl.BlockSpec((None, sub, None, d), lambda i, b, h: (b, i, h, 0))
+    self.whole = pl.BlockSpec((None, n_pad, None, d), lambda i, b, h: (b, 0, h, 0))
+    self.row = pl.BlockSpec((None, None, sub), lambda i, b, h: (b, h, i))
+    self.all_rows = pl.BlockSpec((None, None, n_pad), lambda i, b, h: (b, h, 0))
+    self.table = lambda width: pl.BlockSpec((None, None, None, width),
+                                            lambda i, b, h: (b, h, lax.div(i, r), 0))
+
+
 def _gpu_forward(cfg: _Config, q, k, v, table):
   """``q, k, v [B, N_pad, H, d_pad]`` -> ``(out [B, N_pad, H, d_pad] f32, lse [B, H, N_pad] f32)``."""
   bsz, n_pad, nh, d = q.shape
-  b = cfg.block
   table = _pow2_columns(table)
-  blk = pl.BlockSpec((None, b, None, d), lambda i, bb, h: (bb, i, h, 0))
-  whole = pl.BlockSpec((None, n_pad, None, d), lambda i, bb, h: (bb, 0, h, 0))
-  tab = pl.BlockSpec((None, None, None, table.shape[-1]), lambda i, bb, h: (bb, h, i, 0))
+  specs = _GpuSpecs(cfg, n_pad, d)
   pairs = cfg.pairs(bsz)
   cost = pl.CostEstimate(
       flops=4 * pairs * d, transcendentals=pairs + bsz * nh * n_pad,
@@ -451,8 +467,9 @@ def _gpu_forward(cfg: _Config, q, k, v, table):
   return pl.pallas_call(
       functools.partial(_gpu_fwd_kernel, cfg=cfg),
       out_shape=(_out(q.shape, q), _out((bsz, nh, n_pad), q)),
-      grid=(cfg.nb, bsz, nh), in_specs=[tab, blk, whole, whole],
-      out_specs=[blk, pl.BlockSpec((None, None, b), lambda i, bb, h: (bb, h, i))],
+      grid=(n_pad // cfg.sub, bsz, nh),
+      in_specs=[specs.table(table.shape[-1]), specs.tile, specs.whole, specs.whole],
+      out_specs=[specs.tile, specs.row],
       **_gpu_params("block_sparse_attention_fwd", cost, cfg),
   )(table, q, k, v)
 
@@ -460,37 +477,34 @@ def _gpu_forward(cfg: _Config, q, k, v, table):
 def _gpu_backward(cfg: _Config, q, k, v, table, do, lse, delta):
   """``(dq, dk, dv)`` float32 ``[B, N_pad, H, d_pad]`` from ``do`` and ``lse, delta [B, H, N_pad]``."""
   bsz, n_pad, nh, d = q.shape
-  b = cfg.block
   pairs = cfg.pairs(bsz)
-  blk = pl.BlockSpec((None, b, None, d), lambda i, bb, h: (bb, i, h, 0))
-  whole = pl.BlockSpec((None, n_pad, None, d), lambda i, bb, h: (bb, 0, h, 0))
-  row_blk = pl.BlockSpec((None, None, b), lambda i, bb, h: (bb, h, i))
-  row_all = pl.BlockSpec((None, None, n_pad), lambda i, bb, h: (bb, h, 0))
+  specs = _GpuSpecs(cfg, n_pad, d)
+  grid = (n_pad // cfg.sub, bsz, nh)
   padded = _pow2_columns(table)
-  tab = pl.BlockSpec((None, None, None, padded.shape[-1]), lambda i, bb, h: (bb, h, i, 0))
   dq_cost = pl.CostEstimate(
       flops=6 * pairs * d, transcendentals=pairs,
       bytes_accessed=_nbytes(q, do, padded, lse, delta) + 2 * cfg.kept * _nbytes(k) + _nbytes(q) * 4
       // q.dtype.itemsize)
   dq = pl.pallas_call(
       functools.partial(_gpu_dq_kernel, cfg=cfg),
-      out_shape=_out(q.shape, q), grid=(cfg.nb, bsz, nh),
-      in_specs=[tab, blk, whole, whole, blk, row_blk, row_blk], out_specs=blk,
-      **_gpu_params("block_sparse_attention_dq", dq_cost, cfg),
+      out_shape=_out(q.shape, q), grid=grid,
+      in_specs=[specs.table(padded.shape[-1]), specs.tile, specs.whole, specs.whole, specs.tile, specs.row,
+                specs.row],
+      out_specs=specs.tile, **_gpu_params("block_sparse_attention_dq", dq_cost, cfg),
   )(padded, q, k, v, do, lse, delta)
 
   rows, counts = blocks.transpose(table, cfg.nb)
   rows = _pow2_columns(jnp.concatenate([counts[..., None], rows], axis=-1))
-  rows_spec = pl.BlockSpec((None, None, None, rows.shape[-1]), lambda i, bb, h: (bb, h, i, 0))
   dkv_cost = pl.CostEstimate(
       flops=8 * pairs * d, transcendentals=pairs,
       bytes_accessed=_nbytes(k, v, rows) + cfg.kept * _nbytes(q, do, lse, delta) + 2 * _nbytes(k) * 4
       // k.dtype.itemsize)
   dk, dv = pl.pallas_call(
       functools.partial(_gpu_dkv_kernel, cfg=cfg),
-      out_shape=(_out(k.shape, q), _out(v.shape, q)), grid=(cfg.nb, bsz, nh),
-      in_specs=[rows_spec, whole, blk, blk, whole, row_all, row_all], out_specs=[blk, blk],
-      **_gpu_params("block_sparse_attention_dkv", dkv_cost, cfg),
+      out_shape=(_out(k.shape, q), _out(v.shape, q)), grid=grid,
+      in_specs=[specs.table(rows.shape[-1]), specs.whole, specs.tile, specs.tile, specs.whole,
+                specs.all_rows, specs.all_rows],
+      out_specs=[specs.tile, specs.tile], **_gpu_params("block_sparse_attention_dkv", dkv_cost, cfg),
   )(rows, q, k, v, do, lse, delta)
   return dq, dk, dv
 
@@ -563,6 +577,7 @@ def block_sparse_attention(q: Array, k: Array, v: Array, table: Array, *, block:
     qkv = (qkv.reshape(bsz, 1, n, 3 * nh * d) if cfg.lanes
            else qkv.transpose(0, 2, 3, 1, 4).reshape(bsz, 3 * nh, n, d))
     return cfg.from_side(_tpu_core(cfg, qkv, lax.stop_gradient(table))).astype(F32)
+  cfg = dataclasses.replace(cfg, sub=min(block, _GPU_TILE))
   n_pad, d_pad = nb * block, max(16, _next_pow2(d))
   pad = lambda t: jnp.pad(t, ((0, 0), (0, n_pad - n), (0, 0), (0, d_pad - d)))   # noqa: E731
   out = _gpu_core(cfg, pad(q), pad(k), pad(v), lax.stop_gradient(table))
