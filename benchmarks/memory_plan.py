@@ -4,8 +4,8 @@
 
 For each topology and phase, compiles the real train step (``sparsifiner_jax.compile_for``, no TPU
 needed) at the recipe's batch and reports per-device peak memory against the device's HBM (a device is a
-chip; v4 topologies compile each of a chip's two TensorCores as a device with half its 32 GiB). Per chip family,
-the largest per-chip batch that fits is found from two compiles (peak memory is close to linear in the
+chip; v4 topologies compile each of a chip's two TensorCores as a device with half its 32 GiB). Per chip
+family, the largest per-chip batch that fits is found from two compiles (peak memory is close to linear in the
 batch: the fit's intercept is the parameters, optimizer state and code) and then checked by compiling it
 (stepping down by 8 until it fits). Where the recipe does not fit, the table gives the ``grad_accum`` that
 brings the per-chip micro-batch under that limit. bfloat16 compute, data parallel (``fsdp = 1``).
@@ -89,8 +89,8 @@ def main() -> None:
       b = max(8, min(known) // 2 // 8 * 8)
       known[b] = peak(f["topology"], phase, b)
     limits[(family, phase)] = largest_batch(f["topology"], phase, known, log)
-  print("| slice | devices | phase | batch / device | peak GiB / device | HBM GiB | fits | largest batch / device | "
-        "to fit |\n|---|---|---|---|---|---|---|---|---|")
+  print("| slice | devices | phase | batch / device | peak GiB / device | HBM GiB | fits "
+        "| largest batch / device | to fit |\n|---|---|---|---|---|---|---|---|---|")
   for r in rows:
     limit = limits[(r["topology"].split(":")[0], r["phase"])]
     fits = r["peak"] <= r["hbm"] * HEADROOM

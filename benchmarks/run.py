@@ -17,15 +17,16 @@ torch sides then run under ``torch.autocast("cpu", torch.bfloat16)``, timm's ``-
   vs our dense forward;
 * ``d``  a phase-2 ("distill") training step -- the trainer's own jitted step
   (``train.step.make_train_step``: student fwd/bwd at ``--keep-rate``, dense teacher fwd, losses
-  cls 1.0 + kd 0.5 + tok 0.5, AdamW; plus its grad-norm and finite checks) vs a PyTorch step of the same shapes and losses on timm's ViT
-  with Sparsifiner attention (``benchmarks/torch_reference.py``), ``torch.optim.AdamW``. Both sides:
-  label-smoothed one-hot targets (0.1), no mixup/cutmix (data-side in the official code) and no EMA;
-  predictors frozen, as in phase 2;
+  cls 1.0 + kd 0.5 + tok 0.5, AdamW; plus its grad-norm and finite checks) vs a PyTorch step of the same
+  shapes and losses on timm's ViT with Sparsifiner attention (``benchmarks/torch_reference.py``),
+  ``torch.optim.AdamW``. Both sides: label-smoothed one-hot targets (0.1), no mixup/cutmix (data-side in
+  the official code) and no EMA; predictors frozen, as in phase 2;
 * ``e``  achieved GFLOP/s of our dense forward (XLA's ``cost_analysis()`` FLOPs / time) vs the
   peak: a jitted N x N matmul in ``--dtype`` (N = ``--matmul-size``, 2048; 2 N^3 FLOPs) timed in the same
-  rounds (the achievable peak), and, on CPU in float32, the theoretical peak ``logical CPUs x clock x SIMD fp32 lanes x 2
-  (FMA) x 2 FMA units`` from ``/proc/cpuinfo`` (clock from the model name's "@ x GHz", else "cpu MHz",
-  no turbo; the 2 FMA units per core are an assumption, and hyperthreads share them);
+  rounds (the achievable peak), and, on CPU in float32, the theoretical peak
+  ``logical CPUs x clock x SIMD fp32 lanes x 2 (FMA) x 2 FMA units`` from ``/proc/cpuinfo`` (clock from
+  the model name's "@ x GHz", else "cpu MHz", no turbo; the 2 FMA units per core are an assumption, and
+  hyperthreads share them);
 * ``masked``, ``sparse``  our Sparsifiner forward with that executor vs our dense forward.
 
 Method: every side is compiled (jitted, or warmed up twice for torch) first; then, per batch size, all

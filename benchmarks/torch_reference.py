@@ -1,10 +1,11 @@
 """PyTorch/timm reference sides for ``benchmarks/run.py``: timm ViTs, a Sparsifiner student, a training step.
 
-Written from the method description in docs/method.md (not from the official code): the student is timm's ViT whose attention
-modules are replaced by :class:`SparsifinerAttention`, i.e. the official structure -- a low-rank mask
-predictor per block (``proj_c_q``/``proj_c_k`` d -> d/rc, ``proj_n``/``proj_back_n`` [N, N/rn], top-``kappa``
-basis coefficients, ``|W_up|`` thresholded) whose top-k mask (k = ceil(rho N) keys per patch query; the
-CLS row dense) is applied to a dense ``[N, N]`` softmax with ``-inf`` (the official "simulated" inference).
+Written from the method description in docs/method.md (not from the official code): the student is timm's
+ViT whose attention modules are replaced by :class:`SparsifinerAttention`, i.e. the official structure --
+a low-rank mask predictor per block (``proj_c_q``/``proj_c_k`` d -> d/rc, ``proj_n``/``proj_back_n``
+[N, N/rn], top-``kappa`` basis coefficients, ``|W_up|`` thresholded) whose top-k mask (k = ceil(rho N)
+keys per patch query; the CLS row dense) is applied to a dense ``[N, N]`` softmax with ``-inf`` (the
+official "simulated" inference).
 
 The predictor's output only feeds the (detached) mask in phase 2, so it runs under ``torch.no_grad()``;
 the official code builds its autograd graph because phase 1 reuses the module, but nothing flows back

@@ -10,7 +10,8 @@
    connectivity picture.
 
 Writes ``WORKDIR/demo.json``, ``summary.md``, ``sweep_table.{md,csv}``, ``pareto.png``, ``connectivity.png``
-and the runs' eval JSONs, and prints the table. Runs from an installed package too (``configs`` ships with it).
+and the runs' eval JSONs, and prints the table. Runs from an installed package too (``configs`` ships
+with it).
 It runs on the CPU unless ``JAX_PLATFORMS`` says otherwise (with libtpu installed, JAX would otherwise
 probe for a TPU at start-up and print libtpu's notices).
 """

@@ -82,6 +82,6 @@ def matmul_kwargs(dtype_name) -> dict:
 
 
 def linear_kwargs(dtype_name) -> dict:
-  """``matmul_kwargs`` plus the ``dot_general`` that keeps a Linear's backward products in the compute dtype."""
+  """``matmul_kwargs`` plus a ``dot_general`` keeping a Linear's backward products in the compute dtype."""
   return dict(matmul_kwargs(dtype_name), dot_general=mixed_dot_general)
 

@@ -25,8 +25,8 @@ Result JSON schema (eval.py): ``{"method", "model", "keep_rate", "top1", "top5",
 required, everything else may be missing (results written before eval.py reported ``recall`` show "–"
 there). ``top1``, ``top5``, ``density`` and ``recall`` (attention recall: the share of the dense
 attention's probability mass inside the sparse mask) are fractions (values above 1 are taken as percent
-already); tables and plots show percent. Errors in the CLI (missing sweep file, malformed JSON) print one line on
-stderr and exit with status 2.
+already); tables and plots show percent. Errors in the CLI (missing sweep file, malformed JSON) print one
+line on stderr and exit with status 2.
 """
 
 from __future__ import annotations
@@ -344,7 +344,7 @@ def write_table(rows: Sequence[dict[str, Any]], md_path: str | None, csv_path: s
 
 def aggregate_to_dir(json_paths: Sequence[str], out_dir: str, *, title: str | None = None
                      ) -> dict[str, str]:
-  """``aggregate`` + ``write_table`` + ``pareto_plot`` into ``out_dir/{results.md,results.csv,pareto.png}``."""
+  """``aggregate`` + ``write_table`` + ``pareto_plot`` into ``out_dir`` (results.md, .csv, pareto.png)."""
   rows = aggregate(json_paths)
   md, csv_path = write_table(rows, os.path.join(out_dir, "results.md"),
                              os.path.join(out_dir, "results.csv"))

@@ -25,7 +25,7 @@ import gcs_server  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def import_timm():
-  """Imports timm against the CPU torch wheel (``sparsifiner_jax.io.timm_compat``), or skips with the reason."""
+  """Imports timm against the CPU torch wheel (``sparsifiner_jax.io.timm_compat``), or skips saying why."""
   pytest.importorskip("torch", reason="torch not installed (pip install -r requirements-test.txt)")
   from sparsifiner_jax.io import timm_compat  # pylint: disable=g-import-not-at-top
   timm_compat.register_torchvision_op_schemas()

@@ -122,8 +122,8 @@ def test_every_module_imports_on_its_own():
   assert not failed, "\n".join(failed)
 
 
-@pytest.mark.parametrize("path", ["README.md", "BENCHMARKS.md", "docs", "sparsifiner_jax", "configs", "benchmarks",
-                                  "scripts"])
+@pytest.mark.parametrize("path", ["README.md", "BENCHMARKS.md", "docs", "sparsifiner_jax", "configs",
+                                  "benchmarks", "scripts"])
 def test_no_reference_to_files_outside_the_repository(path):
   hits = []
   target = ROOT / path

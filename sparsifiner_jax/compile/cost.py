@@ -99,7 +99,8 @@ def cublas_costs(hlo_text: str) -> dict[str, float]:
 
 def _gpu_cost(compiled, jaxpr) -> dict[str, float]:
   from jax._src.lib import _jax  # pylint: disable=g-import-not-at-top  # XLA's HLO cost analysis
-  module = compiled._executable.xla_extension_executable().hlo_modules()[0]  # pylint: disable=protected-access
+  executable = compiled._executable  # pylint: disable=protected-access
+  module = executable.xla_extension_executable().hlo_modules()[0]
   xla = _jax.hlo_module_cost_analysis(jax.devices("cpu")[0].client, module)
   text = compiled.as_text()
   kernels, gemms = declared_kernel_costs(jaxpr), cublas_costs(text)

@@ -31,11 +31,12 @@ the attention matrix and the basis product are counted dense (``N^2 C`` each, ``
 the masked-dense executor actually computes (and what fvcore would report).
 Outside the blocks: ``patch_embed = (N0-1) p^2 C_in C`` and ``head = C K`` (CLS token only).
 
-Fixed/oracle patterns (``cfg.attention_pattern`` other than ``"sparsifiner"``, ``sparsifiner_jax.attention.patterns``):
-no predictor; ``nnz`` is the realised mean or the pattern's closed form (``Pattern.nnz_per_head``), and
-``predictor_scores`` holds the cost of choosing the mask (``Pattern.selection_macs``: the full logits for
-``oracle_topk``, the k-means distances for ``routing``, 0 for static patterns). A ``fill="zero_logit"``
-mask is not sparse (every key keeps weight e^0), so its attention matrix is counted dense (``nnz = N^2``).
+Fixed/oracle patterns (``cfg.attention_pattern`` other than ``"sparsifiner"``,
+``sparsifiner_jax.attention.patterns``): no predictor; ``nnz`` is the realised mean or the pattern's
+closed form (``Pattern.nnz_per_head``), and ``predictor_scores`` holds the cost of choosing the mask
+(``Pattern.selection_macs``: the full logits for ``oracle_topk``, the k-means distances for ``routing``,
+0 for static patterns). A ``fill="zero_logit"`` mask is not sparse (every key keeps weight e^0), so its
+attention matrix is counted dense (``nnz = N^2``).
 
 Token sparsity (``tokens_per_layer``): every per-layer term is evaluated at that layer's live token count
 ``N_l``, the attention budget becomes ``k = ceil(rho N_l)``, and ``m`` stays fixed.
@@ -53,7 +54,8 @@ Token sparsity (``tokens_per_layer``): every per-layer term is evaluated at that
 * ``"predictor"``, ``"projections"`` (qkv + proj), ``"mlp"``, ``"patch_embed"``, ``"head"`` -- parts.
 
 DeiT-S (dense): 4.60 GMACs in total, 146.0 M MHSA and 29.8 M attention-matrix MACs per layer; at
-``rho = 0.25`` with a dense basis the attention matrix is 7.68 M + 9.12 M predictor = 16.8 M per layer (-44 %).
+``rho = 0.25`` with a dense basis the attention matrix is 7.68 M + 9.12 M predictor = 16.8 M per layer
+(-44 %).
 
 Example::
 

@@ -26,7 +26,8 @@ import matplotlib.pyplot as plt  # noqa: E402  pylint: disable=g-import-not-at-t
 import numpy as np  # noqa: E402  pylint: disable=g-import-not-at-top
 from matplotlib import patches as mpatches  # noqa: E402  pylint: disable=g-import-not-at-top
 from matplotlib.lines import Line2D  # noqa: E402  pylint: disable=g-import-not-at-top
-from matplotlib.ticker import FormatStrFormatter, MaxNLocator  # noqa: E402  pylint: disable=g-import-not-at-top
+from matplotlib.ticker import (  # noqa: E402  pylint: disable=g-import-not-at-top
+    FormatStrFormatter, MaxNLocator)
 
 from sparsifiner_jax import attention as attn_lib  # noqa: E402  pylint: disable=g-import-not-at-top
 from sparsifiner_jax.io import atomic  # noqa: E402  pylint: disable=g-import-not-at-top

@@ -16,7 +16,8 @@ as used by Sparsifiner (``src/models/lvvit.py`` teacher, ``src/models/sparsifine
 
 Attribute names are the official ones (``patch_embed.conv1``, ``patch_embed.bn1``, ..., ``blocks.i.attn.qkv``,
 ``blocks.i.attn.mask_predictor.proj_c_q``, ``aux_head``), so the official checkpoints
-(``lvvit_s-26M-224-83.3.pth.tar``, ``lvvit_m-56M-224-84.0.pth.tar``) load through ``sparsifiner_jax.io.convert``
+(``lvvit_s-26M-224-83.3.pth.tar``, ``lvvit_m-56M-224-84.0.pth.tar``) load through
+``sparsifiner_jax.io.convert``
 (BatchNorm ``weight``/``bias`` are our ``scale``/``bias`` Params, ``running_mean``/``running_var`` our
 ``mean``/``var`` BatchStats).
 

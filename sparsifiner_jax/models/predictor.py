@@ -219,8 +219,8 @@ def token_rows(param: Array, token_index: Array | None) -> Array:
 def query_weights(keys: Array, proj_n: Array, w_k: Array, b_k: Array, w_q: Array, b_q: Array, dtype
                   ) -> Array:
   """``[W_q; b_q] K̂``, ``[B, H, d + 1, m]`` float32 (the offset ``b_q K̂`` as the last row), with
-  ``K̂ = W_kᵀ (kᵀ P) + b_k (1ᵀ P)`` from keys ``[B, N, H, d]``, ``P = proj_n [1|B, N, m]``, ``w_k, w_q [d, c]``
-  and ``b_k, b_q [c]``; products in ``dtype`` (``precision.mixed_einsum``).
+  ``K̂ = W_kᵀ (kᵀ P) + b_k (1ᵀ P)`` from keys ``[B, N, H, d]``, ``P = proj_n [1|B, N, m]``,
+  ``w_k, w_q [d, c]`` and ``b_k, b_q [c]``; products in ``dtype`` (``precision.mixed_einsum``).
 
   The coefficients' logits are ``q_r K̂`` with ``q_r = q W_q + b_q``, ``K̂ = (k W_k + b_k)ᵀ P``. Computed
   reassociated, ``q (W_q K̂) + b_q K̂``: the same products without projecting every token to c dims

@@ -8,7 +8,8 @@ conversion is transposes only (``sparsifiner_jax.io.convert``).
 Pre-LN blocks, LayerNorm eps 1e-6, exact-erf GELU, qkv bias.
 
 Precision (``config.dtype``): every matmul -- Linear, Conv, attention, predictor -- takes its inputs in
-``config.dtype`` and accumulates and returns float32 (``precision.matmul_kwargs``, ``precision.mixed_einsum``);
+``config.dtype`` and accumulates and returns float32 (``precision.matmul_kwargs``,
+``precision.mixed_einsum``);
 LayerNorm, softmax, GELU, the residual stream and the logits are float32; parameters are always float32.
 With ``bfloat16`` this is bf16 compute at float32 accuracy of everything between the matmuls (and on
 XLA:CPU the only bf16 dots that take the AMX path are those returning float32).
@@ -251,7 +252,10 @@ def cls_attention(q: Array, k: Array, key_valid: Array | None = None) -> Array:
 
 
 class Block(nnx.Module):
-  """Pre-LN block ``[B, N, D] -> [B, N, D]``: ``x += attn(norm1(x)) / skip_lam; x += mlp(norm2(x)) / skip_lam``."""
+  """Pre-LN block ``[B, N, D] -> [B, N, D]``.
+
+  ``x += attn(norm1(x)) / skip_lam; x += mlp(norm2(x)) / skip_lam``.
+  """
 
   def __init__(self, cfg: ViTConfig, keep_rate: float | None, drop_path: float, *, layer: int = 0,
                rngs: nnx.Rngs):

@@ -1,4 +1,7 @@
-"""Training losses (docs/method.md, "Losses"). All return float32 scalars averaged as the official code does."""
+"""Training losses (docs/method.md, "Losses").
+
+All return float32 scalars averaged as the official code does.
+"""
 
 from __future__ import annotations
 

@@ -1,7 +1,9 @@
-"""The CPU kernels (``sparsifiner_jax.attention.kernels``): build status and fallbacks; the top-k mask kernel's exact
-agreement with the ``lax.top_k`` reference (ties, infinities, signed zeros, NaN), jit/vmap, gradients
-through ``keep_topk_values``; the fused low-rank mask kernel and the sparse attention kernel against
-their XLA references; whole-model equality with the XLA fallback, and batch-sharded execution."""
+"""The CPU kernels (``sparsifiner_jax.attention.kernels``).
+
+Build status and fallbacks; the top-k mask kernel's exact agreement with the ``lax.top_k`` reference
+(ties, infinities, signed zeros, NaN), jit/vmap, gradients through ``keep_topk_values``; the fused
+low-rank mask kernel and the sparse attention kernel against their XLA references; whole-model equality
+with the XLA fallback, and batch-sharded execution."""
 
 import dataclasses
 import functools

@@ -44,23 +44,23 @@ def test_static_cycles_weight_bundles_by_their_loops():
 
 
 HLO = textwrap.dedent("""\
-    HloModule jit_step, is_scheduled=true
+  HloModule jit_step, is_scheduled=true
 
-    %body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
-      %a = f32[8]{0} fusion(%x), kind=kLoop, calls=%fused, backend_config={"estimated_cycles":"100"}
-      %k = f32[8]{0} custom-call(%a), custom_call_target="tpu_custom_call", backend_config={"kernel":"A"}
-    }
+  %body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+    %a = f32[8]{0} fusion(%x), kind=kLoop, calls=%fused, backend_config={"estimated_cycles":"100"}
+    %k = f32[8]{0} custom-call(%a), custom_call_target="tpu_custom_call", backend_config={"kernel":"A"}
+  }
 
-    %cond (p: (s32[], f32[8])) -> pred[] {
-      %c = pred[] compare(%i, %n), direction=LT, backend_config={"estimated_cycles":"2"}
-    }
+  %cond (p: (s32[], f32[8])) -> pred[] {
+    %c = pred[] compare(%i, %n), direction=LT, backend_config={"estimated_cycles":"2"}
+  }
 
-    ENTRY %main (x: f32[8]) -> f32[8] {
-      %b = f32[8]{0} copy(%x), backend_config={"estimated_cycles":"30"}
-      %k2 = f32[8]{0} custom-call(%b), custom_call_target="tpu_custom_call", backend_config={"kernel":"A"}
-      %w = (s32[], f32[8]) while(%t), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"4"}}
-    }
-    """)
+  ENTRY %main (x: f32[8]) -> f32[8] {
+    %b = f32[8]{0} copy(%x), backend_config={"estimated_cycles":"30"}
+    %k2 = f32[8]{0} custom-call(%b), custom_call_target="tpu_custom_call", backend_config={"kernel":"A"}
+    %w = (s32[], f32[8]) while(%t), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"4"}}
+  }
+  """)
 
 
 def test_program_ops_count_loops_and_share_identical_kernels(tmp_path):

@@ -4,8 +4,9 @@ v4, v5e, v5p and v6e (Mosaic, libtpu).
 
 Interpreted tests check the kernels' numbers; only these check that they lower and fit: a kernel the
 interpreter runs can still be rejected by the Triton or Mosaic lowering, or exceed shared memory or VMEM.
-The block-sparse kernels likewise (``test_block_kernels_compile``). Shapes: DeiT-S at 224 px (N = 197: not a multiple of the GPU blocks, one TPU block) and at 448 px
-(N = 785: a ragged last block of 128 rows on TPU, 64 on GPU)."""
+The block-sparse kernels likewise (``test_block_kernels_compile``). Shapes: DeiT-S at 224 px (N = 197:
+not a multiple of the GPU blocks, one TPU block) and at 448 px (N = 785: a ragged last block of 128 rows
+on TPU, 64 on GPU)."""
 
 import functools
 

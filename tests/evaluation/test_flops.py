@@ -1,4 +1,5 @@
-"""Analytic MAC counts: the method's worked numbers (docs/method.md), realised sparsity, token scaling, XLA check."""
+"""Analytic MAC counts: the method's worked numbers (docs/method.md), realised sparsity, token scaling,
+and a check against XLA's count."""
 
 import json
 import math

@@ -50,7 +50,9 @@ def test_unknown_name_lists_known():
     (dict(keep_rate=1.5), r"keep_rate=1.5 must be in \(0, 1\]"),
     (dict(keep_rate=[0.5, 0.5, 0.5]), "give one float or one per layer"),
     (dict(patch_size=5), "patch_size=5 must divide img_size=16"),
-    (dict(executor="flash"), r"unknown attention executor 'flash'; allowed: \['auto', 'dense', 'fused', 'masked', 'sigmoid', 'sparse'\]"),
+    (dict(executor="flash"),
+     r"unknown attention executor 'flash'; allowed: "
+     r"\['auto', 'dense', 'fused', 'masked', 'sigmoid', 'sparse'\]"),
     (dict(foo=1), r"unknown model option\(s\) \['foo'\]"),
 ])
 def test_bad_config_raises_clear_error(kw, msg):

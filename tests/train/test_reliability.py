@@ -476,7 +476,8 @@ def test_cli_debug_shows_the_traceback(tmp_path):
 def test_workdir_lock_refuses_a_second_run_and_is_released(tmp_path):
   w = tmp_path / "w"
   w.mkdir()
-  with workdir_lib.lock_workdir(str(w)):   # another run holds the workdir (a second open file: flock conflicts)
+  # Another run holds the workdir (a second open file: flock conflicts).
+  with workdir_lib.lock_workdir(str(w)):
     with pytest.raises(workdir_lib.TrainingError, match=r"is in use by another run \(pid \d+ on .*\)"):
       trainer.train(_config(steps=1), str(w), devices=ONE)
   assert sorted(os.listdir(w)) == [".lock"]          # the refused run wrote nothing
