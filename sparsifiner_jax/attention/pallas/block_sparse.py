@@ -362,12 +362,20 @@ _tpu_core.defvjp(_tpu_core_fwd, _tpu_core_bwd)
 # loops over the tiles of its block's kept blocks, reading each at its offset.
 
 
+def _split(j, r: int):
+  """``(j // r, j % r)`` for a traced int32 ``j`` and a static ``r`` (no ops when ``r`` is 1)."""
+  if r == 1:
+    return j, 0
+  return lax.div(j, jnp.int32(r)), lax.rem(j, jnp.int32(r))
+
+
 def _gpu_fwd_kernel(tab_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Config):
   q = _scaled(q_ref[...], cfg.scale, k_ref.dtype)
   sub, r = cfg.sub, cfg.block // cfg.sub
 
   def body(j, carry):
-    first = tab_ref[j // r] * cfg.block + (j % r) * sub              # key tile j: of kept block j // r
+    slot, tile = _split(j, r)                                       # key tile j: of kept block j // r
+    first = tab_ref[slot] * cfg.block + tile * sub
     keys = pl.ds(first, sub)
     s = lax.dot_general(q, k_ref[keys, :], NT, preferred_element_type=F32)
     if cfg.ragged:
@@ -388,7 +396,8 @@ def _gpu_dq_kernel(tab_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_
   lse, delta = lse_ref[...].reshape(sub, 1), delta_ref[...].reshape(sub, 1)
 
   def body(j, dq):
-    first = tab_ref[j // r] * cfg.block + (j % r) * sub
+    slot, tile = _split(j, r)
+    first = tab_ref[slot] * cfg.block + tile * sub
     keys = pl.ds(first, sub)
     k, v = k_ref[keys, :], v_ref[keys, :]
     s = lax.dot_general(q, k, NT, preferred_element_type=F32)
@@ -412,7 +421,8 @@ def _gpu_dkv_kernel(rows_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, d
 
   def body(j, carry):
     dk, dv = carry
-    queries = pl.ds(rows_ref[j // r + 1] * cfg.block + (j % r) * sub, sub)
+    slot, tile = _split(j, r)
+    queries = pl.ds(rows_ref[slot + 1] * cfg.block + tile * sub, sub)
     q = _scaled(q_ref[queries, :], cfg.scale, k.dtype)
     do = do_ref[queries, :].astype(k.dtype)
     s = lax.dot_general(q, k, NT, preferred_element_type=F32)                    # [sub, sub]
@@ -452,7 +462,7 @@ class _GpuSpecs:
     self.row = pl.BlockSpec((None, None, sub), lambda i, b, h: (b, h, i))
     self.all_rows = pl.BlockSpec((None, None, n_pad), lambda i, b, h: (b, h, 0))
     self.table = lambda width: pl.BlockSpec((None, None, None, width),
-                                            lambda i, b, h: (b, h, lax.div(i, r), 0))
+                                            lambda i, b, h: (b, h, _split(i, r)[0], 0))
 
 
 def _gpu_forward(cfg: _Config, q, k, v, table):
