@@ -546,7 +546,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--torch-threads", type=int, default=os.cpu_count())
   ap.add_argument("--torch-compile", action="store_true", help="torch.compile the torch sides")
   ap.add_argument("--json", help="output JSON (default: benchmarks/results/<date>_<model>_<img>px.json)")
-  ap.add_argument("--append", help="Markdown file to append the dated section to (e.g. BENCHMARKS.md)")
+  ap.add_argument("--append", help="Markdown file to append the dated section to "
+                  "(make bench: benchmarks/results/HISTORY.md)")
   args = ap.parse_args(argv)
   args.img_size_resolved = args.img_size or models.get_config(args.model).img_size
   return args

@@ -162,7 +162,8 @@ def patch_projection(conv: nnx.Conv, x: Array) -> Array:
   """``conv`` (kernel = stride, VALID) applied as patchify + one matmul: ``[B, H, W, C] -> [B, P, D]``.
 
   Same result as ``conv(x)`` flattened (to float32 rounding: 3e-6 on DeiT-S), 1.4x (float32) to 3x (bf16)
-  faster on XLA:CPU, whose strided convolutions miss the GEMM paths (BENCHMARKS.md).
+  faster on XLA:CPU, whose strided convolutions miss the GEMM paths (benchmarks/results/HISTORY.md,
+  2026-11-21 bfloat16 section).
   """
   (p, _), (c, d) = conv.kernel_size, conv.kernel[...].shape[-2:]
   b, h, w, _ = x.shape
