@@ -15,9 +15,8 @@ Conventions (N tokens with CLS first, P = N - 1 patches on a g x g grid in raste
 * The CLS query row is dense (``num_dense_rows = 1``; BigBird's global patches add more dense rows) and
   every patch query keeps the CLS key.
 * ``fill`` (an option of every pattern): ``"neg_inf"`` (default) is true sparse attention;
-  ``"zero_logit"`` sets masked logits to 0, the official Fibottention code's multiply-by-mask semantics
-  (its multiply-by-mask semantics). With ``zero_logit`` every key takes part, so the attention is *not* sparse:
-  the FLOPs counter (``flops.realised_stats``/``flops.count``) counts it dense, while ``density``
+  ``"zero_logit"`` sets masked logits to 0, the official Fibottention code's multiply-by-mask
+  semantics. With ``zero_logit`` every key takes part, so the attention is *not* sparse: the FLOPs counter (``flops.realised_stats``/``flops.count``) counts it dense, while ``density``
   still reports the pattern's own kept fraction.
 * Budgets: ``nnz_h`` is the number of kept entries of head h in the N x N matrix and the density is
   ``mean_h nnz_h / N^2``, exactly ``AttentionMask.density()``. Each class's :meth:`Pattern.nnz_per_head`
