@@ -40,6 +40,7 @@ from sparsifiner_jax.attention.pallas.attention import (F32, NN, NT, _col_to_row
                                                         _same_vma, _scaled)
 
 Array = jax.Array
+_FUSED_BACKWARD_BYTES = 24 * 2 ** 20   # TPU: VMEM for the one-pass backward's whole-sequence dk, dv
 _GPU_TILE = 64          # GPU: the most rows (and keys) a program's tile holds (shared memory at 128)
 
 
@@ -174,6 +175,58 @@ def _tpu_dq_kernel(tab_ref, q_ref, *refs, cfg: _Config):
       dq_ref[:, lanes] = (dq_sc[slot] * cfg.scale).astype(dq_ref.dtype)
 
 
+def _tpu_bwd_kernel(tab_ref, q_ref, *refs, cfg: _Config):
+  """dq, dk and dv in one pass over the table (flash attention 2's backward): each kept pair of blocks
+  recomputes its probabilities once; dq accumulates per query block, dk and dv for the whole sequence of
+  the head group in VMEM (``(g, N_pad, d)`` float32 each), written once at the last step."""
+  g = cfg.group
+  k_refs, v_refs = refs[:g], refs[g:2 * g]
+  do_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_ref, dq_sc, dk_sc, dv_sc = refs[2 * g:]
+  b, grp, i, j = (pl.program_id(a) for a in range(4))
+
+  @pl.when((i == 0) & (j == 0))
+  def _init_sequence():
+    dk_sc[...] = jnp.zeros(dk_sc.shape, F32)
+    dv_sc[...] = jnp.zeros(dv_sc.shape, F32)
+
+  @pl.when(j == 0)
+  def _init_block():
+    dq_sc[...] = jnp.zeros(dq_sc.shape, F32)
+
+  tn = (((0,), (0,)), ((), ()))        # a.T @ b
+  for slot in range(g):
+    kb = _entry(tab_ref, cfg, cfg.kept, b, grp * g + slot, i, j)
+    # Rows past N (either side's ragged last block): garbage that a zero would still turn into NaN.
+    k, v = _in_tail(kb, cfg, lambda k, v: (_live(k, kb, cfg, 0), _live(v, kb, cfg, 0)),
+                    _lanes(k_refs[slot], cfg, slot), _lanes(v_refs[slot], cfg, slot))
+    q = _scaled(_lanes(q_ref, cfg, slot), cfg.scale, k.dtype)
+    do = _lanes(do_ref, cfg, slot).astype(v.dtype)
+    q, do = _in_tail(i, cfg, lambda q, do: (_live(q, i, cfg, 0), _live(do, i, cfg, 0)), q, do)
+    s = lax.dot_general(q, k, NT, preferred_element_type=F32)                    # [b, b]
+    (s,) = _in_tail(kb, cfg, lambda s: (_real_keys(s, kb, cfg, 1),), s)
+    p = jnp.exp(s - _row_to_col(lse_ref[slot:slot + 1, :]))
+    (p,) = _in_tail(i, cfg, lambda p: (_live(p, i, cfg, 0),), p)
+    dp = lax.dot_general(do, v, NT, preferred_element_type=F32)
+    ds = p * (dp - _row_to_col(delta_ref[slot:slot + 1, :]))
+    dq_sc[slot] += lax.dot_general(ds.astype(k.dtype), k, NN, preferred_element_type=F32)
+    keys = pl.ds(pl.multiple_of(kb * cfg.block, cfg.block), cfg.block)
+    dv_sc[slot, keys, :] += lax.dot_general(p.astype(v.dtype), do, tn, preferred_element_type=F32)
+    dk_sc[slot, keys, :] += lax.dot_general(ds.astype(q.dtype), q, tn, preferred_element_type=F32)
+
+  @pl.when(j == cfg.kept - 1)
+  def _done_block():
+    for slot in range(g):
+      lanes = slice(slot * cfg.head_dim, (slot + 1) * cfg.head_dim)
+      dq_ref[:, lanes] = (dq_sc[slot] * cfg.scale).astype(dq_ref.dtype)
+
+  @pl.when((i == cfg.nb - 1) & (j == cfg.kept - 1))
+  def _done_sequence():
+    for slot in range(g):
+      lanes = slice(slot * cfg.head_dim, (slot + 1) * cfg.head_dim)
+      dk_ref[:, lanes] = dk_sc[slot, :cfg.n, :].astype(dk_ref.dtype)
+      dv_ref[:, lanes] = dv_sc[slot, :cfg.n, :].astype(dv_ref.dtype)
+
+
 def _tpu_dkv_kernel(rows_ref, count_ref, k_ref, v_ref, *refs, cfg: _Config):
   """Keys on sublanes, queries on lanes (``s.T [b, b]``): the lse and delta rows need no relayout. Each
   head of the group steps through its own column of the transposed table."""
@@ -215,8 +268,9 @@ def _tpu_dkv_kernel(rows_ref, count_ref, k_ref, v_ref, *refs, cfg: _Config):
       dv_ref[:, lanes] = dv_sc[slot].astype(dv_ref.dtype)
 
 
-def _tpu_params(name: str, cost: pl.CostEstimate, cfg: _Config) -> dict:
-  semantics = ("parallel", "parallel", "parallel", "arbitrary")
+def _tpu_params(name: str, cost: pl.CostEstimate, cfg: _Config, sequential: bool = False) -> dict:
+  """Compiler parameters; ``sequential``: the block axis accumulates too (whole-sequence dk, dv)."""
+  semantics = ("parallel", "parallel", "arbitrary" if sequential else "parallel", "arbitrary")
   return dict(compiler_params=pltpu.CompilerParams(dimension_semantics=semantics), cost_estimate=cost,
               interpret=pltpu.InterpretParams() if cfg.interpret else False, name=name)
 
@@ -229,7 +283,7 @@ class _Specs:
   def __init__(self, cfg: _Config, block_of):
     self.cfg, self.block_of = cfg, block_of
 
-  def _at(self, section: int, grp):
+  def at(self, section: int, grp):
     """``(A, W)`` block indices of ``section`` (0 q, 1 k, 2 v) of head group ``grp``."""
     c = self.cfg
     groups = c.heads // c.group
@@ -242,7 +296,7 @@ class _Specs:
 
     def index(b, grp, i, j, *tables):
       blk = i if slot is None else self.block_of(b, grp * c.group + slot, i, j, *tables)
-      return (b, *self._at(section, grp)[:1], blk, self._at(section, grp)[1])
+      return (b, self.at(section, grp)[0], blk, self.at(section, grp)[1])
     return pl.BlockSpec((None, None, c.block, c.group * c.head_dim), index)
 
   def q_and_kept_kv(self) -> list[pl.BlockSpec]:
@@ -284,15 +338,44 @@ def _tpu_forward(cfg: _Config, qkv, table, out_dtype):
   )(table.reshape(-1), qkv, *[qkv] * (2 * g))
 
 
+def _fused_backward_fits(cfg: _Config) -> bool:
+  """Whether the one-pass backward's whole-sequence dk, dv (scratch and output blocks) fit its VMEM
+  budget (``_FUSED_BACKWARD_BYTES``)."""
+  n_pad = cfg.nb * cfg.block
+  lanes = cfg.group * cfg.head_dim
+  return 2 * 4 * n_pad * lanes + 2 * 2 * 4 * cfg.n * lanes <= _FUSED_BACKWARD_BYTES
+
+
 def _tpu_backward(cfg: _Config, qkv, table, do, lse, delta):
   """``d qkv`` float32 (``qkv``'s shape) from ``do`` (the output's shape) and the rows ``lse, delta
-  [B, G, nb, g, b]``."""
+  [B, G, nb, g, b]``: in one pass over the table (``_tpu_bwd_kernel``) where dk and dv fit in VMEM, else
+  dq over the table and dk, dv over the transposed table."""
   bsz, n = qkv.shape[0], qkv.shape[2]
   g, d = cfg.group, cfg.head_dim
   pairs = cfg.pairs(bsz)
   grad = _out(cfg.side_shape(bsz, n), qkv)
   side = _nbytes(qkv) // 3
   specs = _Specs(cfg, lambda b, h, i, j, tab: _entry(tab, cfg, cfg.kept, b, h, i, j))
+  if _fused_backward_fits(cfg):
+    # Products s, dp, dq, dk, dv (5 x 2 b^2 d flops per kept pair of blocks); k, v read once per kept block.
+    cost = pl.CostEstimate(
+        flops=10 * pairs * d, transcendentals=pairs,
+        bytes_accessed=side * (1 + 2 * cfg.kept) + _nbytes(do, table, lse, delta)
+        + 3 * side * 4 // qkv.dtype.itemsize)
+    whole = pl.BlockSpec((None, None, n, g * d),
+                         lambda b, grp, i, j, tab: (b, specs.at(0, grp)[0], 0, specs.at(0, grp)[1]))
+    dq, dk, dv = pl.pallas_call(
+        functools.partial(_tpu_bwd_kernel, cfg=cfg),
+        out_shape=(grad, grad, grad),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1, grid=(bsz, cfg.heads // g, cfg.nb, cfg.kept),
+            in_specs=specs.q_and_kept_kv() + [specs.tile(0), specs.row(), specs.row()],
+            out_specs=[specs.tile(0), whole, whole],
+            scratch_shapes=[pltpu.VMEM((g, cfg.block, d), F32)]
+            + [pltpu.VMEM((g, cfg.nb * cfg.block, d), F32)] * 2),
+        **_tpu_params("block_sparse_attention_bwd", cost, cfg, sequential=True),
+    )(table.reshape(-1), qkv, *[qkv] * (2 * g), do, lse, delta)
+    return jnp.concatenate([dq, dk, dv], axis=-1 if cfg.lanes else 1)
   # dq: products s, dp, dq (3 x 2 b^2 d flops per kept pair of blocks); k, v read once per kept block.
   dq_cost = pl.CostEstimate(
       flops=6 * pairs * d, transcendentals=pairs,
