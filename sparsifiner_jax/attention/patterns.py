@@ -16,8 +16,9 @@ Conventions (N tokens with CLS first, P = N - 1 patches on a g x g grid in raste
   every patch query keeps the CLS key.
 * ``fill`` (an option of every pattern): ``"neg_inf"`` (default) is true sparse attention;
   ``"zero_logit"`` sets masked logits to 0, the official Fibottention code's multiply-by-mask
-  semantics. With ``zero_logit`` every key takes part, so the attention is *not* sparse: the FLOPs counter (``flops.realised_stats``/``flops.count``) counts it dense, while ``density``
-  still reports the pattern's own kept fraction.
+  semantics. With ``zero_logit`` every key takes part, so the attention is *not* sparse: the FLOPs
+  counter (``flops.realised_stats``/``flops.count``) counts it dense, while ``density`` still reports
+  the pattern's own kept fraction.
 * Budgets: ``nnz_h`` is the number of kept entries of head h in the N x N matrix and the density is
   ``mean_h nnz_h / N^2``, exactly ``AttentionMask.density()``. Each class's :meth:`Pattern.nnz_per_head`
   is the closed form below (tests check it against the built masks); :func:`analytic_density` gives it
