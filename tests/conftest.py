@@ -45,6 +45,50 @@ def need_compiler_for(topology: str) -> None:
   pytest.skip(message)
 
 
+def dotted_parent(config, path: str):
+  """``(node, key)`` with ``node[key]`` the field ``path`` names: ``"a.b.c"`` -> ``(config.a.b, "c")``."""
+  *parents, leaf = path.split(".")
+  node = config
+  for key in parents:
+    node = node[key]
+  return node, leaf
+
+
+def override(config, **fields):
+  """Sets each field named by a dotted key (``**{"phases.recon.steps": 2}``) on ``config``; returns it."""
+  for path, value in fields.items():
+    node, leaf = dotted_parent(config, path)
+    node[leaf] = value
+  return config
+
+
+def random_images(b: int, size: int, seed: int = 0):
+  """``[b, size, size, 3]`` float32 standard-normal images from ``jax.random.key(seed)``."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.random.normal(jax.random.key(seed), (b, size, size, 3), "float32")
+
+
+def topk_rows(scores, k: int):
+  """Boolean keep mask ``[..., N]``: the ``k`` largest of each row of ``scores [..., N]`` (``lax.top_k``)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  _, idx = jax.lax.top_k(scores, k)
+  return jax.numpy.sum(jax.nn.one_hot(idx, scores.shape[-1], dtype="int32"), axis=-2) > 0
+
+
+def random_topk_rows(shape: tuple[int, ...], k: int, seed: int):
+  """Boolean ``shape = [..., N]`` with ``k`` random keys per row: ``topk_rows`` of uniform scores."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return topk_rows(jax.random.uniform(jax.random.key(seed), shape), k)
+
+
+def v5e_mesh():
+  """A compile-only 4-chip v5e mesh with one axis, ``"data"`` (needs libtpu, not a TPU)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from sparsifiner_jax.compile import targets  # pylint: disable=g-import-not-at-top
+  return jax.sharding.Mesh(np.array(targets.devices("v5e:2x2")), ("data",))
+
+
 @pytest.fixture(scope="session")
 def timm():
   return import_timm()

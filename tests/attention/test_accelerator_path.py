@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import random_images
 from sparsifiner_jax import models
 from sparsifiner_jax.attention import backend
 
@@ -54,11 +55,6 @@ def _pair(dtype="float32", **overrides):
   return fast, ref
 
 
-def _images(model, b=2):
-  size = model.config.img_size
-  return jax.random.normal(jax.random.key(7), (b, size, size, 3), jnp.float32)
-
-
 @nnx.jit
 def _forward(model, images):
   logits, aux = model(images)
@@ -82,7 +78,7 @@ def _on(platform, fn, *args):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_model_forward_and_masks_match_masked(platform, case):
   fast, ref = _pair(**CASES[case])
-  images = _images(fast)
+  images = random_images(2, fast.config.img_size, seed=7)
   want_logits, want_masks = _forward(ref, images)
   got_logits, got_masks = _on(platform, _forward, fast, images)
   assert len(got_masks) == fast.config.depth
@@ -95,7 +91,7 @@ def test_model_forward_and_masks_match_masked(platform, case):
 @pytest.mark.parametrize("case", ["keep0.3", "tokens_drop", "blocks", "blocks_tokens_drop"])
 def test_model_gradients_match_masked(platform, case):
   fast, ref = _pair(**CASES[case])
-  images = _images(fast)
+  images = random_images(2, fast.config.img_size, seed=7)
   want = _grads(ref, images)
   got = _on(platform, _grads, fast, images)
   want_leaves, got_leaves = jax.tree.leaves(want), jax.tree.leaves(got)
@@ -106,7 +102,7 @@ def test_model_gradients_match_masked(platform, case):
 
 def test_bf16_model_matches_masked():
   fast, ref = _pair(dtype="bfloat16", keep_rate=0.3)
-  images = _images(fast)
+  images = random_images(2, fast.config.img_size, seed=7)
   want, _ = _forward(ref, images)
   got, _ = _on("tpu", _forward, fast, images)
   np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=2e-2, rtol=0)
@@ -115,7 +111,7 @@ def test_bf16_model_matches_masked():
 def test_pallas_can_be_switched_off(monkeypatch):
   """``SPARSIFINER_JAX_PALLAS=0``: the accelerator path traces no Pallas call (``masked`` instead)."""
   fast, _ = _pair(keep_rate=0.3)
-  images = _images(fast)
+  images = random_images(2, fast.config.img_size, seed=7)
 
   def hlo():
     with backend.compiling_for("tpu", interpret=True):

@@ -3,6 +3,7 @@
 import jax
 import numpy as np
 
+from conftest import random_topk_rows
 from sparsifiner_jax.attention import bitmask
 from sparsifiner_jax.attention.mask import keep_mask, packed_mask
 
@@ -29,10 +30,7 @@ def test_pack_rows_makes_the_dense_rows_full():
 
 
 def test_packed_mask_matches_keep_mask():
-  scores = jax.random.uniform(jax.random.key(1), (2, 2, 36, 37))
-  _, idx = jax.lax.top_k(scores, 9)
-  rows = np.zeros(scores.shape, bool)
-  np.put_along_axis(rows, np.asarray(idx), True, axis=-1)
+  rows = np.asarray(random_topk_rows((2, 2, 36, 37), 9, seed=1))
   want = keep_mask(rows, 9, num_dense_rows=1)
   got = packed_mask(bitmask.pack_rows(rows, 1), 9, num_dense_rows=1)
   np.testing.assert_array_equal(np.asarray(got.to_dense()), np.asarray(want.to_dense()))

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparsifiner_jax.compile import targets
+from conftest import random_topk_rows, v5e_mesh
 from sparsifiner_jax.attention import AttentionMask, masked_attention
 from sparsifiner_jax.attention.mask import keep_mask
 from sparsifiner_jax.attention import bitmask
@@ -27,12 +27,7 @@ def _topk_mask(b, h, n, keep, seed=1, lead=None):
   packed form. ``lead`` overrides the mask's ``(B|1, H|1)``."""
   k = max(1, int(np.ceil(keep * n)))
   mb, mh = lead or (b, h)
-  scores = jax.random.uniform(jax.random.key(seed), (mb, mh, n - 1, n))
-  _, idx = jax.lax.top_k(scores, k)
-  rows = jnp.zeros((mb, mh, n - 1, n), bool).at[
-      jnp.arange(mb)[:, None, None, None], jnp.arange(mh)[None, :, None, None],
-      jnp.arange(n - 1)[None, None, :, None], idx].set(True)
-  mask = keep_mask(rows, k, num_dense_rows=1)
+  mask = keep_mask(random_topk_rows((mb, mh, n - 1, n), k, seed), k, num_dense_rows=1)
   return mask, bitmask.pack_rows(mask.sparse_rows(), 1)
 
 
@@ -121,9 +116,9 @@ def test_more_lengths_fp32(backend, n, d, blocks):
 def test_tpu_compile():
   """Mosaic compiles the forward and the gradient for a v5e topology (no TPU needed, libtpu is)."""
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  devices = targets.devices("v5e:2x2")
-  mesh = jax.sharding.Mesh(np.array(devices), ("data",))
-  b, n, h, d = 2 * len(devices), 197, 2, 64
+  mesh = v5e_mesh()
+  chips = mesh.devices.size
+  b, n, h, d = 2 * chips, 197, 2, 64
   sharding = NamedSharding(mesh, P("data"))
   x = jax.ShapeDtypeStruct((b, n, h, d), jnp.bfloat16, sharding=sharding)
   m = jax.ShapeDtypeStruct((b, h, bitmask.words(n), n), jnp.int32, sharding=sharding)
@@ -141,7 +136,7 @@ def test_tpu_compile():
     assert "tpu_custom_call" in text
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    per_chip = (b // len(devices)) * h * n * n * d
+    per_chip = (b // chips) * h * n * n * d
     assert cost["flops"] >= min_flops * per_chip
 
 

@@ -15,10 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import topk_rows, v5e_mesh
 from sparsifiner_jax import precision
 from sparsifiner_jax.attention import bitmask
 from sparsifiner_jax.attention.pallas import mask as pallas_mask
-from sparsifiner_jax.compile import targets
 from sparsifiner_jax.models import predictor as predictor_lib
 
 BACKENDS = ("tpu", "gpu")
@@ -31,12 +31,6 @@ def xla_approx(q, weights, basis, *, scale, coef_k, dtype):
   coef = predictor_lib.keep_topk_values(jax.nn.softmax(logits, axis=-1), coef_k, by=logits)
   spec = "bhnm,mk->bhnk" if basis.ndim == 2 else "bhnm,bmk->bhnk"
   return precision.mixed_einsum(spec, coef, basis, dtype)
-
-
-def topk_rows(approx, k):
-  """``lax.top_k`` of each row as a boolean ``[..., N]`` keep mask."""
-  _, idx = jax.lax.top_k(approx, k)
-  return jnp.sum(jax.nn.one_hot(idx, approx.shape[-1], dtype=jnp.int32), axis=-2) > 0
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "coef_k", "k", "dtype"))
@@ -197,11 +191,6 @@ def test_bad_arguments():
     pallas_mask.lowrank_topk_mask(q, weights, basis, scale=1.0, coef_k=2, k=3, backend="cuda")
 
 
-def tpu_topology_mesh():
-  """A compile-only 4-chip v5e mesh (libtpu, no TPU)."""
-  return jax.sharding.Mesh(np.array(targets.devices("v5e:2x2")), ("data",))
-
-
 def compile_tpu(mesh, *, b, n, h, d, m, coef_k, k, dtype=jnp.bfloat16, per_example=False):
   """Compiles the TPU kernel sharded over the batch; ``b`` is per chip. Returns the compiled object."""
   from jax.sharding import NamedSharding, PartitionSpec as P   # pylint: disable=g-import-not-at-top
@@ -220,6 +209,6 @@ def compile_tpu(mesh, *, b, n, h, d, m, coef_k, k, dtype=jnp.bfloat16, per_examp
 
 def test_tpu_compile():
   """Mosaic compiles the kernel for a real TPU (v5e topology, compile only)."""
-  mesh = tpu_topology_mesh()
+  mesh = v5e_mesh()
   compiled = compile_tpu(mesh, b=2, n=65, h=2, d=16, m=16, coef_k=4, k=17)
   assert compiled.cost_analysis() is not None

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import random_images
 from sparsifiner_jax import models, sharding
 from sparsifiner_jax.attention.mask import AttentionMask
 from sparsifiner_jax.evaluation import evaluator
@@ -118,18 +119,15 @@ def _unit_scale(model):
   return model
 
 
-def _images(b=4, size=24):
-  return jnp.asarray(np.random.default_rng(0).random((b, size, size, 3)), jnp.float32)
-
-
 def test_mask_mode_token_pruning_equals_drop_mode():
   """"mask" pruning keeps full-length layers and marks pruned tokens in ``key_valid``; its recall must
   equal "drop" pruning's, where those tokens are gone (so pruned rows and keys are excluded)."""
   kw = dict(keep_rate=0.4, img_size=24, depth=3, token_keep_rate=0.5, token_pruning_layers=(1,))
   out = {}
+  images = random_images(4, 24)
   for mode in ("drop", "mask"):
     model = _unit_scale(models.create("vit_test", token_pruning_mode=mode, rngs=nnx.Rngs(0), **kw))
-    out[mode] = nnx.jit(lambda m, x: layer_recalls(m(x, train=False)[1], x.shape[0]))(model, _images())
+    out[mode] = nnx.jit(lambda m, x: layer_recalls(m(x, train=False)[1], x.shape[0]))(model, images)
   assert out["mask"].shape == (4, 3)
   np.testing.assert_allclose(np.asarray(out["mask"]), np.asarray(out["drop"]), atol=1e-5, rtol=0)
   assert np.all(np.asarray(out["drop"]) < 1.0 - 1e-3)
@@ -140,7 +138,7 @@ def test_oracle_topk_recall_is_the_top_k_probability_mass():
   probabilities: recall = the mean of their sum (the CLS row counts 1)."""
   model = _unit_scale(models.create("vit_test", keep_rate=0.25, attention_pattern="oracle_topk",
                                     rngs=nnx.Rngs(0)))
-  images = _images(size=16)
+  images = random_images(4, 16)
   _, aux = model(images, train=False)
   got = np.asarray(layer_recalls(aux, 4))
   k = 5                                                           # ceil(0.25 * 17)
@@ -156,7 +154,7 @@ def test_eval_step_sums_recall_over_real_examples_only():
   model = _unit_scale(models.create("vit_test", keep_rate=0.25, rngs=nnx.Rngs(0)))
   mesh = sharding.make_mesh(None, jax.devices()[:1])
   graphdef, params, rest = models.split_params(model)
-  images = _images(b=4, size=16)
+  images = random_images(4, 16)
   labels = jnp.zeros((4,), jnp.int32)
   real = jnp.asarray([True, True, True, False])
   step = evaluator.make_eval_step(graphdef, mesh, recall=True)

@@ -3,13 +3,13 @@ official mode's CLS-row difference, FLOPs, and a training run with token distill
 
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from configs import tiny_test
+from conftest import random_images
 from sparsifiner_jax.evaluation import flops
 from sparsifiner_jax import models
 from sparsifiner_jax.train import trainer
@@ -17,10 +17,6 @@ from sparsifiner_jax.io import weights
 from sparsifiner_jax.models.vit import token_schedule
 
 TOL = 1e-5  # fp32, absolute, on logits/tokens of order 1
-
-
-def _images(b=3, size=16, seed=1):
-  return jax.random.normal(jax.random.key(seed), (b, size, size, 3))
 
 
 def _pair(mode_a, mode_b, **kw):
@@ -43,7 +39,7 @@ def test_real_dropping_equals_masked_simulation(keep_rate, executor):
   kw = dict(keep_rate=keep_rate, token_keep_rate=0.6, token_pruning_layers=(0, 1, 2), depth=4,
             executor=executor)
   drop, mask = _pair("drop", "mask", **kw)
-  x = _images()
+  x = random_images(3, 16, seed=1)
   (ld, ad), (lm, am) = drop(x), mask(x)
   np.testing.assert_allclose(ld, lm, atol=TOL, rtol=0)
   np.testing.assert_array_equal(ad["token_index"], am["token_index"])
@@ -62,7 +58,7 @@ def test_real_dropping_equals_masked_simulation(keep_rate, executor):
 
 def test_pruned_tokens_are_the_lowest_cls_attention():
   model = models.create("vit_test", token_keep_rate=0.5, token_pruning_layers=(0,), rngs=nnx.Rngs(0))
-  x = _images()
+  x = random_images(3, 16, seed=1)
   # Block 0's CLS attention on the unpruned sequence decides which 8 of 16 patches stay.
   h = model.patch_embed(x)
   h = jnp.concatenate([jnp.broadcast_to(model.cls_token[...], (3, 1, 32)), h], 1) + model.pos_embed[...]
@@ -77,7 +73,7 @@ def test_official_mode_differs_only_through_the_cls_row():
   # patch tokens agree; the official CLS row still gives each pruned (zeroed) key the weight e^0.
   official, mask = _pair("official", "mask", keep_rate=0.5, token_keep_rate=0.5,
                          token_pruning_layers=(0,))
-  x = _images()
+  x = random_images(3, 16, seed=1)
   (lo, ao), (lm, am) = official(x), mask(x)
   np.testing.assert_array_equal(ao["token_index"], am["token_index"])
   np.testing.assert_allclose(ao["tokens"], am["tokens"], atol=TOL, rtol=0)

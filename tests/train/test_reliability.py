@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from configs import tiny_test
+from conftest import override
 from sparsifiner_jax import config_check, models, sharding
 from sparsifiner_jax.evaluation import evaluator
 from sparsifiner_jax.io import checkpoint, paths
@@ -180,13 +181,7 @@ def _config(steps=4, **kw):
   c.phases.train.steps = steps
   c.phases.recon.steps = 0
   c.phases.distill.steps = 0
-  for k, v in kw.items():
-    node = c
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
-  return c
+  return override(c, **kw)
 
 
 def _largest_file(directory):

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from configs import tiny_test
+from conftest import override
 from sparsifiner_jax import models
 from sparsifiner_jax.io import weights
 from sparsifiner_jax.train import trainer
@@ -24,14 +25,7 @@ def _config(teacher, **kw):
   c = tiny_test.get_config()
   c.teacher.weights = teacher
   c.init = teacher
-  for k, v in kw.items():
-    node, *rest = k.split(".")
-    target = c
-    parts = k.split(".")
-    for p in parts[:-1]:
-      target = target[p]
-    target[parts[-1]] = v
-  return c
+  return override(c, **kw)
 
 
 def _flat(params):
