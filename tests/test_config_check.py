@@ -3,15 +3,8 @@
 import pytest
 
 from configs import common, deit_s_sparsifiner, tiny_test
+from conftest import dotted_parent
 from sparsifiner_jax import config_check
-
-
-def _delete(config, path):
-  *parents, leaf = path.split(".")
-  node = config
-  for key in parents:
-    node = node[key]
-  del node[leaf]
 
 
 def test_every_config_holds_the_required_fields():
@@ -22,7 +15,8 @@ def test_every_config_holds_the_required_fields():
 @pytest.mark.parametrize("path", config_check.REQUIRED)
 def test_a_missing_required_field_is_one_line(path):
   c = tiny_test.get_config()
-  _delete(c, path)
+  node, leaf = dotted_parent(c, path)
+  del node[leaf]
   with pytest.raises(config_check.ConfigError) as e:
     config_check.check_misc(c)
   assert str(e.value) == (f"config.{path} is missing; allowed: a config built on configs/common.py's "
@@ -35,7 +29,8 @@ def test_the_code_reads_required_fields_directly():
   import pathlib  # pylint: disable=import-outside-toplevel
   root = pathlib.Path(__file__).resolve().parents[1] / "sparsifiner_jax"
   top = {p.split(".")[0] for p in config_check.REQUIRED}
-  for rel in ("train/step.py", "train/trainer.py", "compile_for.py", "config_check.py"):
+  for rel in ("train/step.py", "train/trainer.py", "compile_for.py", "config_check.py",
+              "evaluation/report.py"):
     text = (root / rel).read_text()
     for name in top:
       assert f'config.get("{name}"' not in text and f"config.get('{name}'" not in text, (rel, name)

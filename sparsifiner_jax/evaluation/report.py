@@ -108,7 +108,7 @@ def evaluate_checkpoint(config, *, workdir=None, weights_path=None, step=None) -
     raise ValueError(f"split {split!r} does not exist; available: {sorted(info.splits)}")
   source, step = resolve_weights(workdir, weights_path, step)
   model = models.build_model(config)
-  mesh = sharding.make_mesh(config.get("mesh"))
+  mesh = sharding.make_mesh(config.mesh)
   loaded = load_params(model, source, step, mesh)
   graphdef, params, rest = models.split_params(model)
   with jax.set_mesh(mesh):
