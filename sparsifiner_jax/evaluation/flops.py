@@ -163,62 +163,110 @@ def count(cfg, *, nnz_per_head: Sequence[float | None] | None = None, coef_kept:
   Returns:
     A :class:`FlopsReport`.
   """
-  depth, big_c, heads = cfg.depth, cfg.embed_dim, cfg.num_heads
-  d = big_c // heads
-  n0 = cfg.num_tokens
-  hidden = int(big_c * cfg.mlp_ratio)
+  depth = cfg.depth
+  g = _geometry(cfg, coef_kept)
   rates = cfg.layer_keep_rates() or (None,) * depth
-  c = d // cfg.reduce_c
-  m = n0 // cfg.reduce_n
-  kappa = min(cfg.coef_topk if coef_kept is None else int(coef_kept), m)
   if tokens_per_layer is None and getattr(cfg, "token_keep_rate", None) is not None:
     tokens_per_layer = token_schedule(cfg)
   tokens = _per_layer(tokens_per_layer, depth, "tokens_per_layer")
   nnzs = _per_layer(nnz_per_head, depth, "nnz_per_head")
   deltas = _per_layer(basis_density, depth, "basis_density")
-
   learned = getattr(cfg, "attention_pattern", "sparsifiner") == "sparsifiner"
-  per_layer = []
-  for i in range(depth):
-    n = n0 if tokens[i] is None else int(tokens[i])
-    if not 1 <= n <= n0:
-      raise ValueError(f"tokens_per_layer[{i}]={n} must be in [1, {n0}] (CLS included)")
-    rho = rates[i]
-    layer = {"tokens": float(n), "qkv": 3.0 * n * big_c ** 2, "proj": float(n) * big_c ** 2,
-             "mlp": 2.0 * n * big_c * hidden, "attention_matrix_dense": 2.0 * n * n * big_c}
-    if not learned:
-      nnz, delta = _pattern_nnz(cfg, i, rho, n, nnzs[i]), 0.0
-      layer.update(predictor_channel=0.0, predictor_token=0.0, predictor_recon=0.0, coef_kept=0.0,
-                   predictor_scores=patterns.build(cfg, i, rho).selection_macs(d))
-    elif rho is None:
-      nnz, delta = float(n * n), 0.0
-      layer.update(predictor_channel=0.0, predictor_token=0.0, predictor_scores=0.0,
-                   predictor_recon=0.0, coef_kept=0.0)
-    else:
-      if nnzs[i] is None:
-        # The budget is a fraction of the full token count, capped by the live patches when pruning.
-        k = min(budget(rho, n0), n - 1 if n < n0 else n)
-        nnz = float(n + (n - 1) * k)
-      else:
-        nnz = float(nnzs[i])
-      delta = 1.0 if deltas[i] is None else float(deltas[i])
-      layer.update(
-          predictor_channel=2.0 * n * big_c * c,
-          predictor_token=float(heads * c * n * m),
-          predictor_scores=float(heads * n * c * m),
-          predictor_recon=(heads * (n - 1) * kappa * n * delta if sparse_kernels
-                           else float(heads * (n - 1) * m * n)),
-          coef_kept=float(kappa))
-    layer["nnz_per_head"] = nnz
-    layer["density"] = nnz / (n * n)
-    layer["basis_density"] = delta
-    attn_entries = nnz if sparse_kernels else float(n * n)
-    layer["attn_qk"] = attn_entries * d * heads
-    layer["attn_av"] = attn_entries * d * heads
-    per_layer.append(layer)
+  per_layer = [_layer_macs(cfg, g, i, _live_tokens(tokens[i], g.n0, i), rates[i], nnzs[i], deltas[i],
+                           learned=learned, sparse_kernels=sparse_kernels) for i in range(depth)]
+  patch_embed = float((g.n0 - 1) * cfg.patch_size ** 2 * cfg.in_chans * g.big_c)
+  head = float(g.big_c * cfg.num_classes)
+  return FlopsReport(per_layer=per_layer, patch_embed=patch_embed, head=head,
+                     totals=_totals(per_layer, patch_embed, head))
 
-  patch_embed = float((n0 - 1) * cfg.patch_size ** 2 * cfg.in_chans * big_c)
-  head = float(big_c * cfg.num_classes)
+
+@dataclasses.dataclass(frozen=True)
+class _Geometry:
+  """The sizes :func:`count` needs: ``n0`` tokens (CLS included), width ``big_c`` of ``heads`` heads of
+  ``d`` channels, MLP width ``hidden``, predictor channels ``c`` per head, basis size ``m`` and the
+  ``kappa`` basis coefficients kept per row."""
+  n0: int
+  big_c: int
+  heads: int
+  d: int
+  hidden: int
+  c: int
+  m: int
+  kappa: int
+
+
+def _geometry(cfg, coef_kept: int | None) -> _Geometry:
+  """``cfg``'s sizes; ``kappa`` is ``coef_kept`` (default ``cfg.coef_topk``) capped at ``m``."""
+  big_c, heads, n0 = cfg.embed_dim, cfg.num_heads, cfg.num_tokens
+  d = big_c // heads
+  m = n0 // cfg.reduce_n
+  return _Geometry(n0=n0, big_c=big_c, heads=heads, d=d, hidden=int(big_c * cfg.mlp_ratio),
+                   c=d // cfg.reduce_c, m=m,
+                   kappa=min(cfg.coef_topk if coef_kept is None else int(coef_kept), m))
+
+
+def _live_tokens(given, n0: int, layer: int) -> int:
+  """Layer ``layer``'s live tokens: ``given``, or ``n0`` when None; ValueError outside ``[1, n0]``."""
+  n = n0 if given is None else int(given)
+  if not 1 <= n <= n0:
+    raise ValueError(f"tokens_per_layer[{layer}]={n} must be in [1, {n0}] (CLS included)")
+  return n
+
+
+def _layer_macs(cfg, g: _Geometry, layer: int, n: int, rho, nnz_given, delta_given, *, learned: bool,
+                sparse_kernels: bool) -> dict[str, float]:
+  """One block's MAC terms at ``n`` live tokens and keep rate ``rho`` (None: dense), with the
+  descriptive entries of :class:`FlopsReport`'s ``per_layer``. ``nnz_given`` and ``delta_given`` are the
+  realised kept entries per head and basis density (None: analytic); ``learned`` is False for a fixed or
+  oracle pattern."""
+  big_c, heads, d = g.big_c, g.heads, g.d
+  out = {"tokens": float(n), "qkv": 3.0 * n * big_c ** 2, "proj": float(n) * big_c ** 2,
+         "mlp": 2.0 * n * big_c * g.hidden, "attention_matrix_dense": 2.0 * n * n * big_c}
+  if not learned:
+    nnz, delta = _pattern_nnz(cfg, layer, rho, n, nnz_given), 0.0
+    out.update(predictor_channel=0.0, predictor_token=0.0, predictor_recon=0.0, coef_kept=0.0,
+               predictor_scores=patterns.build(cfg, layer, rho).selection_macs(d))
+  elif rho is None:
+    nnz, delta = float(n * n), 0.0
+    out.update(predictor_channel=0.0, predictor_token=0.0, predictor_scores=0.0,
+               predictor_recon=0.0, coef_kept=0.0)
+  else:
+    nnz, delta, predictor = _predictor_macs(g, n, rho, nnz_given, delta_given, sparse_kernels)
+    out.update(predictor)
+  out["nnz_per_head"] = nnz
+  out["density"] = nnz / (n * n)
+  out["basis_density"] = delta
+  attn_entries = nnz if sparse_kernels else float(n * n)
+  out["attn_qk"] = attn_entries * d * heads
+  out["attn_av"] = attn_entries * d * heads
+  return out
+
+
+def _predictor_macs(g: _Geometry, n: int, rho: float, nnz_given, delta_given, sparse_kernels: bool
+                    ) -> tuple[float, float, dict[str, float]]:
+  """``(nnz, delta, terms)`` of a learned-predictor layer at ``n`` live tokens: kept entries per head
+  (``nnz_given``, or the analytic ``n + (n-1) k``), basis density (``delta_given``, or 1) and the
+  predictor's MAC terms plus ``coef_kept``."""
+  big_c, heads, c, m, kappa = g.big_c, g.heads, g.c, g.m, g.kappa
+  if nnz_given is None:
+    # The budget is a fraction of the full token count, capped by the live patches when pruning.
+    k = min(budget(rho, g.n0), n - 1 if n < g.n0 else n)
+    nnz = float(n + (n - 1) * k)
+  else:
+    nnz = float(nnz_given)
+  delta = 1.0 if delta_given is None else float(delta_given)
+  terms = dict(
+      predictor_channel=2.0 * n * big_c * c,
+      predictor_token=float(heads * c * n * m),
+      predictor_scores=float(heads * n * c * m),
+      predictor_recon=(heads * (n - 1) * kappa * n * delta if sparse_kernels
+                       else float(heads * (n - 1) * m * n)),
+      coef_kept=float(kappa))
+  return nnz, delta, terms
+
+
+def _totals(per_layer: list[dict[str, float]], patch_embed: float, head: float) -> dict[str, float]:
+  """The named totals of the module docstring from the per-layer terms and the two outer parts."""
 
   def total(keys):
     return float(sum(layer[k] for layer in per_layer for k in keys))
@@ -228,7 +276,7 @@ def count(cfg, *, nnz_per_head: Sequence[float | None] | None = None, coef_kept:
   attention = total(ATTENTION_KEYS)
   attn_dense = total(("attention_matrix_dense",))
   mlp = total(("mlp",))
-  totals = {
+  return {
       "total": patch_embed + head + projections + attention + predictor + mlp,
       "mhsa": projections + attention + predictor,
       "attention_matrix": attention + predictor,
@@ -241,7 +289,6 @@ def count(cfg, *, nnz_per_head: Sequence[float | None] | None = None, coef_kept:
       "patch_embed": patch_embed,
       "head": head,
   }
-  return FlopsReport(per_layer=per_layer, patch_embed=patch_embed, head=head, totals=totals)
 
 
 def _pattern_nnz(cfg, layer: int, rho, n: int, realised) -> float:
@@ -307,7 +354,5 @@ def xla_flops(model, images) -> float:
   def forward(state, x):
     return nnx.merge(graphdef, state)(x)[0]
 
-  cost = jax.jit(forward).lower(state, images).compile().cost_analysis()
-  if isinstance(cost, (list, tuple)):  # older jax returned one dict per device
-    cost = cost[0]
+  cost = jax.jit(forward).lower(state, images).compile().cost_analysis()   # a dict (jax 0.10)
   return float(cost["flops"])

@@ -70,13 +70,6 @@ def resolve_phases(config, steps_per_epoch: int) -> list[Phase]:
   return out
 
 
-def phase_at(phases: list[Phase], step: int) -> Phase | None:
-  for p in phases:
-    if p.start <= step < p.end:
-      return p
-  return None
-
-
 def make_optimizer(phase: Phase, trainable_params) -> optax.GradientTransformation:
   schedule = optim.warmup_cosine(phase.lr, phase.final_lr, phase.warmup_steps, phase.steps)
   return optim.adamw(trainable_params, schedule=schedule, weight_decay=phase.weight_decay)

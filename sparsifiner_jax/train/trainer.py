@@ -8,6 +8,7 @@ an uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import time
@@ -80,118 +81,208 @@ def train(config, workdir: str, *, stop_after: int | None = None, devices=None) 
 
 
 def _train(config, workdir, mesh, info, stop_after: int | None, lock) -> dict[str, Any]:
-  # Deferred: tf.data imports TensorFlow, which `config_check` errors and the step's tests do without.
-  from sparsifiner_jax.data import input_pipeline  # pylint: disable=import-outside-toplevel
+  """Start (or resume), run the phases not done yet, finish: the body of :func:`train`."""
+  run = _start(config, workdir, mesh, info, lock)
+  with _Preemption() as preempt, jax.set_mesh(mesh):
+    for phase in run.phases:
+      if run.step >= phase.end:
+        continue
+      if not _run_phase(run, phase, stop_after, preempt):
+        break
+  return _finish(run)
 
-  gbs = int(config.batch_size)
-  steps_per_epoch = max(info.splits[config.input.train_split] // gbs, 1)
-  phases = resolve_phases(config, steps_per_epoch)
-  if not phases:
-    raise ValueError("no training phase has a positive length; set config.phases.<name>.epochs")
-  total = phases[-1].end
 
+@dataclasses.dataclass
+class _Run:
+  """What the phases of one run share: the config, the model's parameter groups and the teacher, the
+  checkpointer, writer and evaluator, and the position the steps move on (``step``, ``state``, the phase
+  ``state`` belongs to, the best top-1 so far, each finished phase's evaluation, the unchecked steps)."""
+  config: Any
+  workdir: Any
+  mesh: Any
+  phases: list[Phase]
+  graphdef: Any
+  params: Any
+  rest: Any
+  params_sh: Any
+  teacher: tuple      # (graphdef, params, shardings); all None without a teacher
+  ckpt: Checkpointer
+  writer: MetricWriter
+  evaluator: Evaluator
+  step: int
+  state: Any
+  state_phase: str | None
+  best: float
+  results: dict = dataclasses.field(default_factory=dict)
+  pending: list = dataclasses.field(default_factory=list)   # (step, metrics) not yet checked for NaNs
+
+
+def _start(config, workdir, mesh, info, lock) -> _Run:
+  """The run's phases, model (from ``config.init``) and teacher, checkpointer and metric writer, and its
+  position: the latest good checkpoint's, or step 0 with no state."""
+  phases = _resolve(config, info)
   model = models.build_model(config)
   if config.init:
     weights.load_weights(config.init, model)
   graphdef, params, rest = models.split_params(model)
   params_sh = sharding.tree_shardings(mesh, params)
-
-  teacher_graphdef = teacher_params = teacher_sh = None
-  if config.teacher.weights:
-    teacher = models.build_teacher(config)
-    weights.load_weights(config.teacher.weights, teacher, allow_missing_predictor=False)
-    teacher_graphdef, teacher_params = nnx.split(teacher)
-    teacher_params = models.cast_kernels(teacher_params, teacher.config.dtype)  # frozen: cast once
-    teacher_sh = sharding.tree_shardings(mesh, teacher_params)
-    teacher_params = jax.device_put(teacher_params, teacher_sh)
-
-  def abstract_state(phase: Phase):
-    return state_layout(params, params_sh, phase, mesh, ema=config.ema_decay > 0)
-
+  teacher = _teacher(config, mesh)
   ckpt = Checkpointer(workdir / "ckpt", max_to_keep=int(config.keep_ckpts),
                       before_save=lock.check)
   writer = MetricWriter(workdir)
-  restored = ckpt.restore_latest_good(
-      lambda meta: abstract_state(next(p for p in phases if p.name == meta["phase"]))[1])
+  restored = ckpt.restore_latest_good(lambda meta: _abstract_state(
+      config, params, params_sh, mesh, next(p for p in phases if p.name == meta["phase"]))[1])
   if restored is not None:
     step, state, meta = restored
     state_phase = meta["phase"]
     _log(f"resumed from step {step} (phase {state_phase}) in {workdir}")
   else:
     step, state, state_phase = 0, None, None
-
-  eval_fn = Evaluator(config, mesh)
-  results: dict[str, Any] = {}
+  evaluator = Evaluator(config, mesh)
   best = _best_top1(workdir / "best") if restored is not None else -1.0
-  pending: list = []  # (step, metrics) of the steps not yet checked for non-finite values
-  with _Preemption() as preempt, jax.set_mesh(mesh):
-    for phase in phases:
-      if step >= phase.end:
-        continue
-      tx, abs_st, shard = abstract_state(phase)
-      if state is None or state_phase != phase.name:
-        # A fresh optimizer for the phase; params come from the previous phase (or init).
-        cur = params if state is None else state["params"]
-        ema = state["ema"] if state is not None else (
-            cur if config.ema_decay > 0 else None)
-        init = dict(step=jnp.int32(step), params=cur, opt=tx.init(trainable_of(cur, phase)), ema=ema)
-        state = jax.device_put(init, shard)
-        state_phase = phase.name
-      step_fn = make_train_step(graphdef, rest, teacher_graphdef, phase, tx, config, mesh, shard,
-                                teacher_sh)
-      data = input_pipeline.build_train_iterator(
-          config.input, img_size=config.model.img_size,
-          local_batch_size=gbs // jax.process_count(), seed=int(config.seed), start_batch=step,
-          process_index=jax.process_index(), process_count=jax.process_count())
-      bar = _progress(config, phase, step)
-      t0, n0 = time.time(), step
-      for local in data:
-        if step >= phase.end or (stop_after is not None and step >= stop_after):
-          break
-        state, metrics = step_fn(state, teacher_params, _global_batch(local, mesh))
-        step += 1
-        pending.append((step, metrics))
-        if bar is not None:
-          bar.update(1)
-        if step % int(config.log_every) == 0 or step == phase.end:
-          _check_finite(config, pending, ckpt)
-          m = jax.device_get(metrics)
-          dt = max(time.time() - t0, 1e-9)
-          m["img_per_s"] = (step - n0) * gbs / dt
-          t0, n0 = time.time(), step
-          writer.write(step, {f"train/{k}": v for k, v in m.items()})
-          if bar is not None:
-            bar.set_postfix(loss=f"{m['loss']:.4f}", img_s=f"{m['img_per_s']:.0f}")
-        if preempt.requested:
-          _save(ckpt, config, phase, step, state, pending)
-          raise Preempted()
-        if config.ckpt_every and step % int(config.ckpt_every) == 0:
-          _save(ckpt, config, phase, step, state, pending)
-        if config.eval_every and step % int(config.eval_every) == 0 and step != phase.end:
-          ev = eval_fn.run(graphdef, state["params"], rest)
-          writer.write(step, {f"eval/{k}": v for k, v in ev.items()})
-      if bar is not None:
-        bar.close()
-      if stop_after is not None and step >= stop_after and step < phase.end:
-        _save(ckpt, config, phase, step, state, pending)
-        break
-      _save(ckpt, config, phase, step, state, pending)
-      ev = eval_fn.run(graphdef, state["params"], rest)
-      writer.write(step, {f"eval/{k}": v for k, v in ev.items()})
-      results[phase.name] = ev
-      _log(f"phase {phase.name} done at step {step}: top1 {ev['top1']:.4f}, loss {ev['loss']:.4f}, "
-           f"density {ev['density']:.4f}")
-      if ev["top1"] > best:
-        best = ev["top1"]
-        _save_weights(graphdef, state["params"], rest, workdir / "best", config,
-                      evaluation=dict(top1=float(best), step=step, phase=phase.name))
-  if step >= total:
-    _save_weights(graphdef, state["params"], rest, workdir / "final", config)
-    if state.get("ema") is not None:
-      _save_weights(graphdef, state["ema"], rest, workdir / "final_ema", config)
-  ckpt.close()
-  writer.close()
-  return dict(step=step, phases=results, state=state)
+  return _Run(config=config, workdir=workdir, mesh=mesh, phases=phases, graphdef=graphdef, params=params,
+              rest=rest, params_sh=params_sh, teacher=teacher, ckpt=ckpt, writer=writer,
+              evaluator=evaluator, step=step, state=state, state_phase=state_phase, best=best)
+
+
+def _resolve(config, info) -> list[Phase]:
+  """The configured phases at ``info``'s train split size; raises ValueError when none has a length."""
+  steps_per_epoch = max(info.splits[config.input.train_split] // int(config.batch_size), 1)
+  phases = resolve_phases(config, steps_per_epoch)
+  if not phases:
+    raise ValueError("no training phase has a positive length; set config.phases.<name>.epochs")
+  return phases
+
+
+def _teacher(config, mesh) -> tuple:
+  """``(graphdef, params, shardings)`` of the frozen teacher (kernels cast once to its dtype, params
+  placed on ``mesh``), or three Nones when ``config.teacher.weights`` is empty."""
+  if not config.teacher.weights:
+    return None, None, None
+  teacher = models.build_teacher(config)
+  weights.load_weights(config.teacher.weights, teacher, allow_missing_predictor=False)
+  teacher_graphdef, teacher_params = nnx.split(teacher)
+  teacher_params = models.cast_kernels(teacher_params, teacher.config.dtype)  # frozen: cast once
+  teacher_sh = sharding.tree_shardings(mesh, teacher_params)
+  return teacher_graphdef, jax.device_put(teacher_params, teacher_sh), teacher_sh
+
+
+def _abstract_state(config, params, params_sh, mesh, phase: Phase):
+  """``state_layout`` of ``phase``: ``(tx, abstract_state, state_shardings)``."""
+  return state_layout(params, params_sh, phase, mesh, ema=config.ema_decay > 0)
+
+
+def _run_phase(run: _Run, phase: Phase, stop_after: int | None, preempt: _Preemption) -> bool:
+  """Runs ``phase`` from ``run.step``: its steps, then its end (checkpoint, evaluation, ``best/``).
+  Returns False when ``stop_after`` stopped it before its end (after checkpointing)."""
+  tx, _, shard = _abstract_state(run.config, run.params, run.params_sh, run.mesh, phase)
+  _enter_phase(run, phase, tx, shard)
+  teacher_graphdef, _, teacher_sh = run.teacher
+  step_fn = make_train_step(run.graphdef, run.rest, teacher_graphdef, phase, tx, run.config, run.mesh,
+                            shard, teacher_sh)
+  _steps(run, phase, step_fn, stop_after, preempt)
+  if stop_after is not None and run.step >= stop_after and run.step < phase.end:
+    _save(run.ckpt, run.config, phase, run.step, run.state, run.pending)
+    return False
+  _end_phase(run, phase)
+  return True
+
+
+def _enter_phase(run: _Run, phase: Phase, tx, shard) -> None:
+  """Unless ``run.state`` belongs to ``phase`` already: a fresh optimizer for the phase, parameters (and
+  EMA) from the previous phase or the initial model, placed with ``shard``."""
+  if run.state is not None and run.state_phase == phase.name:
+    return
+  cur = run.params if run.state is None else run.state["params"]
+  ema = run.state["ema"] if run.state is not None else (cur if run.config.ema_decay > 0 else None)
+  init = dict(step=jnp.int32(run.step), params=cur, opt=tx.init(trainable_of(cur, phase)), ema=ema)
+  run.state = jax.device_put(init, shard)
+  run.state_phase = phase.name
+
+
+def _train_data(config, step: int):
+  """This process's share of the train stream from global batch ``step`` on."""
+  # Deferred: tf.data imports TensorFlow, which `config_check` errors and the step's tests do without.
+  from sparsifiner_jax.data import input_pipeline  # pylint: disable=import-outside-toplevel
+  return input_pipeline.build_train_iterator(
+      config.input, img_size=config.model.img_size,
+      local_batch_size=int(config.batch_size) // jax.process_count(), seed=int(config.seed),
+      start_batch=step, process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def _steps(run: _Run, phase: Phase, step_fn, stop_after: int | None, preempt: _Preemption) -> None:
+  """Steps until ``phase``'s end or ``stop_after``: logs every ``log_every`` steps (and at the end),
+  checkpoints every ``ckpt_every`` and on SIGTERM (then raises :class:`Preempted`), evaluates every
+  ``eval_every`` (not at the phase's end: :func:`_end_phase` does)."""
+  config = run.config
+  data = _train_data(config, run.step)
+  bar = _progress(config, phase, run.step)
+  since = (time.time(), run.step)
+  for local in data:
+    if run.step >= phase.end or (stop_after is not None and run.step >= stop_after):
+      break
+    run.state, metrics = step_fn(run.state, run.teacher[1], _global_batch(local, run.mesh))
+    run.step += 1
+    run.pending.append((run.step, metrics))
+    if bar is not None:
+      bar.update(1)
+    if run.step % int(config.log_every) == 0 or run.step == phase.end:
+      since = _log_train(run, metrics, since, bar)
+    if preempt.requested:
+      _save(run.ckpt, config, phase, run.step, run.state, run.pending)
+      raise Preempted()
+    if config.ckpt_every and run.step % int(config.ckpt_every) == 0:
+      _save(run.ckpt, config, phase, run.step, run.state, run.pending)
+    if config.eval_every and run.step % int(config.eval_every) == 0 and run.step != phase.end:
+      _evaluate(run)
+  if bar is not None:
+    bar.close()
+
+
+def _log_train(run: _Run, metrics, since: tuple[float, int], bar) -> tuple[float, int]:
+  """Checks the pending steps for non-finite values, then writes ``metrics`` as ``train/...`` with the
+  images per second since ``since`` (time, step). Returns the new ``since``."""
+  _check_finite(run.config, run.pending, run.ckpt)
+  m = jax.device_get(metrics)
+  dt = max(time.time() - since[0], 1e-9)
+  m["img_per_s"] = (run.step - since[1]) * int(run.config.batch_size) / dt
+  since = (time.time(), run.step)
+  run.writer.write(run.step, {f"train/{k}": v for k, v in m.items()})
+  if bar is not None:
+    bar.set_postfix(loss=f"{m['loss']:.4f}", img_s=f"{m['img_per_s']:.0f}")
+  return since
+
+
+def _evaluate(run: _Run) -> dict[str, Any]:
+  """Evaluates ``run.state``'s parameters and writes the result as ``eval/...`` at ``run.step``."""
+  ev = run.evaluator.run(run.graphdef, run.state["params"], run.rest)
+  run.writer.write(run.step, {f"eval/{k}": v for k, v in ev.items()})
+  return ev
+
+
+def _end_phase(run: _Run, phase: Phase) -> None:
+  """Checkpoints, evaluates and logs the finished ``phase``; writes ``best/`` when its top-1 is the best."""
+  _save(run.ckpt, run.config, phase, run.step, run.state, run.pending)
+  ev = _evaluate(run)
+  run.results[phase.name] = ev
+  _log(f"phase {phase.name} done at step {run.step}: top1 {ev['top1']:.4f}, loss {ev['loss']:.4f}, "
+       f"density {ev['density']:.4f}")
+  if ev["top1"] > run.best:
+    run.best = ev["top1"]
+    _save_weights(run.graphdef, run.state["params"], run.rest, run.workdir / "best", run.config,
+                  evaluation=dict(top1=float(run.best), step=run.step, phase=phase.name))
+
+
+def _finish(run: _Run) -> dict[str, Any]:
+  """Writes ``final/`` (and ``final_ema/``) once every phase is done, closes the checkpointer and writer.
+  Returns ``{"step", "phases": {name: evaluation}, "state"}``."""
+  if run.step >= run.phases[-1].end:
+    _save_weights(run.graphdef, run.state["params"], run.rest, run.workdir / "final", run.config)
+    if run.state.get("ema") is not None:
+      _save_weights(run.graphdef, run.state["ema"], run.rest, run.workdir / "final_ema", run.config)
+  run.ckpt.close()
+  run.writer.close()
+  return dict(step=run.step, phases=run.results, state=run.state)
 
 
 def _log(msg: str) -> None:
