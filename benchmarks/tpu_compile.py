@@ -102,7 +102,8 @@ def main() -> None:
       results[name] = run_case(name, topology)
   finally:
     shutil.rmtree(dump, ignore_errors=True)
-  print(f"## TPU compiler figures, {datetime.date.today()}: DeiT-S bf16 keep 0.25, per chip, model vs dense\n")
+  print(f"## TPU compiler figures, {datetime.date.today()}: DeiT-S bf16 keep 0.25, per chip, "
+        "model vs dense\n")
   print(table(results))
   print()
   print(top_ops(results))
