@@ -38,6 +38,11 @@ closed form (``Pattern.nnz_per_head``), and ``predictor_scores`` holds the cost 
 0 for static patterns). A ``fill="zero_logit"`` mask is not sparse (every key keeps weight e^0), so its
 attention matrix is counted dense (``nnz = N^2``).
 
+Block mode (``mask_block = b``): ``predictor_scores`` and ``predictor_recon`` are evaluated at the
+``nb = ceil(N / b)`` pooled query rows and key columns (``H nb c m``, ``H nb kappa nb delta_b``), and the
+analytic ``nnz`` is ``N + (N-1) min(K b, N)`` with ``K = ceil(rho nb)`` kept key blocks (an upper bound
+when the ragged last block is kept; the realised ``nnz`` is exact).
+
 Token sparsity (``tokens_per_layer``): every per-layer term is evaluated at that layer's live token count
 ``N_l``, the attention budget becomes ``k = ceil(rho N_l)``, and ``m`` stays fixed.
 
@@ -72,6 +77,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from sparsifiner_jax.attention import patterns
+from sparsifiner_jax.attention import blocks
 from sparsifiner_jax.attention.mask import budget
 from sparsifiner_jax.models.vit import token_schedule
 
@@ -231,7 +237,8 @@ def _layer_macs(cfg, g: _Geometry, layer: int, n: int, rho, nnz_given, delta_giv
     out.update(predictor_channel=0.0, predictor_token=0.0, predictor_scores=0.0,
                predictor_recon=0.0, coef_kept=0.0)
   else:
-    nnz, delta, predictor = _predictor_macs(g, n, rho, nnz_given, delta_given, sparse_kernels)
+    nnz, delta, predictor = _predictor_macs(g, n, rho, nnz_given, delta_given, sparse_kernels,
+                                            block=getattr(cfg, "mask_block", 0))
     out.update(predictor)
   out["nnz_per_head"] = nnz
   out["density"] = nnz / (n * n)
@@ -242,12 +249,23 @@ def _layer_macs(cfg, g: _Geometry, layer: int, n: int, rho, nnz_given, delta_giv
   return out
 
 
-def _predictor_macs(g: _Geometry, n: int, rho: float, nnz_given, delta_given, sparse_kernels: bool
-                    ) -> tuple[float, float, dict[str, float]]:
+def _predictor_macs(g: _Geometry, n: int, rho: float, nnz_given, delta_given, sparse_kernels: bool,
+                    block: int = 0) -> tuple[float, float, dict[str, float]]:
   """``(nnz, delta, terms)`` of a learned-predictor layer at ``n`` live tokens: kept entries per head
   (``nnz_given``, or the analytic ``n + (n-1) k``), basis density (``delta_given``, or 1) and the
-  predictor's MAC terms plus ``coef_kept``."""
+  predictor's MAC terms plus ``coef_kept``. Block mode (``block`` > 0): scores per block, ``nb =
+  ceil(n / block)`` pooled rows against ``nb`` pooled basis columns, and the analytic ``nnz`` an upper
+  bound, ``n + (n-1) min(K block, n)`` (a kept ragged last block counted whole)."""
   big_c, heads, c, m, kappa = g.big_c, g.heads, g.c, g.m, g.kappa
+  if block:
+    nb, kept = blocks.count(n, block), blocks.budget(rho, n, block)
+    nnz = float(n + (n - 1) * min(kept * block, n)) if nnz_given is None else float(nnz_given)
+    delta = 1.0 if delta_given is None else float(delta_given)
+    return nnz, delta, dict(
+        predictor_channel=2.0 * n * big_c * c, predictor_token=float(heads * c * n * m),
+        predictor_scores=float(heads * nb * c * m),
+        predictor_recon=(heads * nb * kappa * nb * delta if sparse_kernels else float(heads * nb * m * nb)),
+        coef_kept=float(kappa))
   if nnz_given is None:
     # The budget is a fraction of the full token count, capped by the live patches when pruning.
     k = min(budget(rho, g.n0), n - 1 if n < g.n0 else n)
