@@ -4,7 +4,7 @@
 
 Needs XLA's GPU compiler (``make gpu-compiler``). For DeiT-S's heads (6 x 64) and 2 examples, at 197
 tokens (224 px) and 785 (448 px), bf16 and float32: the mask-selection kernel in both loop forms of its
-bisections (rolled, as compiled, and unrolled in Python; only where it fits, ``pallas/mask.py: fits``)
+bisections (rolled, as compiled, and unrolled in Python; only where it fits, ``pallas/topk_mask.py: fits``)
 and the attention's forward, dq and dk/dv kernels; the block-sparse kernels at keep 0.25 with their
 declared FLOPs against the fused dense kernel's. Figures from ``ptxas -v --gpu-name sm_90a`` and XLA's
 launch sequence (``compile.gpu_kernels``). Nothing here is timed.
@@ -31,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 from sparsifiner_jax.attention import bitmask, blocks  # noqa: E402
 from sparsifiner_jax.attention.pallas import attention as pallas_attention  # noqa: E402
 from sparsifiner_jax.attention.pallas import block_sparse  # noqa: E402
-from sparsifiner_jax.attention.pallas import mask as pallas_mask  # noqa: E402
+from sparsifiner_jax.attention.pallas import topk_mask as pallas_topk_mask  # noqa: E402
 from sparsifiner_jax.compile import cost, gpu_kernels, targets  # noqa: E402
 
 B, H, D = 2, 6, 64
@@ -56,22 +56,22 @@ def cases():
   for n in (197, 785):
     for dtype in (jnp.bfloat16, jnp.float32):
       q, weights, basis, packed = _args(n, dtype)
-      if pallas_mask.fits(n, n // 6, D, dtype, "gpu"):
+      if pallas_topk_mask.fits(n, n // 6, D, dtype, "gpu"):
         for unroll in (False, True):
           def mask(q, weights, basis, unroll=unroll):
-            original = pallas_mask._unroll   # pylint: disable=protected-access
-            pallas_mask._unroll = lambda *_: unroll   # pylint: disable=protected-access
+            original = pallas_topk_mask._unroll   # pylint: disable=protected-access
+            pallas_topk_mask._unroll = lambda *_: unroll   # pylint: disable=protected-access
             try:
-              return pallas_mask.lowrank_topk_mask(q, weights, basis, scale=0.125, coef_k=8, k=-(-n // 4),
-                                                   compute_dtype=dtype, backend="gpu")
+              return pallas_topk_mask.lowrank_topk_packed(q, weights, basis, scale=0.125, coef_k=8,
+                                                          k=-(-n // 4), compute_dtype=dtype, backend="gpu")
             finally:
-              pallas_mask._unroll = original   # pylint: disable=protected-access
+              pallas_topk_mask._unroll = original   # pylint: disable=protected-access
           for s in _compile(mask, (q, weights, basis), ("lowrank_topk_mask",)):
             yield dict(n=n, dtype=jnp.dtype(dtype).name, loops="unrolled" if unroll else "rolled",
                        **dataclasses.asdict(s))
 
       def attention_grad(q, k, v, packed):
-        loss = lambda q, k, v: jnp.sum(pallas_attention.sparse_attention(   # noqa: E731
+        loss = lambda q, k, v: jnp.sum(pallas_attention.flash_attention(   # noqa: E731
             q, k, v, packed, scale=D ** -0.5, backend="gpu"))
         return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
       for s in _compile(attention_grad, (q, q, q, packed), ATTENTION):
@@ -93,7 +93,7 @@ def block_cases():
         return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
       def dense_grads(q, k, v):
-        loss = lambda q, k, v: jnp.sum(pallas_attention.sparse_attention(   # noqa: E731
+        loss = lambda q, k, v: jnp.sum(pallas_attention.flash_attention(   # noqa: E731
             q, k, v, None, scale=D ** -0.5, backend="gpu"))
         return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 

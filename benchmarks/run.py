@@ -2,7 +2,7 @@
 
   python benchmarks/run.py                                   # DeiT-S, batch 1 and 8, cases a-e
   python benchmarks/run.py --img-size 448 --cases b          # (b) at 448 px (785 tokens)
-  python benchmarks/run.py --cases masked sparse             # the attention executors vs dense
+  python benchmarks/run.py --cases masked gather             # the attention executors vs dense
   python benchmarks/run.py --append benchmarks/results/HISTORY.md            # also append a dated section
   python benchmarks/run.py --dtype bfloat16                  # bf16 matmuls; torch under autocast
 
@@ -27,7 +27,7 @@ torch sides then run under ``torch.autocast("cpu", torch.bfloat16)``, timm's ``-
   ``logical CPUs x clock x SIMD fp32 lanes x 2 (FMA) x 2 FMA units`` from ``/proc/cpuinfo`` (clock from
   the model name's "@ x GHz", else "cpu MHz", no turbo; the 2 FMA units per core are an assumption, and
   hyperthreads share them);
-* ``masked``, ``sparse``  our Sparsifiner forward with that executor vs our dense forward.
+* ``masked``, ``gather``  our Sparsifiner forward with that executor vs our dense forward.
 
 Method: every side is compiled (jitted, or warmed up twice for torch) first; then, per batch size, all
 sides of the selected cases run in ``--rounds`` rounds, each taking the median of ``--reps`` calls, in an
@@ -75,13 +75,13 @@ from sparsifiner_jax import models, sharding  # noqa: E402
 from sparsifiner_jax.train import phases  # noqa: E402
 from sparsifiner_jax.train.step import make_train_step  # noqa: E402
 
-CASES = ("a", "b", "c", "d", "e", "masked", "sparse")
+CASES = ("a", "b", "c", "d", "e", "masked", "gather")
 DEFAULT_CASES = ("a", "b", "c", "d", "e")
 MIB = 2 ** 20
 
 FLOPS_DEFINITION = ("GFLOP/s: XLA's cost analysis of the compiled program per second. Programs that call "
                     "the CPU kernels (custom calls, 0 FLOPs to XLA): eval forwards count 2 x the analytic "
-                    "MACs (`flops.count`; sparse work for the auto/sparse executors, masked-dense work "
+                    "MACs (`flops.count`; sparse work for the auto/gather executors, masked-dense work "
                     "for masked), train steps are not counted ('-').")
 MEMORY_DEFINITIONS = {
     "xla": "compiled.memory_analysis(): argument + output + temp - alias bytes (params, inputs, optimizer "
@@ -152,7 +152,7 @@ def jax_forward(name: str, model_name: str, batch: int, **kw) -> Side:
   compiled = jax.jit(lambda s, im: nnx.merge(graphdef, s)(im)[0]).lower(state, x).compile()
   compiled(state, x).block_until_ready()
   if _calls_kernels(compiled):   # the analytic count of the work the executor does (FLOPS_DEFINITION)
-    sparse = cfg.executor in ("auto", "sparse")
+    sparse = cfg.executor in ("auto", "gather")
     flops = 2.0 * flops_lib.count(cfg, sparse_kernels=sparse).totals["total"] * batch
   else:
     flops = _flops(compiled)
@@ -319,7 +319,7 @@ def build(args, batch: int) -> tuple[dict[str, Side], list[Comparison]]:
     comps.append(Comparison("c", sparsifiner(args.executor, args.token_keep_rate), dense(), "img/s",
                             f"keep {k} + token keep {args.token_keep_rate} at layers "
                             f"{tuple(args.token_layers)} / dense (>1: sparse faster)"))
-  for ex in ("masked", "sparse"):
+  for ex in ("masked", "gather"):
     if ex in cases:
       comps.append(Comparison(ex, sparsifiner(ex), dense(), "img/s",
                               f"Sparsifiner keep {k}, {ex} executor / dense (>1: sparse faster)"))

@@ -17,7 +17,7 @@ Methods (``pattern=``):
   0.25). Fibottention has no budget option and keeps its own rule (9.9 % on vit_digits).
 
 Other arguments: ``fill`` (neg_inf | zero_logit), ``mode`` (sparse_transformer: strided | fixed),
-``variant`` (window: clip | neighborhood), ``executor`` (auto | masked | sparse | sigmoid; default
+``variant`` (window: clip | neighborhood), ``executor`` (auto | masked | gather | sigmoid; default
 ``auto``, the models' own default: the CPU kernels where they apply), ``scratch``.
 
 Schedule: every method starts from the dense digits teacher and trains for ``epochs`` (0: 25, the
@@ -38,7 +38,7 @@ def method_name(a) -> str:
   tags = [t for t in (a.mode, a.variant) if t]
   if a.fill != "neg_inf":
     tags.append(a.fill)
-  if a.executor not in ("auto", "masked", "sparse") and a.pattern != "sigmoid":   # same outputs
+  if a.executor not in ("auto", "masked", "gather") and a.pattern != "sigmoid":   # same outputs
     tags.append(a.executor)
   return a.pattern + (f"({','.join(tags)})" if tags else "")
 

@@ -5,7 +5,7 @@
     ``JAX_PLATFORMS=cpu``, ``CPU_COLLECTIVES=0`` turns off gloo CPU collectives (``cli``).
   * ``LEASE_SECONDS``: a bucket workdir's lease length (``train.workdir``).
   * ``PALLAS``, ``CPU_KERNELS``, ``CACHE``: the attention backend, the CPU kernels' switch and build
-    cache (``attention.backend``, ``attention.kernels``).
+    cache (``attention.backend``, ``attention.cpu``).
 
 The names in :data:`RENAMED` were ``SPARSIFINER_<NAME>`` until 0.1.0. The old names are still read in
 0.1.x, each with a one-line warning on stderr (once per process), and no longer from 0.2.

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from sparsifiner_jax.evaluation import flops
-from sparsifiner_jax.attention import kernels
+from sparsifiner_jax.attention import cpu
 from sparsifiner_jax import models
 from sparsifiner_jax.io import state_dict
 
@@ -60,7 +60,7 @@ def _check_result(result, path, md, cases):
 
 def test_benchmark_jax_cases_tiny(tmp_path):
   out, md = tmp_path / "b.json", tmp_path / "B.md"
-  cases = ["b", "c", "e", "masked", "sparse"]
+  cases = ["b", "c", "e", "masked", "gather"]
   # --executor masked: b then is the `masked` case's pair, listed once (the default, auto, is covered by
   # the torch test's d case and by test_benchmark_bfloat16_tiny).
   result = bench.main(TINY + ["--cases", *cases, "--executor", "masked", "--json", str(out),
@@ -68,9 +68,9 @@ def test_benchmark_jax_cases_tiny(tmp_path):
   data = _check_result(result, out, md, cases)
   cases_run = [r["case"] for r in data["rows"]]
   assert cases_run == ["sparsifiner@0.25/masked", "dense", "sparsifiner@0.25+tok0.7/masked",
-                       "sparsifiner@0.25/sparse", "matmul 128"]
+                       "sparsifiner@0.25/gather", "matmul 128"]
   ids = [c["id"] for c in data["comparisons"]]
-  assert ids[:4] == ["b,masked", "c", "sparse", "e"]   # b and masked are the same pair, listed once
+  assert ids[:4] == ["b,masked", "c", "gather", "e"]   # b and masked are the same pair, listed once
   tok = data["rows"][2]
   assert tok["gflop_per_img"] < data["rows"][1]["gflop_per_img"]   # token dropping shortens the sequence
   if data["peak"]["theoretical_gflops"]:
@@ -102,7 +102,7 @@ def test_benchmark_bfloat16_tiny(tmp_path, timm):
   data = _check_result(result, out, md, ["a", "b", "d", "e"])
   assert data["dtype"] == "bfloat16" and "px, bfloat16" in md.read_text()
   assert data["peak"]["theoretical_gflops"] is None          # the formula is fp32 only
-  if kernels.kernel_status()["available"]:   # XLA would count the kernels' custom calls as 0 FLOPs
+  if cpu.kernel_status()["available"]:   # XLA would count the kernels' custom calls as 0 FLOPs
     cfg = models.get_config("vit_test", keep_rate=0.25, dtype="bfloat16")
     want = 2 * flops.count(cfg).totals["total"] / 1e9        # the analytic count instead, per image
     assert [r["gflop_per_img"] for r in data["rows"] if r["case"] == "sparsifiner@0.25/auto"] == [

@@ -134,3 +134,29 @@ def test_no_reference_to_files_outside_the_repository(path):
         if needle in text:
           hits.append(f"{f.relative_to(ROOT)}: {needle}")
   assert not hits, "\n".join(hits)
+
+
+def test_renamed_modules_import_under_their_new_names():
+  # Issue 28's renames: each module and function under its one name, the old names gone.
+  import importlib
+
+  cpu = importlib.import_module("sparsifiner_jax.attention.cpu")
+  topk_mask = importlib.import_module("sparsifiner_jax.attention.pallas.topk_mask")
+  common = importlib.import_module("sparsifiner_jax.attention.pallas.common")
+  pallas_attention = importlib.import_module("sparsifiner_jax.attention.pallas.attention")
+  selection = importlib.import_module("sparsifiner_jax.attention.selection")
+  executors = importlib.import_module("sparsifiner_jax.attention.executors")
+  patterns = importlib.import_module("sparsifiner_jax.attention.patterns")
+  for module, name in [(cpu, "sparse_row_attention"), (cpu, "lowrank_topk_mask"),
+                       (topk_mask, "lowrank_topk_packed"), (pallas_attention, "flash_attention"),
+                       (common, "round_up"), (common, "next_pow2"), (selection, "predictor_mask"),
+                       (executors, "gather_attention"), (patterns, "index_table")]:
+    assert callable(getattr(module, name)), f"{module.__name__}.{name}"
+  for module, old in [(cpu, "sparse_attention"), (topk_mask, "lowrank_topk_mask"),
+                      (pallas_attention, "sparse_attention"), (executors, "sparse_attention"),
+                      (patterns, "pack_rows")]:
+    assert not hasattr(module, old), f"{module.__name__}.{old} is still defined"
+  assert executors.EXECUTORS["gather"] is executors.gather_attention and "sparse" not in executors.EXECUTORS
+  for gone in ("sparsifiner_jax.attention.kernels", "sparsifiner_jax.attention.pallas.mask"):
+    with pytest.raises(ModuleNotFoundError):
+      importlib.import_module(gone)

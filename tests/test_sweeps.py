@@ -54,11 +54,11 @@ def test_load_sweep_errors(tmp_path):
 
 
 def test_to_flags_and_run_names():
-  overrides = {"model.keep_rate": 0.25, "model.coef_topk": 8, "model.executor": "sparse",
+  overrides = {"model.keep_rate": 0.25, "model.coef_topk": 8, "model.executor": "gather",
                "model.signed_basis": True, "input.rrc_scale": (0.08, 1.0), "init": None}
   assert sweeps.to_flags(overrides) == [
       "--config.model.keep_rate=0.25", "--config.model.coef_topk=8",
-      "--config.model.executor=sparse", "--config.model.signed_basis=True",
+      "--config.model.executor=gather", "--config.model.signed_basis=True",
       "--config.input.rrc_scale=(0.08,1.0)", "--config.init=None"]
   assert sweeps.run_name({"model.keep_rate": 0.25, "model.coef_topk": 8}) == "keep_rate=0.25,coef_topk=8"
   assert sweeps.run_name({"init": "a/b c"}) == "init=a_b_c"

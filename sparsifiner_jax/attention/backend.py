@@ -24,12 +24,14 @@ class Target:
   interpret: bool = False
 
 
-_TARGET: contextvars.ContextVar[Target | None] = contextvars.ContextVar("sparsifiner_target", default=None)
+# The platform ``compiling_for`` traces for (None: the default backend).
+_TRACE_TARGET: contextvars.ContextVar[Target | None] = contextvars.ContextVar("sparsifiner_trace_target",
+                                                                            default=None)
 
 
 def target() -> Target:
   """The platform being traced for (``compiling_for``'s, else the default backend's)."""
-  override = _TARGET.get()
+  override = _TRACE_TARGET.get()
   if override is not None:
     return override
   platform = jax.default_backend()
@@ -47,8 +49,8 @@ def compiling_for(platform: str, *, interpret: bool = False):
   """Traces attention for ``platform`` (``"cpu"``, ``"tpu"`` or ``"gpu"``) inside the block."""
   if platform not in PLATFORMS:
     raise ValueError(f"unknown platform {platform!r}; allowed: {PLATFORMS}")
-  token = _TARGET.set(Target(platform, interpret))
+  token = _TRACE_TARGET.set(Target(platform, interpret))
   try:
     yield
   finally:
-    _TARGET.reset(token)
+    _TRACE_TARGET.reset(token)

@@ -2,18 +2,18 @@
 (products in q/v's dtype, logits, softmax and ``out`` in float32 -- ``precision.mixed_einsum``):
 
 * ``auto``   -- the default: the fastest per backend. On CPU the C++ sparse-row kernel
-  (``kernels.sparse_attention``) and its backward kernel over the same kept entries; on TPU and GPU the
+  (``cpu.sparse_row_attention``) and its backward kernel over the same kept entries; on TPU and GPU the
   fused Pallas kernel (``pallas.attention``: flash-style, the mask applied on chip, forward and backward)
   run per batch shard; ``masked`` where neither applies.
 * ``dense``  -- plain softmax attention in XLA; ignores the mask.
 * ``fused``  -- the Pallas kernel, on TPU and GPU only: over the mask's packed rows, or dense (a model
   without a mask) with no mask read at all.
+* ``gather`` -- computes only the kept entries, in XLA: gathers the kept keys/values per row and reduces
+  with segment ops (``jax.ops.segment_max``/``segment_sum``) over the flattened edge list, so the work is
+  proportional to the number of kept entries, not to N^2.
 * ``masked`` -- the reference: dense logits, ``-inf`` outside the mask, softmax, rows with no kept key
   return 0 (the official code's ``nan_to_num``).
 * ``sigmoid`` -- sigmoid attention (weights ``sigmoid(logit - log N)``, not normalised), masked-dense.
-* ``sparse`` -- computes only the kept entries: gathers the kept keys/values per row and reduces with
-  segment ops (``jax.ops.segment_max``/``segment_sum``) over the flattened edge list, so the work is
-  proportional to the number of kept entries, not to N^2.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from sparsifiner_jax import sharding
-from sparsifiner_jax.attention import backend, bitmask, kernels
+from sparsifiner_jax.attention import backend, bitmask, cpu
 from sparsifiner_jax.attention.mask import AttentionMask
 from sparsifiner_jax.attention.pallas import attention as pallas_attention
 from sparsifiner_jax.attention.pallas import block_sparse as pallas_block_sparse
@@ -94,8 +94,9 @@ def masked_attention(q: Array, k: Array, v: Array, mask: AttentionMask | None) -
   return weighted_values(probs, v)
 
 
-def sparse_attention(q: Array, k: Array, v: Array, mask: AttentionMask | None) -> Array:
-  """Computes only the kept entries: per-row gathers, then segment softmax over the edge list."""
+def gather_attention(q: Array, k: Array, v: Array, mask: AttentionMask | None) -> Array:
+  """The ``gather`` executor: only the kept entries, in XLA: per-row gathers of k and v, then a segment
+  softmax over the edge list. ``[B, N, H, d] -> [B, N, H, d]`` float32."""
   if mask is None:
     return dense_attention(q, k, v)
   if mask.fill != "neg_inf":          # every key takes part: nothing to skip
@@ -142,7 +143,7 @@ def auto_attention(q: Array, k: Array, v: Array, mask: AttentionMask | None) -> 
 
   * TPU, GPU: the fused Pallas kernel over the mask's packed rows (``fill="neg_inf"`` masks; simulated
     token pruning is folded into the packed rows), per batch shard;
-  * CPU: the sparse-row kernel (``kernels.sparse_attention``: only kept entries, about 3x faster than
+  * CPU: the sparse-row kernel (``cpu.sparse_row_attention``: only kept entries, about 3x faster than
     dense attention at keep 0.25 for DeiT-S) and its backward kernel over the same kept entries;
   * ``masked`` otherwise (``fill="zero_logit"``; ``key_valid`` on CPU; ``SPARSIFINER_JAX_PALLAS=0``).
   """
@@ -159,7 +160,7 @@ def auto_attention(q: Array, k: Array, v: Array, mask: AttentionMask | None) -> 
   def reference(q, k, v, keep):
     return masked_attention(q, k, v, dataclasses.replace(mask, keep=keep))
 
-  return kernels.sparse_attention(q, k, v, mask.sparse_rows(), num_dense_rows=nd,
+  return cpu.sparse_row_attention(q, k, v, mask.sparse_rows(), num_dense_rows=nd,
                                   scale=q.shape[-1] ** -0.5, reference=reference)
 
 
@@ -173,7 +174,7 @@ def fused_attention(q: Array, k: Array, v: Array, mask: AttentionMask) -> Array:
   packed = mask.packed_rows()
 
   def run(q, k, v, packed):
-    return pallas_attention.sparse_attention(q, k, v, packed, scale=q.shape[-1] ** -0.5,
+    return pallas_attention.flash_attention(q, k, v, packed, scale=q.shape[-1] ** -0.5,
                                              backend=target.platform, interpret=target.interpret)
 
   return sharding.per_batch_shard(run, (q, k, v, packed), (True, True, True, packed.shape[0] > 1))
@@ -206,7 +207,7 @@ def fused_dense_attention(q: Array, k: Array, v: Array, key_valid: Array | None 
   target = backend.target()
 
   def run(q, k, v, *packed):
-    return pallas_attention.sparse_attention(q, k, v, packed[0] if packed else None,
+    return pallas_attention.flash_attention(q, k, v, packed[0] if packed else None,
                                              scale=q.shape[-1] ** -0.5, backend=target.platform,
                                              interpret=target.interpret)
 
@@ -244,8 +245,8 @@ EXECUTORS: dict[str, Executor] = {
     "auto": auto_attention,
     "dense": dense_attention,
     "fused": fused_masked_attention,
+    "gather": gather_attention,
     "masked": masked_attention,
-    "sparse": sparse_attention,
 }
 
 

@@ -38,7 +38,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from sparsifiner_jax.attention import bitmask, kernels
+from sparsifiner_jax.attention import bitmask, cpu
 
 Array = jax.Array
 FILLS = ("neg_inf", "zero_logit")
@@ -160,12 +160,12 @@ def topk_mask(scores: Array, k: int, num_dense_rows: int = 1) -> AttentionMask:
   """Keeps the ``k`` highest ``scores [B, H, R, N]`` per row (ties: lowest index first).
 
   ``R`` are the sparse query rows (the dense leading rows are not scored). The selection is
-  ``kernels.topk_keep_mask`` (a radix select on CPU); the mask is built from it by ``keep_mask``.
+  ``cpu.topk_keep_mask`` (a radix select on CPU); the mask is built from it by ``keep_mask``.
   """
   n = scores.shape[-1]
   if not 1 <= k <= n:
     raise ValueError(f"top-k budget k={k} must be in [1, {n}] (the number of keys)")
-  return keep_mask(kernels.topk_keep_mask(scores, k), k, num_dense_rows)
+  return keep_mask(cpu.topk_keep_mask(scores, k), k, num_dense_rows)
 
 
 def keep_mask(keep: Array, k: int, num_dense_rows: int = 1) -> AttentionMask:

@@ -181,7 +181,7 @@ class StaticPattern(Pattern):
         num_dense_rows=self.num_dense_rows, num_keys=self.num_tokens, fill=self.fill)
 
 
-def pack_rows(keep: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+def index_table(keep: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
   """Bool ``[..., R, N]`` -> ascending kept columns ``[..., R, K]`` (K = max per row) and ``valid``."""
   counts = keep.sum(-1)
   width = max(int(counts.max(initial=0)), 1)
@@ -193,7 +193,7 @@ def pack_rows(keep: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
 
 @functools.lru_cache(maxsize=256)
 def _static_tables(pattern: StaticPattern) -> tuple[np.ndarray, np.ndarray | None]:
-  tables = pack_rows(pattern.keep())
+  tables = index_table(pattern.keep())
   for t in tables:
     if t is not None:
       t.flags.writeable = False          # shared by every caller of the cache

@@ -26,10 +26,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparsifiner_jax import precision, sharding
-from sparsifiner_jax.attention import backend, blocks, kernels
+from sparsifiner_jax import precision
+from sparsifiner_jax.attention import blocks, cpu, selection
 from sparsifiner_jax.attention import mask as mask_lib
-from sparsifiner_jax.attention.pallas import mask as pallas_mask
 
 Array = jax.Array
 
@@ -85,7 +84,7 @@ class MaskPredictor(nnx.Module):
     raw k ``[B, N, H, d]``.
 
     ``proj_n`` is ``[1|B, N, m]`` (``token_rows``); the products' operands are rounded to the compute
-    dtype, as the products take them (the same for ``kernels.lowrank_topk_mask``). Token sparsity:
+    dtype, as the products take them (the same for ``cpu.lowrank_topk_mask``). Token sparsity:
     ``token_index [B, N]`` gives the original positions of a shortened sequence (the token-sized
     parameters are gathered at them); ``key_keep [B, N] bool`` marks the live tokens of a full-length one
     (pruned keys contribute nothing to K̂, as in the official code).
@@ -127,10 +126,10 @@ class MaskPredictor(nnx.Module):
     (dense attention).
 
     With token sparsity the budget is capped at the ``kept_patches`` live patch tokens (the official
-    code's cap) and pruned keys (``key_keep`` False) are never selected. Without ``key_keep`` the mask
-    comes from one fused pass that writes only the mask (``approx_attn`` is then only computed if the
-    caller uses it): on TPU and GPU the Pallas kernel (``pallas.mask``, bit-packed rows), on CPU
-    ``kernels.lowrank_topk_mask``.
+    code's cap) and pruned keys (``key_keep`` False) are never selected. ``selection.predictor_mask``
+    chooses how the mask is computed: without ``key_keep``, one fused pass that writes only the mask
+    (``approx_attn`` is then only computed if the caller uses it; TPU and GPU: the Pallas kernel, bit-packed
+    rows; CPU: the C++ kernel); else, or without kernels, the top-k of ``approx_attn`` in XLA.
     """
     q, k = qkv[:, :, 0], qkv[:, :, 1]
     factors = self.factors(k, token_index=token_index, key_keep=key_keep)
@@ -143,20 +142,11 @@ class MaskPredictor(nnx.Module):
     if recon:
       return None, approx
     budget = self.budget if kept_patches is None else min(self.budget, kept_patches)
-    if key_keep is None and backend.pallas_enabled() and pallas_mask.fits(
-        q.shape[1], weights.shape[-1], q.shape[-1], self.dtype, backend.target().platform):
-      packed = self.fused_mask(q, weights, basis, budget)
-      return mask_lib.packed_mask(packed, budget, num_dense_rows=1), approx
-    if key_keep is None:
-      # In XLA (other backends, no kernels) the mask comes from the logits above.
-      keep = kernels.lowrank_topk_mask(
-          qkv.astype(self.dtype), *factors[1:], token_rows(self.proj_back_n[...], token_index),
-          first_row=1, scale=self.logit_scale, coef_k=self.coef_topk, k=budget,
-          basis_threshold=self.basis_threshold, signed_basis=self.signed_basis, compute_dtype=self.dtype,
-          reference=lambda *_: kernels.topk_keep_mask(self.combine(logits, basis, recon=False), budget))
-      return mask_lib.keep_mask(keep, budget, num_dense_rows=1), approx
-    scores = jnp.where(key_keep[:, None, None, :], jax.lax.stop_gradient(approx), -jnp.inf)
-    return mask_lib.topk_mask(scores, budget, num_dense_rows=1), approx
+    mask = selection.predictor_mask(
+        qkv, factors, weights, basis, token_rows(self.proj_back_n[...], token_index), approx, k=budget,
+        scale=self.logit_scale, coef_k=self.coef_topk, basis_threshold=self.basis_threshold,
+        signed_basis=self.signed_basis, compute_dtype=self.dtype, key_keep=key_keep)
+    return mask, approx
 
   def block_mask(self, q: Array, weights: Array, recon: bool, token_index: Array | None,
                  key_keep: Array | None) -> tuple[mask_lib.AttentionMask | None, Array]:
@@ -178,25 +168,10 @@ class MaskPredictor(nnx.Module):
     table = blocks.select(scores, blocks.budget(self.keep_rate, n, self.block))
     return blocks.block_mask(table, n, self.block, num_dense_rows=1), scores
 
-  def fused_mask(self, q: Array, weights: Array, basis: Array, budget: int) -> Array:
-    """The packed mask ``[B, H, ceil(N / 32), N] int32`` (CLS row dense) in one Pallas pass for
-    ``backend.target()``, per batch shard, from raw q ``[B, N, H, d]``, ``query_weights(...)``
-    ``[B, H, d + 1, m]`` and the sparse ``basis_rows`` (``[m, N]`` or ``[B, m, N]``). No gradient: a
-    selection."""
-    target = backend.target()
-
-    def run(q, weights, basis):
-      return pallas_mask.lowrank_topk_mask(
-          q, weights, basis, scale=self.logit_scale, coef_k=self.coef_topk, k=budget, num_dense_rows=1,
-          compute_dtype=self.dtype, backend=target.platform, interpret=target.interpret)
-
-    args = jax.lax.stop_gradient((q, weights, basis))
-    return sharding.per_batch_shard(run, args, (True, True, basis.ndim == 3))
-
 
 def threshold_basis(basis: Array, threshold: float, signed: bool = False) -> Array:
   """The sparse-mode basis ``T(|W_upᵀ|)``: entries with ``|x| > threshold`` kept (``|x|``, or ``x`` when
-  ``signed``), the rest 0; any shape. ``kernels.lowrank_topk_mask`` applies the same rule."""
+  ``signed``), the rest 0; any shape. ``cpu.lowrank_topk_mask`` applies the same rule."""
   magnitude = jnp.abs(basis)
   return jnp.where(magnitude > threshold, basis if signed else magnitude, 0.0)
 
@@ -224,7 +199,7 @@ def query_weights(keys: Array, proj_n: Array, w_k: Array, b_k: Array, w_q: Array
 
   The coefficients' logits are ``q_r K̂`` with ``q_r = q W_q + b_q``, ``K̂ = (k W_k + b_k)ᵀ P``. Computed
   reassociated, ``q (W_q K̂) + b_q K̂``: the same products without projecting every token to c dims
-  first (two thin matmuls and their copies). ``kernels.lowrank_topk_mask`` computes the same on CPU.
+  first (two thin matmuls and their copies). ``cpu.lowrank_topk_mask`` computes the same on CPU.
   """
   mm = lambda spec, a, b: precision.mixed_einsum(spec, a, b, dtype)   # noqa: E731
   spec = "bnhd,nm->bhdm" if proj_n.shape[0] == 1 else "bnhd,bnm->bhdm"
@@ -240,4 +215,4 @@ def keep_topk_values(x: Array, k: int, by: Array | None = None) -> Array:
   ties: lowest index), ranked by ``by`` (same shape; default ``x``). Gradients flow to the kept entries."""
   if k >= x.shape[-1]:
     return x
-  return jnp.where(kernels.topk_keep_mask(x if by is None else by, k), x, jnp.zeros_like(x))
+  return jnp.where(cpu.topk_keep_mask(x if by is None else by, k), x, jnp.zeros_like(x))

@@ -1,4 +1,4 @@
-"""The CPU kernels (``sparsifiner_jax.attention.kernels``).
+"""The CPU kernels (``sparsifiner_jax.attention.cpu``).
 
 Build status and fallbacks; the top-k mask kernel's exact agreement with the ``lax.top_k`` reference
 (ties, infinities, signed zeros, NaN), jit/vmap, gradients through ``keep_topk_values``; the fused
@@ -18,11 +18,11 @@ import pytest
 from flax import nnx
 
 from sparsifiner_jax import attention as attn_lib
-from sparsifiner_jax.attention import kernels
+from sparsifiner_jax.attention import cpu
 from sparsifiner_jax import models
 from sparsifiner_jax.models import predictor
 
-TARGET = "sparsifiner_topk_mask"  # the FFI target name registered by kernels._load
+TOPK_TARGET = "sparsifiner_topk_mask"  # the FFI target name registered by cpu._load
 
 
 def _ks(n):
@@ -31,7 +31,7 @@ def _ks(n):
 
 @functools.partial(jax.jit, static_argnums=1)
 def _kernel_and_reference(x, ks):
-  return [(kernels.topk_keep_mask(x, k), kernels.topk_keep_mask_xla(x, k)) for k in ks]
+  return [(cpu.topk_keep_mask(x, k), cpu.topk_keep_mask_xla(x, k)) for k in ks]
 
 
 def _check(x, ks=None):
@@ -39,7 +39,7 @@ def _check(x, ks=None):
   the kernel masks."""
   ks, masks = tuple(ks or _ks(x.shape[-1])), []
   traced = _kernel_and_reference.trace(x, ks)
-  assert TARGET in str(traced.jaxpr)                    # else kernel == reference would be vacuous
+  assert TOPK_TARGET in str(traced.jaxpr)                    # else kernel == reference would be vacuous
   for k, (got, want) in zip(ks, traced.lower().compile()(x)):
     got = np.asarray(got)
     assert got.dtype == np.bool_ and got.shape == x.shape
@@ -50,14 +50,14 @@ def _check(x, ks=None):
 
 
 def _uses_kernel(fn, *args):
-  return TARGET in str(jax.make_jaxpr(fn)(*args))
+  return TOPK_TARGET in str(jax.make_jaxpr(fn)(*args))
 
 
 @pytest.fixture
 def needs_kernel():
   """Comparing the kernel with the reference needs the kernel (test_kernel_status_on_this_machine
   asserts it is built wherever a compiler exists)."""
-  status = kernels.kernel_status()
+  status = cpu.kernel_status()
   if not status["available"]:
     pytest.skip(f"CPU kernel not available: {status['reason']}")
 
@@ -65,7 +65,7 @@ def needs_kernel():
 @pytest.fixture
 def no_kernel(monkeypatch):
   """Forces the XLA fallback, as when the kernel cannot be built (``_load`` is read at trace time)."""
-  monkeypatch.setattr(kernels, "_load", lambda: False)
+  monkeypatch.setattr(cpu, "_load", lambda: False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -73,7 +73,7 @@ def no_kernel(monkeypatch):
 
 
 def test_kernel_status_on_this_machine():
-  status = kernels.kernel_status()
+  status = cpu.kernel_status()
   cxx = os.environ.get("CXX", "g++")
   if os.environ.get("SPARSIFINER_JAX_CPU_KERNELS", "1") == "0":
     assert not status["available"] and "SPARSIFINER_JAX_CPU_KERNELS" in status["reason"]
@@ -84,40 +84,40 @@ def test_kernel_status_on_this_machine():
     assert status["available"], status["reason"]
     assert status["reason"].startswith("loaded ") and status["reason"].endswith(".so")
     x = jnp.arange(6.0).reshape(2, 3)
-    assert _uses_kernel(lambda x: kernels.topk_keep_mask(x, 2), x)
+    assert _uses_kernel(lambda x: cpu.topk_keep_mask(x, 2), x)
 
 
 @pytest.mark.parametrize("cxx,reason", [("/nonexistent/c++", "no C++ compiler"), ("false", "failed")])
 def test_unbuildable_kernel_reports_why(monkeypatch, tmp_path, cxx, reason):
   """No compiler on PATH, or a compiler that fails: ``_load`` returns False and the status says why."""
-  monkeypatch.setattr(kernels, "_status", {"available": False, "reason": "not loaded yet"})
+  monkeypatch.setattr(cpu, "_status", {"available": False, "reason": "not loaded yet"})
   monkeypatch.delenv("SPARSIFINER_JAX_CPU_KERNELS", raising=False)
   monkeypatch.setenv("CXX", cxx)
   monkeypatch.setenv("SPARSIFINER_JAX_CACHE", str(tmp_path))   # no cached library to reuse
-  assert kernels._load.__wrapped__() is False
-  assert not kernels._status["available"]
-  assert reason in kernels._status["reason"]
+  assert cpu._load.__wrapped__() is False
+  assert not cpu._status["available"]
+  assert reason in cpu._status["reason"]
   assert not list(tmp_path.rglob("*.so"))
 
 
 def test_env_var_disables_kernel(monkeypatch):
-  monkeypatch.setattr(kernels, "_status", {"available": True, "reason": "stale"})
+  monkeypatch.setattr(cpu, "_status", {"available": True, "reason": "stale"})
   monkeypatch.setenv("SPARSIFINER_JAX_CPU_KERNELS", "0")
-  assert kernels._load.__wrapped__() is False
-  assert kernels._status == {"available": False,
+  assert cpu._load.__wrapped__() is False
+  assert cpu._status == {"available": False,
                              "reason": "disabled by SPARSIFINER_JAX_CPU_KERNELS=0"}
 
 
 def test_fallback_path_is_the_reference(no_kernel):
   x = jax.random.normal(jax.random.key(0), (4, 20))
-  assert not _uses_kernel(lambda x: kernels.topk_keep_mask(x, 5), x)
-  np.testing.assert_array_equal(kernels.topk_keep_mask(x, 5), kernels.topk_keep_mask_xla(x, 5))
+  assert not _uses_kernel(lambda x: cpu.topk_keep_mask(x, 5), x)
+  np.testing.assert_array_equal(cpu.topk_keep_mask(x, 5), cpu.topk_keep_mask_xla(x, 5))
 
 
 @pytest.mark.parametrize("k", [0, -1, 11])
 def test_bad_k_raises(k):
   with pytest.raises(ValueError, match=r"top-k budget k=.* must be in \[1, 10\]"):
-    kernels.topk_keep_mask(jnp.zeros((3, 10)), k)
+    cpu.topk_keep_mask(jnp.zeros((3, 10)), k)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -180,9 +180,9 @@ def test_bfloat16_input():
 @pytest.mark.usefixtures("needs_kernel")
 def test_under_jit_is_the_custom_call():
   x = np.round(np.random.default_rng(5).normal(size=(3, 4, 12, 13)) * 2).astype(np.float32) / 2
-  f = jax.jit(kernels.topk_keep_mask, static_argnums=1)
-  assert f'custom_call_target="{TARGET}"' in f.lower(x, 3).compile().as_text()
-  np.testing.assert_array_equal(f(x, 3), kernels.topk_keep_mask_xla(x, 3))
+  f = jax.jit(cpu.topk_keep_mask, static_argnums=1)
+  assert f'custom_call_target="{TOPK_TARGET}"' in f.lower(x, 3).compile().as_text()
+  np.testing.assert_array_equal(f(x, 3), cpu.topk_keep_mask_xla(x, 3))
 
 
 @pytest.mark.usefixtures("needs_kernel")
@@ -194,8 +194,8 @@ def test_under_vmap():
   def run(x):
     out = []
     for k in ks:
-      f = lambda r, k=k: kernels.topk_keep_mask(r, k)
-      out.append((kernels.topk_keep_mask_xla(x, k), jax.vmap(f)(x),
+      f = lambda r, k=k: cpu.topk_keep_mask(r, k)
+      out.append((cpu.topk_keep_mask_xla(x, k), jax.vmap(f)(x),
                   jax.vmap(f, in_axes=1, out_axes=1)(x), jax.vmap(jax.vmap(f))(x),
                   jnp.swapaxes(jax.vmap(f, in_axes=1)(x), 0, 1)))
     return out
@@ -236,11 +236,11 @@ def test_keep_topk_values_gradient(jit):
   x = jnp.asarray(np.random.default_rng(8).normal(size=(2, 3, 10, 16)), jnp.float32)
   k = 5
   loss = lambda x, k=k: jnp.sum(predictor.keep_topk_values(x, k) ** 2)
-  assert TARGET in str(jax.make_jaxpr(jax.grad(loss))(x))
+  assert TOPK_TARGET in str(jax.make_jaxpr(jax.grad(loss))(x))
 
   def run(x):
     return (jax.grad(loss)(x), predictor.keep_topk_values(x, k), jax.grad(loss)(x, 16),
-            kernels.topk_keep_mask_xla(x, k))
+            cpu.topk_keep_mask_xla(x, k))
 
   grad, values, grad_all, keep = map(np.asarray, (jax.jit(run) if jit else run)(x))
   assert keep.sum() == x.size // 16 * k
@@ -255,14 +255,14 @@ def test_keep_topk_values_gradient(jit):
 
 
 def _forward_fn(graphdef):
-  """A fresh function each call, so jit re-traces (and re-reads ``kernels._load``)."""
+  """A fresh function each call, so jit re-traces (and re-reads ``cpu._load``)."""
   def fwd(state, x):
     logits, aux = nnx.merge(graphdef, state)(x)
     return logits, aux["masks"][-1].to_dense()
   return fwd
 
 
-KERNEL_TARGETS = {"topk": TARGET, "lowrank": "sparsifiner_lowrank_topk_mask",
+KERNEL_TARGETS = {"topk": TOPK_TARGET, "lowrank": "sparsifiner_lowrank_topk_mask",
                   "attention": "sparsifiner_sparse_attention"}
 
 
@@ -286,7 +286,7 @@ def test_model_forward_same_with_and_without_kernel(monkeypatch, kw, used):
   assert {name for name, target in KERNEL_TARGETS.items() if target in jaxpr} == used
   logits, dense = traced.lower().compile()(state, x)
 
-  monkeypatch.setattr(kernels, "_load", lambda: False)
+  monkeypatch.setattr(cpu, "_load", lambda: False)
   traced = jax.jit(_forward_fn(graphdef)).trace(state, x)
   assert not any(target in str(traced.jaxpr) for target in KERNEL_TARGETS.values())
   logits_xla, dense_xla = traced.lower().compile()(state, x)
@@ -305,7 +305,7 @@ def _batch_sharded(shape=(16, 3, 24, 25), k=6):
                 f"{jax.device_count()}")
   mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   data = jax.sharding.NamedSharding(mesh, jax.P("data"))
-  f = jax.jit(lambda x: kernels.topk_keep_mask(x, k), in_shardings=data, out_shardings=data)
+  f = jax.jit(lambda x: cpu.topk_keep_mask(x, k), in_shardings=data, out_shardings=data)
   x = jnp.round(jax.random.normal(jax.random.key(10), shape) * 4) / 4
   return f, jax.device_put(x, data), x, k
 
@@ -316,8 +316,8 @@ def test_batch_sharded_matches_reference():
   out = f(xs)
   assert len(out.sharding.device_set) == jax.device_count()
   assert out.sharding.spec == jax.P("data")
-  np.testing.assert_array_equal(out, kernels.topk_keep_mask_xla(x, k))
-  assert f'custom_call_target="{TARGET}"' in f.lower(xs).compile().as_text()
+  np.testing.assert_array_equal(out, cpu.topk_keep_mask_xla(x, k))
+  assert f'custom_call_target="{TOPK_TARGET}"' in f.lower(xs).compile().as_text()
 
 
 @pytest.mark.usefixtures("needs_kernel")
@@ -326,7 +326,7 @@ def test_batch_sharded_kernel_runs_per_shard():
   operand and runs on each device's examples, with nothing gathered."""
   f, xs, x, _ = _batch_sharded()
   hlo = f.lower(xs).compile().as_text()
-  calls = [line for line in hlo.splitlines() if f'custom_call_target="{TARGET}"' in line]
+  calls = [line for line in hlo.splitlines() if f'custom_call_target="{TOPK_TARGET}"' in line]
   assert calls
   local = x.shape[0] // jax.device_count()
   for line in calls:
@@ -339,11 +339,11 @@ def test_float64_input_keeps_its_precision():
   """The kernel compares in float32; float64 rows that only differ below that take the XLA path."""
   with jax.enable_x64(True):
     x = jnp.array([[1.0, 1.0 + 1e-12, 0.0]], jnp.float64)
-    assert kernels.topk_keep_mask(x, 1).tolist() == [[False, True, False]]
+    assert cpu.topk_keep_mask(x, 1).tolist() == [[False, True, False]]
 
 
 # ------------------------------------------------------------------------------------------------
-# The sparse attention kernel (kernels.sparse_attention, the `auto` executor on CPU) against the
+# The sparse attention kernel (cpu.sparse_row_attention, the `auto` executor on CPU) against the
 # masked reference in float32: 1e-5 (unit-normal q, k, v: measured <= 1e-6 -- dot products summed in
 # another order, and an exp within ~1 ulp of XLA's; with q, k of std 3, i.e. logits of std 9, the
 # conditioning of the softmax grows the difference to ~2e-5).
@@ -371,7 +371,7 @@ def test_sparse_attention_kernel_matches_masked(b, n, h, d, nd, mask_b, mask_h, 
   q, k, v = (jax.random.normal(kk, (b, n, h, d)) for kk in ks[:3])
   keep = jax.random.uniform(ks[3], (mask_b, mask_h, n - nd, n)) < density
   ref = _masked_reference(nd)
-  f = functools.partial(kernels.sparse_attention, num_dense_rows=nd, scale=d ** -0.5, reference=ref)
+  f = functools.partial(cpu.sparse_row_attention, num_dense_rows=nd, scale=d ** -0.5, reference=ref)
   assert ATTENTION_TARGET in str(jax.make_jaxpr(f)(q, k, v, keep))
   out, want = jax.jit(f)(q, k, v, keep), ref(q, k, v, keep)
   assert out.dtype == jnp.float32 and out.shape == q.shape
@@ -396,7 +396,7 @@ def test_sparse_attention_kernel_gradient_matches_masked(b, n, h, d, nd, mask_b,
   ref = _masked_reference(nd)
   w = jax.random.normal(ks[4], q.shape)
   loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v, keep) * w)  # noqa: E731
-  fast = functools.partial(kernels.sparse_attention, num_dense_rows=nd, scale=d ** -0.5, reference=ref)
+  fast = functools.partial(cpu.sparse_row_attention, num_dense_rows=nd, scale=d ** -0.5, reference=ref)
   grad_fast = jax.jit(jax.value_and_grad(loss(fast), argnums=(0, 1, 2)))
   hlo = grad_fast.lower(q, k, v).compile().as_text()
   assert ATTENTION_TARGET + '"' in hlo and ATTENTION_TARGET + '_backward"' in hlo
@@ -410,7 +410,7 @@ def test_sparse_attention_without_kernel_is_the_reference(no_kernel):
   q = k = v = jax.random.normal(jax.random.key(0), (1, 9, 2, 16))
   keep = jnp.ones((1, 2, 8, 9), bool)
   ref = _masked_reference(1)
-  f = functools.partial(kernels.sparse_attention, num_dense_rows=1, scale=0.25, reference=ref)
+  f = functools.partial(cpu.sparse_row_attention, num_dense_rows=1, scale=0.25, reference=ref)
   assert ATTENTION_TARGET not in str(jax.make_jaxpr(f)(q, k, v, keep))
   np.testing.assert_array_equal(f(q, k, v, keep), ref(q, k, v, keep))
 
@@ -421,12 +421,12 @@ def test_sparse_attention_without_kernel_is_the_reference(no_kernel):
 def test_sparse_attention_bad_mask_shape(keep_shape, match):
   q = jnp.zeros((2, 9, 2, 16))
   with pytest.raises(ValueError, match=match):
-    kernels.sparse_attention(q, q, q, jnp.ones(keep_shape, bool), num_dense_rows=1, scale=1.0,
+    cpu.sparse_row_attention(q, q, q, jnp.ones(keep_shape, bool), num_dense_rows=1, scale=1.0,
                              reference=None)
 
 
 # ------------------------------------------------------------------------------------------------
-# The fused low-rank mask kernel (kernels.lowrank_topk_mask) against predictor math in XLA and float64.
+# The fused low-rank mask kernel (cpu.lowrank_topk_mask) against predictor math in XLA and float64.
 
 
 def _lowrank_inputs(b, h, n, d, m, c, proj_b, basis_b, seed, slots=3):
@@ -450,7 +450,7 @@ def _lowrank_reference(coef_k, k, scale, dtype=jnp.float32, threshold=0.02, sign
     coef = predictor.keep_topk_values(jax.nn.softmax(logits, -1), coef_k, by=logits)
     basis = predictor.threshold_basis(jnp.swapaxes(proj_back_n, 1, 2), threshold, signed)
     return jnp.einsum("bhrm,bmn->bhrn", coef, jnp.broadcast_to(basis, (q.shape[0], *basis.shape[1:])))
-  return approx, lambda *args: kernels.topk_keep_mask_xla(approx(*args), k)
+  return approx, lambda *args: cpu.topk_keep_mask_xla(approx(*args), k)
 
 
 def _is_topk(keep, approx, k, tol):
@@ -477,7 +477,7 @@ def test_lowrank_topk_mask_matches_reference(b, h, n, d, m, c, proj_b, basis_b, 
   args = _lowrank_inputs(b, h, n, d, m, c, proj_b, basis_b, seed=m + n, slots=slots)
   scale = 0.4
   _, ref = _lowrank_reference(coef_k, k, scale, signed=signed)
-  f = functools.partial(kernels.lowrank_topk_mask, first_row=1, scale=scale, coef_k=coef_k, k=k,
+  f = functools.partial(cpu.lowrank_topk_mask, first_row=1, scale=scale, coef_k=coef_k, k=k,
                         basis_threshold=0.02, signed_basis=signed, reference=ref)
   assert KERNEL_TARGETS["lowrank"] in str(jax.make_jaxpr(f)(*args))
   got = np.asarray(jax.jit(f)(*args))
@@ -514,9 +514,9 @@ def test_lowrank_topk_mask_bfloat16_products():
   args = (bf(qkv), bf(proj_n), bf(w_k), b_k, bf(w_q), bf(b_q), proj_back_n)   # as the predictor passes them
   kw = dict(first_row=1, scale=0.4, coef_k=8, k=50, basis_threshold=0.02)
   approx16, ref16 = _lowrank_reference(8, 50, 0.4, jnp.bfloat16)
-  got16 = jax.jit(functools.partial(kernels.lowrank_topk_mask, compute_dtype=jnp.bfloat16,
+  got16 = jax.jit(functools.partial(cpu.lowrank_topk_mask, compute_dtype=jnp.bfloat16,
                                     reference=ref16, **kw))(*args)
-  got32 = jax.jit(functools.partial(kernels.lowrank_topk_mask, reference=None, **kw))(*args)
+  got32 = jax.jit(functools.partial(cpu.lowrank_topk_mask, reference=None, **kw))(*args)
   assert _is_topk(got16, approx16(*args), 50, 1e-5)
   assert (np.asarray(got16) != np.asarray(got32)).any()
 
@@ -538,15 +538,15 @@ def test_lowrank_topk_mask_bad_arguments(change, match):
   for key, value in change.items():
     (shapes if key in shapes else kw)[key] = value
   with pytest.raises(ValueError, match=match):
-    kernels.lowrank_topk_mask(*map(jnp.zeros, shapes.values()), reference=None, **kw)
+    cpu.lowrank_topk_mask(*map(jnp.zeros, shapes.values()), reference=None, **kw)
 
 
 def test_batch_sharded_train_step_runs_the_kernels_per_shard():
   """On 8 devices with the batch sharded, the CPU kernels run inside shard_map: the compiled distill step
   gathers no activations (params are replicated, so an all-gather could only be around a kernel); without
   the context mesh XLA gathers the kernels' operands."""
-  if not kernels.kernel_status()["available"]:
-    pytest.skip(f"CPU kernels unavailable: {kernels.kernel_status()['reason']}")
+  if not cpu.kernel_status()["available"]:
+    pytest.skip(f"CPU kernels unavailable: {cpu.kernel_status()['reason']}")
   from configs import tiny_test
   from sparsifiner_jax import models, sharding
   from sparsifiner_jax.train import phases, step as step_lib

@@ -11,7 +11,7 @@ from conftest import random_topk_rows, v5e_mesh
 from sparsifiner_jax.attention import AttentionMask, masked_attention
 from sparsifiner_jax.attention.mask import keep_mask
 from sparsifiner_jax.attention import bitmask
-from sparsifiner_jax.attention.pallas.attention import sparse_attention
+from sparsifiner_jax.attention.pallas.attention import flash_attention
 
 BACKENDS = ("tpu", "gpu")
 
@@ -33,7 +33,7 @@ def _topk_mask(b, h, n, keep, seed=1, lead=None):
 
 def _run(q, k, v, packed, backend, **blocks):
   d = q.shape[-1]
-  return sparse_attention(q, k, v, packed, scale=d ** -0.5, backend=backend, interpret=True, **blocks)
+  return flash_attention(q, k, v, packed, scale=d ** -0.5, backend=backend, interpret=True, **blocks)
 
 
 def _grads(fn, q, k, v, seed=3):
@@ -124,7 +124,7 @@ def test_tpu_compile():
   m = jax.ShapeDtypeStruct((b, h, bitmask.words(n), n), jnp.int32, sharding=sharding)
 
   def fwd(q, k, v, packed):
-    return sparse_attention(q, k, v, packed, scale=d ** -0.5, backend="tpu")
+    return flash_attention(q, k, v, packed, scale=d ** -0.5, backend="tpu")
 
   def grad(q, k, v, packed):
     return jax.grad(lambda q, k, v: jnp.sum(fwd(q, k, v, packed)), argnums=(0, 1, 2))(q, k, v)

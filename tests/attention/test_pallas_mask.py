@@ -1,4 +1,4 @@
-"""The fused Pallas mask kernel (``attention/pallas/mask.py``) against the XLA statement it replaces.
+"""The fused Pallas mask kernel (``attention/pallas/topk_mask.py``) against the XLA statement it replaces.
 
 Reference: ``coefficient_logits`` -> softmax -> ``keep_topk_values`` -> ``mixed_einsum`` with the basis ->
 ``lax.top_k`` -> ``bitmask.pack_rows``. In float32 the packed masks must be identical (both backends, in
@@ -18,7 +18,7 @@ import pytest
 from conftest import topk_rows, v5e_mesh
 from sparsifiner_jax import precision
 from sparsifiner_jax.attention import bitmask
-from sparsifiner_jax.attention.pallas import mask as pallas_mask
+from sparsifiner_jax.attention.pallas import topk_mask as pallas_topk_mask
 from sparsifiner_jax.models import predictor as predictor_lib
 
 BACKENDS = ("tpu", "gpu")
@@ -41,7 +41,7 @@ def xla_mask(q, weights, basis, *, scale, coef_k, k, dtype=jnp.float32):
 
 
 def kernel_mask(q, weights, basis, *, backend, **kwargs):
-  fn = functools.partial(pallas_mask.lowrank_topk_mask, backend=backend, interpret=True, **kwargs)
+  fn = functools.partial(pallas_topk_mask.lowrank_topk_packed, backend=backend, interpret=True, **kwargs)
   return jax.jit(fn)(q, weights, basis)
 
 
@@ -88,7 +88,8 @@ def test_matches_xla_fp32(backend, name, shape, coef_k, k):
 def test_gpu_interpreted_kernel_runs_the_compiled_loop_form():
   """The GPU tests above run the bisections in the form the GPU compile uses (rolled loops), so their
   exactness, ties included, is the compiled kernel's."""
-  assert pallas_mask._unroll("gpu", interpret=True) == pallas_mask._unroll("gpu", interpret=False) is False
+  unroll = pallas_topk_mask._unroll
+  assert unroll("gpu", interpret=True) == unroll("gpu", interpret=False) is False
 
 
 @pytest.mark.parametrize("axis", [1, 0], ids=["rows", "columns"])
@@ -102,16 +103,16 @@ def test_topk_selection_both_loop_forms(unroll, axis):
   valid = jnp.arange(128)[None] < 50
   for k in (1, 7, 25, 50):
     if axis == 1:
-      got = jax.jit(lambda x: pallas_mask._topk_keep(x, k, valid, unroll))(jnp.asarray(x))
+      got = jax.jit(lambda x: pallas_topk_mask._topk_keep(x, k, valid, unroll))(jnp.asarray(x))
     else:
-      got = jax.jit(lambda x: pallas_mask._topk_keep(x.T, k, valid.T, unroll, axis=0).T)(jnp.asarray(x))
+      got = jax.jit(lambda x: pallas_topk_mask._topk_keep(x.T, k, valid.T, unroll, axis=0).T)(jnp.asarray(x))
     want = topk_rows(jnp.where(valid, jnp.asarray(x) + 0.0, -jnp.inf), k)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def test_pack_columns_is_the_bitmask_layout():
   keep = jax.random.bernoulli(jax.random.key(2), 0.3, (3, 96))                 # [rows, keys]
-  got = pallas_mask._pack_columns(keep.T, bitmask.words(96))
+  got = pallas_topk_mask._pack_columns(keep.T, bitmask.words(96))
   np.testing.assert_array_equal(np.asarray(got), np.asarray(bitmask.pack(keep)))
 
 
@@ -184,18 +185,18 @@ def test_real_predictor(backend):
 def test_bad_arguments():
   q, weights, basis = inputs(0)
   with pytest.raises(ValueError, match="budget"):
-    pallas_mask.lowrank_topk_mask(q, weights, basis, scale=1.0, coef_k=2, k=18, interpret=True)
+    pallas_topk_mask.lowrank_topk_packed(q, weights, basis, scale=1.0, coef_k=2, k=18, interpret=True)
   with pytest.raises(ValueError, match="basis"):
-    pallas_mask.lowrank_topk_mask(q, weights, basis[:, :5], scale=1.0, coef_k=2, k=3, interpret=True)
+    pallas_topk_mask.lowrank_topk_packed(q, weights, basis[:, :5], scale=1.0, coef_k=2, k=3, interpret=True)
   with pytest.raises(ValueError, match="backend"):
-    pallas_mask.lowrank_topk_mask(q, weights, basis, scale=1.0, coef_k=2, k=3, backend="cuda")
+    pallas_topk_mask.lowrank_topk_packed(q, weights, basis, scale=1.0, coef_k=2, k=3, backend="cuda")
 
 
 def compile_tpu(mesh, *, b, n, h, d, m, coef_k, k, dtype=jnp.bfloat16, per_example=False):
   """Compiles the TPU kernel sharded over the batch; ``b`` is per chip. Returns the compiled object."""
   from jax.sharding import NamedSharding, PartitionSpec as P   # pylint: disable=g-import-not-at-top
   chips = mesh.devices.size
-  fn = functools.partial(pallas_mask.lowrank_topk_mask, scale=h ** -0.5, coef_k=coef_k, k=k,
+  fn = functools.partial(pallas_topk_mask.lowrank_topk_packed, scale=h ** -0.5, coef_k=coef_k, k=k,
                          compute_dtype=dtype, backend="tpu")
   basis_spec = P("data") if per_example else P()
   sharded = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P("data"), P("data"), basis_spec),

@@ -181,7 +181,7 @@ def test_executors_agree(name, options, keep_rate, layer):
   @jax.jit
   def run(q, k, v):
     outs = []
-    for ex in (attn_lib.masked_attention, attn_lib.sparse_attention, attn_lib.auto_attention):
+    for ex in (attn_lib.masked_attention, attn_lib.gather_attention, attn_lib.auto_attention):
       f = lambda q, k, v, ex=ex: jnp.sum(ex(q, k, v, pattern(q, k)) * w)
       grads = jax.grad(f, argnums=(0, 1, 2))(q, k, v) if with_grads else ()
       outs.append((ex(q, k, v, pattern(q, k)), grads))
@@ -222,7 +222,7 @@ def test_zero_logit_fill_matches_dense_reference():
   mask = pattern(q, k)
   assert mask.fill == "zero_logit"
   np.testing.assert_array_equal(np.asarray(mask.to_dense())[0], keep)
-  for ex in ("masked", "sparse"):
+  for ex in ("masked", "gather"):
     np.testing.assert_allclose(attn_lib.EXECUTORS[ex](q, k, v, mask), want, atol=1e-5, rtol=0)
   # True sparse attention differs: the masked keys get no weight at all.
   sparse = make("fibottention")(q, k)
@@ -436,11 +436,11 @@ TRAIN_CASES = [  # (pattern, options, keep_rate, executor); all but the first ar
 ] + [pytest.param(*case, marks=pytest.mark.slow, id=f"{case[0]}-{case[3]}") for case in [
     ("oracle_topk", {}, 0.5, "masked"),
     ("fibottention", {"fill": "zero_logit", "shuffle": True}, None, "masked"),
-    ("window", {"variant": "neighborhood"}, None, "sparse"),
+    ("window", {"variant": "neighborhood"}, None, "gather"),
     ("sparse_transformer", {"mode": "fixed"}, None, "masked"),
-    ("bigbird", {}, None, "sparse"),
+    ("bigbird", {}, None, "gather"),
     ("random", {}, 0.5, "masked"),
-    ("routing", {}, None, "sparse"),
+    ("routing", {}, None, "gather"),
     ("full", {}, None, "sigmoid"),
 ]]
 

@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from sparsifiner_jax.attention import backend, bitmask, blocks
 from sparsifiner_jax.attention.pallas import attention as pallas_attention
 from sparsifiner_jax.attention.pallas import block_sparse
-from sparsifiner_jax.attention.pallas import mask as pallas_mask
+from sparsifiner_jax.attention.pallas import topk_mask as pallas_topk_mask
 from sparsifiner_jax.compile import gpu_kernels, targets
 from conftest import need_compiler_for
 
@@ -43,9 +43,9 @@ def _compile(topology: str, n: int, dtype, with_mask: bool, dense: bool = False)
 
   def program(q, k, v, packed, weights, basis):
     if with_mask:
-      packed = pallas_mask.lowrank_topk_mask(q, weights, basis, scale=0.125, coef_k=8, k=-(-n // 4),
+      packed = pallas_topk_mask.lowrank_topk_packed(q, weights, basis, scale=0.125, coef_k=8, k=-(-n // 4),
                                              compute_dtype=dtype, backend=platform)
-    attend = lambda q, k, v: pallas_attention.sparse_attention(   # noqa: E731
+    attend = lambda q, k, v: pallas_attention.flash_attention(   # noqa: E731
         q, k, v, None if dense else packed, scale=D ** -0.5, backend=platform)
     out, grads = jax.value_and_grad(lambda *qkv: jnp.sum(attend(*qkv)), argnums=(0, 1, 2))(q, k, v)
     return out, grads
@@ -63,7 +63,7 @@ def _compile(topology: str, n: int, dtype, with_mask: bool, dense: bool = False)
 def test_every_kernel_compiles(topology, n, dtype):
   need_compiler_for(topology)
   platform = targets.platform(topology)
-  with_mask = pallas_mask.fits(n, n // 6, D, dtype, platform)
+  with_mask = pallas_topk_mask.fits(n, n // 6, D, dtype, platform)
   compiled = _compile(topology, n, dtype, with_mask)
   text = compiled.as_text()
   call = "tpu_custom_call" if platform == "tpu" else "__gpu$xla.gpu.triton"
@@ -87,10 +87,10 @@ def test_dense_kernels_compile(topology, dtype):
 def test_gpu_mask_kernel_fits_where_deit_s_224_runs():
   """The GPU mask kernel stages its basis in shared memory: DeiT-S at 224 px fits (so ``auto`` runs it),
   448 px does not (``auto`` selects in XLA there)."""
-  assert pallas_mask.fits(197, 32, D, jnp.bfloat16, "gpu")
-  assert pallas_mask.fits(197, 32, D, jnp.float32, "gpu")
-  assert not pallas_mask.fits(785, 130, D, jnp.bfloat16, "gpu")
-  assert pallas_mask.fits(785, 130, D, jnp.bfloat16, "tpu")
+  assert pallas_topk_mask.fits(197, 32, D, jnp.bfloat16, "gpu")
+  assert pallas_topk_mask.fits(197, 32, D, jnp.float32, "gpu")
+  assert not pallas_topk_mask.fits(785, 130, D, jnp.bfloat16, "gpu")
+  assert pallas_topk_mask.fits(785, 130, D, jnp.bfloat16, "tpu")
 
 
 def test_gpu_kernel_stats_from_ptxas(tmp_path):
@@ -100,7 +100,7 @@ def test_gpu_kernel_stats_from_ptxas(tmp_path):
   spec = NamedSharding(Mesh(np.array([_device("h100:1")]), ("data",)), P())
   arg = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=spec)   # noqa: E731
   n, m = 197, 32
-  fn = functools.partial(pallas_mask.lowrank_topk_mask, scale=0.125, coef_k=8, k=50,
+  fn = functools.partial(pallas_topk_mask.lowrank_topk_packed, scale=0.125, coef_k=8, k=50,
                          compute_dtype=jnp.bfloat16, backend="gpu")
   args = (arg((B, n, H, D), jnp.bfloat16), arg((B, H, D + 1, m), jnp.float32), arg((m, n), jnp.float32))
   jax.jit(fn).trace(*args).lower().compile({"xla_dump_to": str(tmp_path)})

@@ -12,7 +12,7 @@ from flax import nnx
 
 from sparsifiner_jax import attention as attn_lib
 from sparsifiner_jax.evaluation import flops
-from sparsifiner_jax.attention import kernels
+from sparsifiner_jax.attention import cpu
 from sparsifiner_jax import models
 
 DEIT_S = "deit_small_patch16_224"
@@ -190,7 +190,7 @@ def test_from_aux_dense_model_equals_analytic():
 # Custom calls count 0 FLOPs, so the XLA paths run here (kernels off, masked executor).
 @pytest.mark.parametrize("keep_rate", [None, 0.25])
 def test_analytic_count_matches_xla_cost_analysis(monkeypatch, keep_rate):
-  monkeypatch.setattr(kernels, "_load", lambda: False)
+  monkeypatch.setattr(cpu, "_load", lambda: False)
   model = nnx.eval_shape(lambda: models.create(DEIT_S, keep_rate=keep_rate, executor="masked",
                                                rngs=nnx.Rngs(0)))
   xla = flops.xla_flops(model, jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32))

@@ -52,7 +52,9 @@ def test_unknown_name_lists_known():
     (dict(patch_size=5), "patch_size=5 must divide img_size=16"),
     (dict(executor="flash"),
      r"unknown attention executor 'flash'; allowed: "
-     r"\['auto', 'dense', 'fused', 'masked', 'sigmoid', 'sparse'\]"),
+     r"\['auto', 'dense', 'fused', 'gather', 'masked', 'sigmoid'\]"),
+    (dict(executor="sparse"), r"unknown attention executor 'sparse'; allowed: \['auto', 'dense', 'fused', "
+                              r"'gather'"),   # the gather executor's former name
     (dict(foo=1), r"unknown model option\(s\) \['foo'\]"),
 ])
 def test_bad_config_raises_clear_error(kw, msg):
@@ -178,7 +180,7 @@ def test_predictor_gradients_only_through_reconstruction():
   assert all(float(jnp.abs(g).sum()) > 0 for g in jax.tree_util.tree_leaves(g_rec))
 
 
-@pytest.mark.parametrize("executor", ["auto", "sparse"])
+@pytest.mark.parametrize("executor", ["auto", "gather"])
 def test_executors_agree_in_model(executor):
   _, ref = _tiny_pair(0.3, "masked")
   _, other = _tiny_pair(0.3, executor)
@@ -286,7 +288,7 @@ def test_bfloat16_logits_close_to_float32(seed):
     np.testing.assert_allclose(l16, l32, atol=0.015 * float(jnp.abs(l32).max()), rtol=0)
 
 
-@pytest.mark.parametrize("executor", ["auto", "sparse"])
+@pytest.mark.parametrize("executor", ["auto", "gather"])
 def test_bfloat16_fast_executors_match_masked_reference(executor):
   x = jax.random.normal(jax.random.key(2), (3, 16, 16, 3))
   ref, fast = (models.create("vit_test", keep_rate=0.3, executor=ex, dtype="bfloat16",

@@ -1,6 +1,6 @@
 """Fused masked attention in Pallas (flash style), forward and backward, for TPU (Mosaic) and GPU (Triton).
 
-``sparse_attention(q, k, v, packed, scale=...)`` is the function of the reference executor
+``flash_attention(q, k, v, packed, scale=...)`` is the function of the reference executor
 ``executors.masked_attention``: ``logits = scale * q.k`` (products in q's dtype, float32 accumulation),
 ``-inf`` where the bit-packed mask (``attention.bitmask``) drops a key, softmax in float32 over the kept keys,
 a row with no kept key returns 0. q, k and v are read block by block, the mask is expanded from its bits
@@ -9,16 +9,20 @@ softmax per query block and saves only the output and the per-row logsumexp; the
 2) recomputes the probabilities block by block in two kernels, one for dq (loop over key blocks) and one
 for dk, dv (loop over query blocks).
 
-Mask layout shared by both backends: the packed words ``[B|1, H|1, W, N_q]`` are padded and regrouped per
-key block into ``words [B|1, H|1, nk, ceil(bk / 32), nq * bq]`` (queries on the minor axis: compact in
-TPU HBM, whose tiles are 8 x 128). Word ``j`` of a block covers its keys ``32 j .. 32 j + 31``.
+Sizes: ``N_q``, ``N_k`` are token counts (queries, keys); ``bq``, ``bk`` the tokens of one block;
+``q_blocks = ceil(N_q / bq)`` and ``k_blocks = ceil(N_k / bk)`` block counts.
 
-TPU: batch, query block and key block form the grid (``(B, nq, nk)`` forward and dq, ``(B, nk, nq)``
-dk/dv) and each program loops over the heads. q, k and v are read from ``qkv [B, N, 3 H d]``, the qkv
-projection's own layout, and the output is written as ``[B, N, H d]``, the output projection's: no
-transposes and no padding in HBM (a sequence up to 512 tokens is one block; longer ones have a partial
-last block whose rows past N are zeroed in the kernel). A table of ``(query block, key block)`` pairs
-that some head keeps anything of is prefetched into SMEM, and the other pairs are skipped.
+Mask layout shared by both backends: the packed words ``[B|1, H|1, W, N_q]`` are padded and regrouped per
+key block into ``words [B|1, H|1, k_blocks, ceil(bk / 32), q_blocks * bq]`` (queries on the minor axis:
+compact in TPU HBM, whose tiles are 8 x 128). Word ``j`` of a block covers its keys ``32 j .. 32 j + 31``.
+
+TPU: batch, query block and key block form the grid (``(B, q_blocks, k_blocks)`` forward and dq,
+``(B, k_blocks, q_blocks)`` dk/dv) and each program loops over the heads. q, k and v are read from
+``qkv [B, N, 3 H d]``, the qkv projection's own layout, and the output is written as ``[B, N, H d]``, the
+output projection's: no transposes and no padding in HBM (a sequence up to 512 tokens is one block;
+longer ones have a partial last block whose rows past N are zeroed in the kernel). A table of
+``(query block, key block)`` pairs that some head keeps anything of is prefetched into SMEM, and the other
+pairs are skipped.
 GPU: the grid is ``(query or key block, B, H)`` over the ``[B, N, H, d]`` inputs (no transposes), with a
 ``fori_loop`` over the other block axis; d is padded to a power of two >= 16 as Triton requires.
 """
@@ -36,32 +40,23 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
 from sparsifiner_jax.attention import bitmask
+from sparsifiner_jax.attention.pallas.common import (F32, NN, NT, col_to_row, finalize, nbytes, next_pow2,
+                                                   online_softmax_step, out_struct, row_to_col, same_vma,
+                                                   scaled)
 
 Array = jax.Array
 BITS = bitmask.BITS
-NT = (((1,), (1,)), ((), ()))          # a @ b.T
-NN = (((1,), (0,)), ((), ()))          # a @ b
-F32 = jnp.float32
-
-
-def _round_up(x: int, m: int) -> int:
-  return -(-x // m) * m
-
-
-def _next_pow2(x: int) -> int:
-  return 1 << max(x - 1, 0).bit_length()
 
 
 @dataclasses.dataclass(frozen=True)
 class _Config:
   """Static parameters of one call (hashable: the custom_vjp's non-differentiable argument)."""
-  backend: str
   scale: float
   interpret: bool
   bq: int                # query rows per block
   bk: int                # keys per block (a multiple of 32)
-  nq: int                # query blocks
-  nk: int                # key blocks
+  q_blocks: int          # query blocks: ceil(N_q / bq)
+  k_blocks: int          # key blocks: ceil(N_k / bk)
   mask_b: bool           # the mask has a batch axis (else broadcast)
   mask_h: bool           # the mask has a head axis (else broadcast)
   heads: int = 0         # TPU: H, d and the real sequence length N
@@ -74,7 +69,7 @@ class _Config:
   @property
   def nw(self) -> int:
     """Words per query and key block."""
-    return -(-self.bk // BITS)
+    return bitmask.words(self.bk)
 
   def mask_index(self, b, h):
     return (b if self.mask_b else 0, h if self.mask_h else 0)
@@ -83,20 +78,20 @@ class _Config:
     return pltpu.InterpretParams() if self.interpret else False
 
 
-def _block_sizes(backend: str, nq: int, nk: int, block_q: int | None, block_k: int | None):
+def _block_sizes(backend: str, n_q: int, n_k: int, block_q: int | None, block_k: int | None):
   """Default blocks. TPU: the whole sequence up to 512 tokens (a block equal to the array is always
   legal, and nothing is padded), else 128 rows (lane-aligned words; the last block partial). GPU: powers
   of two (Triton), 64 at most."""
   if backend == "tpu":
-    bq = block_q or (nq if nq <= 512 else 128)
-    bk = block_k or (nk if nk <= 512 else 128)
-    if (bq != nq and bq % 8) or (bk != nk and bk % BITS):
+    bq = block_q or (n_q if n_q <= 512 else 128)
+    bk = block_k or (n_k if n_k <= 512 else 128)
+    if (bq != n_q and bq % 8) or (bk != n_k and bk % BITS):
       raise ValueError(f"TPU blocks: block_q={bq} must be N or a multiple of 8 and block_k={bk} N or a "
                        f"multiple of {BITS}")
     return bq, bk
   else:
-    bq = block_q or min(64, max(16, _next_pow2(nq)))
-    bk = block_k or min(64, max(32, _next_pow2(nk)))
+    bq = block_q or min(64, max(16, next_pow2(n_q)))
+    bk = block_k or min(64, max(32, next_pow2(n_k)))
     if bq & (bq - 1) or bk & (bk - 1):
       raise ValueError(f"GPU blocks must be powers of two, got block_q={bq}, block_k={bk}")
   if bq % 8 or bk % BITS:
@@ -123,52 +118,6 @@ def _expand_bits(word_slices, shape, key_axis: int) -> Array:
   return (lax.shift_right_logical(word, key & (BITS - 1)) & 1) != 0
 
 
-def _online_softmax_step(s, m_prev, l_prev, acc_prev, v, axis: int = -1):
-  """One key block of the online softmax over masked logits ``s [bq, bk]`` (``-inf`` = dropped).
-
-  ``m_prev, l_prev [bq, 1]``, ``acc_prev [bq, d]`` float32; returns the updated ``(m, l, acc)``. A row
-  with nothing kept so far keeps ``m = -inf, l = 0, acc = 0`` (no NaN: the shift is then 0).
-  """
-  m_new = jnp.maximum(m_prev, jnp.max(s, axis=axis, keepdims=True))
-  shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-  alpha = jnp.exp(m_prev - shift)
-  p = jnp.exp(s - shift)
-  l_new = alpha * l_prev + jnp.sum(p, axis=axis, keepdims=True)
-  acc_new = alpha * acc_prev + lax.dot_general(p.astype(v.dtype), v, NN, preferred_element_type=F32)
-  return m_new, l_new, acc_new
-
-
-def _finalize(m, l, acc):
-  """``(out [bq, d], lse [bq, 1])``; empty rows give ``out = 0`` and ``lse = +inf`` (so that the backward's
-  ``exp(s - lse)`` is 0 there)."""
-  nonempty = l > 0
-  out = jnp.where(nonempty, acc / jnp.where(nonempty, l, 1.0), 0.0)
-  lse = jnp.where(nonempty, m + jnp.log(jnp.where(nonempty, l, 1.0)), jnp.inf)
-  return out, lse
-
-
-def _scaled(q_raw, scale, dtype):
-  """``scale * q`` rounded to the product dtype, as the reference scales q before its einsum."""
-  return (q_raw * scale).astype(dtype)
-
-
-def _out(shape, like: Array, dtype=F32) -> jax.ShapeDtypeStruct:
-  """A result of ``shape`` (float32 by default) that varies over the same ``shard_map`` axes as ``like``."""
-  return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.typeof(like).manual_axis_type)
-
-
-def _same_vma(*xs: Array) -> list[Array]:
-  """Casts the operands to vary over the union of their ``shard_map`` axes (a no-op outside shard_map),
-  so that a kernel's operands and results agree (``check_vma``)."""
-  axes = [frozenset(jax.typeof(x).manual_axis_type.varying) for x in xs]
-  union = frozenset().union(*axes)
-  return [x if a == union else lax.pcast(x, tuple(sorted(union - a)), to="varying") for x, a in zip(xs, axes)]
-
-
-def _nbytes(*arrays) -> int:
-  return int(sum(a.size * jnp.dtype(a.dtype).itemsize for a in arrays))
-
-
 # ------------------------------------------------------------------------------------------------
 # TPU (Mosaic) kernels. They read q, k and v where the qkv projection wrote them, ``qkv [B, N, 3 H d]``
 # (no heads-first transpose, no padding: a block of rows is the whole sequence or a multiple of 128 rows,
@@ -177,20 +126,9 @@ def _nbytes(*arrays) -> int:
 # lse/delta ``[H, 1, bq]`` (queries on lanes).
 
 
-def _row_to_col(row: Array) -> Array:
-  """``[1, n] -> [n, 1]`` (a lane-to-sublane relayout)."""
-  return jnp.expand_dims(row[0], -1)
-
-
-def _col_to_row(col: Array) -> Array:
-  """``[n, 1] -> [1, n]``, the inverse relayout, as a transpose of a full 128-lane tile: a reshape would
-  lower to a sublane gather, which TPUs before v5 (v4) do not have."""
-  return jnp.transpose(jnp.broadcast_to(col, (col.shape[0], 128)))[:1, :]
-
-
 def _occupied(occ_ref, cfg: _Config, b, qi, ki):
   mb = b if cfg.mask_b else 0
-  return occ_ref[(mb * cfg.nq + qi) * cfg.nk + ki] != 0
+  return occ_ref[(mb * cfg.q_blocks + qi) * cfg.k_blocks + ki] != 0
 
 
 def _head(ref, cfg: _Config, section: int, h: int) -> Array:
@@ -228,7 +166,7 @@ def _tpu_keep(w_ref, cfg: _Config, h: int, shape, key_axis: int, ki) -> Array | 
   hm = h if cfg.mask_h else 0
   words = [w_ref[hm, j:j + 1, :] for j in range(cfg.nw)]
   if key_axis == 1:
-    words = [_row_to_col(w) for w in words]
+    words = [row_to_col(w) for w in words]
   return _expand_bits(words, shape, key_axis)
 
 
@@ -247,19 +185,19 @@ def _tpu_fwd_kernel(occ_ref, q_ref, k_ref, v_ref, w_ref, o_ref, lse_ref, m_sc, l
     for h in range(cfg.heads):
       k = _head(k_ref, cfg, 1, h)
       v = _live_rows(_head(v_ref, cfg, 2, h), ki, cfg.bk, cfg.n)
-      q = _scaled(_head(q_ref, cfg, 0, h), cfg.scale, k.dtype)
+      q = scaled(_head(q_ref, cfg, 0, h), cfg.scale, k.dtype)
       s = lax.dot_general(q, k, NT, preferred_element_type=F32)                  # [bq, bk]
       s = _where(_tpu_keep(w_ref, cfg, h, s.shape, 1, ki), s, -jnp.inf)
-      m, l, acc = _online_softmax_step(s, m_sc[h], l_sc[h], acc_sc[h], v)
+      m, l, acc = online_softmax_step(s, m_sc[h], l_sc[h], acc_sc[h], v)
       m_sc[h], l_sc[h], acc_sc[h] = m, l, acc
 
-  @pl.when(ki == cfg.nk - 1)
+  @pl.when(ki == cfg.k_blocks - 1)
   def _done():
     d = cfg.head_dim
     for h in range(cfg.heads):
-      out, lse = _finalize(m_sc[h], l_sc[h], acc_sc[h])
+      out, lse = finalize(m_sc[h], l_sc[h], acc_sc[h])
       o_ref[:, h * d:(h + 1) * d] = out.astype(o_ref.dtype)
-      lse_ref[h] = _col_to_row(lse)
+      lse_ref[h] = col_to_row(lse)
 
 
 def _tpu_dq_kernel(occ_ref, q_ref, k_ref, v_ref, w_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_sc, *,
@@ -276,16 +214,16 @@ def _tpu_dq_kernel(occ_ref, q_ref, k_ref, v_ref, w_ref, do_ref, lse_ref, delta_r
     for h in range(cfg.heads):
       k = _live_rows(_head(k_ref, cfg, 1, h), ki, cfg.bk, cfg.n)
       v = _live_rows(_head(v_ref, cfg, 2, h), ki, cfg.bk, cfg.n)
-      q = _scaled(_head(q_ref, cfg, 0, h), cfg.scale, k.dtype)
+      q = scaled(_head(q_ref, cfg, 0, h), cfg.scale, k.dtype)
       s = lax.dot_general(q, k, NT, preferred_element_type=F32)                  # [bq, bk]
       keep = _tpu_keep(w_ref, cfg, h, s.shape, 1, ki)
-      p = _where(keep, jnp.exp(s - _row_to_col(lse_ref[h])), 0.0)
+      p = _where(keep, jnp.exp(s - row_to_col(lse_ref[h])), 0.0)
       do = do_ref[:, h * d:(h + 1) * d].astype(v.dtype)
       dp = lax.dot_general(do, v, NT, preferred_element_type=F32)
-      ds = _where(keep, p * (dp - _row_to_col(delta_ref[h])), 0.0)
+      ds = _where(keep, p * (dp - row_to_col(delta_ref[h])), 0.0)
       dq_sc[h] += lax.dot_general(ds.astype(k.dtype), k, NN, preferred_element_type=F32)
 
-  @pl.when(ki == cfg.nk - 1)
+  @pl.when(ki == cfg.k_blocks - 1)
   def _done():
     for h in range(cfg.heads):
       dq_ref[:, h * d:(h + 1) * d] = (dq_sc[h] * cfg.scale).astype(dq_ref.dtype)
@@ -307,7 +245,7 @@ def _tpu_dkv_kernel(occ_ref, q_ref, k_ref, v_ref, w_ref, do_ref, lse_ref, delta_
   def _step():
     for h in range(cfg.heads):
       k, v = _head(k_ref, cfg, 1, h), _head(v_ref, cfg, 2, h)
-      q = _live_rows(_scaled(_head(q_ref, cfg, 0, h), cfg.scale, k.dtype), qi, cfg.bq, cfg.n)
+      q = _live_rows(scaled(_head(q_ref, cfg, 0, h), cfg.scale, k.dtype), qi, cfg.bq, cfg.n)
       do = _live_rows(do_ref[:, h * d:(h + 1) * d].astype(v.dtype), qi, cfg.bq, cfg.n)
       st = lax.dot_general(k, q, NT, preferred_element_type=F32)                 # [bk, bq]
       keep = _tpu_keep(w_ref, cfg, h, st.shape, 0, ki)
@@ -317,7 +255,7 @@ def _tpu_dkv_kernel(occ_ref, q_ref, k_ref, v_ref, w_ref, do_ref, lse_ref, delta_
       dst = _where(keep, pt * (dpt - delta_ref[h]), 0.0)
       dk_sc[h] += lax.dot_general(dst.astype(q.dtype), q, NN, preferred_element_type=F32)
 
-  @pl.when(qi == cfg.nq - 1)
+  @pl.when(qi == cfg.q_blocks - 1)
   def _done():
     for h in range(cfg.heads):
       dk_ref[:, h * d:(h + 1) * d] = dk_sc[h].astype(dk_ref.dtype)
@@ -355,7 +293,7 @@ def _tpu_specs(cfg: _Config, kv_major: bool):
 
 def _tpu_section_bytes(cfg: _Config, qkv: Array) -> int:
   """Bytes of one q/k/v read of ``qkv`` (a section, or whole rows when the sections share a block)."""
-  return _nbytes(qkv) // (3 if cfg.split else 1)
+  return nbytes(qkv) // (3 if cfg.split else 1)
 
 
 def _tpu_params(cfg: _Config, name: str, cost: pl.CostEstimate) -> dict:
@@ -364,25 +302,26 @@ def _tpu_params(cfg: _Config, name: str, cost: pl.CostEstimate) -> dict:
 
 
 def _tpu_forward(cfg: _Config, qkv, words, occ, out_dtype):
-  """``qkv [B, N, 3 H d]`` -> ``(out [B, N, H d] out_dtype, lse [B, H, 1, Nq_pad] f32)``."""
+  """``qkv [B, N, 3 H d]`` -> ``(out [B, N, H d] out_dtype, lse [B, H, 1, N_q_pad] f32)``."""
   bsz, n, _ = qkv.shape
   nh, d = cfg.heads, cfg.head_dim
   q_spec, k_spec, v_spec, qside, _, w_spec, row_spec = _tpu_specs(cfg, kv_major=False)
-  out_shape = (_out((bsz, n, nh * d), qkv, out_dtype), _out((bsz, nh, 1, cfg.nq * cfg.bq), qkv))
+  out_shape = (out_struct((bsz, n, nh * d), qkv, out_dtype),
+               out_struct((bsz, nh, 1, cfg.q_blocks * cfg.bq), qkv))
   # Every block of an occupied pair is computed (skipping is data-dependent): two products of
   # 2 * bq * bk * d flops per head and pair; one exp per logit, one log per row; k and v read once per
   # query block.
-  pairs = bsz * nh * cfg.nq * cfg.bq * cfg.nk * cfg.bk
+  pairs = bsz * nh * cfg.q_blocks * cfg.bq * cfg.k_blocks * cfg.bk
   section = _tpu_section_bytes(cfg, qkv)
   cost = pl.CostEstimate(
-      flops=4 * pairs * d, transcendentals=pairs + bsz * nh * cfg.nq * cfg.bq,
-      bytes_accessed=section * (1 + 2 * cfg.nq) + _nbytes(words, occ)
-      + bsz * n * nh * d * jnp.dtype(out_dtype).itemsize + bsz * nh * cfg.nq * cfg.bq * 4)
+      flops=4 * pairs * d, transcendentals=pairs + bsz * nh * cfg.q_blocks * cfg.bq,
+      bytes_accessed=section * (1 + 2 * cfg.q_blocks) + nbytes(words, occ)
+      + bsz * n * nh * d * jnp.dtype(out_dtype).itemsize + bsz * nh * cfg.q_blocks * cfg.bq * 4)
   return pl.pallas_call(
       functools.partial(_tpu_fwd_kernel, cfg=cfg),
       out_shape=out_shape,
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=1, grid=(bsz, cfg.nq, cfg.nk),
+          num_scalar_prefetch=1, grid=(bsz, cfg.q_blocks, cfg.k_blocks),
           in_specs=[q_spec, k_spec, v_spec, w_spec],
           out_specs=[qside, row_spec],
           scratch_shapes=[pltpu.VMEM((nh, cfg.bq, 1), F32), pltpu.VMEM((nh, cfg.bq, 1), F32),
@@ -392,23 +331,24 @@ def _tpu_forward(cfg: _Config, qkv, words, occ, out_dtype):
 
 
 def _tpu_backward(cfg: _Config, qkv, words, occ, do, lse, delta):
-  """``d qkv [B, N, 3 H d]`` float32 from ``do [B, N, H d]`` and the rows ``lse, delta [B, H, 1, Nq_pad]``."""
+  """``d qkv [B, N, 3 H d]`` float32 from ``do [B, N, H d]`` and the rows
+  ``lse, delta [B, H, 1, N_q_pad]``."""
   bsz, n, _ = qkv.shape
   nh, d = cfg.heads, cfg.head_dim
-  pairs = bsz * nh * cfg.nq * cfg.bq * cfg.nk * cfg.bk
+  pairs = bsz * nh * cfg.q_blocks * cfg.bq * cfg.k_blocks * cfg.bk
   section = _tpu_section_bytes(cfg, qkv)
-  rows = _nbytes(lse, delta)
-  grad = _out((bsz, n, nh * d), qkv)
+  rows = nbytes(lse, delta)
+  grad = out_struct((bsz, n, nh * d), qkv)
   q_spec, k_spec, v_spec, qside, kside, w_spec, row_spec = _tpu_specs(cfg, kv_major=False)
   # dq: products s, dp, dq (3 x 2 bq bk d flops per head and pair); k, v read once per query block.
   dq_cost = pl.CostEstimate(
       flops=6 * pairs * d, transcendentals=pairs,
-      bytes_accessed=section * (1 + 2 * cfg.nq) + _nbytes(do, words, occ) + rows + _nbytes(grad))
+      bytes_accessed=section * (1 + 2 * cfg.q_blocks) + nbytes(do, words, occ) + rows + nbytes(grad))
   dq = pl.pallas_call(
       functools.partial(_tpu_dq_kernel, cfg=cfg),
       out_shape=grad,
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=1, grid=(bsz, cfg.nq, cfg.nk),
+          num_scalar_prefetch=1, grid=(bsz, cfg.q_blocks, cfg.k_blocks),
           in_specs=[q_spec, k_spec, v_spec, w_spec, qside, row_spec, row_spec],
           out_specs=qside, scratch_shapes=[pltpu.VMEM((nh, cfg.bq, d), F32)]),
       **_tpu_params(cfg, "sparse_attention_dq", dq_cost),
@@ -419,13 +359,13 @@ def _tpu_backward(cfg: _Config, qkv, words, occ, do, lse, delta):
   # per key block.
   dkv_cost = pl.CostEstimate(
       flops=8 * pairs * d, transcendentals=pairs,
-      bytes_accessed=cfg.nk * (section + _nbytes(do) + rows) + 2 * section + _nbytes(words, occ)
-      + 2 * _nbytes(grad))
+      bytes_accessed=cfg.k_blocks * (section + nbytes(do) + rows) + 2 * section + nbytes(words, occ)
+      + 2 * nbytes(grad))
   dk, dv = pl.pallas_call(
       functools.partial(_tpu_dkv_kernel, cfg=cfg),
       out_shape=(grad, grad),
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=1, grid=(bsz, cfg.nk, cfg.nq),
+          num_scalar_prefetch=1, grid=(bsz, cfg.k_blocks, cfg.q_blocks),
           in_specs=[q_spec, k_spec, v_spec, w_spec, qside, row_spec, row_spec],
           out_specs=[kside, kside],
           scratch_shapes=[pltpu.VMEM((nh, cfg.bk, d), F32), pltpu.VMEM((nh, cfg.bk, d), F32)]),
@@ -460,12 +400,12 @@ _tpu_core.defvjp(_tpu_core_fwd, _tpu_core_bwd)
 
 # ------------------------------------------------------------------------------------------------
 # GPU (Triton) kernels. Operands keep the [B, N, H, d] layout; a kernel sees [N_block or N_pad, d]
-# tiles, words [nk, nw, bq] or [nw, Nq_pad], lse/delta rows [bq] or [Nq_pad].
+# tiles, words [k_blocks, nw, bq] or [nw, N_q_pad], lse/delta rows [bq] or [N_q_pad].
 
 
 def _gpu_keep(w_ref, ki, q_rows, cfg: _Config):
   """Keep tile ``[bq, bk]`` of key block ``ki`` for the query rows ``q_rows`` (a slice of the words' last
-  axis) from ``w_ref [nk, nw, *]``; in dense mode the real keys of the block (None: all)."""
+  axis) from ``w_ref [k_blocks, nw, *]``; in dense mode the real keys of the block (None: all)."""
   if cfg.dense:
     return _keys_valid(ki, cfg, (cfg.bq, cfg.bk), 1)
   words = [w_ref[ki, pl.ds(j, 1), q_rows].reshape(cfg.bq, 1) for j in range(cfg.nw)]
@@ -474,24 +414,24 @@ def _gpu_keep(w_ref, ki, q_rows, cfg: _Config):
 
 def _gpu_fwd_kernel(q_ref, k_ref, v_ref, w_ref, o_ref, lse_ref, *, cfg: _Config):
   k_dtype = k_ref.dtype
-  q = _scaled(q_ref[...], cfg.scale, k_dtype)
+  q = scaled(q_ref[...], cfg.scale, k_dtype)
   d = q.shape[-1]
 
   def body(ki, carry):
     keys = pl.ds(ki * cfg.bk, cfg.bk)
     s = lax.dot_general(q, k_ref[keys, :], NT, preferred_element_type=F32)
     s = _where(_gpu_keep(w_ref, ki, slice(None), cfg), s, -jnp.inf)
-    return _online_softmax_step(s, *carry, v_ref[keys, :])
+    return online_softmax_step(s, *carry, v_ref[keys, :])
 
   init = (jnp.full((cfg.bq, 1), -jnp.inf, F32), jnp.zeros((cfg.bq, 1), F32), jnp.zeros((cfg.bq, d), F32))
-  out, lse = _finalize(*lax.fori_loop(0, cfg.nk, body, init))
+  out, lse = finalize(*lax.fori_loop(0, cfg.k_blocks, body, init))
   o_ref[...] = out.astype(o_ref.dtype)
   lse_ref[...] = lse.reshape(cfg.bq)
 
 
 def _gpu_dq_kernel(q_ref, k_ref, v_ref, w_ref, do_ref, lse_ref, delta_ref, dq_ref, *, cfg: _Config):
   k_dtype = k_ref.dtype
-  q = _scaled(q_ref[...], cfg.scale, k_dtype)
+  q = scaled(q_ref[...], cfg.scale, k_dtype)
   do = do_ref[...].astype(k_dtype)
   lse = lse_ref[...].reshape(cfg.bq, 1)
   delta = delta_ref[...].reshape(cfg.bq, 1)
@@ -505,7 +445,7 @@ def _gpu_dq_kernel(q_ref, k_ref, v_ref, w_ref, do_ref, lse_ref, delta_ref, dq_re
     ds = p * (lax.dot_general(do, v, NT, preferred_element_type=F32) - delta)
     return dq + lax.dot_general(ds.astype(k_dtype), k, NN, preferred_element_type=F32)
 
-  dq = lax.fori_loop(0, cfg.nk, body, jnp.zeros(q.shape, F32))
+  dq = lax.fori_loop(0, cfg.k_blocks, body, jnp.zeros(q.shape, F32))
   dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
 
 
@@ -518,7 +458,7 @@ def _gpu_dkv_kernel(q_ref, k_ref, v_ref, w_ref, do_ref, lse_ref, delta_ref, dk_r
   def body(qi, carry):
     dk, dv = carry
     rows = pl.ds(qi * cfg.bq, cfg.bq)
-    q = _scaled(q_ref[rows, :], cfg.scale, k.dtype)
+    q = scaled(q_ref[rows, :], cfg.scale, k.dtype)
     do = do_ref[rows, :].astype(k.dtype)
     s = lax.dot_general(q, k, NT, preferred_element_type=F32)                    # [bq, bk]
     if cfg.dense:
@@ -533,76 +473,79 @@ def _gpu_dkv_kernel(q_ref, k_ref, v_ref, w_ref, do_ref, lse_ref, delta_ref, dk_r
     return dk, dv
 
   zeros = jnp.zeros(k.shape, F32)
-  dk, dv = lax.fori_loop(0, cfg.nq, body, (zeros, zeros))
+  dk, dv = lax.fori_loop(0, cfg.q_blocks, body, (zeros, zeros))
   dk_ref[...] = dk.astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
 def _gpu_words_spec(cfg: _Config) -> pl.BlockSpec:
-  """The words of query block ``i`` for every key block: ``[nk, nw, bq]`` tiles on a ``(i, B, H)`` grid."""
-  return pl.BlockSpec((None, None, cfg.nk, cfg.nw, cfg.bq), lambda i, b, h: (*cfg.mask_index(b, h), 0, 0, i))
+  """The words of query block ``i`` for every key block: ``[k_blocks, nw, bq]`` tiles on a ``(i, B, H)``
+  grid."""
+  return pl.BlockSpec((None, None, cfg.k_blocks, cfg.nw, cfg.bq),
+                      lambda i, b, h: (*cfg.mask_index(b, h), 0, 0, i))
 
 
 def _gpu_forward(cfg: _Config, q, k, v, words):
-  """``q, k, v [B, N_pad, H, d]`` -> ``(out [B, Nq_pad, H, d] f32, lse [B, H, Nq_pad] f32)``."""
-  bsz, nq_pad, nh, d = q.shape
-  nk_pad = k.shape[1]
+  """``q, k, v [B, N_pad, H, d]`` -> ``(out [B, N_q_pad, H, d] f32, lse [B, H, N_q_pad] f32)``."""
+  bsz, n_q_pad, nh, d = q.shape
+  n_k_pad = k.shape[1]
   in_specs = [
       pl.BlockSpec((None, cfg.bq, None, d), lambda i, b, h: (b, i, h, 0)),
-      pl.BlockSpec((None, nk_pad, None, d), lambda i, b, h: (b, 0, h, 0)),
-      pl.BlockSpec((None, nk_pad, None, d), lambda i, b, h: (b, 0, h, 0)),
+      pl.BlockSpec((None, n_k_pad, None, d), lambda i, b, h: (b, 0, h, 0)),
+      pl.BlockSpec((None, n_k_pad, None, d), lambda i, b, h: (b, 0, h, 0)),
       _gpu_words_spec(cfg),
   ]
   out_specs = [pl.BlockSpec((None, cfg.bq, None, d), lambda i, b, h: (b, i, h, 0)),
                pl.BlockSpec((None, None, cfg.bq), lambda i, b, h: (b, h, i))]
-  pairs = bsz * nh * nq_pad * nk_pad
+  pairs = bsz * nh * n_q_pad * n_k_pad
   # Cost: all blocks computed (no skipping on GPU); k and v read once per query block.
   cost = pl.CostEstimate(
-      flops=4 * pairs * d, transcendentals=pairs + bsz * nh * nq_pad,
-      bytes_accessed=_nbytes(q, words) + cfg.nq * _nbytes(k, v) + bsz * nh * nq_pad * (d + 1) * 4)
+      flops=4 * pairs * d, transcendentals=pairs + bsz * nh * n_q_pad,
+      bytes_accessed=nbytes(q, words) + cfg.q_blocks * nbytes(k, v) + bsz * nh * n_q_pad * (d + 1) * 4)
   return pl.pallas_call(
       functools.partial(_gpu_fwd_kernel, cfg=cfg),
-      out_shape=(_out((bsz, nq_pad, nh, d), q), _out((bsz, nh, nq_pad), q)),
-      grid=(cfg.nq, bsz, nh), in_specs=in_specs, out_specs=out_specs,
+      out_shape=(out_struct((bsz, n_q_pad, nh, d), q), out_struct((bsz, nh, n_q_pad), q)),
+      grid=(cfg.q_blocks, bsz, nh), in_specs=in_specs, out_specs=out_specs,
       compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
       interpret=cfg.interpret, cost_estimate=cost, name="sparse_attention_fwd",
   )(q, k, v, words)
 
 
 def _gpu_backward(cfg: _Config, q, k, v, words, do, lse, delta):
-  """Gradients ``(dq, dk, dv)`` float32 ``[B, N_pad, H, d]`` from ``do [B, Nq_pad, H, d]`` and
-  ``lse, delta [B, H, Nq_pad]``."""
-  bsz, nq_pad, nh, d = q.shape
-  nk_pad = k.shape[1]
-  pairs = bsz * nh * nq_pad * nk_pad
+  """Gradients ``(dq, dk, dv)`` float32 ``[B, N_pad, H, d]`` from ``do [B, N_q_pad, H, d]`` and
+  ``lse, delta [B, H, N_q_pad]``."""
+  bsz, n_q_pad, nh, d = q.shape
+  n_k_pad = k.shape[1]
+  pairs = bsz * nh * n_q_pad * n_k_pad
   params = dict(interpret=cfg.interpret, compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2))
-  rows = _nbytes(lse, delta)
+  rows = nbytes(lse, delta)
 
   q_blk = pl.BlockSpec((None, cfg.bq, None, d), lambda i, b, h: (b, i, h, 0))
-  k_all = pl.BlockSpec((None, nk_pad, None, d), lambda i, b, h: (b, 0, h, 0))
+  k_all = pl.BlockSpec((None, n_k_pad, None, d), lambda i, b, h: (b, 0, h, 0))
   w_rows = _gpu_words_spec(cfg)
   row_blk = pl.BlockSpec((None, None, cfg.bq), lambda i, b, h: (b, h, i))
   dq_cost = pl.CostEstimate(
       flops=6 * pairs * d, transcendentals=pairs,
-      bytes_accessed=_nbytes(q, do, words) + rows + cfg.nq * _nbytes(k, v) + bsz * nh * nq_pad * d * 4)
+      bytes_accessed=nbytes(q, do, words) + rows + cfg.q_blocks * nbytes(k, v) + bsz * nh * n_q_pad * d * 4)
   dq = pl.pallas_call(
       functools.partial(_gpu_dq_kernel, cfg=cfg),
-      out_shape=_out(q.shape, q), grid=(cfg.nq, bsz, nh),
+      out_shape=out_struct(q.shape, q), grid=(cfg.q_blocks, bsz, nh),
       in_specs=[q_blk, k_all, k_all, w_rows, q_blk, row_blk, row_blk], out_specs=q_blk,
       cost_estimate=dq_cost, name="sparse_attention_dq", **params,
   )(q, k, v, words, do, lse, delta)
 
-  q_all = pl.BlockSpec((None, nq_pad, None, d), lambda i, b, h: (b, 0, h, 0))
+  q_all = pl.BlockSpec((None, n_q_pad, None, d), lambda i, b, h: (b, 0, h, 0))
   k_blk = pl.BlockSpec((None, cfg.bk, None, d), lambda i, b, h: (b, i, h, 0))
-  w_cols = pl.BlockSpec((None, None, None, cfg.nw, nq_pad), lambda i, b, h: (*cfg.mask_index(b, h), i, 0, 0))
-  row_all = pl.BlockSpec((None, None, nq_pad), lambda i, b, h: (b, h, 0))
+  w_cols = pl.BlockSpec((None, None, None, cfg.nw, n_q_pad), lambda i, b, h: (*cfg.mask_index(b, h), i, 0, 0))
+  row_all = pl.BlockSpec((None, None, n_q_pad), lambda i, b, h: (b, h, 0))
   dkv_cost = pl.CostEstimate(
       flops=8 * pairs * d, transcendentals=pairs,
-      bytes_accessed=cfg.nk * (_nbytes(q, do) + rows) + _nbytes(k, v, words) + 2 * bsz * nh * nk_pad * d * 4)
+      bytes_accessed=cfg.k_blocks * (nbytes(q, do) + rows) + nbytes(k, v, words)
+      + 2 * bsz * nh * n_k_pad * d * 4)
   dk, dv = pl.pallas_call(
       functools.partial(_gpu_dkv_kernel, cfg=cfg),
-      out_shape=(_out(k.shape, q), _out(v.shape, q)),
-      grid=(cfg.nk, bsz, nh),
+      out_shape=(out_struct(k.shape, q), out_struct(v.shape, q)),
+      grid=(cfg.k_blocks, bsz, nh),
       in_specs=[q_all, k_blk, k_blk, w_cols, q_all, row_all, row_all], out_specs=[k_blk, k_blk],
       cost_estimate=dkv_cost, name="sparse_attention_dkv", **params,
   )(q, k, v, words, do, lse, delta)
@@ -634,17 +577,20 @@ _gpu_core.defvjp(_gpu_core_fwd, _gpu_core_bwd)
 
 
 def _mask_layout(packed: Array, cfg: _Config) -> tuple[Array, Array]:
-  """``packed [B|1, H|1, W, N_q]`` -> ``(words [B|1, H|1, nk, nw, nq * bq] int32, occ [B|1 * nq * nk]
-  int32)``: the words of each key block (padding never kept; a reshape of the padded words, no transpose)
-  and the flat table of ``(query block, key block)`` pairs that some head keeps anything of (TPU)."""
+  """``packed [B|1, H|1, W, N_q]`` -> ``(words [B|1, H|1, k_blocks, nw, q_blocks * bq] int32,
+  occ [B|1 * q_blocks * k_blocks] int32)``: the words of each key block (padding never kept; a reshape of
+  the padded words, no transpose) and the flat table of ``(query block, key block)`` pairs that some head
+  keeps anything of (TPU)."""
   mb, mh, n_words, n_rows = packed.shape
-  padded = jnp.pad(packed, ((0, 0), (0, 0), (0, cfg.nk * cfg.nw - n_words), (0, cfg.nq * cfg.bq - n_rows)))
-  words = padded.reshape(mb, mh, cfg.nk, cfg.nw, cfg.nq * cfg.bq)
-  occ = jnp.any(words.reshape(mb, mh, cfg.nk, cfg.nw, cfg.nq, cfg.bq) != 0, axis=(1, 3, 5))   # [., nk, nq]
+  padded = jnp.pad(packed, ((0, 0), (0, 0), (0, cfg.k_blocks * cfg.nw - n_words),
+                            (0, cfg.q_blocks * cfg.bq - n_rows)))
+  words = padded.reshape(mb, mh, cfg.k_blocks, cfg.nw, cfg.q_blocks * cfg.bq)
+  blocked = words.reshape(mb, mh, cfg.k_blocks, cfg.nw, cfg.q_blocks, cfg.bq)
+  occ = jnp.any(blocked != 0, axis=(1, 3, 5))                                 # [., k_blocks, q_blocks]
   return words, jnp.swapaxes(occ, 1, 2).reshape(-1).astype(jnp.int32)
 
 
-def sparse_attention(q: Array, k: Array, v: Array, packed: Array | None, *, scale: float,
+def flash_attention(q: Array, k: Array, v: Array, packed: Array | None, *, scale: float,
                      backend: str = "tpu", interpret: bool = False, block_q: int | None = None,
                      block_k: int | None = None) -> Array:
   """Masked softmax attention, fused: ``[B, N, H, d]`` x3 and a bit-packed mask -> ``[B, N, H, d]`` f32.
@@ -669,33 +615,34 @@ def sparse_attention(q: Array, k: Array, v: Array, packed: Array | None, *, scal
   """
   if backend not in ("tpu", "gpu"):
     raise ValueError(f"unknown backend {backend!r}; allowed: 'tpu', 'gpu'")
-  bsz, nq, nh, d = q.shape
-  nk = k.shape[1]
+  bsz, n_q, nh, d = q.shape
+  n_k = k.shape[1]
   dense = packed is None
   if dense:   # a [1, 1, W, N] stand-in: its blocks are fetched once (their index never changes), never read
-    packed = jnp.zeros((1, 1, bitmask.words(nk), nq), jnp.int32)
-  if packed.ndim != 4 or packed.shape[3] != nq or packed.shape[2] != bitmask.words(nk):
-    raise ValueError(f"packed mask {packed.shape} does not fit q {q.shape} and {nk} keys")
-  if backend == "tpu" and nq != nk:
-    raise ValueError(f"the TPU kernel needs as many queries as keys; got {nq} and {nk}")
-  bq, bk = _block_sizes(backend, nq, nk, block_q, block_k)
-  cfg = _Config(backend=backend, scale=float(scale), interpret=bool(interpret), bq=bq, bk=bk,
-                nq=-(-nq // bq), nk=-(-nk // bk), mask_b=packed.shape[0] > 1, mask_h=packed.shape[1] > 1,
-                heads=nh, head_dim=d, n=nq, split=(nh * d) % 128 == 0, dense=dense, n_keys=nk)
+    packed = jnp.zeros((1, 1, bitmask.words(n_k), n_q), jnp.int32)
+  if packed.ndim != 4 or packed.shape[3] != n_q or packed.shape[2] != bitmask.words(n_k):
+    raise ValueError(f"packed mask {packed.shape} does not fit q {q.shape} and {n_k} keys")
+  if backend == "tpu" and n_q != n_k:
+    raise ValueError(f"the TPU kernel needs as many queries as keys; got {n_q} and {n_k}")
+  bq, bk = _block_sizes(backend, n_q, n_k, block_q, block_k)
+  cfg = _Config(scale=float(scale), interpret=bool(interpret), bq=bq, bk=bk,
+                q_blocks=-(-n_q // bq), k_blocks=-(-n_k // bk), mask_b=packed.shape[0] > 1,
+                mask_h=packed.shape[1] > 1,
+                heads=nh, head_dim=d, n=n_q, split=(nh * d) % 128 == 0, dense=dense, n_keys=n_k)
   dtype = q.dtype
-  q, k, v, packed = _same_vma(q, k.astype(dtype), v.astype(dtype), packed)
+  q, k, v, packed = same_vma(q, k.astype(dtype), v.astype(dtype), packed)
   words, occ = _mask_layout(packed.astype(jnp.int32), cfg)
   if dense:
     occ = jnp.ones_like(occ)
 
   if backend == "tpu":
-    qkv = jnp.stack([q, k, v], axis=2).reshape(bsz, nq, 3 * nh * d)   # the qkv projection's layout
+    qkv = jnp.stack([q, k, v], axis=2).reshape(bsz, n_q, 3 * nh * d)   # the qkv projection's layout
     out = _tpu_core(cfg, qkv, words, occ, dtype)
-    return out.reshape(bsz, nq, nh, d).astype(F32)
+    return out.reshape(bsz, n_q, nh, d).astype(F32)
 
-  nq_pad, nk_pad = cfg.nq * bq, cfg.nk * bk
-  d_pad = max(16, _next_pow2(d))
+  n_q_pad, n_k_pad = cfg.q_blocks * bq, cfg.k_blocks * bk
+  d_pad = max(16, next_pow2(d))
   def prep_gpu(t, n_pad):                                  # pad N and d, keep [B, N, H, d]
     return jnp.pad(t, ((0, 0), (0, n_pad - t.shape[1]), (0, 0), (0, d_pad - d)))
-  out = _gpu_core(cfg, prep_gpu(q, nq_pad), prep_gpu(k, nk_pad), prep_gpu(v, nk_pad), words)
-  return out[:, :nq, :, :d]
+  out = _gpu_core(cfg, prep_gpu(q, n_q_pad), prep_gpu(k, n_k_pad), prep_gpu(v, n_k_pad), words)
+  return out[:, :n_q, :, :d]

@@ -6,9 +6,11 @@ products in q's dtype with float32 accumulation. Only kept blocks are ever loade
 
 * forward and dq: the grid (TPU) or the loop (GPU) runs over the ``K`` entries of the table, and the
   index map of k and v reads the kept key block from the table (prefetched into SMEM on TPU);
-* dk, dv: over the transposed table (``blocks.transpose``): for each key block, the query blocks that
-  keep it. Its static length is ``nb``; steps past a key block's count re-read the block of the step
-  before (the same block index, so nothing new is loaded) and compute nothing.
+* dk, dv: on TPU in the same pass as dq (``_tpu_bwd_kernel``), accumulated for the whole sequence in
+  VMEM; on GPU, and on TPU where that does not fit, over the transposed table (``blocks.transpose``): for
+  each key block, the query blocks that keep it. Its static length is ``nb``; steps past a key block's
+  count re-read the block of the step before (the same block index, so nothing new is loaded) and
+  compute nothing.
 
 No per-element mask is built: a kept block is kept whole. Only the ragged last block (``N`` not a
 multiple of ``b``) is masked, in a separate code path taken for that block alone: its keys past ``N``
@@ -35,9 +37,9 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
 from sparsifiner_jax.attention import blocks
-from sparsifiner_jax.attention.pallas.attention import (F32, NN, NT, _col_to_row, _finalize, _nbytes,
-                                                        _next_pow2, _online_softmax_step, _out, _row_to_col,
-                                                        _same_vma, _scaled)
+from sparsifiner_jax.attention.pallas.common import (F32, NN, NT, col_to_row, finalize, nbytes, next_pow2,
+                                                   online_softmax_step, out_struct, row_to_col, same_vma,
+                                                   scaled)
 
 Array = jax.Array
 _FUSED_BACKWARD_BYTES = 24 * 2 ** 20   # TPU: VMEM for the one-pass backward's whole-sequence dk, dv
@@ -133,17 +135,17 @@ def _tpu_fwd_kernel(tab_ref, q_ref, *refs, cfg: _Config):
   for slot in range(g):
     kb = _entry(tab_ref, cfg, cfg.kept, b, grp * g + slot, i, j)
     k, v = _lanes(k_refs[slot], cfg, slot), _lanes(v_refs[slot], cfg, slot)
-    q = _scaled(_lanes(q_ref, cfg, slot), cfg.scale, k.dtype)
+    q = scaled(_lanes(q_ref, cfg, slot), cfg.scale, k.dtype)
     s = lax.dot_general(q, k, NT, preferred_element_type=F32)                    # [b, b]
     s, v = _in_tail(kb, cfg, lambda s, v: (_real_keys(s, kb, cfg, 1), _live(v, kb, cfg, 0)), s, v)
-    m_sc[slot], l_sc[slot], acc_sc[slot] = _online_softmax_step(s, m_sc[slot], l_sc[slot], acc_sc[slot], v)
+    m_sc[slot], l_sc[slot], acc_sc[slot] = online_softmax_step(s, m_sc[slot], l_sc[slot], acc_sc[slot], v)
 
   @pl.when(j == cfg.kept - 1)
   def _done():
     for slot in range(g):
-      out, lse = _finalize(m_sc[slot], l_sc[slot], acc_sc[slot])
+      out, lse = finalize(m_sc[slot], l_sc[slot], acc_sc[slot])
       o_ref[:, slot * cfg.head_dim:(slot + 1) * cfg.head_dim] = out.astype(o_ref.dtype)
-      lse_ref[slot:slot + 1, :] = _col_to_row(lse)
+      lse_ref[slot:slot + 1, :] = col_to_row(lse)
 
 
 def _tpu_dq_kernel(tab_ref, q_ref, *refs, cfg: _Config):
@@ -160,12 +162,12 @@ def _tpu_dq_kernel(tab_ref, q_ref, *refs, cfg: _Config):
     # Rows past N: garbage that a zero probability would still turn into NaN.
     k, v = _in_tail(kb, cfg, lambda k, v: (_live(k, kb, cfg, 0), _live(v, kb, cfg, 0)),
                     _lanes(k_refs[slot], cfg, slot), _lanes(v_refs[slot], cfg, slot))
-    q = _scaled(_lanes(q_ref, cfg, slot), cfg.scale, k.dtype)
+    q = scaled(_lanes(q_ref, cfg, slot), cfg.scale, k.dtype)
     s = lax.dot_general(q, k, NT, preferred_element_type=F32)                    # [b, b]
     (s,) = _in_tail(kb, cfg, lambda s: (_real_keys(s, kb, cfg, 1),), s)
-    p = jnp.exp(s - _row_to_col(lse_ref[slot:slot + 1, :]))
+    p = jnp.exp(s - row_to_col(lse_ref[slot:slot + 1, :]))
     dp = lax.dot_general(_lanes(do_ref, cfg, slot).astype(v.dtype), v, NT, preferred_element_type=F32)
-    ds = p * (dp - _row_to_col(delta_ref[slot:slot + 1, :]))
+    ds = p * (dp - row_to_col(delta_ref[slot:slot + 1, :]))
     dq_sc[slot] += lax.dot_general(ds.astype(k.dtype), k, NN, preferred_element_type=F32)
 
   @pl.when(j == cfg.kept - 1)
@@ -199,15 +201,15 @@ def _tpu_bwd_kernel(tab_ref, q_ref, *refs, cfg: _Config):
     # Rows past N (either side's ragged last block): garbage that a zero would still turn into NaN.
     k, v = _in_tail(kb, cfg, lambda k, v: (_live(k, kb, cfg, 0), _live(v, kb, cfg, 0)),
                     _lanes(k_refs[slot], cfg, slot), _lanes(v_refs[slot], cfg, slot))
-    q = _scaled(_lanes(q_ref, cfg, slot), cfg.scale, k.dtype)
+    q = scaled(_lanes(q_ref, cfg, slot), cfg.scale, k.dtype)
     do = _lanes(do_ref, cfg, slot).astype(v.dtype)
     q, do = _in_tail(i, cfg, lambda q, do: (_live(q, i, cfg, 0), _live(do, i, cfg, 0)), q, do)
     s = lax.dot_general(q, k, NT, preferred_element_type=F32)                    # [b, b]
     (s,) = _in_tail(kb, cfg, lambda s: (_real_keys(s, kb, cfg, 1),), s)
-    p = jnp.exp(s - _row_to_col(lse_ref[slot:slot + 1, :]))
+    p = jnp.exp(s - row_to_col(lse_ref[slot:slot + 1, :]))
     (p,) = _in_tail(i, cfg, lambda p: (_live(p, i, cfg, 0),), p)
     dp = lax.dot_general(do, v, NT, preferred_element_type=F32)
-    ds = p * (dp - _row_to_col(delta_ref[slot:slot + 1, :]))
+    ds = p * (dp - row_to_col(delta_ref[slot:slot + 1, :]))
     dq_sc[slot] += lax.dot_general(ds.astype(k.dtype), k, NN, preferred_element_type=F32)
     keys = pl.ds(pl.multiple_of(kb * cfg.block, cfg.block), cfg.block)
     dv_sc[slot, keys, :] += lax.dot_general(p.astype(v.dtype), do, tn, preferred_element_type=F32)
@@ -249,7 +251,7 @@ def _tpu_dkv_kernel(rows_ref, count_ref, k_ref, v_ref, *refs, cfg: _Config):
     def _step(slot=slot, qb=qb):
       # (Keys past N, in a ragged last key block, only feed rows of dk and dv that are never written.)
       k, v = _lanes(k_ref, cfg, slot), _lanes(v_ref, cfg, slot)
-      q = _scaled(_lanes(q_refs[slot], cfg, slot), cfg.scale, k.dtype)
+      q = scaled(_lanes(q_refs[slot], cfg, slot), cfg.scale, k.dtype)
       do = _lanes(do_refs[slot], cfg, slot).astype(v.dtype)
       q, do = _in_tail(qb, cfg, lambda q, do: (_live(q, qb, cfg, 0), _live(do, qb, cfg, 0)), q, do)
       st = lax.dot_general(k, q, NT, preferred_element_type=F32)                 # [b keys, b queries]
@@ -320,15 +322,15 @@ def _tpu_forward(cfg: _Config, qkv, table, out_dtype):
   g, d = cfg.group, cfg.head_dim
   specs = _Specs(cfg, lambda b, h, i, j, tab: _entry(tab, cfg, cfg.kept, b, h, i, j))
   pairs = cfg.pairs(bsz)
-  side = _nbytes(qkv) // 3
+  side = nbytes(qkv) // 3
   cost = pl.CostEstimate(
       flops=4 * pairs * d, transcendentals=pairs + bsz * cfg.heads * cfg.nb * cfg.block,
-      bytes_accessed=side * (1 + 2 * cfg.kept) + _nbytes(table)
+      bytes_accessed=side * (1 + 2 * cfg.kept) + nbytes(table)
       + side // qkv.dtype.itemsize * jnp.dtype(out_dtype).itemsize + bsz * cfg.heads * cfg.nb * cfg.block * 4)
   return pl.pallas_call(
       functools.partial(_tpu_fwd_kernel, cfg=cfg),
-      out_shape=(_out(cfg.side_shape(bsz, n), qkv, out_dtype),
-                 _out((bsz, cfg.heads // g, cfg.nb, g, cfg.block), qkv)),
+      out_shape=(out_struct(cfg.side_shape(bsz, n), qkv, out_dtype),
+                 out_struct((bsz, cfg.heads // g, cfg.nb, g, cfg.block), qkv)),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=1, grid=(bsz, cfg.heads // g, cfg.nb, cfg.kept),
           in_specs=specs.q_and_kept_kv(), out_specs=[specs.tile(0), specs.row()],
@@ -353,14 +355,14 @@ def _tpu_backward(cfg: _Config, qkv, table, do, lse, delta):
   bsz, n = qkv.shape[0], qkv.shape[2]
   g, d = cfg.group, cfg.head_dim
   pairs = cfg.pairs(bsz)
-  grad = _out(cfg.side_shape(bsz, n), qkv)
-  side = _nbytes(qkv) // 3
+  grad = out_struct(cfg.side_shape(bsz, n), qkv)
+  side = nbytes(qkv) // 3
   specs = _Specs(cfg, lambda b, h, i, j, tab: _entry(tab, cfg, cfg.kept, b, h, i, j))
   if _fused_backward_fits(cfg):
     # Products s, dp, dq, dk, dv (5 x 2 b^2 d flops per kept pair of blocks); k, v read once per kept block.
     cost = pl.CostEstimate(
         flops=10 * pairs * d, transcendentals=pairs,
-        bytes_accessed=side * (1 + 2 * cfg.kept) + _nbytes(do, table, lse, delta)
+        bytes_accessed=side * (1 + 2 * cfg.kept) + nbytes(do, table, lse, delta)
         + 3 * side * 4 // qkv.dtype.itemsize)
     whole = pl.BlockSpec((None, None, n, g * d),
                          lambda b, grp, i, j, tab: (b, specs.at(0, grp)[0], 0, specs.at(0, grp)[1]))
@@ -379,7 +381,7 @@ def _tpu_backward(cfg: _Config, qkv, table, do, lse, delta):
   # dq: products s, dp, dq (3 x 2 b^2 d flops per kept pair of blocks); k, v read once per kept block.
   dq_cost = pl.CostEstimate(
       flops=6 * pairs * d, transcendentals=pairs,
-      bytes_accessed=side * (1 + 2 * cfg.kept) + _nbytes(do, table, lse, delta)
+      bytes_accessed=side * (1 + 2 * cfg.kept) + nbytes(do, table, lse, delta)
       + side * 4 // qkv.dtype.itemsize)
   dq = pl.pallas_call(
       functools.partial(_tpu_dq_kernel, cfg=cfg),
@@ -396,7 +398,7 @@ def _tpu_backward(cfg: _Config, qkv, table, do, lse, delta):
   specs = _Specs(cfg, lambda b, h, i, j, rws, cnt: _entry(rws, cfg, cfg.nb, b, h, i, j))
   dkv_cost = pl.CostEstimate(
       flops=8 * pairs * d, transcendentals=pairs,
-      bytes_accessed=2 * side + _nbytes(rows, counts) + cfg.kept * (side + _nbytes(do, lse, delta))
+      bytes_accessed=2 * side + nbytes(rows, counts) + cfg.kept * (side + nbytes(do, lse, delta))
       + 2 * side * 4 // qkv.dtype.itemsize)
   dk, dv = pl.pallas_call(
       functools.partial(_tpu_dkv_kernel, cfg=cfg),
@@ -453,7 +455,7 @@ def _split(j, r: int):
 
 
 def _gpu_fwd_kernel(tab_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Config):
-  q = _scaled(q_ref[...], cfg.scale, k_ref.dtype)
+  q = scaled(q_ref[...], cfg.scale, k_ref.dtype)
   sub, r = cfg.sub, cfg.block // cfg.sub
 
   def body(j, carry):
@@ -463,10 +465,10 @@ def _gpu_fwd_kernel(tab_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Confi
     s = lax.dot_general(q, k_ref[keys, :], NT, preferred_element_type=F32)
     if cfg.ragged:
       s = _real_keys(s, None, cfg, 1, first)
-    return _online_softmax_step(s, *carry, v_ref[keys, :])
+    return online_softmax_step(s, *carry, v_ref[keys, :])
 
   init = (jnp.full((sub, 1), -jnp.inf, F32), jnp.zeros((sub, 1), F32), jnp.zeros((sub, q.shape[-1]), F32))
-  out, lse = _finalize(*lax.fori_loop(0, cfg.kept * r, body, init))
+  out, lse = finalize(*lax.fori_loop(0, cfg.kept * r, body, init))
   o_ref[...] = out.astype(o_ref.dtype)
   lse_ref[...] = lse.reshape(sub)
 
@@ -474,7 +476,7 @@ def _gpu_fwd_kernel(tab_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Confi
 def _gpu_dq_kernel(tab_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, cfg: _Config):
   dtype = k_ref.dtype
   sub, r = cfg.sub, cfg.block // cfg.sub
-  q = _scaled(q_ref[...], cfg.scale, dtype)
+  q = scaled(q_ref[...], cfg.scale, dtype)
   do = do_ref[...].astype(dtype)
   lse, delta = lse_ref[...].reshape(sub, 1), delta_ref[...].reshape(sub, 1)
 
@@ -506,7 +508,7 @@ def _gpu_dkv_kernel(rows_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, d
     dk, dv = carry
     slot, tile = _split(j, r)
     queries = pl.ds(rows_ref[slot + 1] * cfg.block + tile * sub, sub)
-    q = _scaled(q_ref[queries, :], cfg.scale, k.dtype)
+    q = scaled(q_ref[queries, :], cfg.scale, k.dtype)
     do = do_ref[queries, :].astype(k.dtype)
     s = lax.dot_general(q, k, NT, preferred_element_type=F32)                    # [sub, sub]
     if cfg.ragged:
@@ -530,7 +532,7 @@ def _gpu_params(name: str, cost: pl.CostEstimate, cfg: _Config) -> dict:
 
 def _pow2_columns(t: Array) -> Array:
   """Pads the last axis to a power of two (Triton's block rule) by repeating its last column."""
-  width = _next_pow2(t.shape[-1])
+  width = next_pow2(t.shape[-1])
   return jnp.pad(t, [(0, 0)] * (t.ndim - 1) + [(0, width - t.shape[-1])], mode="edge")
 
 
@@ -556,10 +558,10 @@ def _gpu_forward(cfg: _Config, q, k, v, table):
   pairs = cfg.pairs(bsz)
   cost = pl.CostEstimate(
       flops=4 * pairs * d, transcendentals=pairs + bsz * nh * n_pad,
-      bytes_accessed=_nbytes(q, table) + 2 * cfg.kept * _nbytes(k) + bsz * nh * n_pad * (d + 1) * 4)
+      bytes_accessed=nbytes(q, table) + 2 * cfg.kept * nbytes(k) + bsz * nh * n_pad * (d + 1) * 4)
   return pl.pallas_call(
       functools.partial(_gpu_fwd_kernel, cfg=cfg),
-      out_shape=(_out(q.shape, q), _out((bsz, nh, n_pad), q)),
+      out_shape=(out_struct(q.shape, q), out_struct((bsz, nh, n_pad), q)),
       grid=(n_pad // cfg.sub, bsz, nh),
       in_specs=[specs.table(table.shape[-1]), specs.tile, specs.whole, specs.whole],
       out_specs=[specs.tile, specs.row],
@@ -576,11 +578,11 @@ def _gpu_backward(cfg: _Config, q, k, v, table, do, lse, delta):
   padded = _pow2_columns(table)
   dq_cost = pl.CostEstimate(
       flops=6 * pairs * d, transcendentals=pairs,
-      bytes_accessed=_nbytes(q, do, padded, lse, delta) + 2 * cfg.kept * _nbytes(k) + _nbytes(q) * 4
+      bytes_accessed=nbytes(q, do, padded, lse, delta) + 2 * cfg.kept * nbytes(k) + nbytes(q) * 4
       // q.dtype.itemsize)
   dq = pl.pallas_call(
       functools.partial(_gpu_dq_kernel, cfg=cfg),
-      out_shape=_out(q.shape, q), grid=grid,
+      out_shape=out_struct(q.shape, q), grid=grid,
       in_specs=[specs.table(padded.shape[-1]), specs.tile, specs.whole, specs.whole, specs.tile, specs.row,
                 specs.row],
       out_specs=specs.tile, **_gpu_params("block_sparse_attention_dq", dq_cost, cfg),
@@ -590,11 +592,11 @@ def _gpu_backward(cfg: _Config, q, k, v, table, do, lse, delta):
   rows = _pow2_columns(jnp.concatenate([counts[..., None], rows], axis=-1))
   dkv_cost = pl.CostEstimate(
       flops=8 * pairs * d, transcendentals=pairs,
-      bytes_accessed=_nbytes(k, v, rows) + cfg.kept * _nbytes(q, do, lse, delta) + 2 * _nbytes(k) * 4
+      bytes_accessed=nbytes(k, v, rows) + cfg.kept * nbytes(q, do, lse, delta) + 2 * nbytes(k) * 4
       // k.dtype.itemsize)
   dk, dv = pl.pallas_call(
       functools.partial(_gpu_dkv_kernel, cfg=cfg),
-      out_shape=(_out(k.shape, q), _out(v.shape, q)), grid=grid,
+      out_shape=(out_struct(k.shape, q), out_struct(v.shape, q)), grid=grid,
       in_specs=[specs.table(rows.shape[-1]), specs.whole, specs.tile, specs.tile, specs.whole,
                 specs.all_rows, specs.all_rows],
       out_specs=[specs.tile, specs.tile], **_gpu_params("block_sparse_attention_dkv", dkv_cost, cfg),
@@ -662,7 +664,7 @@ def block_sparse_attention(q: Array, k: Array, v: Array, table: Array, *, block:
                 n=n, heads=nh, head_dim=d)
   dtype = q.dtype
   table = jnp.broadcast_to(table.astype(jnp.int32), (bsz, *table.shape[1:]))
-  q, k, v, table = _same_vma(q, k.astype(dtype), v.astype(dtype), table)
+  q, k, v, table = same_vma(q, k.astype(dtype), v.astype(dtype), table)
   if backend == "tpu":
     group = 128 // d if 128 % d == 0 and nh % (128 // d) == 0 else 1
     cfg = dataclasses.replace(cfg, group=group, lanes=group * d % 128 == 0)
@@ -671,7 +673,7 @@ def block_sparse_attention(q: Array, k: Array, v: Array, table: Array, *, block:
            else qkv.transpose(0, 2, 3, 1, 4).reshape(bsz, 3 * nh, n, d))
     return cfg.from_side(_tpu_core(cfg, qkv, lax.stop_gradient(table))).astype(F32)
   cfg = dataclasses.replace(cfg, sub=min(block, _GPU_TILE))
-  n_pad, d_pad = nb * block, max(16, _next_pow2(d))
+  n_pad, d_pad = nb * block, max(16, next_pow2(d))
   pad = lambda t: jnp.pad(t, ((0, 0), (0, n_pad - n), (0, 0), (0, d_pad - d)))   # noqa: E731
   out = _gpu_core(cfg, pad(q), pad(k), pad(v), lax.stop_gradient(table))
   return out[:, :n, :, :d]

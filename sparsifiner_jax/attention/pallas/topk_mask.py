@@ -37,6 +37,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from sparsifiner_jax.attention import bitmask
+from sparsifiner_jax.attention.pallas.common import next_pow2, round_up
 
 Array = jax.Array
 
@@ -66,14 +67,6 @@ class _Sizes:
   words: int
 
 
-def _round_up(x: int, to: int) -> int:
-  return -(-x // to) * to
-
-
-def _pow2(x: int) -> int:
-  return 1 << max(x - 1, 0).bit_length()
-
-
 def _sizes(n: int, m: int, d: int, backend: str, block_q: int | None) -> _Sizes:
   """Block sizes for ``n`` tokens, ``m`` coefficients, head dim ``d`` on ``backend``."""
   words = bitmask.words(n)
@@ -82,15 +75,15 @@ def _sizes(n: int, m: int, d: int, backend: str, block_q: int | None) -> _Sizes:
     if rows != n and (rows % 16 or rows < n and rows % _LANES):
       raise ValueError(f"block_q={rows} must be N={n} or a multiple of 16 (bf16 sublane tiling), and of "
                        f"{_LANES} when it is less than N (the words' lane tiling)")
-    return _Sizes(n, m, d, _round_up(n, _LANES), m, d, _round_up(words, _LANES), rows,
-                  _round_up(n, rows), words)
+    return _Sizes(n, m, d, round_up(n, _LANES), m, d, round_up(words, _LANES), rows,
+                  round_up(n, rows), words)
   if backend == "gpu":
     rows = block_q or _GPU_BLOCK_Q
-    if rows < _GPU_MIN_DIM or rows != _pow2(rows):
+    if rows < _GPU_MIN_DIM or rows != next_pow2(rows):
       raise ValueError(f"block_q={rows} must be a power of two >= {_GPU_MIN_DIM} on the GPU backend")
-    big = lambda x: max(_pow2(x), _GPU_MIN_DIM)   # noqa: E731
+    big = lambda x: max(next_pow2(x), _GPU_MIN_DIM)   # noqa: E731
     return _Sizes(n, m, d, max(big(n), 2 * bitmask.BITS), big(m), big(d), big(words), rows,
-                  _round_up(n, rows), words)
+                  round_up(n, rows), words)
   raise ValueError(f"backend must be 'tpu' or 'gpu', got {backend!r}")
 
 
@@ -305,9 +298,9 @@ def _check(q: Array, weights: Array, basis: Array, coef_k: int, k: int, num_dens
     raise ValueError(f"coef_k={coef_k} must be >= 1 and num_dense_rows={num_dense_rows} >= 0")
 
 
-def lowrank_topk_mask(q: Array, weights: Array, basis: Array, *, scale: float, coef_k: int, k: int,
-                      num_dense_rows: int = 1, compute_dtype=jnp.float32, backend: str = "tpu",
-                      interpret: bool = False, block_q: int | None = None) -> Array:
+def lowrank_topk_packed(q: Array, weights: Array, basis: Array, *, scale: float, coef_k: int, k: int,
+                        num_dense_rows: int = 1, compute_dtype=jnp.float32, backend: str = "tpu",
+                        interpret: bool = False, block_q: int | None = None) -> Array:
   """The predictor's packed mask ``[B, H, ceil(N / 32), N] int32`` (``bitmask`` format) in one pass.
 
   Args:

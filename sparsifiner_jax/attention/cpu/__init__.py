@@ -11,7 +11,7 @@ function serves CPU and accelerators:
   predictor's per-head query weights, basis threshold, coefficient logits, softmax, top coefficients,
   basis product, top-k) in one call on CPU, so none of the predictor's small XLA ops runs and neither
   the logits nor the ``[B, H, R, N]`` approximation is written; elsewhere the caller's XLA reference.
-* ``sparse_attention(q, k, v, keep, ...)``: softmax attention over the kept entries only. On CPU it runs
+* ``sparse_row_attention(q, k, v, keep, ...)``: softmax attention over the kept entries only. On CPU it runs
   ``sparse_attention_cpu.cc`` (per row: the kept columns, their logits, exps and value products -- a
   quarter of dense attention's work at keep 0.25, where XLA's masked attention does all of it and more),
   and its gradient over the same entries; elsewhere the caller's XLA reference.
@@ -57,10 +57,10 @@ Array = jax.Array
 _SOURCES = tuple(pathlib.Path(__file__).with_name(f)
                  for f in ("topk_mask_cpu.cc", "sparse_attention_cpu.cc"))
 _HEADERS = (pathlib.Path(__file__).with_name("cpu_common.h"),)
-_TARGET = "sparsifiner_topk_mask"
+_TOPK_TARGET = "sparsifiner_topk_mask"
 _LOWRANK_TARGET = "sparsifiner_lowrank_topk_mask"
-_ATTENTION_TARGET = "sparsifiner_sparse_attention"
-_ATTENTION_BWD_TARGET = "sparsifiner_sparse_attention_backward"
+_ROW_ATTENTION_TARGET = "sparsifiner_sparse_attention"
+_ROW_ATTENTION_BWD_TARGET = "sparsifiner_sparse_attention_backward"
 _CXXFLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-std=c++17", "-shared", "-fPIC",
              "-w")
 _status = {"available": False, "reason": "not loaded yet"}
@@ -90,7 +90,7 @@ def _build() -> pathlib.Path:
   texts = [src.read_text() for src in _SOURCES + _HEADERS]
   key = hashlib.sha256("\n".join([*texts, jax.__version__, cxx, " ".join(_CXXFLAGS),
                                   _cpu_signature()]).encode()).hexdigest()[:16]
-  lib = _cache_dir() / f"topk_mask_cpu_{key}.so"
+  lib = _cache_dir() / f"sparsifiner_cpu_{key}.so"
   if lib.exists():
     return lib
   lib.parent.mkdir(parents=True, exist_ok=True)
@@ -112,10 +112,10 @@ def _load() -> bool:
     return False
   try:
     lib = ctypes.cdll.LoadLibrary(str(_build()))
-    jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.TopkMask), platform="cpu")
+    jax.ffi.register_ffi_target(_TOPK_TARGET, jax.ffi.pycapsule(lib.TopkMask), platform="cpu")
     jax.ffi.register_ffi_target(_LOWRANK_TARGET, jax.ffi.pycapsule(lib.LowRankTopkMask), platform="cpu")
-    jax.ffi.register_ffi_target(_ATTENTION_TARGET, jax.ffi.pycapsule(lib.SparseAttention), platform="cpu")
-    jax.ffi.register_ffi_target(_ATTENTION_BWD_TARGET, jax.ffi.pycapsule(lib.SparseAttentionBackward),
+    jax.ffi.register_ffi_target(_ROW_ATTENTION_TARGET, jax.ffi.pycapsule(lib.SparseAttention), platform="cpu")
+    jax.ffi.register_ffi_target(_ROW_ATTENTION_BWD_TARGET, jax.ffi.pycapsule(lib.SparseAttentionBackward),
                                 platform="cpu")
   except (OSError, RuntimeError, subprocess.SubprocessError) as e:
     _status.update(available=False, reason=str(e))
@@ -142,7 +142,8 @@ def topk_keep_mask_xla(x: Array, k: int) -> Array:
 
 def _ffi_topk_keep_mask(x: Array, k: int) -> Array:
   def run(x):
-    call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct(x.shape, jnp.bool_), vmap_method="broadcast_all")
+    call = jax.ffi.ffi_call(_TOPK_TARGET, jax.ShapeDtypeStruct(x.shape, jnp.bool_),
+                            vmap_method="broadcast_all")
     return call(x, k=np.int64(k))
 
   # Rows are independent: any leading axis may be split over the batch shards.
@@ -255,19 +256,19 @@ def _packed_qkv(q, k, v) -> Array:
   return jnp.stack([q, k, v], axis=2).astype(jnp.float32)
 
 
-def _ffi_sparse_attention(q, k, v, keep, *, num_dense_rows: int, scale: float) -> Array:
+def _ffi_sparse_row_attention(q, k, v, keep, *, num_dense_rows: int, scale: float) -> Array:
   def run(qkv, keep):
-    call = jax.ffi.ffi_call(_ATTENTION_TARGET, jax.ShapeDtypeStruct(qkv[:, :, 0].shape, jnp.float32),
+    call = jax.ffi.ffi_call(_ROW_ATTENTION_TARGET, jax.ShapeDtypeStruct(qkv[:, :, 0].shape, jnp.float32),
                             vmap_method="sequential")
     return call(qkv, keep, num_dense_rows=np.int64(num_dense_rows), scale=np.float32(scale))
 
   return sharding.per_batch_shard(run, (_packed_qkv(q, k, v), keep), (True, keep.shape[0] > 1))
 
 
-def _ffi_sparse_attention_bwd(q, k, v, keep, out, ct, *, num_dense_rows: int, scale: float):
+def _ffi_sparse_row_attention_bwd(q, k, v, keep, out, ct, *, num_dense_rows: int, scale: float):
   def run(qkv, keep, out, ct):
     grad = jax.ShapeDtypeStruct(out.shape, jnp.float32)
-    call = jax.ffi.ffi_call(_ATTENTION_BWD_TARGET, (grad, grad, grad), vmap_method="sequential")
+    call = jax.ffi.ffi_call(_ROW_ATTENTION_BWD_TARGET, (grad, grad, grad), vmap_method="sequential")
     return call(qkv, keep, out, ct, num_dense_rows=np.int64(num_dense_rows), scale=np.float32(scale))
 
   args = (_packed_qkv(q, k, v), keep, out, ct.astype(jnp.float32))
@@ -278,16 +279,16 @@ def _ffi_sparse_attention_bwd(q, k, v, keep, out, ct, *, num_dense_rows: int, sc
 def _attention_forward(q, k, v, keep, num_dense_rows, scale, reference):
   return jax.lax.platform_dependent(
       q, k, v, keep,
-      cpu=functools.partial(_ffi_sparse_attention, num_dense_rows=num_dense_rows, scale=scale),
+      cpu=functools.partial(_ffi_sparse_row_attention, num_dense_rows=num_dense_rows, scale=scale),
       default=reference)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _sparse_attention(q, k, v, keep, num_dense_rows, scale, reference):
+def _sparse_row_attention(q, k, v, keep, num_dense_rows, scale, reference):
   return _attention_forward(q, k, v, keep, num_dense_rows, scale, reference)
 
 
-def _sparse_attention_fwd(q, k, v, keep, num_dense_rows, scale, reference):
+def _sparse_row_attention_fwd(q, k, v, keep, num_dense_rows, scale, reference):
   if backend.target().platform == "cpu":
     # The kernels both ways: the forward keeps q, k, v, keep and its output; the backward recomputes
     # the kept probabilities (no [N, N] residuals).
@@ -298,7 +299,7 @@ def _sparse_attention_fwd(q, k, v, keep, num_dense_rows, scale, reference):
   return out, (vjp, None)
 
 
-def _sparse_attention_bwd(num_dense_rows, scale, reference, residuals, ct):
+def _sparse_row_attention_bwd(num_dense_rows, scale, reference, residuals, ct):
   vjp, saved = residuals
   if vjp is not None:
     return (*vjp(ct), None)
@@ -310,15 +311,15 @@ def _sparse_attention_bwd(num_dense_rows, scale, reference, residuals, ct):
 
   grads = jax.lax.platform_dependent(
       q, k, v, keep, out, ct,
-      cpu=functools.partial(_ffi_sparse_attention_bwd, num_dense_rows=num_dense_rows, scale=scale),
+      cpu=functools.partial(_ffi_sparse_row_attention_bwd, num_dense_rows=num_dense_rows, scale=scale),
       default=reference_vjp)
   return (*grads, None)
 
 
-_sparse_attention.defvjp(_sparse_attention_fwd, _sparse_attention_bwd)
+_sparse_row_attention.defvjp(_sparse_row_attention_fwd, _sparse_row_attention_bwd)
 
 
-def sparse_attention(q: Array, k: Array, v: Array, keep: Array, *, num_dense_rows: int, scale: float,
+def sparse_row_attention(q: Array, k: Array, v: Array, keep: Array, *, num_dense_rows: int, scale: float,
                      reference) -> Array:
   """Softmax attention over the kept entries only; ``[B, N, H, d]`` float32.
 
@@ -332,13 +333,13 @@ def sparse_attention(q: Array, k: Array, v: Array, keep: Array, *, num_dense_row
       kernel's (when tracing for CPU: ``backend.target()``; otherwise the reference's).
   """
   if q.shape != k.shape or q.shape != v.shape or q.ndim != 4:
-    raise ValueError(f"sparse_attention: q, k, v must share one [B, N, H, d] shape; got {q.shape}, "
+    raise ValueError(f"sparse_row_attention: q, k, v must share one [B, N, H, d] shape; got {q.shape}, "
                      f"{k.shape}, {v.shape}")
   b, n, h, _ = q.shape
   want = (n - num_dense_rows, n)
   if (keep.ndim != 4 or keep.shape[2:] != want or keep.shape[0] not in (1, b)
       or keep.shape[1] not in (1, h)):
-    raise ValueError(f"sparse_attention: keep must be [B|1, H|1, {want[0]}, {want[1]}]; got {keep.shape}")
+    raise ValueError(f"sparse_row_attention: keep must be [B|1, H|1, {want[0]}, {want[1]}]; got {keep.shape}")
   if q.size == 0 or not _load():
     return reference(q, k, v, keep)
-  return _sparse_attention(q, k, v, keep.astype(bool), num_dense_rows, float(scale), reference)
+  return _sparse_row_attention(q, k, v, keep.astype(bool), num_dense_rows, float(scale), reference)
