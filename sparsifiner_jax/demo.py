@@ -18,20 +18,20 @@ probe for a TPU at start-up and print libtpu's notices).
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 import time
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 from absl import logging as absl_logging
 from flax import nnx
 
 from configs import digits_dense, digits_sparsifiner
 from configs.sweeps import keep_rate as keep_rate_sweep
-from sparsifiner_jax import cli, errors, models, sweeps
+from sparsifiner_jax import cli, command_line, errors, models, sweeps
 from sparsifiner_jax.data import input_pipeline
 from sparsifiner_jax.evaluation import report, viz
 from sparsifiner_jax.io import atomic, paths, weights
@@ -155,21 +155,35 @@ def _connectivity_picture(config, weights_path, out):
                                out_path=out)
 
 
-def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(prog="python -m sparsifiner_jax.demo", description=__doc__.splitlines()[0])
-  ap.add_argument("--workdir", default="workdirs/demo")
-  ap.add_argument("--debug", action="store_true", help="show the traceback on errors")
-  args = ap.parse_args(argv)
+PROG = "python -m sparsifiner_jax.demo"
+
+
+def define_flags() -> flags.FlagValues:
+  """The command's flags, in a flag set of their own (``cli`` defines train.py's in the global one)."""
+  fv = command_line.new_flags()
+  flags.DEFINE_string("workdir", "workdirs/demo", "Where the demo writes its runs and results.",
+                      flag_values=fv)
+  flags.DEFINE_bool("debug", False, "Show the traceback on errors.", flag_values=fv)
+  return fv
+
+
+def main(argv: Sequence[str]) -> int:
+  """Runs the demo on ``argv`` (program name first); returns the exit code."""
+  fv = define_flags()
+  positional = command_line.parse(fv, argv, prog=PROG, usage="[--workdir DIR] [--debug]")
+  if positional:
+    command_line.fail(PROG, f"takes no positional arguments, got {positional}")
+  workdir, debug = fv["workdir"].value, fv["debug"].value
   if "JAX_PLATFORMS" not in os.environ:   # a CPU-sized run: never probe for accelerators
     jax.config.update("jax_platforms", "cpu")
-  absl_logging.set_verbosity(absl_logging.INFO if args.debug else absl_logging.ERROR)
+  absl_logging.set_verbosity(absl_logging.INFO if debug else absl_logging.ERROR)
   try:
-    paths.require_local(args.workdir, "--workdir")
-    run(args.workdir)
+    paths.require_local(workdir, "--workdir")
+    run(workdir)
   except Exception as e:  # pylint: disable=broad-except
-    return errors.report(e, cli.USER_ERRORS, debug=args.debug)
+    return errors.report(e, cli.USER_ERRORS, debug=debug)
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  command_line.run(main)

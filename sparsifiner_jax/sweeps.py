@@ -31,7 +31,6 @@ line on stderr and exit with status 2.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import importlib.util
 import json
@@ -43,7 +42,9 @@ import subprocess
 import sys
 from typing import Any, Iterable, Sequence
 
-from sparsifiner_jax import errors
+from absl import flags
+
+from sparsifiner_jax import command_line, errors
 from sparsifiner_jax.evaluation import viz
 from sparsifiner_jax.io import atomic, paths
 
@@ -356,51 +357,70 @@ def aggregate_to_dir(json_paths: Sequence[str], out_dir: str, *, title: str | No
 # Command line.
 
 
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):
-    print(f"{self.prog}: error: {message}", file=sys.stderr)
-    sys.exit(errors.EXIT_USER_ERROR)
+PROG = "python -m sparsifiner_jax.sweeps"
+USAGE = ("aggregate RUN_JSON... --out DIR [--title T]\n"
+         "       run --config C --sweep S --workdir-root R [--script eval.py] [--dry-run] [--keep-going] "
+         "[-- ARGS...]")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = _Parser(prog="python -m sparsifiner_jax.sweeps", description=__doc__.split("\n")[0])
-  sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-  agg = sub.add_parser("aggregate", help="table + Pareto plot from run result JSONs")
-  agg.add_argument("paths", nargs="+", metavar="RUN_JSON")
-  agg.add_argument("--out", required=True, help="output directory")
-  agg.add_argument("--title", default=None)
-  run_p = sub.add_parser("run", help="run (or print) one command per override set")
-  run_p.add_argument("--script", default="eval.py", help="train.py or eval.py")
-  run_p.add_argument("--config", required=True, help="config spec, path.py[:arg]")
-  run_p.add_argument("--sweep", required=True, help="sweep spec, configs/sweeps/X.py[:arg]")
-  run_p.add_argument("--workdir-root", required=True)
-  run_p.add_argument("--dry-run", action="store_true", help="print the shell commands only")
-  run_p.add_argument("--keep-going", action="store_true", help="continue after a failed run")
-  run_p.add_argument("extra", nargs=argparse.REMAINDER,
-                     help="after '--': arguments appended to every command")
-  args = parser.parse_args(argv)
+def define_flags(command: str) -> flags.FlagValues:
+  """The flags of ``command`` (``aggregate`` or ``run``), in a flag set of their own."""
+  fv = command_line.new_flags()
+  if command == "aggregate":
+    flags.DEFINE_string("out", None, "Output directory (required).", flag_values=fv)
+    flags.DEFINE_string("title", None, "The Pareto plot's title.", flag_values=fv)
+  else:
+    flags.DEFINE_string("script", "eval.py", "train.py or eval.py.", flag_values=fv)
+    flags.DEFINE_string("config", None, "Config spec, path.py[:arg] (required).", flag_values=fv)
+    flags.DEFINE_string("sweep", None, "Sweep spec, configs/sweeps/X.py[:arg] (required).", flag_values=fv)
+    flags.DEFINE_string("workdir-root", None, "Where each run gets its directory (required).",
+                        flag_values=fv)
+    flags.DEFINE_bool("dry-run", False, "Print the shell commands only.", flag_values=fv)
+    flags.DEFINE_bool("keep-going", False, "Continue after a failed run.", flag_values=fv)
+  return fv
+
+
+def _required(fv: flags.FlagValues, *names: str) -> None:
+  missing = [f"--{name}" for name in names if fv[name].value is None]
+  if missing:
+    command_line.fail(PROG, f"the following flags are required: {', '.join(missing)}")
+
+
+def main(argv: Sequence[str]) -> int:
+  """Runs ``aggregate`` or ``run`` on ``argv`` (program name first); returns the exit code. ``run``: the
+  arguments after ``--`` are appended to every command."""
+  command = argv[1] if len(argv) > 1 else ""
+  if command not in ("aggregate", "run"):
+    if command in ("--help", "-h"):
+      print(f"usage: {PROG} {USAGE}")
+      return 0
+    command_line.fail(PROG, f"the first argument must be the command 'aggregate' or 'run', got {command!r}")
+  fv = define_flags(command)
+  positional = command_line.parse(fv, [argv[0], *argv[2:]], prog=f"{PROG} {command}", usage=USAGE)
   try:
-    for what in ("out", "workdir_root"):  # a bad URL or bucket: one line before anything runs
-      if getattr(args, what, None):
-        paths.check_reachable(getattr(args, what), "--" + what.replace("_", "-"))
-    if args.command == "aggregate":
-      out = aggregate_to_dir(args.paths, args.out, title=args.title)
+    if command == "aggregate":
+      _required(fv, "out")
+      if not positional:
+        command_line.fail(PROG, "the following arguments are required: RUN_JSON")
+      paths.check_reachable(fv["out"].value, "--out")   # a bad URL or bucket: one line before anything runs
+      out = aggregate_to_dir(positional, fv["out"].value, title=fv["title"].value)
       print(f"aggregated {out['rows']} runs: {out['markdown']}, {out['csv']}, {out['plot']}")
       return 0
-    extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
-    results = run(args.script, args.config, args.sweep, args.workdir_root, dry_run=args.dry_run,
-                  extra_args=extra, keep_going=args.keep_going)
+    _required(fv, "config", "sweep", "workdir-root")
+    paths.check_reachable(fv["workdir-root"].value, "--workdir-root")
+    results = run(fv["script"].value, fv["config"].value, fv["sweep"].value, fv["workdir-root"].value,
+                  dry_run=fv["dry-run"].value, extra_args=positional, keep_going=fv["keep-going"].value)
     failed = [r for r in results if r["returncode"] not in (0, None)]
     if failed:
       not_run = sum(r["returncode"] is None for r in results)
-      print(f"{parser.prog}: error: {len(failed)} of {len(results)} runs failed "
+      print(f"{PROG}: error: {len(failed)} of {len(results)} runs failed "
             f"(first: {failed[0]['workdir']})" + (f"; {not_run} not run" if not_run else ""),
             file=sys.stderr)
       return 1
     return 0
   except Exception as e:  # pylint: disable=broad-except
-    return errors.report(e, (SweepError, OSError, paths.PathError), prog=parser.prog)
+    return errors.report(e, (SweepError, OSError, paths.PathError), prog=PROG)
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  command_line.run(main)

@@ -219,3 +219,24 @@ def test_aggregate_reads_and_writes_a_bucket(tmp_path, bucket):
   table = paths.resolve(out["markdown"]).read_text()
   assert "| sparsifiner | deit_small_patch16_224 | 0.25 | 79.40 |" in table
   assert paths.resolve(out["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_importing_the_commands_defines_no_global_flag():
+  import importlib
+
+  from absl import flags
+  for module in ("sparsifiner_jax.convert", "sparsifiner_jax.demo"):   # sweeps is imported above
+    importlib.import_module(module)
+  for name in ("workdir-root", "dry-run", "keep-going", "sweep", "script", "title", "img-size", "keep-rate",
+               "src-format", "trust-pickle", "backbone-only", "overwrite"):
+    assert name not in flags.FLAGS, name
+  assert "--workdir-root" in str(sweeps.define_flags("run"))
+  assert "--title" in str(sweeps.define_flags("aggregate"))
+
+
+def test_cli_help_and_unknown_flag(tmp_path):
+  out = cli("run", "--help")
+  assert out.returncode == 0 and "--workdir-root" in out.stdout and "--keep-going" in out.stdout
+  out = cli("aggregate", "--nope", "--out", str(tmp_path))
+  assert out.returncode == 2 and out.stderr.strip().splitlines() == [out.stderr.strip()]
+  assert "Unknown command line flag 'nope'" in out.stderr

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from sparsifiner_jax import convert as convert_command
 from sparsifiner_jax import models
 from sparsifiner_jax.io import convert, resample, state_dict, weights
 
@@ -231,7 +232,7 @@ def test_distilled_deit_refused(deit_tiny, tmp_path):
 
 
 def _cli(capsys, *argv):
-  code = convert.main([str(a) for a in argv])
+  code = convert_command.main(["convert", *(str(a) for a in argv)])
   err = capsys.readouterr().err
   return code, err
 
@@ -303,3 +304,16 @@ def test_bfloat16_safetensors_and_backbone_only_export(tmp_path):
   from safetensors.numpy import load_file
   keys = set(load_file(plain))
   assert keys == {k for k in sd if "mask_predictor" not in k}
+
+
+@pytest.mark.parametrize("argv,expect", [
+    (("a",), "need SRC and DST"),
+    (("a", "b", "--seed=x"), "--seed=x"),
+    (("a", "b", "--format=zip"), "--format=zip"),
+    (("a", "b", "--nope"), "'nope'"),
+])
+def test_cli_bad_flags_are_one_line(capsys, argv, expect):
+  with pytest.raises(SystemExit) as exit_:
+    convert_command.main(["convert", *argv])
+  err = capsys.readouterr().err
+  assert exit_.value.code == 2 and err.count("\n") == 1 and expect in err, err
