@@ -24,6 +24,7 @@ as HBM traffic).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import shutil
 import sys
@@ -40,21 +41,43 @@ from sparsifiner_jax.attention import backend
 from sparsifiner_jax.compile import clock, cost, targets
 from sparsifiner_jax.evaluation.evaluator import make_eval_step
 from sparsifiner_jax.io import atomic, paths
-from sparsifiner_jax.train.phases import TRAINABLE, resolve_phases
+from sparsifiner_jax.train.phases import TEACHER_TERMS, TRAINABLE, resolve_phases
 from sparsifiner_jax.train.step import make_train_step, state_layout
 
 WHAT = ("eval", "train")
 GIB = 2 ** 30
 
-_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU or GPU topology, e.g. v5e:2x4, v4:2x2x2, h100:8.")
-_WHAT = flags.DEFINE_enum("what", "eval", WHAT, "Which step to compile.")
-_PHASE = flags.DEFINE_string("phase", None, "train: the phase (default: the config's last phase).")
-_BATCH = flags.DEFINE_integer("batch_per_chip", None, "Examples per device (default: the config's "
-                              "batch_size, or eval_batch_size, over the devices).", lower_bound=1)
-_COMPARE = flags.DEFINE_bool("compare", True, "Also compile the dense counterpart and print ratios.")
-_JSON = flags.DEFINE_string("json", None, "Also write the figures to this JSON file.")
-_CLOCK = flags.DEFINE_bool("clock", False, "TPU: also estimate the time per step from the TPU compiler's "
-                           "own output (compile.clock: XLA's estimated cycles, the kernels' bundles).")
+
+
+@dataclasses.dataclass(frozen=True)
+class Flags:
+  """The command's flags (:func:`define_flags`)."""
+  common: cli.CommonFlags
+  topology: flags.FlagHolder
+  what: flags.FlagHolder
+  phase: flags.FlagHolder
+  batch_per_chip: flags.FlagHolder
+  compare: flags.FlagHolder
+  json: flags.FlagHolder
+  clock: flags.FlagHolder
+
+
+def define_flags() -> Flags:
+  """Defines the command's flags in absl's global flags; :func:`run` calls it, so importing this module
+  (tests, benchmarks) defines none."""
+  return Flags(
+      common=cli.define_common_flags(),
+      topology=flags.DEFINE_string("topology", None, "TPU or GPU topology, e.g. v5e:2x4, v4:2x2x2, h100:8."),
+      what=flags.DEFINE_enum("what", "eval", WHAT, "Which step to compile."),
+      phase=flags.DEFINE_string("phase", None, "train: the phase (default: the config's last phase)."),
+      batch_per_chip=flags.DEFINE_integer(
+          "batch_per_chip", None, "Examples per device (default: the config's batch_size, or "
+          "eval_batch_size, over the devices).", lower_bound=1),
+      compare=flags.DEFINE_bool("compare", True, "Also compile the dense counterpart and print ratios."),
+      json=flags.DEFINE_string("json", None, "Also write the figures to this JSON file."),
+      clock=flags.DEFINE_bool("clock", False, "TPU: also estimate the time per step from the TPU "
+                              "compiler's own output (compile.clock: XLA's estimated cycles, the "
+                              "kernels' bundles)."))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +119,7 @@ def _phase(config, name: str | None):
 
 def _teacher(config, phase, mesh):
   """``(graphdef, abstract cast params, shardings)`` of the teacher the phase needs, or Nones."""
-  if not any(phase.weight(t) for t in config_check.TEACHER_TERMS):
+  if not any(phase.weight(t) for t in TEACHER_TERMS):
     return None, None, None
   teacher = models.build_teacher(config)
   graphdef, params = nnx.split(teacher)
@@ -232,29 +255,29 @@ def format_report(r: dict[str, Any]) -> str:
 USER_ERRORS = cli.USER_ERRORS + (targets.TopologyError, clock.ClockError)
 
 
-def main(argv) -> None:
+def main(argv, f: Flags) -> None:
+  """Compiles and reports as ``f`` says; user mistakes are one line and exit code 2."""
   del argv
   if "JAX_PLATFORMS" not in os.environ:   # compile-only: never open a local accelerator (and the GPU
     jax.config.update("jax_platforms", "cpu")   # compile-only topology needs the CPU platform)
-  config = cli.load_config()
-  if config is None or _TOPOLOGY.value is None:
+  config = cli.load_config(f.common)
+  if config is None or f.topology.value is None:
     raise app.UsageError("--config and --topology are required")
   dump = None
   try:
-    if _CLOCK.value:   # before libtpu starts: it reads its dump flags once
-      clock.clock_ghz(_TOPOLOGY.value)
+    if f.clock.value:   # before libtpu starts: it reads its dump flags once
+      clock.clock_ghz(f.topology.value)
       dump = tempfile.mkdtemp(prefix="sparsifiner_clock_")
       clock.enable(dump)
-    paths.require_local(_JSON.value, "--json")
-    config_check.check_misc(config)
-    config_check.check_model(config)
-    report = compare(config, _TOPOLOGY.value, _WHAT.value, phase=_PHASE.value,
-                     batch_per_chip=_BATCH.value, dense=_COMPARE.value)
+    paths.require_local(f.json.value, "--json")
+    config_check.validate(config, "compile")
+    report = compare(config, f.topology.value, f.what.value, phase=f.phase.value,
+                     batch_per_chip=f.batch_per_chip.value, dense=f.compare.value)
     print(format_report(report))
-    if _JSON.value:
-      atomic.write_json(_JSON.value, report)
+    if f.json.value:
+      atomic.write_json(f.json.value, report)
   except Exception as e:  # pylint: disable=broad-except
-    if cli.debug_requested():
+    if f.common.debug.value:
       raise
     sys.exit(errors.report(e, USER_ERRORS, prog="compile_for"))
   finally:
@@ -262,5 +285,11 @@ def main(argv) -> None:
       shutil.rmtree(dump, ignore_errors=True)
 
 
+def run() -> None:
+  """``python -m sparsifiner_jax.compile_for``: defines the flags, then parses them and runs :func:`main`."""
+  f = define_flags()
+  app.run(functools.partial(main, f=f), flags_parser=cli.parse_flags)
+
+
 if __name__ == "__main__":
-  app.run(main, flags_parser=cli.parse_flags)
+  run()

@@ -1,9 +1,11 @@
 """Config validation before anything is compiled or written: one line per mistake, saying what is allowed.
 
-``check_config`` checks every field's type and range and the fields against each other (batch sizes vs
-devices and processes, mesh vs devices, phase lengths vs warmup, teacher losses vs teacher weights,
-paths that must exist). It imports neither TensorFlow nor the trainer, so the CLIs run it first and fail
-in seconds. ``check_data`` then checks ``config.input`` against the dataset itself (TensorFlow).
+:func:`validate` is the one entry point: train.py, eval.py, ``trainer.train``, ``report`` and
+``compile_for`` call it, and it runs each check once, in order, the TensorFlow-free ones first (so a
+mistake in a field is reported in seconds): every field's type and range (the model's options through
+``ViTConfig.validate``, which runs ``attention.patterns.validate``), the teacher, the phases, the mesh
+and batch sizes against the devices; then ``config.input`` against the dataset
+(``input_pipeline.validate_input_config``, TensorFlow); then what the running phases need.
 
 Every error is a ``ConfigError`` (a ``ValueError``) whose message starts with the field,
 ``config.<path>=<value>``, and says what is allowed.
@@ -18,11 +20,10 @@ import jax
 
 from sparsifiner_jax import models, sharding
 from sparsifiner_jax.io import paths
+from sparsifiner_jax.train.phases import LOSS_TERMS, PHASES, TEACHER_TERMS
 
-PHASES = ("train", "recon", "distill", "joint")
-LOSS_TERMS = ("cls", "kd", "tok", "recon")
-TEACHER_TERMS = ("kd", "tok", "recon")
 NONFINITE = ("stop", "skip")
+PURPOSES = ("train", "eval", "compile")
 # Fields every config holds (``configs/common.py``'s ``base_config()`` sets them): ``check_misc``
 # refuses a config without one, so the trainer, the step and compile_for read them directly.
 REQUIRED = ("seed", "batch_size", "eval_batch_size", "grad_accum", "ema_decay", "nonfinite", "mesh",
@@ -144,8 +145,15 @@ def check_model(config):
   return cfg
 
 
+def check_weight_paths(config) -> None:
+  """``init`` and ``teacher.weights``: each '' or an existing weights directory (local or gs://)."""
+  for field in ("init", "teacher.weights"):
+    _path(config, field, "a weights directory (weights.save_weights or convert)")
+
+
 def check_teacher(config) -> None:
-  _path(config, "teacher.weights", "a weights directory (weights.save_weights or convert)")
+  """``teacher.model_name`` and ``teacher.model``: the teacher's architecture (its weights:
+  :func:`check_weight_paths`)."""
   name = _value(config, "teacher.model_name")
   if name not in (_MISSING, None, ""):
     _choice(config, "teacher.model_name", models.names())
@@ -163,10 +171,10 @@ def check_teacher(config) -> None:
 
 
 def _running_phases(config):
-  """(name, node) of the phases with a positive length."""
+  """(name, node) of the phases with a positive length, in the order they run."""
   phases = config.phases
-  return [(n, phases[n]) for n in phases
-          if (phases[n].get("steps", 0) or 0) > 0 or (phases[n].get("epochs", 0) or 0) > 0]
+  return [(n, phases[n]) for n in PHASES if n in phases and
+          ((phases[n].get("steps", 0) or 0) > 0 or (phases[n].get("epochs", 0) or 0) > 0)]
 
 
 def check_phases(config) -> None:
@@ -214,10 +222,10 @@ def check_phases(config) -> None:
                       f"phases.<name>.epochs or .steps > 0 for some of {', '.join(PHASES)}")
 
 
-def check_phase_needs(config) -> None:
-  """What the running phases need: teacher weights for teacher losses, predictors for recon."""
+def check_phase_needs(config, model_cfg) -> None:
+  """What the running phases need: teacher weights for teacher losses, predictors for recon
+  (``model_cfg``: :func:`check_model`'s result)."""
   has_teacher = _value(config, "teacher.weights") not in (_MISSING, None, "")
-  model_cfg = check_model(config)
   learned = getattr(model_cfg, "attention_pattern", "sparsifiner") == "sparsifiner"
   for name, phase in _running_phases(config):
     losses = phase.get("losses", {}) or {}
@@ -291,38 +299,50 @@ def check_misc(config) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Entry points.
+# The entry point.
 
 
-def check_config(config, devices=None, *, train: bool = True):
-  """Checks every field without touching data or disk (no TensorFlow). Returns the mesh.
-
-  ``train=False`` (eval) skips what only training uses: phases, teacher, ``init``.
-  """
-  check_misc(config)
-  check_model(config)
-  if train:
-    _path(config, "init", "a weights directory (weights.save_weights or convert)")
-    check_teacher(config)
-    check_phases(config)
-  return check_devices(config, devices)
-
-
-def check_data(config):
-  """Checks ``config.input`` against the dataset (may prepare digits); returns its DatasetInfo."""
+def check_data(config, model_cfg):
+  """Checks ``config.input`` against the dataset (may prepare digits) and ``model_cfg``'s class count
+  against it; returns its DatasetInfo."""
   from sparsifiner_jax.data import input_pipeline  # deferred: imports TensorFlow (seconds)
   input_pipeline.validate_input_config(config.input)
   info = input_pipeline.get_dataset_info(config.input)
-  classes = check_model(config).num_classes
-  if classes < info.num_classes:
-    _fail("model.num_classes", classes, f"is less than the {info.num_classes} classes of dataset "
-          f"{info.name!r}; allowed: >= {info.num_classes}")
+  if model_cfg.num_classes < info.num_classes:
+    _fail("model.num_classes", model_cfg.num_classes, f"is less than the {info.num_classes} classes of "
+          f"dataset {info.name!r}; allowed: >= {info.num_classes}")
   return info
 
 
-def check_train(config, devices=None):
-  """Everything ``trainer.train`` needs checked, most basic first; returns (mesh, DatasetInfo)."""
-  mesh = check_config(config, devices)
-  info = check_data(config)
-  check_phase_needs(config)
-  return mesh, info
+@dataclasses.dataclass(frozen=True)
+class Checked:
+  """What :func:`validate` found: the model's config, the mesh and the dataset (None for compile)."""
+  model: Any
+  mesh: Any = None
+  info: Any = None
+
+
+def validate(config, purpose: str, devices=None) -> Checked:
+  """Runs every check ``purpose`` needs, once each, most basic first; raises ConfigError (one line).
+
+  ``"train"``: fields, model, weight paths, teacher, phases, mesh and batch sizes against ``devices``
+  (default: all), dataset, what the phases need. ``"eval"``: fields, model, devices, dataset.
+  ``"compile"``: fields, model, teacher, phases; no devices (compile_for checks its batch against the
+  topology's), no dataset and no paths (nothing is read).
+  """
+  if purpose not in PURPOSES:
+    raise ValueError(f"purpose={purpose!r}; allowed: {', '.join(PURPOSES)}")
+  check_misc(config)
+  model_cfg = check_model(config)
+  if purpose == "train":
+    check_weight_paths(config)
+  if purpose != "eval":
+    check_teacher(config)
+    check_phases(config)
+  if purpose == "compile":
+    return Checked(model_cfg)
+  mesh = check_devices(config, devices)
+  info = check_data(config, model_cfg)
+  if purpose == "train":
+    check_phase_needs(config, model_cfg)
+  return Checked(model_cfg, mesh, info)

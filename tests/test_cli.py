@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from sparsifiner_jax import models
-from sparsifiner_jax.io import weights
+from sparsifiner_jax.io import paths, weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -86,10 +86,10 @@ def test_eval_reads_training_checkpoints(tmp_path):
   w = str(tmp_path / "w")
   one = jax.devices()[:1]
   out = trainer.train(c, w, stop_after=2, devices=one)  # mid-run: a checkpoint at step 2, no final/ or best/
-  assert report.resolve_weights(w, None) == (os.path.join(w, "ckpt"), -1)
+  assert report.resolve_weights(paths.resolve(w), None) == (os.path.join(w, "ckpt"), -1)
   model = models.build_model(c)
   mesh = sharding.make_mesh(c.mesh, one)
-  assert report.load_params(model, *report.resolve_weights(w, None), mesh).endswith("ckpt@2")
+  assert report.load_params(model, *report.resolve_weights(paths.resolve(w), None), mesh).endswith("ckpt@2")
   got = jax.tree.leaves(models.split_params(model)[1])
   want = jax.tree.leaves(out["state"]["params"])
   assert len(got) == len(want) > 0 and all(np.array_equal(a, b) for a, b in zip(got, want))

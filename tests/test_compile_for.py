@@ -121,6 +121,19 @@ def test_train_step_with_fsdp_mesh(phase):
   assert fig.temp_bytes > 0
 
 
+def test_importing_defines_no_flags():
+  """The command's flags (and train.py's and eval.py's, from ``cli``) are defined when it runs, not when
+  tests or benchmarks import the module as a library."""
+  code = ("from absl import flags; before = set(flags.FLAGS); import sparsifiner_jax.compile_for; "
+          "print(sorted(set(flags.FLAGS) - before))")
+  r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr
+  ours = {"config", "debug", "workdir", "out", "weights", "step", "topology", "what", "phase",
+          "batch_per_chip", "compare", "json", "clock"}
+  assert not ours & set(eval(r.stdout)), r.stdout  # pylint: disable=eval-used
+
+
 def _cli(*args):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   return subprocess.run([sys.executable, "-m", "sparsifiner_jax.compile_for", *args], cwd=ROOT, env=env,

@@ -22,9 +22,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 
-from sparsifiner_jax import models, sharding
+from sparsifiner_jax import config_check, models, sharding
 from sparsifiner_jax.evaluation import flops
 from sparsifiner_jax.evaluation.evaluator import Evaluator
 from sparsifiner_jax.io import atomic, checkpoint, paths, weights
@@ -42,40 +43,40 @@ def parse_step(step: str | None) -> int | None:
   return int(step)
 
 
-def resolve_weights(workdir: str | None, weights_path: str | None, step: int | None = None
+def resolve_weights(workdir: epath.Path | None, weights_path: str | None, step: int | None = None
                     ) -> tuple[str, int | None]:
   """Where to read parameters: ``(weights dir, None)`` or ``(checkpoint dir, step)`` with step -1 for
-  the newest (see the module docstring for the order)."""
+  the newest (see the module docstring for the order). ``workdir``: resolved (``paths.check_reachable``)."""
   if weights_path:
     if step is not None:
       raise ValueError("give either --weights or --step, not both")
-    return weights_path, None
+    return os.fspath(weights_path), None
   if not workdir:
     raise ValueError("give --weights DIR or --workdir DIR (a training run)")
-  root = paths.check_reachable(workdir, "--workdir")
-  ckpt = root / "ckpt"
+  ckpt = workdir / "ckpt"
   if step is not None:
     return os.fspath(ckpt), step
   for name in ("final", "best"):
-    if (root / name).is_dir():
-      return os.fspath(root / name), None
+    if (workdir / name).is_dir():
+      return os.fspath(workdir / name), None
   if ckpt.is_dir() and any(d.name.isdigit() for d in ckpt.iterdir()):
     return os.fspath(ckpt), -1
-  raise FileNotFoundError(f"workdir {workdir!r} has no final/ or best/ weights and no training "
-                          "checkpoint; train first or pass --weights DIR")
+  raise FileNotFoundError(f"workdir {os.fspath(workdir)!r} has no final/ or best/ weights and no "
+                          "training checkpoint; train first or pass --weights DIR")
 
 
 def load_params(model: nnx.Module, source: str, step: int | None, mesh) -> str:
   """Loads ``source`` (``resolve_weights``) into ``model`` in place; returns what was read, for the
   report (a weights dir, or ``<ckpt dir>@<step>``)."""
+  path = paths.resolve(source)
   if step is None:
-    weights.load_weights(source, model)
-    return os.fspath(paths.resolve(source))
+    weights.load_weights(path, model)
+    return os.fspath(path)
   _, params, _ = models.split_params(model)
   abstract = sharding.abstract(params, sharding.tree_shardings(mesh, params))
-  step, params = checkpoint.restore_params(source, abstract, None if step < 0 else step)
+  step, params = checkpoint.restore_params(path, abstract, None if step < 0 else step)
   nnx.update(model, params["predictor"], params["backbone"])
-  return f"{os.fspath(paths.resolve(source))}@{step}"
+  return f"{os.fspath(path)}@{step}"
 
 
 def peak_memory_bytes() -> int:
@@ -100,15 +101,22 @@ def throughput(model, batch: int, img_size: int, in_chans: int, reps: int = 3) -
 
 
 def evaluate_checkpoint(config, *, workdir=None, weights_path=None, step=None) -> dict[str, Any]:
+  """:func:`evaluate` from the library: validates ``config`` (``config_check.validate(config, "eval")``)
+  and resolves ``workdir`` (a local path or gs:// URL) first."""
+  checked = config_check.validate(config, "eval")
+  root = paths.check_reachable(workdir, "--workdir") if workdir else None
+  return evaluate(config, checked, workdir=root, weights_path=weights_path, step=step)
+
+
+def evaluate(config, checked: config_check.Checked, *, workdir: epath.Path | None = None,
+             weights_path=None, step=None) -> dict[str, Any]:
+  """The report of the weights ``resolve_weights`` picks, evaluated on ``config.input.eval_split``;
+  ``checked``: ``config_check.validate(config, "eval")``, ``workdir``: resolved."""
   from sparsifiner_jax.data import input_pipeline  # deferred: imports TensorFlow
-  input_pipeline.validate_input_config(config.input)
   split = config.input.eval_split
-  info = input_pipeline.get_dataset_info(config.input)
-  if split not in info.splits:
-    raise ValueError(f"split {split!r} does not exist; available: {sorted(info.splits)}")
   source, step = resolve_weights(workdir, weights_path, step)
   model = models.build_model(config)
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = checked.mesh
   loaded = load_params(model, source, step, mesh)
   graphdef, params, rest = models.split_params(model)
   with jax.set_mesh(mesh):
@@ -149,14 +157,16 @@ def format_table(r: dict[str, Any]) -> str:
   return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
 
 
-def main(config, *, workdir=None, weights_path=None, step=None, out=None) -> dict[str, Any]:
-  result = evaluate_checkpoint(config, workdir=workdir, weights_path=weights_path,
-                               step=parse_step(step))
+def main(config, checked: config_check.Checked, *, workdir: epath.Path | None = None,
+         weights_path: epath.Path | None = None, step=None, out: epath.Path | None = None
+         ) -> dict[str, Any]:
+  """eval.py: :func:`evaluate`, the JSON written to ``out`` (default: ``workdir/eval.json``, else beside
+  ``weights_path``) and a table printed. The paths are resolved and ``checked`` is ``validate``'s."""
+  result = evaluate(config, checked, workdir=workdir, weights_path=weights_path, step=parse_step(step))
   if not out:
-    out = os.fspath(paths.resolve(workdir) / "eval.json" if workdir else
-                    paths.resolve(weights_path).parent / "eval.json")
+    out = workdir / "eval.json" if workdir else weights_path.parent / "eval.json"
   if jax.process_index() == 0:
     atomic.write_json(out, result, default=float)
     print(format_table(result))
-    print(f"wrote {out}")
+    print(f"wrote {os.fspath(out)}")
   return result

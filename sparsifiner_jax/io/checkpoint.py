@@ -29,8 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-
-from sparsifiner_jax.io import paths
+from etils import epath
 
 
 class CheckpointError(ValueError):
@@ -119,12 +118,12 @@ def _quiet_absl():
     logger.setLevel(level)
 
 
-def read_latest_meta(directory: str) -> dict[str, Any] | None:
-  """The meta of the newest checkpoint in ``directory`` whose meta is readable, else None.
+def read_latest_meta(directory: epath.Path) -> dict[str, Any] | None:
+  """The meta of the newest checkpoint in ``directory`` (resolved: ``io.paths``) whose meta is readable,
+  else None.
 
   Read-only: creates, cleans and changes nothing (used to refuse a workdir before writing to it).
   """
-  directory = paths.resolve(directory)
   if not directory.is_dir():
     return None
   opts = ocp.CheckpointManagerOptions(read_only=True, enable_async_checkpointing=False)
@@ -141,7 +140,7 @@ def read_latest_meta(directory: str) -> dict[str, Any] | None:
     mngr.close()
 
 
-def restore_params(directory: str, abstract_params: dict[str, Any], step: int | None = None
+def restore_params(directory: epath.Path, abstract_params: dict[str, Any], step: int | None = None
                    ) -> tuple[int, dict[str, Any]]:
   """The ``params`` of the training state saved at ``step`` (None: the newest), as ``(step, params)``.
 
@@ -151,8 +150,7 @@ def restore_params(directory: str, abstract_params: dict[str, Any], step: int | 
   the whole state, so it is not checked here; orbax still fails on missing or truncated files. Raises
   CheckpointError (one line) for a missing step or parameters that do not fit.
   """
-  path = paths.resolve(directory)
-  directory = os.fspath(path)
+  path, directory = directory, os.fspath(directory)
   if not path.is_dir():
     raise CheckpointError(f"no training checkpoints: {directory!r} does not exist")
   target = dict(params={k: v for k, v in abstract_params.items() if jax.tree.leaves(v)})
@@ -200,15 +198,15 @@ def _first_words(e: BaseException) -> str:
 class Checkpointer:
   """Thin wrapper so the rest of the code does not depend on orbax's moving API."""
 
-  def __init__(self, directory, *, max_to_keep: int = 2, before_save=None):
-    """``before_save()``: called before each save; may raise to stop it (the workdir lock's check)."""
-    path = paths.resolve(directory)
-    self.directory = os.fspath(path)
+  def __init__(self, directory: epath.Path, *, max_to_keep: int = 2, before_save=None):
+    """``directory``: resolved (``io.paths``). ``before_save()``: called before each save; may raise to
+    stop it (the workdir lock's check)."""
+    self.directory = os.fspath(directory)
     self._before_save = before_save or (lambda: None)
     opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                         enable_async_checkpointing=False,
                                         cleanup_tmp_directories=True)
-    self._mngr = ocp.CheckpointManager(path, options=opts)
+    self._mngr = ocp.CheckpointManager(directory, options=opts)
     self._unreadable: set[int] = set()
 
   def all_steps(self) -> list[int]:

@@ -14,6 +14,7 @@ import socket
 import time
 
 import jax
+from etils import epath
 
 from sparsifiner_jax.io import paths
 
@@ -23,8 +24,9 @@ class AppendLog:
   appends): the content is kept in memory and the object rewritten whole at each flush, so readers
   see every record up to the last flush and never a torn one."""
 
-  def __init__(self, path, *, binary: bool = False):
-    self.path = paths.resolve(path)
+  def __init__(self, path: epath.Path, *, binary: bool = False):
+    """``path``: resolved (``io.paths``)."""
+    self.path = path
     self._remote = paths.is_remote(self.path)
     if self._remote:
       self._buf = io.BytesIO(self.path.read_bytes() if self.path.exists() else b"")
@@ -56,14 +58,15 @@ class AppendLog:
 class EventLog:
   """A TensorBoard event file of scalar summaries (``events.out.tfevents.<time>.<host>``)."""
 
-  def __init__(self, directory):
+  def __init__(self, directory: epath.Path):
+    """A new event file in ``directory`` (resolved: ``io.paths``)."""
     # Deferred: the protobufs and framing come with the tensorboard package (no TensorFlow import).
     from tensorboard.compat.proto import event_pb2, summary_pb2  # pylint: disable=import-outside-toplevel
     from tensorboard.summary.writer import record_writer  # pylint: disable=import-outside-toplevel
     self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
     now = time.time()
     name = f"events.out.tfevents.{now:.0f}.{socket.gethostname()}.{os.getpid()}"
-    self._log = AppendLog(paths.resolve(directory) / name, binary=True)
+    self._log = AppendLog(directory / name, binary=True)
     self._records = record_writer.RecordWriter(self._log)
     self._write(event_pb2.Event(wall_time=now, file_version="brain.Event:2"))
 
@@ -83,12 +86,12 @@ class EventLog:
 class MetricWriter:
   """Writes scalars to ``workdir/metrics.jsonl`` and TensorBoard; a no-op on processes other than 0."""
 
-  def __init__(self, workdir, *, tensorboard: bool = True):
+  def __init__(self, workdir: epath.Path, *, tensorboard: bool = True):
+    """``workdir``: resolved (``io.paths``)."""
     self.active = jax.process_index() == 0
     self._tb = None
     if not self.active:
       return
-    workdir = paths.resolve(workdir)
     self._jsonl = AppendLog(workdir / "metrics.jsonl")
     if tensorboard:
       self._tb = EventLog(workdir / "tb")

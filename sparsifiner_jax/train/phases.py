@@ -18,13 +18,13 @@ import dataclasses
 
 import optax
 
-from sparsifiner_jax import config_check
 from sparsifiner_jax.train import optim
 
-PHASES = config_check.PHASES
+PHASES = ("train", "recon", "distill", "joint")   # the order they run in
 TRAINABLE = {"train": ("backbone", "predictor"), "recon": ("predictor",),
              "distill": ("backbone",), "joint": ("backbone", "predictor")}
-LOSS_TERMS = config_check.LOSS_TERMS
+LOSS_TERMS = ("cls", "kd", "tok", "recon")
+TEACHER_TERMS = ("kd", "tok", "recon")             # the loss terms that need the frozen teacher
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,8 @@ from flax import nnx
 
 from sparsifiner_jax import models, sharding
 from sparsifiner_jax.train import losses, mixup, optim
-from sparsifiner_jax.train.phases import LOSS_TERMS, TRAINABLE, Phase, make_optimizer, trainable_of
+from sparsifiner_jax.train.phases import (LOSS_TERMS, TEACHER_TERMS, TRAINABLE, Phase, make_optimizer,
+                                          trainable_of)
 
 
 def state_layout(params, params_shardings, phase: Phase, mesh, *, ema: bool):
@@ -139,11 +140,10 @@ def make_train_step(graphdef, rest, teacher_graphdef, phase: Phase, tx, config, 
   """Returns ``step(state, teacher_params, batch) -> (state, metrics)``, jitted with shardings.
 
   ``batch``: ``{"image": [B, H, W, 3], "label": [B]}``; ``metrics``: the loss terms, ``loss``,
-  ``density``, ``train_acc``, ``finite``, ``grad_norm`` and ``lr``, float32 scalars."""
+  ``density``, ``train_acc``, ``finite``, ``grad_norm`` and ``lr``, float32 scalars. ``config`` has
+  passed ``config_check.validate``, so a phase with teacher terms has a teacher (``teacher_graphdef``)."""
   w = {t: phase.weight(t) for t in LOSS_TERMS}
-  need_teacher = teacher_graphdef is not None and (w["kd"] or w["tok"] or w["recon"])
-  if (w["kd"] or w["tok"] or w["recon"]) and teacher_graphdef is None:
-    raise ValueError(f"phase {phase.name!r} uses teacher losses but no teacher is configured")
+  need_teacher = any(w[t] for t in TEACHER_TERMS)
   trainable = TRAINABLE[phase.name]
   num_classes = config.model.num_classes
   mix = config.mixup  # every field guaranteed by config_check.REQUIRED

@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
@@ -66,21 +67,30 @@ def _global_batch(local: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
   return {k: jax.make_array_from_process_local_data(sh, local[k]) for k in ("image", "label")}
 
 
-def train(config, workdir: str, *, stop_after: int | None = None, devices=None) -> dict[str, Any]:
-  """Runs (or resumes) the configured phases in ``workdir``. Returns the final metrics dict.
+def train(config, workdir, *, stop_after: int | None = None, devices=None) -> dict[str, Any]:
+  """Runs (or resumes) the configured phases in ``workdir`` (a local path or gs:// URL). Returns the
+  final metrics dict. The library's edge: validates ``config`` and resolves ``workdir`` once, then
+  :func:`train_validated`.
 
   ``stop_after``: return (after checkpointing) once the global step reaches this value (for tests).
-  ``devices``: the devices of the mesh (default: all). One run at a time per workdir (``lock_workdir``).
+  ``devices``: the devices of the mesh (default: all).
   """
-  mesh, info = config_check.check_train(config, devices)  # every field, before anything is written
-  path = paths.check_reachable(workdir, "workdir")
-  check_workdir(config, path)
-  path.mkdir(parents=True, exist_ok=True)
-  with lock_workdir(path) as lock:
-    return _train(config, path, mesh, info, stop_after, lock)
+  checked = config_check.validate(config, "train", devices)  # every field, before anything is written
+  return train_validated(config, paths.check_reachable(workdir, "workdir"), checked, stop_after=stop_after)
 
 
-def _train(config, workdir, mesh, info, stop_after: int | None, lock) -> dict[str, Any]:
+def train_validated(config, workdir: epath.Path, checked: config_check.Checked, *,
+                    stop_after: int | None = None) -> dict[str, Any]:
+  """:func:`train` with ``config`` validated (``checked``: ``config_check.validate(config, "train")``)
+  and ``workdir`` resolved (``paths.check_reachable``); train.py calls it, having done both. One run at a
+  time per workdir (``lock_workdir``)."""
+  check_workdir(config, workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  with lock_workdir(workdir) as lock:
+    return _train(config, workdir, checked.mesh, checked.info, stop_after, lock)
+
+
+def _train(config, workdir: epath.Path, mesh, info, stop_after: int | None, lock) -> dict[str, Any]:
   """Start (or resume), run the phases not done yet, finish: the body of :func:`train`."""
   run = _start(config, workdir, mesh, info, lock)
   with _Preemption() as preempt, jax.set_mesh(mesh):
@@ -98,7 +108,7 @@ class _Run:
   checkpointer, writer and evaluator, and the position the steps move on (``step``, ``state``, the phase
   ``state`` belongs to, the best top-1 so far, each finished phase's evaluation, the unchecked steps)."""
   config: Any
-  workdir: Any
+  workdir: epath.Path
   mesh: Any
   phases: list[Phase]
   graphdef: Any
@@ -117,7 +127,7 @@ class _Run:
   pending: list = dataclasses.field(default_factory=list)   # (step, metrics) not yet checked for NaNs
 
 
-def _start(config, workdir, mesh, info, lock) -> _Run:
+def _start(config, workdir: epath.Path, mesh, info, lock) -> _Run:
   """The run's phases, model (from ``config.init``) and teacher, checkpointer and metric writer, and its
   position: the latest good checkpoint's, or step 0 with no state."""
   phases = _resolve(config, info)

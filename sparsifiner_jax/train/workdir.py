@@ -14,6 +14,7 @@ import uuid
 from typing import Any
 
 import jax
+from etils import epath
 
 from sparsifiner_jax import env
 from sparsifiner_jax.io import paths
@@ -127,13 +128,13 @@ def _run_changes(meta: dict[str, Any], config) -> list[str]:
   return ["the fingerprint differs (the checkpoint predates recorded configs)"]
 
 
-def check_workdir(config, workdir) -> None:
-  """Refuses, before anything is written, a workdir that is a file or holds a run of another config
-  (``config_changes`` against its newest checkpoint), unless ``config.allow_config_change``."""
-  path = paths.resolve(workdir, "workdir")
-  if path.exists() and not path.is_dir():
+def check_workdir(config, workdir: epath.Path) -> None:
+  """Refuses, before anything is written, a workdir (resolved: ``paths.check_reachable``) that is a file
+  or holds a run of another config (``config_changes`` against its newest checkpoint), unless
+  ``config.allow_config_change``."""
+  if workdir.exists() and not workdir.is_dir():
     raise ValueError(f"workdir {os.fspath(workdir)!r} exists and is not a directory")
-  meta = read_latest_meta(path / "ckpt")
+  meta = read_latest_meta(workdir / "ckpt")
   if meta is None or config.allow_config_change:
     return
   changes = _run_changes(meta, config)
@@ -152,8 +153,9 @@ class _NoLock:
 
 
 @contextlib.contextmanager
-def lock_workdir(workdir):
-  """One run at a time per workdir: held while the block runs, by process 0 only.
+def lock_workdir(workdir: epath.Path):
+  """One run at a time per ``workdir`` (resolved: ``paths.check_reachable``): held while the block runs,
+  by process 0 only.
 
   A second run on the same workdir fails at once with TrainingError naming the holder, instead of two
   runs interleaving checkpoints and metrics. Yields an object whose ``check()`` raises TrainingError if
@@ -165,16 +167,15 @@ def lock_workdir(workdir):
   if jax.process_index() != 0:
     yield _NoLock()
     return
-  path = paths.resolve(workdir, "workdir")
-  if paths.is_remote(path):
-    lease = Lease(path / LEASE_NAME, os.fspath(workdir))
+  if paths.is_remote(workdir):
+    lease = Lease(workdir / LEASE_NAME, os.fspath(workdir))
     lease.acquire()
     try:
       yield lease
     finally:
       lease.release()
     return
-  f = open(path / ".lock", "a+")  # pylint: disable=consider-using-with  # held until the block ends
+  f = open(workdir / ".lock", "a+")  # pylint: disable=consider-using-with  # held until the block ends
   try:
     try:
       fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

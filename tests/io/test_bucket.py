@@ -104,12 +104,12 @@ def test_weights_round_trip_in_a_bucket_and_incomplete_dir_refused(bucket):
 
 
 def test_append_logs_in_a_bucket_survive_a_reopen(bucket):
-  log = metrics.AppendLog(bucket + "/metrics.jsonl")
+  log = metrics.AppendLog(paths.resolve(bucket + "/metrics.jsonl"))
   log.write('{"step": 1}\n')
   log.flush()
   assert paths.resolve(bucket + "/metrics.jsonl").read_text() == '{"step": 1}\n'
   log.close()
-  again = metrics.AppendLog(bucket + "/metrics.jsonl")  # a resumed run appends
+  again = metrics.AppendLog(paths.resolve(bucket + "/metrics.jsonl"))  # a resumed run appends
   again.write('{"step": 2}\n')
   again.close()
   assert paths.resolve(bucket + "/metrics.jsonl").read_text() == '{"step": 1}\n{"step": 2}\n'
@@ -120,7 +120,7 @@ def test_tensorboard_reads_the_event_files(where, tmp_path, request):
   # pylint: disable-next=import-outside-toplevel
   from tensorboard.backend.event_processing import event_accumulator
   root = str(tmp_path / "w") if where == "local" else request.getfixturevalue("bucket")
-  writer = metrics.MetricWriter(root)
+  writer = metrics.MetricWriter(paths.resolve(root))
   writer.write(3, {"train/loss": 1.5, "eval/layer_density": [0.25, 0.5]})
   writer.write(7, {"train/loss": 0.75})
   writer.close()
@@ -152,10 +152,10 @@ def test_lease_refuses_a_live_holder_and_frees_a_dead_or_silent_one(bucket):
   _write_lease(bucket)  # another host, renewed just now
   with pytest.raises(workdir_lib.TrainingError, match=r"in use by another run \(pid 1 on elsewhere, "
                      r"lease renewed \d+ s ago\).*frees it 60 s after its last renewal"):
-    with workdir_lib.lock_workdir(bucket):
+    with workdir_lib.lock_workdir(paths.resolve(bucket)):
       pass
   _write_lease(bucket, renewed=time.time() - 61)   # another host, silent for longer than its lease
-  with workdir_lib.lock_workdir(bucket):
+  with workdir_lib.lock_workdir(paths.resolve(bucket)):
     held = json.loads(_lease_path(bucket).read_text())
     assert held["pid"] == os.getpid() and held["host"] == socket.gethostname()
   assert not _lease_path(bucket).exists()           # released
@@ -164,7 +164,7 @@ def test_lease_refuses_a_live_holder_and_frees_a_dead_or_silent_one(bucket):
   boot = workdir_lib._boot_id()  # pylint: disable=protected-access
   _write_lease(bucket, host=socket.gethostname(), boot=boot,
                pid=int(dead.stdout))                # this host, holder gone (killed): free at once
-  with workdir_lib.lock_workdir(bucket):
+  with workdir_lib.lock_workdir(paths.resolve(bucket)):
     pass
 
 
@@ -179,10 +179,10 @@ def test_an_unreadable_lease_holds_until_it_would_have_expired(bucket, monkeypat
   monkeypatch.setenv("SPARSIFINER_JAX_LEASE_SECONDS", "2")
   _lease_path(bucket).write_text("{not json")
   with pytest.raises(workdir_lib.TrainingError, match=r"in use by another run \(an unreadable lease"):
-    with workdir_lib.lock_workdir(bucket):
+    with workdir_lib.lock_workdir(paths.resolve(bucket)):
       pass
   _eventually(lambda: time.time() - _lease_path(bucket).stat().mtime > 3.0)
-  with workdir_lib.lock_workdir(bucket):
+  with workdir_lib.lock_workdir(paths.resolve(bucket)):
     assert json.loads(_lease_path(bucket).read_text())["pid"] == os.getpid()
 
 
@@ -190,21 +190,21 @@ def test_an_unreadable_lease_holds_until_it_would_have_expired(bucket, monkeypat
 def test_bad_lease_length_is_refused(value, bucket, monkeypatch):
   monkeypatch.setenv("SPARSIFINER_JAX_LEASE_SECONDS", value)
   with pytest.raises(ValueError, match=f"SPARSIFINER_JAX_LEASE_SECONDS='{value}' is not allowed"):
-    with workdir_lib.lock_workdir(bucket):
+    with workdir_lib.lock_workdir(paths.resolve(bucket)):
       pass
   assert _objects(bucket) == []
 
 
 def test_lease_is_renewed(bucket, monkeypatch):
   monkeypatch.setenv("SPARSIFINER_JAX_LEASE_SECONDS", "0.4")   # renewed every 0.1 s
-  with workdir_lib.lock_workdir(bucket) as lease:
+  with workdir_lib.lock_workdir(paths.resolve(bucket)) as lease:
     first = json.loads(_lease_path(bucket).read_text())["renewed"]
     _eventually(lambda: json.loads(_lease_path(bucket).read_text())["renewed"] > first)
     lease.check()
 
 
 def test_a_takeover_stops_the_holder_and_keeps_the_new_lease(bucket):
-  with workdir_lib.lock_workdir(bucket) as lease:  # 120 s: the thread's first renewal is 30 s away
+  with workdir_lib.lock_workdir(paths.resolve(bucket)) as lease:  # first renewal: 30 s away
     _write_lease(bucket, holder="pid 9 on thief")  # someone took it over (e.g. after a long stall)
     assert not lease.renew()                        # what the renewal thread does next
     with pytest.raises(workdir_lib.TrainingError, match="taken over by pid 9 on thief"):
@@ -213,7 +213,7 @@ def test_a_takeover_stops_the_holder_and_keeps_the_new_lease(bucket):
 
 
 def test_second_run_on_a_bucket_workdir_is_refused_and_writes_nothing(bucket):
-  with workdir_lib.lock_workdir(bucket):             # another run holds the workdir
+  with workdir_lib.lock_workdir(paths.resolve(bucket)):  # another run holds the workdir
     with pytest.raises(workdir_lib.TrainingError, match=r"is in use by another run \(pid \d+ on "):
       trainer.train(_one_step_config(), bucket, devices=ONE)
     assert _objects(bucket) == [workdir_lib.LEASE_NAME]   # the refused run wrote nothing

@@ -26,10 +26,10 @@ def test_config_path_fields_check_the_bucket(bucket):
   config.init = "gs://no-such-bucket/weights"
   with pytest.raises(ValueError, match=r"config.init='gs://no-such-bucket/weights': bucket "
                      "'no-such-bucket' does not exist"):
-    config_check.check_config(config)
+    config_check.validate(config, "train")
   config.init = bucket + "/weights"
   with pytest.raises(ValueError, match=r"config.init='gs://.*/weights' does not exist"):
-    config_check.check_config(config)
+    config_check.validate(config, "train")
 
 
 @pytest.mark.parametrize("argv", [

@@ -270,7 +270,7 @@ def test_damaged_newest_checkpoint_falls_back_to_previous(tmp_path, caplog):
 
 def test_checksum_catches_a_flipped_bit(tmp_path):
   state = {"w": jax.numpy.arange(4096, dtype=jax.numpy.float32), "step": jax.numpy.int32(7)}
-  ck = checkpoint.Checkpointer(str(tmp_path / "ckpt"))
+  ck = checkpoint.Checkpointer(paths.resolve(tmp_path / "ckpt"))
   ck.save(7, state, {"phase": "train"})
   meta = ck.read_meta(7)
   assert meta["state_checksum"] == checkpoint.state_checksum(state)
@@ -280,7 +280,7 @@ def test_checksum_catches_a_flipped_bit(tmp_path):
   assert [int(x) for x in jax.device_get(checkpoint._device_sums(leaves))] == [int(x) for x in host]
   ck.close()
   _flip_bit(_largest_file(tmp_path / "ckpt" / "7" / "state"))
-  ck = checkpoint.Checkpointer(str(tmp_path / "ckpt"))
+  ck = checkpoint.Checkpointer(paths.resolve(tmp_path / "ckpt"))
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
   with pytest.raises(checkpoint.CheckpointError, match="does not match its checksum"):
     ck.restore(7, abstract, meta)
@@ -310,7 +310,7 @@ def test_nonfinite_stop_names_step_and_terms_and_keeps_checkpoint(tmp_path, monk
   msg = str(e.value)
   assert "at step 4 " in msg and "cls=nan" in msg and "loss=nan" in msg, msg
   assert "the last checkpoint (step 3) is intact" in msg and "\n" not in msg
-  ck = checkpoint.Checkpointer(str(tmp_path / "w" / "ckpt"))
+  ck = checkpoint.Checkpointer(paths.resolve(tmp_path / "w" / "ckpt"))
   assert ck.all_steps() == [3]
   ck.close()
   monkeypatch.undo()
@@ -328,7 +328,7 @@ def test_nonfinite_skip_drops_the_update_and_continues(tmp_path, monkeypatch, ca
   assert len(warned) == 1 and warned[0].startswith("step 4:") and "cls=nan" in warned[0], warned
   assert out["step"] == 5
   assert all(np.isfinite(v).all() for v in _flat(out["state"]["params"]).values())
-  ck = checkpoint.Checkpointer(str(tmp_path / "w" / "ckpt"), max_to_keep=10)
+  ck = checkpoint.Checkpointer(paths.resolve(tmp_path / "w" / "ckpt"), max_to_keep=10)
   s3, s4 = (ck._mngr.restore(s, args=checkpoint.ocp.args.Composite(
       state=checkpoint.ocp.args.StandardRestore()))["state"] for s in (3, 4))
   ck.close()
@@ -394,17 +394,17 @@ def test_mesh_and_device_checks():
   devs = jax.devices()[:4]
   c = _config(mesh=[("data", 3), ("fsdp", 1)])
   with pytest.raises(config_check.ConfigError, match=r"config.mesh=.*needs 3 devices but 4"):
-    config_check.check_config(c, devs)
+    config_check.validate(c, "train", devs)
   c = _config(mesh=[("data", -1), ("model", 2)])
   with pytest.raises(config_check.ConfigError, match=r"unknown mesh axes \['model'\]"):
-    config_check.check_config(c, devs)
+    config_check.validate(c, "train", devs)
   with pytest.raises(config_check.ConfigError, match="data_shards=3 is not allowed"):
-    config_check.check_config(_config(**{"input.data_shards": 3}), devs)
+    config_check.validate(_config(**{"input.data_shards": 3}), "train", devs)
   with pytest.raises(config_check.ConfigError, match="eval_batch_size=6 must be divisible by"):
-    config_check.check_config(_config(eval_batch_size=6), devs)
+    config_check.validate(_config(eval_batch_size=6), "train", devs)
   with pytest.raises(config_check.ConfigError, match=r"phases has unknown phase\(s\) \['warmup'\]"):
-    config_check.check_config(_config(**{"phases.warmup": dict(steps=1)}), devs)
-  assert config_check.check_config(_config(), devs).size == 4
+    config_check.validate(_config(**{"phases.warmup": dict(steps=1)}), "train", devs)
+  assert config_check.validate(_config(), "train", devs).mesh.size == 4
 
 
 @pytest.fixture(scope="module")
@@ -472,11 +472,11 @@ def test_workdir_lock_refuses_a_second_run_and_is_released(tmp_path):
   w = tmp_path / "w"
   w.mkdir()
   # Another run holds the workdir (a second open file: flock conflicts).
-  with workdir_lib.lock_workdir(str(w)):
+  with workdir_lib.lock_workdir(paths.resolve(w)):
     with pytest.raises(workdir_lib.TrainingError, match=r"is in use by another run \(pid \d+ on .*\)"):
       trainer.train(_config(steps=1), str(w), devices=ONE)
   assert sorted(os.listdir(w)) == [".lock"]          # the refused run wrote nothing
-  with workdir_lib.lock_workdir(str(w)):                  # released when its holder ends
+  with workdir_lib.lock_workdir(paths.resolve(w)):        # released when its holder ends
     pass
   out = trainer.train(_config(steps=1), str(w), devices=ONE)
   assert out["step"] == 1
