@@ -197,3 +197,16 @@ def test_analytic_count_matches_xla_cost_analysis(monkeypatch, keep_rate):
   # The masked executor computes the dense attention matrix and basis product: count it that way.
   macs = flops.count(model.config, sparse_kernels=False).totals["total"]
   assert 1.00 <= xla / (2 * macs) <= 1.05
+
+
+def test_block_mode_counts_pooled_scores_and_kept_blocks():
+  """DeiT-S at 448 px in blocks of 128 (785 tokens, 7 blocks, 2 kept): the scores are 7 pooled rows by 7
+  pooled columns, and the analytic kept entries per head the CLS row plus 784 rows of 2 x 128 keys."""
+  cfg = models.get_config("deit_small_patch16_224", keep_rate=0.25, img_size=448, mask_block=128)
+  layer = flops.count(cfg).per_layer[0]
+  heads, c, m = 6, 32, 785 // 6
+  assert layer["nnz_per_head"] == 785 + 784 * 256
+  assert layer["predictor_scores"] == heads * 7 * c * m
+  assert layer["predictor_recon"] == heads * 7 * min(8, m) * 7
+  token = flops.count(models.get_config("deit_small_patch16_224", keep_rate=0.25, img_size=448)).per_layer[0]
+  assert token["predictor_scores"] == heads * 785 * c * m
