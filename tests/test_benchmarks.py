@@ -77,7 +77,7 @@ def test_benchmark_jax_cases_tiny(tmp_path):
     assert data["comparisons"][-1]["denominator"] == "theoretical fp32 peak"
   assert data["peak"]["matmul_gflops_best"] > 0
   text = md.read_text()
-  assert "| vit_test | 2 | sparsifiner@0.25/sparse | jax | eval forward |" in text
+  assert "| vit_test | 2 | sparsifiner@0.25/gather | jax | eval forward |" in text
   assert "| c | 2 | sparsifiner@0.25+tok0.7/masked / dense (img/s) |" in text
 
 
