@@ -43,9 +43,8 @@ import dataclasses
 import math
 import os
 import pickle
-import sys
 import zipfile
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -55,7 +54,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from sparsifiner_jax import errors, models
-from sparsifiner_jax.io import atomic, paths, weights
+from sparsifiner_jax.io import atomic, weights
 from sparsifiner_jax.io.big_vision import from_big_vision, to_big_vision
 from sparsifiner_jax.io.resample import reduce_n_keeping, adapt_state_dict
 from sparsifiner_jax.io.state_dict import (PREDICTOR, WEIGHT_TYPES, ConversionError, as_numpy, flatten,
@@ -432,49 +431,3 @@ def convert(src: str, dst: str, *, model: str | None = None, img_size: int | Non
                               src_format=src_format, backbone_only=backbone_only,
                               trust_pickle=trust_pickle, seed=seed)
   return save(net, dst, fmt, name=name, backbone_only=backbone_only and fmt != "weights")
-
-
-def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
-      prog="python -m sparsifiner_jax.convert",
-      description="Convert ViT/DeiT/LV-ViT/Sparsifiner weights between timm/torch, safetensors, "
-                  "big_vision npz and sparsifiner_jax weights directories.")
-  p.add_argument("src", metavar="SRC", help=".pth/.pt, .safetensors, .npz or a weights directory")
-  p.add_argument("dst", metavar="DST", help="output: a weights directory, or a .safetensors/.npz/.pth file")
-  p.add_argument("--model", help="model name (models.VARIANTS); inferred from the shapes if omitted")
-  p.add_argument("--img-size", type=int, help="target image size; pos_embed (and the predictors' "
-                 "token params) are resampled bicubically to the new patch grid")
-  p.add_argument("--keep-rate", type=float, help="build a Sparsifiner model with this attention keep "
-                 "rate (new predictors are initialised); default: as in the checkpoint")
-  p.add_argument("--format", dest="dst_format", choices=DST_FORMATS,
-                 help="output format (default from the DST suffix; no known suffix = weights directory)")
-  p.add_argument("--src-format", default="auto", choices=SRC_FORMATS, help="input format")
-  p.add_argument("--backbone-only", action="store_true",
-                 help="drop the Sparsifiner mask predictors (e.g. to export for plain timm)")
-  p.add_argument("--trust-pickle", action="store_true",
-                 help="allow arbitrary pickled objects in .pth files (only for files you trust)")
-  p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
-  p.add_argument("--seed", type=int, default=0, help="seed for parameters the checkpoint lacks")
-  p.add_argument("--debug", action="store_true", help="show the traceback on errors")
-  return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  """CLI entry point: returns the exit code (0 ok; one line on stderr and 2 for a bad checkpoint, path or
-  option, 1 for anything else; ``--debug``: the traceback too)."""
-  args = _parser().parse_args(argv)
-  try:
-    paths.require_local(args.src, "SRC")
-    paths.require_local(args.dst, "DST")
-    out = convert(args.src, args.dst, model=args.model, img_size=args.img_size,
-                  keep_rate=args.keep_rate, src_format=args.src_format, dst_format=args.dst_format,
-                  backbone_only=args.backbone_only, trust_pickle=args.trust_pickle,
-                  overwrite=args.overwrite, seed=args.seed)
-  except Exception as e:  # pylint: disable=broad-except
-    return errors.report(e, (ConversionError, OSError, ValueError), debug=args.debug)
-  print(f"wrote {out}")
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())
