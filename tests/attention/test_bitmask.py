@@ -1,5 +1,8 @@
 """The bit-packed mask format the accelerator kernels exchange (``attention.bitmask``)."""
 
+import pathlib
+import re
+
 import jax
 import numpy as np
 
@@ -37,3 +40,23 @@ def test_packed_mask_matches_keep_mask():
   np.testing.assert_array_equal(np.asarray(got.indices), np.asarray(want.indices))
   np.testing.assert_array_equal(np.asarray(got.packed_rows()), np.asarray(want.packed_rows()))
   assert float(got.density()) == float(want.density())
+
+
+def _dims(shape: str) -> list[str]:
+  """``"[B|1, H|1, W, N_q]"`` -> ``["B|1", "H|1", "W", "N_q"]`` (spaces dropped)."""
+  return [d.replace(" ", "") for d in shape.strip("[]").split(",")]
+
+
+def test_docs_give_the_packed_layout_of_bitmask():
+  """docs/attention.md's mask table states ``packed``'s shape as bitmask's module docstring does."""
+  doc = bitmask.__doc__
+  shape, dtype = re.search(r"``packed (\[[^\]]+\]) (\w+)``", doc).groups()
+  words = re.search(r"``W = (ceil\(N_k / 32\))``", doc).group(1)
+  dims = [words.replace(" ", "") if d == "W" else d for d in _dims(shape)]
+  want = [re.sub(r"\bN_[qk]\b", "N", d) for d in dims] + [dtype]
+
+  table = (pathlib.Path(__file__).parents[2] / "docs" / "attention.md").read_text()
+  row = re.search(r"^\| `packed` \| `(\[[^\]]+\]) (\w+)`", table, re.M)
+  assert row, "docs/attention.md: no `packed` row in the mask table"
+  got = [d.replace("\\|", "|") for d in _dims(row.group(1))] + [row.group(2)]
+  assert got == want, f"docs/attention.md gives packed as {got}; bitmask.py as {want}"
