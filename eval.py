@@ -4,7 +4,7 @@
       [--out F.json] [--config.model.keep_rate=0.1] [--config.input.eval_split=test]
 """
 
-from sparsifiner_jax import cli
+from sparsifiner_jax.cli import entry
 
 if __name__ == "__main__":
-  cli.run_main("eval")
+  entry.run_main("eval")

@@ -36,7 +36,8 @@ import jax.numpy as jnp
 from absl import app, flags
 from flax import nnx
 
-from sparsifiner_jax import cli, config_check, errors, models, sharding
+from sparsifiner_jax import config_check, models, sharding
+from sparsifiner_jax.cli import entry, errors
 from sparsifiner_jax.attention import backend
 from sparsifiner_jax.compile import clock, cost, targets
 from sparsifiner_jax.evaluation.evaluator import make_eval_step
@@ -52,7 +53,7 @@ GIB = 2 ** 30
 @dataclasses.dataclass(frozen=True)
 class Flags:
   """The command's flags (:func:`define_flags`)."""
-  common: cli.CommonFlags
+  common: entry.CommonFlags
   topology: flags.FlagHolder
   what: flags.FlagHolder
   phase: flags.FlagHolder
@@ -66,7 +67,7 @@ def define_flags() -> Flags:
   """Defines the command's flags in absl's global flags; :func:`run` calls it, so importing this module
   (tests, benchmarks) defines none."""
   return Flags(
-      common=cli.define_common_flags(),
+      common=entry.define_common_flags(),
       topology=flags.DEFINE_string("topology", None, "TPU or GPU topology, e.g. v5e:2x4, v4:2x2x2, h100:8."),
       what=flags.DEFINE_enum("what", "eval", WHAT, "Which step to compile."),
       phase=flags.DEFINE_string("phase", None, "train: the phase (default: the config's last phase)."),
@@ -252,7 +253,7 @@ def format_report(r: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-USER_ERRORS = cli.USER_ERRORS + (targets.TopologyError, clock.ClockError)
+USER_ERRORS = entry.USER_ERRORS + (targets.TopologyError, clock.ClockError)
 
 
 def main(argv, f: Flags) -> None:
@@ -260,7 +261,7 @@ def main(argv, f: Flags) -> None:
   del argv
   if "JAX_PLATFORMS" not in os.environ:   # compile-only: never open a local accelerator (and the GPU
     jax.config.update("jax_platforms", "cpu")   # compile-only topology needs the CPU platform)
-  config = cli.load_config(f.common)
+  config = entry.load_config(f.common)
   if config is None or f.topology.value is None:
     raise app.UsageError("--config and --topology are required")
   dump = None
@@ -288,7 +289,7 @@ def main(argv, f: Flags) -> None:
 def run() -> None:
   """``python -m sparsifiner_jax.compile_for``: defines the flags, then parses them and runs :func:`main`."""
   f = define_flags()
-  app.run(functools.partial(main, f=f), flags_parser=cli.parse_flags)
+  app.run(functools.partial(main, f=f), flags_parser=entry.parse_flags)
 
 
 if __name__ == "__main__":

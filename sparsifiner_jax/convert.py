@@ -12,7 +12,7 @@ from typing import Sequence
 
 from absl import flags
 
-from sparsifiner_jax import command_line, errors
+from sparsifiner_jax.cli import errors, parsing
 from sparsifiner_jax.io import convert, paths
 
 PROG = "python -m sparsifiner_jax.convert"
@@ -22,7 +22,7 @@ USAGE = "SRC DST [flags]   (SRC: .pth/.pt, .safetensors, .npz or a weights direc
 
 def define_flags() -> flags.FlagValues:
   """The command's flags, in a flag set of their own."""
-  fv = command_line.new_flags()
+  fv = parsing.new_flags()
   flags.DEFINE_string("model", None, "Model name (models.VARIANTS); inferred from the shapes if omitted.",
                       flag_values=fv)
   flags.DEFINE_integer("img-size", None, "Target image size; pos_embed (and the predictors' token params) "
@@ -45,9 +45,9 @@ def define_flags() -> flags.FlagValues:
 def main(argv: Sequence[str]) -> int:
   """Runs the command on ``argv`` (program name first); returns the exit code (0: written)."""
   fv = define_flags()
-  positional = command_line.parse(fv, argv, prog=PROG, usage=USAGE)
+  positional = parsing.parse(fv, argv, prog=PROG, usage=USAGE)
   if len(positional) != 2:
-    command_line.fail(PROG, f"need SRC and DST, got {len(positional)} argument(s): {positional}")
+    parsing.fail(PROG, f"need SRC and DST, got {len(positional)} argument(s): {positional}")
   src, dst = positional
   try:
     paths.require_local(src, "SRC")
@@ -64,4 +64,4 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
-  command_line.run(main)
+  parsing.run(main)

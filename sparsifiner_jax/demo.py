@@ -31,7 +31,8 @@ from flax import nnx
 
 from configs import digits_dense, digits_sparsifiner
 from configs.sweeps import keep_rate as keep_rate_sweep
-from sparsifiner_jax import cli, command_line, errors, models, sweeps
+from sparsifiner_jax import models, sweeps
+from sparsifiner_jax.cli import entry, errors, parsing
 from sparsifiner_jax.data import input_pipeline
 from sparsifiner_jax.evaluation import report, viz
 from sparsifiner_jax.io import atomic, paths, weights
@@ -159,8 +160,8 @@ PROG = "python -m sparsifiner_jax.demo"
 
 
 def define_flags() -> flags.FlagValues:
-  """The command's flags, in a flag set of their own (``cli`` defines train.py's in the global one)."""
-  fv = command_line.new_flags()
+  """The command's flags, in a flag set of their own (``cli.entry`` defines train.py's in the global one)."""
+  fv = parsing.new_flags()
   flags.DEFINE_string("workdir", "workdirs/demo", "Where the demo writes its runs and results.",
                       flag_values=fv)
   flags.DEFINE_bool("debug", False, "Show the traceback on errors.", flag_values=fv)
@@ -170,9 +171,9 @@ def define_flags() -> flags.FlagValues:
 def main(argv: Sequence[str]) -> int:
   """Runs the demo on ``argv`` (program name first); returns the exit code."""
   fv = define_flags()
-  positional = command_line.parse(fv, argv, prog=PROG, usage="[--workdir DIR] [--debug]")
+  positional = parsing.parse(fv, argv, prog=PROG, usage="[--workdir DIR] [--debug]")
   if positional:
-    command_line.fail(PROG, f"takes no positional arguments, got {positional}")
+    parsing.fail(PROG, f"takes no positional arguments, got {positional}")
   workdir, debug = fv["workdir"].value, fv["debug"].value
   if "JAX_PLATFORMS" not in os.environ:   # a CPU-sized run: never probe for accelerators
     jax.config.update("jax_platforms", "cpu")
@@ -181,9 +182,9 @@ def main(argv: Sequence[str]) -> int:
     paths.require_local(workdir, "--workdir")
     run(workdir)
   except Exception as e:  # pylint: disable=broad-except
-    return errors.report(e, cli.USER_ERRORS, debug=debug)
+    return errors.report(e, entry.USER_ERRORS, debug=debug)
   return 0
 
 
 if __name__ == "__main__":
-  command_line.run(main)
+  parsing.run(main)

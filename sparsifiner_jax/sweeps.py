@@ -44,7 +44,7 @@ from typing import Any, Iterable, Sequence
 
 from absl import flags
 
-from sparsifiner_jax import command_line, errors
+from sparsifiner_jax.cli import errors, parsing
 from sparsifiner_jax.evaluation import viz
 from sparsifiner_jax.io import atomic, paths
 
@@ -365,7 +365,7 @@ USAGE = ("aggregate RUN_JSON... --out DIR [--title T]\n"
 
 def define_flags(command: str) -> flags.FlagValues:
   """The flags of ``command`` (``aggregate`` or ``run``), in a flag set of their own."""
-  fv = command_line.new_flags()
+  fv = parsing.new_flags()
   if command == "aggregate":
     flags.DEFINE_string("out", None, "Output directory (required).", flag_values=fv)
     flags.DEFINE_string("title", None, "The Pareto plot's title.", flag_values=fv)
@@ -383,7 +383,7 @@ def define_flags(command: str) -> flags.FlagValues:
 def _required(fv: flags.FlagValues, *names: str) -> None:
   missing = [f"--{name}" for name in names if fv[name].value is None]
   if missing:
-    command_line.fail(PROG, f"the following flags are required: {', '.join(missing)}")
+    parsing.fail(PROG, f"the following flags are required: {', '.join(missing)}")
 
 
 def main(argv: Sequence[str]) -> int:
@@ -394,14 +394,14 @@ def main(argv: Sequence[str]) -> int:
     if command in ("--help", "-h"):
       print(f"usage: {PROG} {USAGE}")
       return 0
-    command_line.fail(PROG, f"the first argument must be the command 'aggregate' or 'run', got {command!r}")
+    parsing.fail(PROG, f"the first argument must be the command 'aggregate' or 'run', got {command!r}")
   fv = define_flags(command)
-  positional = command_line.parse(fv, [argv[0], *argv[2:]], prog=f"{PROG} {command}", usage=USAGE)
+  positional = parsing.parse(fv, [argv[0], *argv[2:]], prog=f"{PROG} {command}", usage=USAGE)
   try:
     if command == "aggregate":
       _required(fv, "out")
       if not positional:
-        command_line.fail(PROG, "the following arguments are required: RUN_JSON")
+        parsing.fail(PROG, "the following arguments are required: RUN_JSON")
       paths.check_reachable(fv["out"].value, "--out")   # a bad URL or bucket: one line before anything runs
       out = aggregate_to_dir(positional, fv["out"].value, title=fv["title"].value)
       print(f"aggregated {out['rows']} runs: {out['markdown']}, {out['csv']}, {out['plot']}")
@@ -423,4 +423,4 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
-  command_line.run(main)
+  parsing.run(main)

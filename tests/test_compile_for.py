@@ -122,7 +122,7 @@ def test_train_step_with_fsdp_mesh(phase):
 
 
 def test_importing_defines_no_flags():
-  """The command's flags (and train.py's and eval.py's, from ``cli``) are defined when it runs, not when
+  """The command's flags (and train.py's and eval.py's, from ``cli.entry``) are defined when it runs, not when
   tests or benchmarks import the module as a library."""
   code = ("from absl import flags; before = set(flags.FLAGS); import sparsifiner_jax.compile_for; "
           "print(sorted(set(flags.FLAGS) - before))")

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from sparsifiner_jax import env
+from sparsifiner_jax.cli import env
 from sparsifiner_jax.train import workdir
 
 

@@ -160,3 +160,43 @@ def test_renamed_modules_import_under_their_new_names():
   for gone in ("sparsifiner_jax.attention.kernels", "sparsifiner_jax.attention.pallas.mask"):
     with pytest.raises(ModuleNotFoundError):
       importlib.import_module(gone)
+
+
+def top_level_modules(root: pathlib.Path = ROOT) -> list[str]:
+  """The package's top-level modules (``*.py`` directly in it), ``__init__.py`` left out."""
+  return sorted(p.stem for p in (root / PACKAGE).glob("*.py") if p.name != "__init__.py")
+
+
+def test_at_most_eight_top_level_modules():
+  # Issue 28: the command-line plumbing is one subpackage (cli/), the four documented commands stay.
+  top = top_level_modules()
+  assert len(top) <= 8, top
+  for command in ("convert", "demo", "sweeps", "compile_for"):
+    assert command in top, f"python -m {PACKAGE}.{command} is documented"
+
+
+def test_top_level_count_fails_on_an_added_module(tmp_path):
+  pkg = tmp_path / PACKAGE
+  pkg.mkdir()
+  for name in ("__init__", "a", "b", "c", "d", "e", "f", "g", "h", "i"):
+    (pkg / f"{name}.py").write_text("")
+  assert len(top_level_modules(tmp_path)) == 9
+
+
+def test_cli_modules_moved_into_the_cli_package():
+  # Issue 28: cli.py, command_line.py, errors.py and env.py live in sparsifiner_jax/cli/, no shims left.
+  import importlib
+
+  entry = importlib.import_module("sparsifiner_jax.cli.entry")
+  parsing = importlib.import_module("sparsifiner_jax.cli.parsing")
+  errors = importlib.import_module("sparsifiner_jax.cli.errors")
+  env = importlib.import_module("sparsifiner_jax.cli.env")
+  for module, name in [(entry, "run_main"), (entry, "load_config"), (parsing, "parse"), (parsing, "run"),
+                       (errors, "report"), (env, "get")]:
+    assert callable(getattr(module, name)), f"{module.__name__}.{name}"
+  cli = importlib.import_module("sparsifiner_jax.cli")
+  assert not hasattr(cli, "run_main") and not hasattr(cli, "USER_ERRORS"), "sparsifiner_jax.cli re-exports"
+  for gone in ("sparsifiner_jax.command_line", "sparsifiner_jax.errors", "sparsifiner_jax.env"):
+    with pytest.raises(ModuleNotFoundError):
+      importlib.import_module(gone)
+  assert not (ROOT / PACKAGE / "cli.py").exists()

@@ -22,7 +22,7 @@ import os
 import pathlib
 import re
 
-from sparsifiner_jax import errors
+from sparsifiner_jax.cli import errors
 
 GIB = 2 ** 30
 _SPECS = pathlib.Path(__file__).with_name("gpu_specs")

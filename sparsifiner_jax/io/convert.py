@@ -53,7 +53,8 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from sparsifiner_jax import errors, models
+from sparsifiner_jax import models
+from sparsifiner_jax.cli import errors
 from sparsifiner_jax.io import atomic, weights
 from sparsifiner_jax.io.big_vision import from_big_vision, to_big_vision
 from sparsifiner_jax.io.resample import reduce_n_keeping, adapt_state_dict

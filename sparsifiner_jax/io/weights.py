@@ -24,7 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from sparsifiner_jax import errors
+from sparsifiner_jax.cli import errors
 from sparsifiner_jax.io import atomic, paths, state_dict
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import jax
 from etils import epath
 
-from sparsifiner_jax import env
+from sparsifiner_jax.cli import env
 from sparsifiner_jax.io import paths
 from sparsifiner_jax.io.checkpoint import read_latest_meta
 from sparsifiner_jax.train.phases import Phase

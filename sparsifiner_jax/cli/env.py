@@ -1,8 +1,8 @@
 """The project's environment variables, all named ``SPARSIFINER_JAX_*``.
 
-  * ``DISTRIBUTED=1``: ``jax.distributed.initialize()`` from a launcher JAX detects (``cli``).
+  * ``DISTRIBUTED=1``: ``jax.distributed.initialize()`` from a launcher JAX detects (``cli.entry``).
   * ``COORDINATOR=host:port``, ``NUM_PROCESSES``, ``PROCESS_ID``: an explicit multi-process run; with
-    ``JAX_PLATFORMS=cpu``, ``CPU_COLLECTIVES=0`` turns off gloo CPU collectives (``cli``).
+    ``JAX_PLATFORMS=cpu``, ``CPU_COLLECTIVES=0`` turns off gloo CPU collectives (``cli.entry``).
   * ``LEASE_SECONDS``: a bucket workdir's lease length (``train.workdir``).
   * ``PALLAS``, ``CPU_KERNELS``, ``CACHE``: the attention backend, the CPU kernels' switch and build
     cache (``attention.backend``, ``attention.cpu``).

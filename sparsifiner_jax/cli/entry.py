@@ -19,7 +19,8 @@ from absl import logging as absl_logging
 from etils import epath
 from ml_collections import config_flags
 
-from sparsifiner_jax import config_check, env, errors, sharding
+from sparsifiner_jax import config_check, sharding
+from sparsifiner_jax.cli import env, errors
 from sparsifiner_jax.data.options import InputConfigError
 from sparsifiner_jax.evaluation import report
 from sparsifiner_jax.io import checkpoint, paths, state_dict, weights

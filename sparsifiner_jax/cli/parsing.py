@@ -1,5 +1,5 @@
 """absl flag parsing for the library's own commands (``python -m sparsifiner_jax.convert``, ``.demo``,
-``.sweeps``; train.py and eval.py have theirs in ``cli``).
+``.sweeps``; train.py and eval.py have theirs in ``cli.entry``).
 
 Each command defines its flags in a ``flags.FlagValues`` of its own, built when it runs, so importing the
 command's module as a library defines no global flag. Bad input (an unknown flag, a bad value, a missing
@@ -14,7 +14,7 @@ from typing import Callable, NoReturn, Sequence
 
 from absl import app, flags
 
-from sparsifiner_jax import errors
+from sparsifiner_jax.cli import errors
 
 
 def new_flags() -> flags.FlagValues:
