@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -262,10 +263,24 @@ def _tpu_dkv_kernel(occ_ref, q_ref, k_ref, v_ref, w_ref, do_ref, lse_ref, delta_
       dv_ref[:, h * d:(h + 1) * d] = dv_sc[h].astype(dv_ref.dtype)
 
 
-def _tpu_specs(cfg: _Config, kv_major: bool):
+class _TpuSpecs(NamedTuple):
+  """The TPU kernels' block specs over one grid (:func:`_tpu_specs`)."""
+  q: pl.BlockSpec       # the q section of ``qkv [B, N, 3 H d]``: a query block
+  k: pl.BlockSpec       # the k section: a key block
+  v: pl.BlockSpec       # the v section: a key block
+  qside: pl.BlockSpec   # a query block of a ``[B, N, H d]`` array (out, do, dq)
+  kside: pl.BlockSpec   # a key block of a ``[B, N, H d]`` array (dk, dv)
+  words: pl.BlockSpec   # the mask words of (query block, key block)
+  rows: pl.BlockSpec    # a query block of the ``[B, H, 1, N_q_pad]`` rows (lse, delta)
+
+  def backward_inputs(self) -> list[pl.BlockSpec]:
+    """The specs of the backward kernels' inputs ``(qkv, qkv, qkv, words, do, lse, delta)``."""
+    return [self.q, self.k, self.v, self.words, self.qside, self.rows, self.rows]
+
+
+def _tpu_specs(cfg: _Config, kv_major: bool) -> _TpuSpecs:
   """Block specs for a ``(B, i, j)`` grid, ``(i, j)`` = ``(query block, key block)`` (or swapped when
-  ``kv_major``): q, k, v sections of ``qkv``, the query-side ``[B, N, H d]`` arrays (out, do, dq), the
-  key-side ones (dk, dv), the words and the lse/delta rows."""
+  ``kv_major``)."""
   def order(i, j):
     return (j, i) if kv_major else (i, j)
 
@@ -278,7 +293,6 @@ def _tpu_specs(cfg: _Config, kv_major: bool):
     return pl.BlockSpec((None, rows, lanes),
                         lambda b, i, j, occ: (b, order(i, j)[which], lane_block))
 
-  q_spec, k_spec, v_spec = section(0, cfg.bq, 0), section(1, cfg.bk, 1), section(2, cfg.bk, 1)
   qside = pl.BlockSpec((None, cfg.bq, hd), lambda b, i, j, occ: (b, order(i, j)[0], 0))
   kside = pl.BlockSpec((None, cfg.bk, hd), lambda b, i, j, occ: (b, order(i, j)[1], 0))
 
@@ -286,9 +300,10 @@ def _tpu_specs(cfg: _Config, kv_major: bool):
     qi, ki = order(i, j)
     return (b if cfg.mask_b else 0, 0, ki, 0, qi)
 
-  w_spec = pl.BlockSpec((None, mh, None, cfg.nw, cfg.bq), w_map)
-  row_spec = pl.BlockSpec((None, cfg.heads, 1, cfg.bq), lambda b, i, j, occ: (b, 0, 0, order(i, j)[0]))
-  return q_spec, k_spec, v_spec, qside, kside, w_spec, row_spec
+  return _TpuSpecs(
+      q=section(0, cfg.bq, 0), k=section(1, cfg.bk, 1), v=section(2, cfg.bk, 1), qside=qside, kside=kside,
+      words=pl.BlockSpec((None, mh, None, cfg.nw, cfg.bq), w_map),
+      rows=pl.BlockSpec((None, cfg.heads, 1, cfg.bq), lambda b, i, j, occ: (b, 0, 0, order(i, j)[0])))
 
 
 def _tpu_section_bytes(cfg: _Config, qkv: Array) -> int:
@@ -305,7 +320,7 @@ def _tpu_forward(cfg: _Config, qkv, words, occ, out_dtype):
   """``qkv [B, N, 3 H d]`` -> ``(out [B, N, H d] out_dtype, lse [B, H, 1, N_q_pad] f32)``."""
   bsz, n, _ = qkv.shape
   nh, d = cfg.heads, cfg.head_dim
-  q_spec, k_spec, v_spec, qside, _, w_spec, row_spec = _tpu_specs(cfg, kv_major=False)
+  specs = _tpu_specs(cfg, kv_major=False)
   out_shape = (out_struct((bsz, n, nh * d), qkv, out_dtype),
                out_struct((bsz, nh, 1, cfg.q_blocks * cfg.bq), qkv))
   # Every block of an occupied pair is computed (skipping is data-dependent): two products of
@@ -322,8 +337,8 @@ def _tpu_forward(cfg: _Config, qkv, words, occ, out_dtype):
       out_shape=out_shape,
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=1, grid=(bsz, cfg.q_blocks, cfg.k_blocks),
-          in_specs=[q_spec, k_spec, v_spec, w_spec],
-          out_specs=[qside, row_spec],
+          in_specs=[specs.q, specs.k, specs.v, specs.words],
+          out_specs=[specs.qside, specs.rows],
           scratch_shapes=[pltpu.VMEM((nh, cfg.bq, 1), F32), pltpu.VMEM((nh, cfg.bq, 1), F32),
                           pltpu.VMEM((nh, cfg.bq, d), F32)]),
       **_tpu_params(cfg, "sparse_attention_fwd", cost),
@@ -339,7 +354,7 @@ def _tpu_backward(cfg: _Config, qkv, words, occ, do, lse, delta):
   section = _tpu_section_bytes(cfg, qkv)
   rows = nbytes(lse, delta)
   grad = out_struct((bsz, n, nh * d), qkv)
-  q_spec, k_spec, v_spec, qside, kside, w_spec, row_spec = _tpu_specs(cfg, kv_major=False)
+  dq_specs = _tpu_specs(cfg, kv_major=False)
   # dq: products s, dp, dq (3 x 2 bq bk d flops per head and pair); k, v read once per query block.
   dq_cost = pl.CostEstimate(
       flops=6 * pairs * d, transcendentals=pairs,
@@ -349,12 +364,12 @@ def _tpu_backward(cfg: _Config, qkv, words, occ, do, lse, delta):
       out_shape=grad,
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=1, grid=(bsz, cfg.q_blocks, cfg.k_blocks),
-          in_specs=[q_spec, k_spec, v_spec, w_spec, qside, row_spec, row_spec],
-          out_specs=qside, scratch_shapes=[pltpu.VMEM((nh, cfg.bq, d), F32)]),
+          in_specs=dq_specs.backward_inputs(),
+          out_specs=dq_specs.qside, scratch_shapes=[pltpu.VMEM((nh, cfg.bq, d), F32)]),
       **_tpu_params(cfg, "sparse_attention_dq", dq_cost),
   )(occ, qkv, qkv, qkv, words, do, lse, delta)
 
-  q_spec, k_spec, v_spec, qside, kside, w_spec, row_spec = _tpu_specs(cfg, kv_major=True)
+  dkv_specs = _tpu_specs(cfg, kv_major=True)
   # dk, dv: products s, dv, dp, dk (4 x 2 bq bk d flops per head and pair); q, do, lse, delta read once
   # per key block.
   dkv_cost = pl.CostEstimate(
@@ -366,8 +381,8 @@ def _tpu_backward(cfg: _Config, qkv, words, occ, do, lse, delta):
       out_shape=(grad, grad),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=1, grid=(bsz, cfg.k_blocks, cfg.q_blocks),
-          in_specs=[q_spec, k_spec, v_spec, w_spec, qside, row_spec, row_spec],
-          out_specs=[kside, kside],
+          in_specs=dkv_specs.backward_inputs(),
+          out_specs=[dkv_specs.kside, dkv_specs.kside],
           scratch_shapes=[pltpu.VMEM((nh, cfg.bk, d), F32), pltpu.VMEM((nh, cfg.bk, d), F32)]),
       **_tpu_params(cfg, "sparse_attention_dkv", dkv_cost),
   )(occ, qkv, qkv, qkv, words, do, lse, delta)
