@@ -41,9 +41,9 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
 from sparsifiner_jax.attention import bitmask
-from sparsifiner_jax.attention.pallas.common import (F32, NN, NT, col_to_row, finalize, nbytes, next_pow2,
-                                                   online_softmax_step, out_struct, row_to_col, same_vma,
-                                                   scaled)
+from sparsifiner_jax.attention.pallas.common import (F32, NN, NT, col_to_row, finalize, gpu_flash_core,
+                                                   nbytes, next_pow2, online_softmax_step, out_struct,
+                                                   row_to_col, same_vma, scaled)
 
 Array = jax.Array
 BITS = bitmask.BITS
@@ -571,24 +571,7 @@ def _gpu_backward(cfg: _Config, q, k, v, words, do, lse, delta):
 # The differentiable core (padded, backend layout) and the public wrapper.
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _gpu_core(cfg: _Config, q, k, v, words):
-  return _gpu_core_fwd(cfg, q, k, v, words)[0]
-
-
-def _gpu_core_fwd(cfg: _Config, q, k, v, words):
-  out, lse = _gpu_forward(cfg, q, k, v, words)
-  return out, (q, k, v, words, out, lse)
-
-
-def _gpu_core_bwd(cfg: _Config, res, dout):
-  q, k, v, words, out, lse = res
-  delta = jnp.sum(dout * out, axis=-1)                     # rowsum(dO * O) = sum_j p_j dp_j
-  dq, dk, dv = _gpu_backward(cfg, q, k, v, words, dout, lse, jnp.swapaxes(delta, 1, 2))
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
-
-
-_gpu_core.defvjp(_gpu_core_fwd, _gpu_core_bwd)
+_gpu_core = gpu_flash_core(_gpu_forward, _gpu_backward)
 
 
 def _mask_layout(packed: Array, cfg: _Config) -> tuple[Array, Array]:

@@ -37,9 +37,9 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
 from sparsifiner_jax.attention import blocks
-from sparsifiner_jax.attention.pallas.common import (F32, NN, NT, col_to_row, finalize, nbytes, next_pow2,
-                                                   online_softmax_step, out_struct, row_to_col, same_vma,
-                                                   scaled)
+from sparsifiner_jax.attention.pallas.common import (F32, NN, NT, col_to_row, finalize, gpu_flash_core,
+                                                   nbytes, next_pow2, online_softmax_step, out_struct,
+                                                   row_to_col, same_vma, scaled)
 
 Array = jax.Array
 _FUSED_BACKWARD_BYTES = 24 * 2 ** 20   # TPU: VMEM for the one-pass backward's whole-sequence dk, dv
@@ -604,24 +604,7 @@ def _gpu_backward(cfg: _Config, q, k, v, table, do, lse, delta):
   return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _gpu_core(cfg: _Config, q, k, v, table):
-  return _gpu_forward(cfg, q, k, v, table)[0]
-
-
-def _gpu_core_fwd(cfg: _Config, q, k, v, table):
-  out, lse = _gpu_forward(cfg, q, k, v, table)
-  return out, (q, k, v, table, out, lse)
-
-
-def _gpu_core_bwd(cfg: _Config, res, dout):
-  q, k, v, table, out, lse = res
-  delta = jnp.swapaxes(jnp.sum(dout * out, axis=-1), 1, 2)                 # rowsum(dO * O): [B, H, N_pad]
-  dq, dk, dv = _gpu_backward(cfg, q, k, v, table, dout, lse, delta)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
-
-
-_gpu_core.defvjp(_gpu_core_fwd, _gpu_core_bwd)
+_gpu_core = gpu_flash_core(_gpu_forward, _gpu_backward)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ trace time around a ``pallas_call``.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -85,3 +87,27 @@ def same_vma(*xs: Array) -> list[Array]:
 def nbytes(*arrays) -> int:
   """Bytes of ``arrays`` together (for ``pl.CostEstimate``)."""
   return int(sum(a.size * jnp.dtype(a.dtype).itemsize for a in arrays))
+
+
+def gpu_flash_core(forward, backward):
+  """The differentiable core of a GPU (Triton) flash-attention kernel set: ``core(cfg, q, k, v, mask)``
+  with a custom VJP, from ``forward(cfg, q, k, v, mask) -> (out, lse [B, H, N])`` and ``backward(cfg, q,
+  k, v, mask, dout, lse, delta) -> (dq, dk, dv)``. Operands ``[B, N_pad, H, d_pad]``; ``mask`` (packed
+  words or a block table) gets no gradient; ``delta = rowsum(dO * O)`` as ``[B, H, N_pad]``."""
+
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+  def core(cfg, q, k, v, mask):
+    return forward(cfg, q, k, v, mask)[0]
+
+  def core_fwd(cfg, q, k, v, mask):
+    out, lse = forward(cfg, q, k, v, mask)
+    return out, (q, k, v, mask, out, lse)
+
+  def core_bwd(cfg, res, dout):
+    q, k, v, mask, out, lse = res
+    delta = jnp.swapaxes(jnp.sum(dout * out, axis=-1), 1, 2)
+    dq, dk, dv = backward(cfg, q, k, v, mask, dout, lse, delta)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+  core.defvjp(core_fwd, core_bwd)
+  return core
