@@ -28,7 +28,7 @@ def per_example_stats(model, images, labels, *, recall: bool = False):
   """``{"correct1", "correct5", "loss", "density": [B], "layer_density": [B, depth]}`` for one batch;
   with ``recall`` also ``"recall": [B]`` and ``"layer_recall": [B, depth]`` (``recall.attention_recall``;
   it makes XLA compute the dense attention of every masked layer)."""
-  logits, aux = model(images, train=False)
+  logits, aux = model(images, train=False, with_attention=recall)
   k5 = min(5, logits.shape[-1])
   logp = jax.nn.log_softmax(logits)
   out = dict(correct1=topk_accuracy(logits, labels, 1),

@@ -50,11 +50,12 @@ def attention_recall(attn: Array, mask: AttentionMask | None) -> Array:
 
 
 def layer_recalls(aux: dict[str, Any], batch: int) -> Array:
-  """Recall of every layer of a forward's ``aux`` (``masks`` and ``attn`` lists): ``[B, depth]``.
-
-  Layers without a mask give ones, so XLA never computes their dense attention.
+  """Recall of every layer of a forward's ``aux`` (``masks`` and ``attn`` lists, the model called with
+  ``with_attention=True``): ``[B, depth]``. Layers without a mask give ones.
   """
   masks: Sequence[AttentionMask | None] = aux["masks"]
+  if any(m is not None and a is None for m, a in zip(masks, aux["attn"])):
+    raise ValueError("attention recall needs the dense attention: call the model with with_attention=True")
   cols = [jnp.ones((batch,), jnp.float32) if m is None else attention_recall(a, m)
           for m, a in zip(masks, aux["attn"])]
   return jnp.stack(cols, axis=-1)

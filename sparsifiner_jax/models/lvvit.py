@@ -122,7 +122,7 @@ class PatchEmbed4_2(nnx.Module):  # noqa: N801 -- the official name
 class LVViT(nnx.Module):
   """LV-ViT with class token and token-labelling head; Sparsifiner attention when ``keep_rate`` is set.
 
-  Call: ``logits, aux = model(images, train=False, recon=False, rng=None)``
+  Call: ``logits, aux = model(images, train=False, recon=False, rng=None, with_attention=False)``
 
   * ``images``: ``[B, img_size, img_size, in_chans]`` float, ImageNet mean/std normalised.
   * ``logits`` ``[B, num_classes]`` float32: with ``train=False`` the official eval output
@@ -155,13 +155,14 @@ class LVViT(nnx.Module):
     check_images(self.config, images)
 
   def __call__(self, images: Array, *, train: bool = False, recon: bool = False,
-               rng: Array | None = None) -> tuple[Array, dict[str, Any]]:
+               rng: Array | None = None, with_attention: bool = False) -> tuple[Array, dict[str, Any]]:
     self.check_input(images)
     cfg = self.config
     x = self.patch_embed(images, batch_stats=train and not cfg.freeze_bn)
     cls = jnp.broadcast_to(self.cls_token[...], (x.shape[0], 1, x.shape[-1])).astype(x.dtype)
     x = jnp.concatenate([cls, x], axis=1) + self.pos_embed[...].astype(x.dtype)
-    x, aux = run_blocks(self.blocks, cfg, x, train=train, recon=recon, rng=rng)
+    x, aux = run_blocks(self.blocks, cfg, x, train=train, recon=recon, rng=rng,
+                        with_attention=with_attention)
     x = self.norm(x)
     cls_logits = self.head(x[:, 0])
     aux_logits = self.aux_head(x[:, 1:])

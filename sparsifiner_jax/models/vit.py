@@ -196,7 +196,8 @@ class Attention(nnx.Module):
 
   ``__call__(x [B, N, D], recon) -> (out [B, N, D], aux)`` with aux keys ``mask`` (AttentionMask or
   None), ``approx_attn`` (``[B, H, N-1, N]`` or None), ``attn`` (dense probabilities ``[B, H, N, N]``,
-  float32; XLA drops it when no caller uses it).
+  float32, with ``with_attention=True``; else None) and ``cls_attn`` (the CLS row's head-averaged
+  attention ``[B, N]``, with token pruning; else None).
   """
 
   def __init__(self, cfg: ViTConfig, keep_rate: float | None, *, layer: int = 0, rngs: nnx.Rngs):
@@ -216,8 +217,8 @@ class Attention(nnx.Module):
           reduce_c=cfg.reduce_c, basis_threshold=cfg.basis_threshold, coef_topk=cfg.coef_topk,
           signed_basis=cfg.signed_basis, block=cfg.mask_block, dtype=self.compute_dtype, rngs=rngs))
 
-  def __call__(self, x: Array, *, recon: bool = False, tokens: "TokenState | None" = None
-               ) -> tuple[Array, dict[str, Any]]:
+  def __call__(self, x: Array, *, recon: bool = False, tokens: "TokenState | None" = None,
+               with_attention: bool = False) -> tuple[Array, dict[str, Any]]:
     b, n, dim = x.shape
     qkv = self.qkv(x).astype(self.compute_dtype).reshape(b, n, 3, self.num_heads, dim // self.num_heads)
     keep = None if tokens is None else tokens.keep                   # [B, N] bool (full-length modes)
@@ -239,8 +240,9 @@ class Attention(nnx.Module):
     else:
       out = attn_lib.unmasked_attention(q, k, v, key_valid, self.executor_name)
     out = self.proj(out.reshape(b, n, dim))
-    aux = dict(mask=mask, approx_attn=approx, attn=attn_lib.attention_probs(q, k),
-               cls_attn=cls_attention(q, k, key_valid))
+    aux = dict(mask=mask, approx_attn=approx,
+               attn=attn_lib.attention_probs(q, k) if with_attention else None,
+               cls_attn=None if tokens is None else cls_attention(q, k, key_valid))
     return out, aux
 
 
@@ -277,9 +279,9 @@ class Block(nnx.Module):
     return x if self.skip_lam == 1.0 else x / self.skip_lam
 
   def __call__(self, x: Array, *, recon: bool = False, rng: Array | None = None,
-               tokens: "TokenState | None" = None):
+               tokens: "TokenState | None" = None, with_attention: bool = False):
     rngs = (None, None) if rng is None else tuple(jax.random.split(rng))
-    y, aux = self.attn(self.norm1(x), recon=recon, tokens=tokens)
+    y, aux = self.attn(self.norm1(x), recon=recon, tokens=tokens, with_attention=with_attention)
     x = x + self._branch(y, rngs[0])
     x = x + self._branch(self.mlp(self.norm2(x)), rngs[1])
     return x, aux
@@ -354,8 +356,8 @@ def initial_token_state(cfg: ViTConfig, batch: int) -> TokenState:
   return TokenState(cfg.token_pruning_mode, keep=jnp.ones((batch, n), bool), kept_patches=n - 1)
 
 
-def run_blocks(blocks, cfg: ViTConfig, x: Array, *, train: bool, recon: bool, rng: Array | None
-               ) -> tuple[Array, dict[str, Any]]:
+def run_blocks(blocks, cfg: ViTConfig, x: Array, *, train: bool, recon: bool, rng: Array | None,
+               with_attention: bool = False) -> tuple[Array, dict[str, Any]]:
   """Runs the blocks with token sparsity (off in reconstruction mode, as in the official code).
 
   Returns ``x`` (live tokens only) and aux with per-layer ``masks``, ``approx_attn``, ``attn`` and
@@ -367,7 +369,7 @@ def run_blocks(blocks, cfg: ViTConfig, x: Array, *, train: bool, recon: bool, rn
   masks, approx, attn = [], [], []
   for i, block in enumerate(blocks):
     block_rng = jax.random.fold_in(rng, i) if (train and rng is not None) else None
-    x, aux = block(x, recon=recon, rng=block_rng, tokens=tokens)
+    x, aux = block(x, recon=recon, rng=block_rng, tokens=tokens, with_attention=with_attention)
     masks.append(aux["mask"])
     approx.append(aux["approx_attn"])
     attn.append(aux["attn"])
@@ -395,16 +397,19 @@ def check_images(cfg: ViTConfig, images: Array) -> None:
 class VisionTransformer(nnx.Module):
   """DeiT/ViT with class token; Sparsifiner attention in every layer when ``cfg.keep_rate`` is set.
 
-  Call: ``logits, aux = model(images, train=False, recon=False, rng=None)``
+  Call: ``logits, aux = model(images, train=False, recon=False, rng=None, with_attention=False)``
 
   * ``images``: ``[B, img_size, img_size, in_chans]`` float, normalised (ImageNet mean/std for DeiT).
   * ``train``: enables stochastic depth (needs ``rng``).
   * ``recon``: Sparsifiner phase-1 mode -- dense attention, predictors in reconstruction mode.
+  * ``with_attention``: also return every layer's dense attention (the reconstruction target, recall,
+    pictures); without it ``aux["attn"]`` holds None per layer and nothing computes it.
   * ``logits``: ``[B, num_classes]`` float32.
   * ``aux`` (per-layer lists have ``depth`` entries; entries are None for dense layers):
       - ``masks``: ``AttentionMask`` per layer (``.to_dense()`` gives ``[B, H, N, N]`` bool);
       - ``approx_attn``: predictor's Â per layer, ``[B, H, N-1, N]`` float32;
-      - ``attn``: dense softmax attention per layer, ``[B, H, N, N]`` float32 (for the losses);
+      - ``attn``: dense softmax attention per layer, ``[B, H, N, N]`` float32, with
+        ``with_attention=True`` (else None);
       - ``tokens``: final-LayerNorm patch tokens ``[B, N-1, D]`` (CLS excluded);
       - ``pre_logits``: final-LayerNorm CLS token ``[B, D]``.
   """
@@ -428,12 +433,13 @@ class VisionTransformer(nnx.Module):
     check_images(self.config, images)
 
   def __call__(self, images: Array, *, train: bool = False, recon: bool = False,
-               rng: Array | None = None) -> tuple[Array, dict[str, Any]]:
+               rng: Array | None = None, with_attention: bool = False) -> tuple[Array, dict[str, Any]]:
     self.check_input(images)
     x = self.patch_embed(images)
     cls = jnp.broadcast_to(self.cls_token[...], (x.shape[0], 1, x.shape[-1])).astype(x.dtype)
     x = jnp.concatenate([cls, x], axis=1) + self.pos_embed[...].astype(x.dtype)
-    x, aux = run_blocks(self.blocks, self.config, x, train=train, recon=recon, rng=rng)
+    x, aux = run_blocks(self.blocks, self.config, x, train=train, recon=recon, rng=rng,
+                        with_attention=with_attention)
     x = self.norm(x)
     logits = self.head(x[:, 0])
     return logits, dict(aux, tokens=x[:, 1:], pre_logits=x[:, 0])

@@ -36,7 +36,7 @@ def teacher_outputs(teacher_graphdef, tparams, images, *, attn: bool):
   """The frozen teacher on ``images [B, H, W, 3]``: ``(logits [B, K], tokens [B, N, D], attn)``, gradients
   stopped; ``attn`` is the per-layer ``[B, H, N, N]`` attention list when asked for, else None."""
   teacher = nnx.merge(teacher_graphdef, tparams)
-  logits, aux = teacher(images)
+  logits, aux = teacher(images, with_attention=attn)
   return jax.lax.stop_gradient((logits, aux["tokens"], aux["attn"] if attn else None))
 
 

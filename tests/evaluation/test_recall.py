@@ -127,7 +127,8 @@ def test_mask_mode_token_pruning_equals_drop_mode():
   images = random_images(4, 24)
   for mode in ("drop", "mask"):
     model = _unit_scale(models.create("vit_test", token_pruning_mode=mode, rngs=nnx.Rngs(0), **kw))
-    out[mode] = nnx.jit(lambda m, x: layer_recalls(m(x, train=False)[1], x.shape[0]))(model, images)
+    out[mode] = nnx.jit(lambda m, x: layer_recalls(m(x, train=False, with_attention=True)[1],
+                                                   x.shape[0]))(model, images)
   assert out["mask"].shape == (4, 3)
   np.testing.assert_allclose(np.asarray(out["mask"]), np.asarray(out["drop"]), atol=1e-5, rtol=0)
   assert np.all(np.asarray(out["drop"]) < 1.0 - 1e-3)
@@ -139,7 +140,7 @@ def test_oracle_topk_recall_is_the_top_k_probability_mass():
   model = _unit_scale(models.create("vit_test", keep_rate=0.25, attention_pattern="oracle_topk",
                                     rngs=nnx.Rngs(0)))
   images = random_images(4, 16)
-  _, aux = model(images, train=False)
+  _, aux = model(images, train=False, with_attention=True)
   got = np.asarray(layer_recalls(aux, 4))
   k = 5                                                           # ceil(0.25 * 17)
   for layer, attn in enumerate(aux["attn"]):

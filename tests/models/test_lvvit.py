@@ -46,7 +46,7 @@ def test_config_registered_and_validated():
 def test_lvvit_s_shapes_and_eval_output():
   model = models.create("lvvit_s", rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(1), (1, 224, 224, 3))
-  logits, aux = nnx.jit(lambda m, x: m(x, train=False))(model, x)
+  logits, aux = nnx.jit(lambda m, x: m(x, train=False, with_attention=True))(model, x)
   assert logits.shape == (1, 1000)
   assert aux["tokens"].shape == (1, 196, 1000) and aux["features"].shape == (1, 196, 384)
   assert aux["pre_logits"].shape == (1, 384) and len(aux["attn"]) == 16

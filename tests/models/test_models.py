@@ -167,7 +167,7 @@ def test_predictor_gradients_only_through_reconstruction():
     return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(2), labels])
 
   def recon_loss(m):
-    _, aux = m(x, recon=True)
+    _, aux = m(x, recon=True, with_attention=True)
     return sum(jnp.sum((a - t[:, :, 1:]) ** 2) for a, t in zip(aux["approx_attn"], aux["attn"]))
 
   g_cls = nnx.grad(cls_loss, argnums=nnx.DiffState(0, is_pred))(model)
@@ -361,3 +361,15 @@ def test_keep_mask_indices_are_the_kept_columns():
   np.testing.assert_array_equal(mask.indices, want)
   np.testing.assert_array_equal(mask.sparse_rows(), keep)
   np.testing.assert_array_equal(attn_lib.indices_to_dense(mask.indices, 9), keep)
+
+
+def test_dense_attention_only_when_asked():
+  """``aux["attn"]`` holds each layer's dense attention with ``with_attention=True`` and None without:
+  no caller pays for an ``[B, H, N, N]`` array it does not read."""
+  model = models.create("vit_test", keep_rate=0.5, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+  _, plain = model(x)
+  _, asked = model(x, with_attention=True)
+  assert plain["attn"] == [None, None]
+  assert [a.shape for a in asked["attn"]] == [(2, 2, 17, 17)] * 2
+  np.testing.assert_allclose(np.asarray(asked["attn"][0]).sum(-1), 1.0, atol=1e-5)

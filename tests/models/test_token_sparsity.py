@@ -14,6 +14,7 @@ from sparsifiner_jax.evaluation import flops
 from sparsifiner_jax import models
 from sparsifiner_jax.train import trainer
 from sparsifiner_jax.io import weights
+from sparsifiner_jax.models import vit
 from sparsifiner_jax.models.vit import token_schedule
 
 TOL = 1e-5  # fp32, absolute, on logits/tokens of order 1
@@ -62,7 +63,7 @@ def test_pruned_tokens_are_the_lowest_cls_attention():
   # Block 0's CLS attention on the unpruned sequence decides which 8 of 16 patches stay.
   h = model.patch_embed(x)
   h = jnp.concatenate([jnp.broadcast_to(model.cls_token[...], (3, 1, 32)), h], 1) + model.pos_embed[...]
-  _, aux0 = model.blocks[0](h)
+  _, aux0 = model.blocks[0](h, tokens=vit.initial_token_state(model.config, 3))   # CLS attention kept
   want = np.sort(np.argsort(-np.asarray(aux0["cls_attn"][:, 1:]), axis=-1)[:, :8], axis=-1)
   _, aux = model(x)
   np.testing.assert_array_equal(aux["token_index"], want)
