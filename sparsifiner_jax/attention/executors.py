@@ -182,22 +182,16 @@ def fused_attention(q: Array, k: Array, v: Array, mask: AttentionMask) -> Array:
 
 def block_attention(q: Array, k: Array, v: Array, mask: AttentionMask) -> Array:
   """A block-mode mask (``mask.table``, ``attention.blocks``) on the Pallas block kernels, per batch
-  shard; the dense leading rows (CLS) are computed apart in XLA (one row per head: ``O(N d)``) and
-  replace the kernel's. ``[B, N, H, d]`` float32."""
+  shard, the dense leading rows (CLS) included. ``[B, N, H, d]`` float32."""
   target = backend.target()
-  block, nd = mask.block_size, mask.num_dense_rows
 
   def run(q, k, v, table):
     return pallas_block_sparse.block_sparse_attention(
-        q, k, v, table, block=block, scale=q.shape[-1] ** -0.5, backend=target.platform,
-        interpret=target.interpret)
+        q, k, v, table, block=mask.block_size, scale=q.shape[-1] ** -0.5,
+        dense_rows=mask.num_dense_rows, backend=target.platform, interpret=target.interpret)
 
   table = mask.table
-  out = sharding.per_batch_shard(run, (q, k, v, table), (True, True, True, table.shape[0] > 1))
-  if not nd:
-    return out
-  dense_rows = softmax_attention(q[:, :nd], k, v)
-  return jnp.concatenate([dense_rows, out[:, nd:]], axis=1)
+  return sharding.per_batch_shard(run, (q, k, v, table), (True, True, True, table.shape[0] > 1))
 
 
 def fused_dense_attention(q: Array, k: Array, v: Array, key_valid: Array | None = None) -> Array:

@@ -77,15 +77,18 @@ def test_expand_keeps_whole_blocks_and_the_ragged_tail():
   np.testing.assert_array_equal(keep[0, 0, 0], [1, 1, 1, 1, 0, 0, 0, 0, 1, 1])
 
 
-def _reference(q, k, v, table, block):
-  mask = blocks.block_mask(table, q.shape[1], block, num_dense_rows=0)
+def _reference(q, k, v, table, block, dense_rows=0):
+  mask = blocks.block_mask(table, q.shape[1], block, num_dense_rows=dense_rows)
   return executors.masked_attention(q, k, v, mask)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("n,block,kept", [(37, 16, 2), (32, 16, 1), (70, 32, 3), (37, 16, 3), (200, 128, 1)],
-                         ids=["ragged", "exact", "ragged32", "keep_all", "gpu_tiles"])
-def test_kernels_match_masked_attention(backend, n, block, kept):
+@pytest.mark.parametrize("n,block,kept,dense_rows", [
+    (37, 16, 2, 0), (32, 16, 1, 0), (70, 32, 3, 0), (37, 16, 3, 0), (200, 128, 1, 0),
+    (37, 16, 1, 1), (32, 16, 1, 1), (200, 128, 1, 1)],
+    ids=["ragged", "exact", "ragged32", "keep_all", "gpu_tiles", "cls_ragged", "cls_exact", "cls_gpu_tiles"])
+def test_kernels_match_masked_attention(backend, n, block, kept, dense_rows, monkeypatch):
+  """``cls_*``: the first row attends to every key (the TPU kernels compute it, GPU in XLA)."""
   rng = np.random.default_rng(n + kept)
   b, h, d = 2, 3, 8
   q, k, v = (jnp.asarray(rng.normal(size=(b, n, h, d)), jnp.float32) for _ in range(3))
@@ -94,22 +97,27 @@ def test_kernels_match_masked_attention(backend, n, block, kept):
 
   def fused(q, k, v):
     return block_sparse.block_sparse_attention(q, k, v, table, block=block, scale=d ** -0.5,
-                                               backend=backend, interpret=True)
+                                               dense_rows=dense_rows, backend=backend, interpret=True)
+
+  def reference(q, k, v):
+    return _reference(q, k, v, table, block, dense_rows)
 
   def loss(fn):
     return lambda q, k, v: jnp.sum(fn(q, k, v) * weights)
 
-  np.testing.assert_allclose(np.asarray(fused(q, k, v)), np.asarray(_reference(q, k, v, table, block)),
-                             atol=1e-5, rtol=0)
+  np.testing.assert_allclose(np.asarray(fused(q, k, v)), np.asarray(reference(q, k, v)), atol=1e-5, rtol=0)
   got = jax.grad(loss(fused), argnums=(0, 1, 2))(q, k, v)
-  want = jax.grad(loss(lambda q, k, v: _reference(q, k, v, table, block)), argnums=(0, 1, 2))(q, k, v)
+  want = jax.grad(loss(reference), argnums=(0, 1, 2))(q, k, v)
   for g, w in zip(got, want):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=0)
+  if backend == "tpu" and dense_rows:        # the dense row is computed in the kernels, not in XLA
+    monkeypatch.setattr(block_sparse, "mixed_einsum", None)
+    jax.grad(loss(fused), argnums=(0, 1, 2))(q, k, v)
 
 
 def test_tpu_backward_over_the_transposed_table(monkeypatch):
   """Where dk and dv of a whole sequence do not fit the one-pass backward's VMEM budget, dq runs over the
-  table and dk, dv over the transposed one: the same gradients."""
+  table and dk, dv over the transposed one, the dense first row in XLA: the same gradients."""
   monkeypatch.setattr(block_sparse, "_FUSED_BACKWARD_BYTES", 0)
   rng = np.random.default_rng(6)
   n, block, d = 37, 16, 8
@@ -121,9 +129,9 @@ def test_tpu_backward_over_the_transposed_table(monkeypatch):
     return lambda q, k, v: jnp.sum(fn(q, k, v) * weights)
 
   fused = lambda q, k, v: block_sparse.block_sparse_attention(   # noqa: E731
-      q, k, v, table, block=block, scale=d ** -0.5, interpret=True)
+      q, k, v, table, block=block, scale=d ** -0.5, dense_rows=1, interpret=True)
   got = jax.grad(loss(fused), argnums=(0, 1, 2))(q, k, v)
-  want = jax.grad(loss(lambda q, k, v: _reference(q, k, v, table, block)), argnums=(0, 1, 2))(q, k, v)
+  want = jax.grad(loss(lambda q, k, v: _reference(q, k, v, table, block, 1)), argnums=(0, 1, 2))(q, k, v)
   for g, w in zip(got, want):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=0)
   jaxpr = str(jax.make_jaxpr(jax.grad(loss(fused)))(q, k, v))

@@ -110,8 +110,10 @@ def test_gpu_kernel_stats_from_ptxas(tmp_path):
   assert stats.shared_bytes > 0 and stats.ptx_bytes > 0
 
 
-BLOCK_KERNELS = {   # TPU: one backward pass (dk, dv of the whole sequence in VMEM); GPU: dq, then dk/dv
-    "tpu": ("block_sparse_attention_fwd", "block_sparse_attention_bwd"),
+BLOCK_KERNELS = {   # TPU: one backward pass (dk, dv of the whole sequence in VMEM) and the CLS row's kernels;
+    # GPU: dq, then dk/dv (the CLS row in XLA)
+    "tpu": ("block_sparse_attention_fwd", "block_sparse_attention_bwd", "block_sparse_attention_cls_fwd",
+            "block_sparse_attention_cls_bwd"),
     "gpu": ("block_sparse_attention_fwd", "block_sparse_attention_dq", "block_sparse_attention_dkv"),
 }
 
@@ -120,7 +122,8 @@ BLOCK_KERNELS = {   # TPU: one backward pass (dk, dv of the whole sequence in VM
 @pytest.mark.parametrize("topology", TARGETS)
 def test_block_kernels_compile(topology, n, block):
   """The block-sparse kernels (forward and backward; bf16) at DeiT-S 224 px in blocks of 32 and 448 px in
-  blocks of 128 (both with a ragged last block): on TPU two heads of 64 per grid step in the qkv layout."""
+  blocks of 128 (both with a ragged last block), with the dense CLS row as the models run them: on TPU two
+  heads of 64 per grid step in the qkv layout, the CLS row in the kernels."""
   need_compiler_for(topology)
   platform = targets.platform(topology)
   spec = NamedSharding(Mesh(np.array([_device(topology)]), ("data",)), P())
@@ -129,7 +132,7 @@ def test_block_kernels_compile(topology, n, block):
 
   def program(q, k, v, table):
     attend = lambda q, k, v: block_sparse.block_sparse_attention(   # noqa: E731
-        q, k, v, table, block=block, scale=D ** -0.5, backend=platform)
+        q, k, v, table, block=block, scale=D ** -0.5, dense_rows=1, backend=platform)
     return jax.value_and_grad(lambda *qkv: jnp.sum(attend(*qkv)), argnums=(0, 1, 2))(q, k, v)
 
   qkv = jax.ShapeDtypeStruct((B, n, H, D), jnp.bfloat16, sharding=spec)

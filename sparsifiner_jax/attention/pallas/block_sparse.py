@@ -37,6 +37,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
 from sparsifiner_jax.attention import blocks
+from sparsifiner_jax.precision import mixed_einsum
 from sparsifiner_jax.attention.pallas.common import (F32, NN, NT, col_to_row, finalize, gpu_flash_core,
                                                    nbytes, next_pow2, online_softmax_step, out_struct,
                                                    row_to_col, same_vma, scaled)
@@ -60,6 +61,7 @@ class _Config:
   group: int = 1         # TPU: heads per grid step (their lanes form one tile when ``lanes``)
   sub: int = 0           # GPU: rows and keys per tile (a block is block / sub tiles a side)
   lanes: bool = False    # TPU: operands in the qkv layout ``[B, 1, N, 3 H d]`` (else heads-first)
+  dense_row: bool = False  # TPU: the first query row (CLS) attends to every key (its own kernels)
 
   def side_shape(self, bsz: int, n: int) -> tuple[int, ...]:
     """TPU: the query- or key-side operand shape (out, do, dq, dk, dv)."""
@@ -77,7 +79,7 @@ class _Config:
     return self.n % self.block != 0
 
   def pairs(self, bsz: int) -> int:
-    """(query, key) token pairs the kernels compute: ``B H nb K b^2``."""
+    """(query, key) token pairs the block kernels compute: ``B H nb K b^2``."""
     return bsz * self.heads * self.nb * self.kept * self.block * self.block
 
 
@@ -116,9 +118,55 @@ def _entry(ref, cfg: _Config, width: int, b, h, i, j):
   return ref[((b * cfg.heads + h) * cfg.nb + i) * width + j]
 
 
-def _lanes(ref, cfg: _Config, slot: int) -> Array:
-  """Head ``slot`` of a group's ``[b, g d]`` tile: its ``[b, d]`` lanes."""
-  return ref[:, slot * cfg.head_dim:(slot + 1) * cfg.head_dim]
+def _lanes(ref, cfg: _Config, slot: int, rows: slice = slice(None)) -> Array:
+  """Head ``slot`` of a group's ``[b, g d]`` tile: its ``[b, d]`` lanes (of ``rows``)."""
+  return ref[rows, slot * cfg.head_dim:(slot + 1) * cfg.head_dim]
+
+
+# The dense first row (``cfg.dense_row``: the CLS query attends to every key) has two small kernels of its
+# own on a ``(B, head group)`` grid: each reads the group's whole k and v once, and its first 8 query rows
+# (one sublane tile; row 0 is kept). The block kernels still compute row 0 over its block's kept keys:
+# the forward replaces that row with the dense one and gives the block backward an lse of +inf there
+# (probability 0: no gradient), and the dense row's backward adds its own gradients.
+_TILE_ROWS = 8
+
+
+def _first_row(x: Array, value) -> Array:
+  """``x [r, c]`` with row 0 replaced by ``value`` (broadcast over it)."""
+  return jnp.where(lax.broadcasted_iota(jnp.int32, x.shape, 0) == 0, value, x)
+
+
+def _tpu_dense_row_fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Config):
+  """``o_ref [8, g d]``, ``lse_ref [g, 8]``: the first rows against every key (row 0 is used)."""
+  for slot in range(cfg.group):
+    k, v = _lanes(k_ref, cfg, slot), _lanes(v_ref, cfg, slot)                # [N, d]
+    q = scaled(_lanes(q_ref, cfg, slot), cfg.scale, k.dtype)                 # [8, d]
+    s = lax.dot_general(q, k, NT, preferred_element_type=F32)                # [8, N]
+    m = jnp.max(s, axis=1, keepdims=True)
+    p = jnp.exp(s - m)
+    l = jnp.sum(p, axis=1, keepdims=True)
+    out = lax.dot_general(p.astype(v.dtype), v, NN, preferred_element_type=F32) / l
+    o_ref[:, slot * cfg.head_dim:(slot + 1) * cfg.head_dim] = out.astype(o_ref.dtype)
+    lse_ref[slot:slot + 1, :] = col_to_row(m + jnp.log(l))
+
+
+def _tpu_dense_row_bwd_kernel(q_ref, k_ref, v_ref, do_ref, o_ref, lse_ref, dq_ref, dk_ref, dv_ref, *,
+                              cfg: _Config):
+  """Row 0's gradients: ``dq_ref [8, g d]`` (rows 1.. zero) and ``dk_ref, dv_ref [N, g d]``, float32."""
+  tn = (((0,), (0,)), ((), ()))        # a.T @ b
+  for slot in range(cfg.group):
+    lanes = slice(slot * cfg.head_dim, (slot + 1) * cfg.head_dim)
+    k, v = _lanes(k_ref, cfg, slot), _lanes(v_ref, cfg, slot)                # [N, d]
+    q = scaled(_lanes(q_ref, cfg, slot), cfg.scale, k.dtype)                 # [8, d]
+    do = _lanes(do_ref, cfg, slot).astype(F32)
+    delta = jnp.sum(do * _lanes(o_ref, cfg, slot).astype(F32), axis=1, keepdims=True)   # [8, 1]
+    do = do.astype(v.dtype)
+    s = lax.dot_general(q, k, NT, preferred_element_type=F32)                # [8, N]
+    p = _first_row(jnp.zeros_like(s), jnp.exp(s - row_to_col(lse_ref[slot:slot + 1, :])))
+    ds = p * (lax.dot_general(do, v, NT, preferred_element_type=F32) - delta)
+    dq_ref[:, lanes] = lax.dot_general(ds.astype(k.dtype), k, NN, preferred_element_type=F32) * cfg.scale
+    dk_ref[:, lanes] = lax.dot_general(ds.astype(q.dtype), q, tn, preferred_element_type=F32)
+    dv_ref[:, lanes] = lax.dot_general(p.astype(v.dtype), do, tn, preferred_element_type=F32)
 
 
 def _tpu_fwd_kernel(tab_ref, q_ref, *refs, cfg: _Config):
@@ -180,10 +228,11 @@ def _tpu_dq_kernel(tab_ref, q_ref, *refs, cfg: _Config):
 def _tpu_bwd_kernel(tab_ref, q_ref, *refs, cfg: _Config):
   """dq, dk and dv in one pass over the table (flash attention 2's backward): each kept pair of blocks
   recomputes its probabilities once; dq accumulates per query block, dk and dv for the whole sequence of
-  the head group in VMEM (``(g, N_pad, d)`` float32 each), written once at the last step."""
+  the head group in VMEM (``(g, N_pad, d)`` float32 each), written once at the last step. The rows'
+  ``delta = rowsum(dO * O)`` is computed here, at a query block's first step, from its do and out tiles."""
   g = cfg.group
   k_refs, v_refs = refs[:g], refs[g:2 * g]
-  do_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_ref, dq_sc, dk_sc, dv_sc = refs[2 * g:]
+  do_ref, o_ref, lse_ref, dq_ref, dk_ref, dv_ref, dq_sc, dk_sc, dv_sc, delta_sc = refs[2 * g:]
   b, grp, i, j = (pl.program_id(a) for a in range(4))
 
   @pl.when((i == 0) & (j == 0))
@@ -194,6 +243,10 @@ def _tpu_bwd_kernel(tab_ref, q_ref, *refs, cfg: _Config):
   @pl.when(j == 0)
   def _init_block():
     dq_sc[...] = jnp.zeros(dq_sc.shape, F32)
+    for slot in range(g):
+      delta = jnp.sum(_lanes(do_ref, cfg, slot).astype(F32) * _lanes(o_ref, cfg, slot).astype(F32),
+                      axis=1, keepdims=True)                                     # [b, 1]
+      (delta_sc[slot],) = _in_tail(i, cfg, lambda x: (_live(x, i, cfg, 0),), delta)
 
   tn = (((0,), (0,)), ((), ()))        # a.T @ b
   for slot in range(g):
@@ -209,7 +262,7 @@ def _tpu_bwd_kernel(tab_ref, q_ref, *refs, cfg: _Config):
     p = jnp.exp(s - row_to_col(lse_ref[slot:slot + 1, :]))
     (p,) = _in_tail(i, cfg, lambda p: (_live(p, i, cfg, 0),), p)
     dp = lax.dot_general(do, v, NT, preferred_element_type=F32)
-    ds = p * (dp - row_to_col(delta_ref[slot:slot + 1, :]))
+    ds = p * (dp - delta_sc[slot])
     dq_sc[slot] += lax.dot_general(ds.astype(k.dtype), k, NN, preferred_element_type=F32)
     keys = pl.ds(pl.multiple_of(kb * cfg.block, cfg.block), cfg.block)
     dv_sc[slot, keys, :] += lax.dot_general(p.astype(v.dtype), do, tn, preferred_element_type=F32)
@@ -270,9 +323,11 @@ def _tpu_dkv_kernel(rows_ref, count_ref, k_ref, v_ref, *refs, cfg: _Config):
       dv_ref[:, lanes] = dv_sc[slot].astype(dv_ref.dtype)
 
 
-def _tpu_params(name: str, cost: pl.CostEstimate, cfg: _Config, sequential: bool = False) -> dict:
-  """Compiler parameters; ``sequential``: the block axis accumulates too (whole-sequence dk, dv)."""
-  semantics = ("parallel", "parallel", "arbitrary" if sequential else "parallel", "arbitrary")
+def _tpu_params(name: str, cost: pl.CostEstimate, cfg: _Config, sequential: bool = False,
+                semantics: tuple[str, ...] | None = None) -> dict:
+  """Compiler parameters of a ``(B, group, block, step)`` grid (or ``semantics``); ``sequential``: the
+  block axis accumulates too (whole-sequence dk, dv)."""
+  semantics = semantics or ("parallel", "parallel", "arbitrary" if sequential else "parallel", "arbitrary")
   return dict(compiler_params=pltpu.CompilerParams(dimension_semantics=semantics), cost_estimate=cost,
               interpret=pltpu.InterpretParams() if cfg.interpret else False, name=name)
 
@@ -305,6 +360,25 @@ class _Specs:
     """q of block ``i``, then each head's kept k blocks, then its kept v blocks."""
     g = self.cfg.group
     return [self.tile(0)] + [self.tile(1, s) for s in range(g)] + [self.tile(2, s) for s in range(g)]
+
+  def sequence(self, section: int) -> pl.BlockSpec:
+    """The whole sequence ``[N, g d]`` of ``section`` for the group (one block index per example and
+    group: loaded once for all its steps)."""
+    c = self.cfg
+
+    def index(b, grp, *rest):
+      a, w = self.at(section, grp)
+      return (b, a, 0, w)
+    return pl.BlockSpec((None, None, c.n, c.group * c.head_dim), index)
+
+  def first_rows(self, section: int = 0) -> pl.BlockSpec:
+    """The first ``_TILE_ROWS`` rows ``[8, g d]`` of ``section`` for the group."""
+    c = self.cfg
+
+    def index(b, grp, *rest):
+      a, w = self.at(section, grp)
+      return (b, a, 0, w)
+    return pl.BlockSpec((None, None, _TILE_ROWS, c.group * c.head_dim), index)
 
   def row(self, slot: int | None = None) -> pl.BlockSpec:
     """The group's lse/delta rows ``[g, b]`` of block ``i`` or of head ``slot``'s table block."""
@@ -348,41 +422,39 @@ def _fused_backward_fits(cfg: _Config) -> bool:
   return 2 * 4 * n_pad * lanes + 2 * 2 * 4 * cfg.n * lanes <= _FUSED_BACKWARD_BYTES
 
 
-def _tpu_backward(cfg: _Config, qkv, table, do, lse, delta):
-  """``d qkv`` float32 (``qkv``'s shape) from ``do`` (the output's shape) and the rows ``lse, delta
+def _tpu_backward(cfg: _Config, qkv, table, do, out, lse):
+  """``(dq, dk, dv)`` (the output's shape, ``qkv``'s dtype) from ``do`` and ``out`` and the rows ``lse
   [B, G, nb, g, b]``: in one pass over the table (``_tpu_bwd_kernel``) where dk and dv fit in VMEM, else
   dq over the table and dk, dv over the transposed table."""
   bsz, n = qkv.shape[0], qkv.shape[2]
   g, d = cfg.group, cfg.head_dim
   pairs = cfg.pairs(bsz)
-  grad = out_struct(cfg.side_shape(bsz, n), qkv)
+  grad = out_struct(cfg.side_shape(bsz, n), qkv, qkv.dtype)
   side = nbytes(qkv) // 3
   specs = _Specs(cfg, lambda b, h, i, j, tab: _entry(tab, cfg, cfg.kept, b, h, i, j))
   if _fused_backward_fits(cfg):
     # Products s, dp, dq, dk, dv (5 x 2 b^2 d flops per kept pair of blocks); k, v read once per kept block.
     cost = pl.CostEstimate(
         flops=10 * pairs * d, transcendentals=pairs,
-        bytes_accessed=side * (1 + 2 * cfg.kept) + nbytes(do, table, lse, delta)
-        + 3 * side * 4 // qkv.dtype.itemsize)
-    whole = pl.BlockSpec((None, None, n, g * d),
-                         lambda b, grp, i, j, tab: (b, specs.at(0, grp)[0], 0, specs.at(0, grp)[1]))
+        bytes_accessed=side * (1 + 2 * cfg.kept) + nbytes(do, out, table, lse)
+        + 3 * side)
     dq, dk, dv = pl.pallas_call(
         functools.partial(_tpu_bwd_kernel, cfg=cfg),
         out_shape=(grad, grad, grad),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=1, grid=(bsz, cfg.heads // g, cfg.nb, cfg.kept),
-            in_specs=specs.q_and_kept_kv() + [specs.tile(0), specs.row(), specs.row()],
-            out_specs=[specs.tile(0), whole, whole],
+            in_specs=specs.q_and_kept_kv() + [specs.tile(0), specs.tile(0), specs.row()],
+            out_specs=[specs.tile(0), specs.sequence(0), specs.sequence(0)],
             scratch_shapes=[pltpu.VMEM((g, cfg.block, d), F32)]
-            + [pltpu.VMEM((g, cfg.nb * cfg.block, d), F32)] * 2),
+            + [pltpu.VMEM((g, cfg.nb * cfg.block, d), F32)] * 2 + [pltpu.VMEM((g, cfg.block, 1), F32)]),
         **_tpu_params("block_sparse_attention_bwd", cost, cfg, sequential=True),
-    )(table.reshape(-1), qkv, *[qkv] * (2 * g), do, lse, delta)
-    return jnp.concatenate([dq, dk, dv], axis=-1 if cfg.lanes else 1)
+    )(table.reshape(-1), qkv, *[qkv] * (2 * g), do, out, lse)
+    return dq, dk, dv
+  delta = _delta_rows(cfg, do, out)
   # dq: products s, dp, dq (3 x 2 b^2 d flops per kept pair of blocks); k, v read once per kept block.
   dq_cost = pl.CostEstimate(
       flops=6 * pairs * d, transcendentals=pairs,
-      bytes_accessed=side * (1 + 2 * cfg.kept) + nbytes(do, table, lse, delta)
-      + side * 4 // qkv.dtype.itemsize)
+      bytes_accessed=side * (2 + 2 * cfg.kept) + nbytes(do, table, lse, delta))
   dq = pl.pallas_call(
       functools.partial(_tpu_dq_kernel, cfg=cfg),
       out_shape=grad,
@@ -398,8 +470,7 @@ def _tpu_backward(cfg: _Config, qkv, table, do, lse, delta):
   specs = _Specs(cfg, lambda b, h, i, j, rws, cnt: _entry(rws, cfg, cfg.nb, b, h, i, j))
   dkv_cost = pl.CostEstimate(
       flops=8 * pairs * d, transcendentals=pairs,
-      bytes_accessed=2 * side + nbytes(rows, counts) + cfg.kept * (side + nbytes(do, lse, delta))
-      + 2 * side * 4 // qkv.dtype.itemsize)
+      bytes_accessed=4 * side + nbytes(rows, counts) + cfg.kept * (side + nbytes(do, lse, delta)))
   dk, dv = pl.pallas_call(
       functools.partial(_tpu_dkv_kernel, cfg=cfg),
       out_shape=(grad, grad),
@@ -412,30 +483,87 @@ def _tpu_backward(cfg: _Config, qkv, table, do, lse, delta):
           scratch_shapes=[pltpu.VMEM((g, cfg.block, d), F32), pltpu.VMEM((g, cfg.block, d), F32)]),
       **_tpu_params("block_sparse_attention_dkv", dkv_cost, cfg),
   )(rows.reshape(-1), counts.reshape(-1), qkv, qkv, *[qkv] * g, *[do] * g, *[lse] * g, *[delta] * g)
-  return jnp.concatenate([dq, dk, dv], axis=-1 if cfg.lanes else 1)
+  return dq, dk, dv
+
+
+def _tpu_dense_row_forward(cfg: _Config, qkv, out_dtype):
+  """The dense first row: ``(rows [B, 1|H, 8, H d|d] out_dtype, lse [B, G, g, 8] f32)``, row 0 valid."""
+  bsz, n = qkv.shape[0], qkv.shape[2]
+  g, d = cfg.group, cfg.head_dim
+  specs = _Specs(cfg, None)
+  pairs = bsz * cfg.heads * _TILE_ROWS * n
+  cost = pl.CostEstimate(flops=4 * pairs * d, transcendentals=pairs,
+                         bytes_accessed=2 * nbytes(qkv) // 3 + 2 * pairs // n * d * qkv.dtype.itemsize)
+  return pl.pallas_call(
+      functools.partial(_tpu_dense_row_fwd_kernel, cfg=cfg),
+      out_shape=(out_struct(cfg.side_shape(bsz, _TILE_ROWS), qkv, out_dtype),
+                 out_struct((bsz, cfg.heads // g, g, _TILE_ROWS), qkv)),
+      grid=(bsz, cfg.heads // g),
+      in_specs=[specs.first_rows(0), specs.sequence(1), specs.sequence(2)],
+      out_specs=[specs.first_rows(0), pl.BlockSpec((None, None, g, _TILE_ROWS), lambda b, grp: (b, grp, 0, 0))],
+      **_tpu_params("block_sparse_attention_cls_fwd", cost, cfg, semantics=("parallel", "parallel")),
+  )(qkv, qkv, qkv)
+
+
+def _tpu_dense_row_backward(cfg: _Config, qkv, do, out, row_lse):
+  """The dense first row's gradients, float32: ``(dq [B, 1|H, 8, H d|d]`` (rows 1.. zero), ``dk, dv``
+  (the output's shape))."""
+  bsz, n = qkv.shape[0], qkv.shape[2]
+  g, d = cfg.group, cfg.head_dim
+  specs = _Specs(cfg, None)
+  pairs = bsz * cfg.heads * _TILE_ROWS * n
+  cost = pl.CostEstimate(flops=10 * pairs * d, transcendentals=pairs,
+                         bytes_accessed=2 * nbytes(qkv) // 3 * (1 + 2 * 4 // qkv.dtype.itemsize))
+  grads = (out_struct(cfg.side_shape(bsz, _TILE_ROWS), qkv),) + (out_struct(cfg.side_shape(bsz, n), qkv),) * 2
+  return pl.pallas_call(
+      functools.partial(_tpu_dense_row_bwd_kernel, cfg=cfg),
+      out_shape=grads, grid=(bsz, cfg.heads // g),
+      in_specs=[specs.first_rows(0), specs.sequence(1), specs.sequence(2), specs.first_rows(0),
+                specs.first_rows(0), pl.BlockSpec((None, None, g, _TILE_ROWS), lambda b, grp: (b, grp, 0, 0))],
+      out_specs=[specs.first_rows(0), specs.sequence(0), specs.sequence(0)],
+      **_tpu_params("block_sparse_attention_cls_bwd", cost, cfg, semantics=("parallel", "parallel")),
+  )(qkv, qkv, qkv, do, out, row_lse)
+
+
+def _tpu_attention(cfg: _Config, qkv, table):
+  """``(out, lse, row_lse)``: the block kernels' output and rows, with the dense first row in place
+  (``row_lse`` its lse; the block backward's lse is +inf there) when ``cfg.dense_row``, else None."""
+  out, lse = _tpu_forward(cfg, qkv, table, qkv.dtype)
+  if not cfg.dense_row:
+    return out, lse, None
+  rows, row_lse = _tpu_dense_row_forward(cfg, qkv, qkv.dtype)
+  return out.at[:, :, :1].set(rows[:, :, :1]), lse.at[:, :, 0, :, 0].set(jnp.inf), row_lse
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _tpu_core(cfg: _Config, qkv, table):
-  return _tpu_forward(cfg, qkv, table, qkv.dtype)[0]
+  return _tpu_attention(cfg, qkv, table)[0]
 
 
 def _tpu_core_fwd(cfg: _Config, qkv, table):
-  out, lse = _tpu_forward(cfg, qkv, table, qkv.dtype)
-  return out, (qkv, table, out, lse)
+  out, lse, row_lse = _tpu_attention(cfg, qkv, table)
+  return out, (qkv, table, out, lse, row_lse)
+
+
+def _delta_rows(cfg: _Config, do, out) -> Array:
+  """``rowsum(dO * O)`` as the kernels' rows ``[B, G, nb, g, b]`` float32."""
+  bsz, n = do.shape[0], do.shape[2]
+  delta = jnp.sum(cfg.from_side(do.astype(F32) * out.astype(F32)), axis=-1)   # [B, N, H]
+  delta = jnp.pad(delta, ((0, 0), (0, cfg.nb * cfg.block - n), (0, 0)))
+  g = cfg.group
+  return delta.reshape(bsz, cfg.nb, cfg.block, cfg.heads // g, g).transpose(0, 3, 1, 4, 2)
 
 
 def _tpu_core_bwd(cfg: _Config, res, dout):
-  qkv, table, out, lse = res
-  bsz, n = qkv.shape[0], qkv.shape[2]
-  prod = (dout.astype(F32) * out.astype(F32))
-  heads = cfg.from_side(prod)                                              # [B, N, H, d]
-  delta = jnp.sum(heads, axis=-1)                                          # rowsum(dO * O): [B, N, H]
-  delta = jnp.pad(delta, ((0, 0), (0, cfg.nb * cfg.block - n), (0, 0)))
-  g = cfg.group
-  delta = delta.reshape(bsz, cfg.nb, cfg.block, cfg.heads // g, g).transpose(0, 3, 1, 4, 2)
-  dqkv = _tpu_backward(cfg, qkv, table, dout, lse, delta)
-  return dqkv.astype(qkv.dtype), None
+  qkv, table, out, lse, row_lse = res
+  dout = dout.astype(qkv.dtype)
+  dq, dk, dv = _tpu_backward(cfg, qkv, table, dout, out, lse)
+  if cfg.dense_row:
+    row_dq, row_dk, row_dv = _tpu_dense_row_backward(cfg, qkv, dout, out, row_lse)
+    add = lambda x, y: (x.astype(F32) + y).astype(x.dtype)   # noqa: E731
+    dq = dq.at[:, :, :_TILE_ROWS].set(add(dq[:, :, :_TILE_ROWS], row_dq))
+    dk, dv = add(dk, row_dk), add(dv, row_dv)
+  return jnp.concatenate([dq, dk, dv], axis=-1 if cfg.lanes else 1), None
 
 
 _tpu_core.defvjp(_tpu_core_fwd, _tpu_core_bwd)
@@ -620,7 +748,7 @@ def check_block(block: int, backend: str) -> None:
 
 
 def block_sparse_attention(q: Array, k: Array, v: Array, table: Array, *, block: int, scale: float,
-                           backend: str = "tpu", interpret: bool = False) -> Array:
+                           dense_rows: int = 0, backend: str = "tpu", interpret: bool = False) -> Array:
   """Attention over kept blocks: ``[B, N, H, d]`` x3 and a kept-block table -> ``[B, N, H, d]`` float32.
 
   Args:
@@ -629,11 +757,12 @@ def block_sparse_attention(q: Array, k: Array, v: Array, table: Array, *, block:
       the tokens of key blocks ``table[b, h, i]`` (distinct; ``nb = ceil(N / block)``). No gradient.
     block: tokens per block (``check_block``).
     scale: the logit scale (``d ** -0.5``).
+    dense_rows: the leading query rows (CLS) that attend to every key instead: one row has its own TPU
+      kernels; more rows, and on GPU, they are computed in XLA here.
     backend: ``"tpu"`` (Mosaic) or ``"gpu"`` (Triton); ``interpret``: run on CPU.
 
   Returns:
-    ``[B, N, H, d]`` float32, differentiable in q, k and v (the backward is Pallas too). Every row is
-    computed from its block's table row, the first one included: the executor replaces dense rows.
+    ``[B, N, H, d]`` float32, differentiable in q, k and v (the backward is Pallas too).
   """
   if backend not in ("tpu", "gpu"):
     raise ValueError(f"unknown backend {backend!r}; allowed: 'tpu', 'gpu'")
@@ -651,12 +780,20 @@ def block_sparse_attention(q: Array, k: Array, v: Array, table: Array, *, block:
   if backend == "tpu":
     group = 128 // d if 128 % d == 0 and nh % (128 // d) == 0 else 1
     cfg = dataclasses.replace(cfg, group=group, lanes=group * d % 128 == 0)
+    cfg = dataclasses.replace(cfg, dense_row=dense_rows == 1)
     qkv = jnp.stack([q, k, v], axis=2)                                      # [B, N, 3, H, d]
     qkv = (qkv.reshape(bsz, 1, n, 3 * nh * d) if cfg.lanes
            else qkv.transpose(0, 2, 3, 1, 4).reshape(bsz, 3 * nh, n, d))
-    return cfg.from_side(_tpu_core(cfg, qkv, lax.stop_gradient(table))).astype(F32)
-  cfg = dataclasses.replace(cfg, sub=min(block, _GPU_TILE))
-  n_pad, d_pad = nb * block, max(16, next_pow2(d))
-  pad = lambda t: jnp.pad(t, ((0, 0), (0, n_pad - n), (0, 0), (0, d_pad - d)))   # noqa: E731
-  out = _gpu_core(cfg, pad(q), pad(k), pad(v), lax.stop_gradient(table))
-  return out[:, :n, :, :d]
+    out = cfg.from_side(_tpu_core(cfg, qkv, lax.stop_gradient(table))).astype(F32)
+    if cfg.dense_row:
+      return out
+  else:
+    cfg = dataclasses.replace(cfg, sub=min(block, _GPU_TILE))
+    n_pad, d_pad = nb * block, max(16, next_pow2(d))
+    pad = lambda t: jnp.pad(t, ((0, 0), (0, n_pad - n), (0, 0), (0, d_pad - d)))   # noqa: E731
+    out = _gpu_core(cfg, pad(q), pad(k), pad(v), lax.stop_gradient(table))[:, :n, :, :d]
+  if not dense_rows:
+    return out
+  logits = mixed_einsum("bqhd,bkhd->bhqk", q[:, :dense_rows] * scale, k, dtype)   # [B, H, nd, N]
+  first = mixed_einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v, dtype)
+  return jnp.concatenate([first, out[:, dense_rows:]], axis=1)
