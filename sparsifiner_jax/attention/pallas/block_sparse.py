@@ -380,6 +380,10 @@ class _Specs:
       return (b, a, 0, w)
     return pl.BlockSpec((None, None, _TILE_ROWS, c.group * c.head_dim), index)
 
+  def row_lse(self) -> pl.BlockSpec:
+    """The dense first rows' lse ``[g, 8]`` of the group, on a ``(B, group)`` grid."""
+    return pl.BlockSpec((None, None, self.cfg.group, _TILE_ROWS), lambda b, grp: (b, grp, 0, 0))
+
   def row(self, slot: int | None = None) -> pl.BlockSpec:
     """The group's lse/delta rows ``[g, b]`` of block ``i`` or of head ``slot``'s table block."""
     c = self.cfg
@@ -500,7 +504,7 @@ def _tpu_dense_row_forward(cfg: _Config, qkv, out_dtype):
                  out_struct((bsz, cfg.heads // g, g, _TILE_ROWS), qkv)),
       grid=(bsz, cfg.heads // g),
       in_specs=[specs.first_rows(0), specs.sequence(1), specs.sequence(2)],
-      out_specs=[specs.first_rows(0), pl.BlockSpec((None, None, g, _TILE_ROWS), lambda b, grp: (b, grp, 0, 0))],
+      out_specs=[specs.first_rows(0), specs.row_lse()],
       **_tpu_params("block_sparse_attention_cls_fwd", cost, cfg, semantics=("parallel", "parallel")),
   )(qkv, qkv, qkv)
 
@@ -519,7 +523,7 @@ def _tpu_dense_row_backward(cfg: _Config, qkv, do, out, row_lse):
       functools.partial(_tpu_dense_row_bwd_kernel, cfg=cfg),
       out_shape=grads, grid=(bsz, cfg.heads // g),
       in_specs=[specs.first_rows(0), specs.sequence(1), specs.sequence(2), specs.first_rows(0),
-                specs.first_rows(0), pl.BlockSpec((None, None, g, _TILE_ROWS), lambda b, grp: (b, grp, 0, 0))],
+                specs.first_rows(0), specs.row_lse()],
       out_specs=[specs.first_rows(0), specs.sequence(0), specs.sequence(0)],
       **_tpu_params("block_sparse_attention_cls_bwd", cost, cfg, semantics=("parallel", "parallel")),
   )(qkv, qkv, qkv, do, out, row_lse)
