@@ -59,7 +59,9 @@ def base_config() -> mlc.ConfigDict:
       attention_pattern="sparsifiner", pattern_options={},
       # Token sparsity (EViT-style): None or a rate r; keep r^s of the patches after each listed layer.
       token_keep_rate=mlc.FieldReference(None, field_type=float),
-      token_pruning_layers=(3, 6, 9), token_pruning_mode="drop"))
+      token_pruning_layers=(3, 6, 9), token_pruning_mode="drop",
+      # Order of the patch tokens: "raster" or "morton" (Z-order: block mode's blocks become squares).
+      token_order="raster"))
   c.init = ""                       # weights dir (ours, or from `python -m sparsifiner_jax.convert`)
   c.teacher = mlc.ConfigDict(dict(weights="", model_name="", model={}))
   c.input = input_config("imagenet2012", eval_split="validation")

@@ -153,7 +153,7 @@ def _connectivity_picture(config, weights_path, out):
   image = np.clip(batch["image"][0] * std + mean, 0, 1)
   g = model.config.grid_size
   return viz.connectivity_grid(image, aux["masks"], query_patch=(g // 2, g // 2), grid_size=g,
-                               out_path=out)
+                               out_path=out, token_order=model.config.token_order)
 
 
 PROG = "python -m sparsifiner_jax.demo"

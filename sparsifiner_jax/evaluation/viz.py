@@ -31,6 +31,7 @@ from matplotlib.ticker import (  # noqa: E402  pylint: disable=g-import-not-at-t
 
 from sparsifiner_jax import attention as attn_lib  # noqa: E402  pylint: disable=g-import-not-at-top
 from sparsifiner_jax.io import atomic  # noqa: E402  pylint: disable=g-import-not-at-top
+from sparsifiner_jax.models.token_order import patch_order  # noqa: E402  pylint: disable=g-import-not-at-top
 
 # Layout of the connectivity grid, in inches.
 _PANEL_IN = 1.6
@@ -76,7 +77,7 @@ def connectivity_grid_size(num_layers: int, num_heads: int, dpi: int = 100) -> t
 def connectivity_grid(image, masks: Sequence, query_patch: int | tuple[int, int], grid_size: int,
                       out_path: str, *, b: int = 0, layers: Sequence[int] | None = None,
                       heads: Sequence[int] | None = None, title: str | None = None,
-                      dpi: int = 100) -> str:
+                      dpi: int = 100, token_order: str = "raster") -> str:
   """Saves a (layers x heads) grid of the keys one query patch attends to.
 
   Args:
@@ -90,6 +91,7 @@ def connectivity_grid(image, masks: Sequence, query_patch: int | tuple[int, int]
     layers, heads: subsets to draw (default all).
     title: figure title (default describes the query).
     dpi: resolution; the size in pixels is :func:`connectivity_grid_size`.
+    token_order: the model's ``ViTConfig.token_order``: how the masks' tokens map to patches.
 
   Returns:
     ``out_path``.
@@ -101,7 +103,9 @@ def connectivity_grid(image, masks: Sequence, query_patch: int | tuple[int, int]
     img = img / 255.0
   img = np.clip(img, 0.0, 1.0)
   n = grid_size * grid_size + 1
-  row, col, token = _query_index(query_patch, grid_size)
+  row, col, _ = _query_index(query_patch, grid_size)
+  order = patch_order(grid_size, token_order)               # the raster patch at each sequence position
+  token = 1 + int(np.argsort(order)[row * grid_size + col])
 
   per_layer = [_layer_mask(m, b) for m in masks]
   num_heads = max((m.shape[0] for m in per_layer if m is not None), default=1)
@@ -125,7 +129,9 @@ def connectivity_grid(image, masks: Sequence, query_patch: int | tuple[int, int]
       bottom = (fh - _TOP_IN - (r + 1) * _PANEL_IN + 0.04) / fh
       ax = fig.add_axes([left, bottom, (_PANEL_IN - 0.08) / fw, (_PANEL_IN - 0.08) / fh])
       keep = np.ones(n, bool) if mask is None else mask[min(hi, mask.shape[0] - 1), token]
-      patch_keep = keep[1:].reshape(grid_size, grid_size)
+      patch_keep = np.empty(grid_size * grid_size, bool)
+      patch_keep[order] = keep[1:]
+      patch_keep = patch_keep.reshape(grid_size, grid_size)
       scale = np.where(patch_keep, 1.0, _DIM)
       scale = np.kron(scale, np.ones((int(np.ceil(ph)), int(np.ceil(pw)))))[:height, :width]
       ax.imshow(img * scale[..., None], extent=(0, width, height, 0), interpolation="nearest")

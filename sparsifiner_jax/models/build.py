@@ -31,7 +31,7 @@ def teacher_model_kwargs(config) -> dict[str, Any]:
   """The teacher is the dense version of the student architecture unless ``teacher.model`` says more."""
   kw = {k: v for k, v in model_kwargs(config).items()
         if k in ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depth",
-                 "num_heads", "mlp_ratio", "qkv_bias", "dtype")}
+                 "num_heads", "mlp_ratio", "qkv_bias", "dtype", "token_order")}
   kw.update(config.teacher.get("model", {}) or {})
   kw["keep_rate"] = None
   return kw

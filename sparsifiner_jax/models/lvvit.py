@@ -80,6 +80,9 @@ class LVViTConfig(ViTConfig):
     if self.patch_size % 2:
       raise ValueError(f"patch_size={self.patch_size} must be even for the LV-ViT stem "
                        "(stride-2 conv, then a patch_size/2 projection)")
+    if self.token_order != "raster":
+      raise ValueError(f"token_order={self.token_order!r}: LV-ViT's token labels are laid out on the raster "
+                       "patch grid; it takes token_order='raster'")
     if not isinstance(self.stem_channels, int) or self.stem_channels < 1:
       raise ValueError(f"stem_channels={self.stem_channels!r} must be a positive integer")
     for name in ("skip_lam", "norm_eps", "bn_eps"):

@@ -28,6 +28,7 @@ from flax import nnx
 from sparsifiner_jax import attention as attn_lib
 from sparsifiner_jax import precision
 from sparsifiner_jax.attention import patterns
+from sparsifiner_jax.models import token_order
 from sparsifiner_jax.models.predictor import MaskPredictor
 
 Array = jax.Array
@@ -60,6 +61,9 @@ class ViTConfig:
   # Block mode (attention.blocks): 0 selects keys per query row (the official method); b > 0 (a power of
   # two >= 16) selects blocks of b keys per block of b query rows, which the block kernels skip whole.
   mask_block: int = 0
+  # Order of the patch tokens in the sequence (models/token_order.py): "raster" (timm's) or "morton"
+  # (Z-order: runs of tokens are squares of the image, so block mode's blocks are too).
+  token_order: str = "raster"
   # Attention pattern (sparsifiner_jax.attention.patterns): "sparsifiner" (the learned predictor; dense when
   # keep_rate is None) or a fixed/oracle pattern such as "fibottention", with its options as
   # ((name, value), ...) pairs.
@@ -133,6 +137,11 @@ class ViTConfig:
     if self.mask_block and self.attention_pattern != "sparsifiner":
       bad(f"mask_block={self.mask_block} is block mode of the learned predictor; attention_pattern="
           f"{self.attention_pattern!r} takes mask_block=0")
+    if self.token_order not in token_order.TOKEN_ORDERS:
+      bad(f"token_order={self.token_order!r}; allowed: {', '.join(token_order.TOKEN_ORDERS)}")
+    if self.token_order != "raster" and self.attention_pattern != "sparsifiner":
+      bad(f"attention_pattern={self.attention_pattern!r} is laid out on the raster patch grid; it takes "
+          f"token_order='raster', not {self.token_order!r}")
     patterns.validate(self)
     rates = self.layer_keep_rates()
     if rates is not None:
@@ -438,6 +447,9 @@ class VisionTransformer(nnx.Module):
     x = self.patch_embed(images)
     cls = jnp.broadcast_to(self.cls_token[...], (x.shape[0], 1, x.shape[-1])).astype(x.dtype)
     x = jnp.concatenate([cls, x], axis=1) + self.pos_embed[...].astype(x.dtype)
+    order = token_order.sequence_order(self.config.grid_size, self.config.token_order)
+    if order is not None:
+      x = x[:, order]
     x, aux = run_blocks(self.blocks, self.config, x, train=train, recon=recon, rng=rng,
                         with_attention=with_attention)
     x = self.norm(x)
