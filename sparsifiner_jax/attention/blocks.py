@@ -63,38 +63,6 @@ def attention_mass(attn: Array, block: int) -> Array:
   return pool(pool(attn, block, -1, mean=False), block, -2, mean=True)
 
 
-def row_mass(attn: Array, block: int) -> Array:
-  """Per-row block mass of an attention matrix ``attn [..., N, N]``: ``[..., N-1, nb]``, the probability
-  each key block receives from each patch query row (the CLS row 0 left out; rows sum to 1). The
-  reconstruction target of block mode (``MaskPredictor.block_mask`` predicts it row by row)."""
-  return pool(attn[..., 1:, :], block, -1, mean=False)
-
-
-def query_block_scores(rows: Array, block: int, *, reduce: str = "max",
-                       row_valid: Array | None = None) -> Array:
-  """Block scores ``[..., nb, nb]`` from per-row scores of the patch query rows ``rows [..., N-1, nbk]``
-  (rows 1..N-1 of an ``N``-token sequence, as ``row_mass`` gives them): per query block, the ``max`` (or
-  ``mean``) over its patch rows (query block 0: rows 1..b-1, the CLS row being dense). ``row_valid``
-  ``[B, N-1]`` bool, with ``rows`` ``[B, ..., N-1, nbk]``: rows marked False are left out (a query block
-  with none scores 0). Plain XLA on a padded ``[..., nb, b, nbk]`` view: no ``N x N`` array."""
-  if reduce not in ("max", "mean"):
-    raise ValueError(f"reduce={reduce!r} must be 'max' or 'mean'")
-  rows = rows.astype(jnp.float32)
-  n = rows.shape[-2] + 1
-  nb = count(n, block)
-  valid = jnp.ones(rows.shape[:1] + (n - 1,), bool) if row_valid is None else row_valid
-  valid = valid.reshape(valid.shape[:1] + (1,) * (rows.ndim - 3) + valid.shape[1:] + (1,))
-  pad = [(0, 0)] * (rows.ndim - 2) + [(1, nb * block - n), (0, 0)]       # the CLS row, the ragged tail
-  valid = jnp.pad(jnp.broadcast_to(valid, rows.shape[:-1] + (1,)), pad)
-  grouped = lambda x: x.reshape(x.shape[:-2] + (nb, block, x.shape[-1]))   # noqa: E731
-  valid, padded = grouped(valid), grouped(jnp.pad(rows, pad))
-  if reduce == "max":
-    out = jnp.max(jnp.where(valid, padded, -jnp.inf), axis=-2)
-    return jnp.where(jnp.any(valid, axis=-2), out, 0.0)
-  total = jnp.sum(jnp.where(valid, padded, 0.0), axis=-2)
-  return total / jnp.maximum(jnp.sum(valid, axis=-2), 1).astype(jnp.float32)
-
-
 def select(scores: Array, k: int) -> Array:
   """The kept-block table ``[B, H, nb, k] int32`` from block scores ``[B, H, nb, nb]``: per row the
   ``k`` highest-scoring key blocks (ties: lowest index), key block 0 always kept, increasing."""

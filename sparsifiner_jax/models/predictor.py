@@ -150,26 +150,23 @@ class MaskPredictor(nnx.Module):
 
   def block_mask(self, q: Array, weights: Array, recon: bool, token_index: Array | None,
                  key_keep: Array | None) -> tuple[mask_lib.AttentionMask | None, Array]:
-    """Block mode: ``(mask, row_mass [B, H, N-1, nb])`` from raw q ``[B, N, H, d]`` and
-    ``query_weights(...)``. ``row_mass`` is the predictor's approximation per patch query row of the
-    attention mass on each key block: each row's coefficient logits (softmax, cut to the top
-    ``coef_topk`` in sparse mode) combined with the basis summed over each key block's tokens (pruned
-    keys, ``key_keep`` False, contribute nothing). In reconstruction mode it approximates the teacher's
-    ``blocks.row_mass`` and no mask is made. Else a (query block, key block) pair scores the max over the
-    block's live patch rows of their predicted mass (``blocks.query_block_scores``), and each query block
-    keeps its ``blocks.budget`` top key blocks. Cost O(B H N nb m), no ``N x N`` array."""
+    """Block mode: ``(mask, block_scores [B, H, nb, nb])`` from raw q ``[B, N, H, d]`` and
+    ``query_weights(...)``. The scores are the predictor's approximation pooled per block: coefficient
+    logits of each query block's mean q (the logits are linear in q, so this is their mean), combined with
+    the basis summed over each key block's tokens (pruned keys, ``key_keep`` False, contribute nothing).
+    In reconstruction mode they approximate the teacher's ``blocks.attention_mass`` and no mask is made.
+    Cost O(B H (N/b)^2 m), no ``N x N`` array."""
     n = q.shape[1]
-    logits = coefficient_logits(q, weights, self.logit_scale, self.dtype)   # [B, H, N-1, m]
+    q_blocks = blocks.pool(q, self.block, axis=1, mean=True)                # [B, nb, H, d]
+    logits = coefficient_logits(q_blocks, weights, self.logit_scale, self.dtype, first_row=0)
     basis = self.basis_rows(recon, token_index)                             # [m, N] or [B, m, N]
     if key_keep is not None:
       basis = basis * key_keep[:, None, :].astype(basis.dtype)
-    mass = self.combine(logits, blocks.pool(basis, self.block, axis=-1, mean=False), recon)
+    scores = self.combine(logits, blocks.pool(basis, self.block, axis=-1, mean=False), recon)
     if recon:
-      return None, mass
-    scores = blocks.query_block_scores(mass, self.block,
-                                       row_valid=None if key_keep is None else key_keep[:, 1:])
+      return None, scores
     table = blocks.select(scores, blocks.budget(self.keep_rate, n, self.block))
-    return blocks.block_mask(table, n, self.block, num_dense_rows=1), mass
+    return blocks.block_mask(table, n, self.block, num_dense_rows=1), scores
 
 
 def threshold_basis(basis: Array, threshold: float, signed: bool = False) -> Array:

@@ -53,7 +53,7 @@ def attention_reconstruction(approx: Sequence[Array], teacher_attn: Sequence[Arr
   pairs = [(a, t) for a, t in zip(approx, teacher_attn) if a is not None]
   if not pairs:
     raise ValueError("attention reconstruction needs a Sparsifiner model (no layer has a predictor)")
-  target = ((lambda t: blocks.row_mass(t, block)) if block
+  target = ((lambda t: blocks.attention_mass(t, block)) if block
             else (lambda t: t[:, :, 1:, :].astype(jnp.float32)))
   terms = [jnp.sum(jnp.square(a.astype(jnp.float32) - jax.lax.stop_gradient(target(t))))
            for a, t in pairs]

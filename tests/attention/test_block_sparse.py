@@ -70,29 +70,6 @@ def test_pool_and_attention_mass_match_numpy():
   np.testing.assert_allclose(got.sum(-1), 1.0, atol=1e-5)
 
 
-def test_row_mass_and_query_block_scores_match_numpy():
-  rng = np.random.default_rng(3)
-  n, b = 37, 16
-  logits = rng.normal(size=(2, 3, n, n))
-  attn = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
-  starts = range(0, n, b)
-  want_rows = np.stack([attn[:, :, 1:, j:j + b].sum(-1) for j in starts], -1)          # [2, 3, N-1, nb]
-  rows = blocks.row_mass(jnp.asarray(attn, jnp.float32), b)
-  np.testing.assert_allclose(np.asarray(rows), want_rows, atol=1e-6)
-  live = rng.random((2, n - 1)) > 0.3
-  live[0, 16:32] = False                                                          # query block 1: no row
-  for reduce, fn in (("max", np.max), ("mean", np.mean)):
-    for valid in (None, live):
-      want = np.zeros((2, 3, 3, 3))
-      for x in range(2):
-        for i, s in enumerate(starts):
-          r = [t - 1 for t in range(max(s, 1), min(s + b, n)) if valid is None or valid[x, t - 1]]
-          want[x, :, i] = fn(want_rows[x, :, r], axis=0) if r else 0.0
-      got = blocks.query_block_scores(rows, b, reduce=reduce,
-                                      row_valid=None if valid is None else jnp.asarray(valid))
-      np.testing.assert_allclose(np.asarray(got), want, atol=1e-6, err_msg=f"{reduce} {valid is None}")
-
-
 def test_expand_keeps_whole_blocks_and_the_ragged_tail():
   table = jnp.asarray([[[[0, 2]]]], jnp.int32)                           # one query block
   keep = np.asarray(blocks.expand(table, 10, 4))                           # blocks [0-3] [4-7] [8-9]
@@ -204,16 +181,15 @@ def test_index_maps_load_only_kept_blocks():
 
 
 def test_block_selection_matches_numpy_reference():
-  """The predictor's per-row block mass and table against NumPy: per patch row, coefficient logits
-  ``(q W_q + b_q) K̂ / sqrt(H)``, softmax cut to its top ``coef_topk``, times the thresholded ``|W_up|``
-  summed over each key block; a query block scores each key block by the max over its patch rows (the
-  CLS row 0 left out); key block 0 forced, top ``ceil(rho nb)``."""
+  """The predictor's block scores and table against NumPy: q pooled per query block (mean), coefficient
+  logits ``(q W_q + b_q) K̂ / sqrt(H)``, softmax cut to its top ``coef_topk``, times the thresholded
+  ``|W_up|`` summed over each key block; key block 0 forced, top ``ceil(rho nb)``."""
   model = models.create("vit_test", keep_rate=0.4, img_size=36, mask_block=16)
   pred = model.blocks[0].attn.mask_predictor
   rng = np.random.default_rng(2)
   n, h, d = 82, 2, 16
   qkv = jnp.asarray(rng.normal(size=(2, n, 3, h, d)), jnp.float32)
-  mask, mass = pred(qkv)
+  mask, scores = pred(qkv)
 
   q, k = np.asarray(qkv[:, :, 0], np.float64), np.asarray(qkv[:, :, 1], np.float64)
   w_q, b_q = np.asarray(pred.proj_c_q.kernel[...]), np.asarray(pred.proj_c_q.bias[...])
@@ -221,19 +197,16 @@ def test_block_selection_matches_numpy_reference():
   proj_n, up = np.asarray(pred.proj_n[...]), np.asarray(pred.proj_back_n[...]).T      # [N, m], [m, N]
   basis = np.where(np.abs(up) > pred.basis_threshold, np.abs(up), 0.0)
   nb = -(-n // 16)
+  q_pool = np.stack([q[:, i * 16:(i + 1) * 16].mean(1) for i in range(nb)], 1)      # [B, nb, H, d]
   basis_pool = np.stack([basis[:, j * 16:(j + 1) * 16].sum(1) for j in range(nb)], 1)   # [m, nb]
   k_hat = np.einsum("bnhc,nm->bhcm", k @ w_k + b_k, proj_n)
-  logits = np.einsum("bnhc,bhcm->bhnm", q[:, 1:] @ w_q + b_q, k_hat) * h ** -0.5     # rows 1..N-1
+  logits = np.einsum("bihc,bhcm->bhim", q_pool @ w_q + b_q, k_hat) * h ** -0.5
   coef = np.exp(logits - logits.max(-1, keepdims=True))
   coef /= coef.sum(-1, keepdims=True)
   cut = np.sort(logits, -1)[..., -pred.coef_topk][..., None]
   coef = np.where(logits >= cut, coef, 0.0)
-  want_mass = coef @ basis_pool                                                     # [B, H, N-1, nb]
-  np.testing.assert_allclose(np.asarray(mass), want_mass, rtol=1e-4, atol=1e-6)
-  want = np.zeros((2, h, nb, nb))
-  for i in range(nb):
-    rows = [r - 1 for r in range(max(i * 16, 1), min((i + 1) * 16, n))]           # patch rows of block i
-    want[:, :, i] = want_mass[:, :, rows].max(axis=2)
+  want = coef @ basis_pool
+  np.testing.assert_allclose(np.asarray(scores), want, rtol=1e-4, atol=1e-6)
   np.testing.assert_array_equal(np.asarray(mask.table), _numpy_select(want, blocks.budget(0.4, n, 16)))
   assert mask.block_size == 16 and mask.table.shape == (2, h, nb, 3)
 

@@ -30,19 +30,6 @@ def test_recon_loss_is_sum_reduced_and_rescaled():
   assert float(losses.attention_reconstruction(a, t, reference_batch=168)) == pytest.approx(120 * 84)
 
 
-def test_block_recon_loss_targets_each_rows_block_mass():
-  """Block mode: the target of patch row r and key block j is the teacher's probability on block j's keys."""
-  rng = np.random.default_rng(0)
-  attn = rng.random((2, 3, 5, 5))
-  attn /= attn.sum(-1, keepdims=True)
-  a = rng.random((2, 3, 4, 3))                                       # rows 1..4, blocks {0,1} {2,3} {4}
-  target = np.stack([attn[:, :, 1:, 0:2].sum(-1), attn[:, :, 1:, 2:4].sum(-1), attn[:, :, 1:, 4]], -1)
-  want = np.square(a - target).sum() * 84
-  got = losses.attention_reconstruction([jnp.asarray(a, jnp.float32)], [jnp.asarray(attn, jnp.float32)],
-                                        reference_batch=168, block=2)
-  assert float(got) == pytest.approx(want, rel=1e-5)
-
-
 @pytest.mark.parametrize("warm,total", [(3, 10), (0, 5), (5, 5)])
 def test_schedule_endpoints(warm, total):
   s = optim.warmup_cosine(3e-4, 2e-4, warm, total)
