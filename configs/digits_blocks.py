@@ -1,5 +1,6 @@
 """Block-mode Sparsifiner on digits at 257 tokens (32 px, patch 2): blocks of 16 query rows x 16 keys,
-each query block keeping ``ceil(0.25 * 17) = 5`` of the 17 key blocks (``ViTConfig.mask_block``).
+each query block keeping ``ceil(0.25 * 17) = 5`` of the 17 key blocks (``ViTConfig.mask_block``), the
+patches in Z-order (``token_order="morton"``: a block is a 4 x 4 patch square, not an image row).
 
   python train.py --config configs/digits_dense.py:img_size=32 --workdir T        # the dense teacher
   python train.py --config configs/digits_blocks.py --workdir W \
@@ -16,5 +17,6 @@ def get_config(arg=None):
   c = digits_sparsifiner.get_config(f"keep_rate={a.keep_rate}")
   c.model.img_size = 32
   c.model.mask_block = a.mask_block
+  c.model.token_order = "morton"
   c.eval_batch_size = 120
   return c
