@@ -37,10 +37,10 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
 from sparsifiner_jax.attention import blocks
-from sparsifiner_jax.precision import mixed_einsum
 from sparsifiner_jax.attention.pallas.common import (F32, NN, NT, col_to_row, finalize, gpu_flash_core,
                                                    nbytes, next_pow2, online_softmax_step, out_struct,
                                                    row_to_col, same_vma, scaled)
+from sparsifiner_jax.precision import mixed_einsum
 
 Array = jax.Array
 _FUSED_BACKWARD_BYTES = 24 * 2 ** 20   # TPU: VMEM for the one-pass backward's whole-sequence dk, dv
