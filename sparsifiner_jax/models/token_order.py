@@ -36,7 +36,5 @@ def patch_order(grid: int, order: str) -> np.ndarray:
 def sequence_order(grid: int, order: str) -> np.ndarray | None:
   """``[grid^2 + 1] int``: the token taken at each position of the reordered sequence, the CLS token
   first; None for the raster order (nothing to reorder)."""
-  if order == "raster":
-    patch_order(grid, order)        # validates
-    return None
-  return np.concatenate([[0], 1 + patch_order(grid, order)])
+  patches = patch_order(grid, order)
+  return None if order == "raster" else np.concatenate([[0], 1 + patches])
