@@ -195,11 +195,23 @@ def test_bad_lease_length_is_refused(value, bucket, monkeypatch):
   assert _objects(bucket) == []
 
 
+def _renewed(url) -> float:
+  """The lease's renewal time, read while the holder rewrites it every 0.1 s: gcsfs reads an object's
+  size, then that many bytes, so a read that straddles a rewrite of another length comes back torn
+  (the holder never reads its lease while writing it); such a read is retried."""
+  for _ in range(20):
+    try:
+      return json.loads(_lease_path(url).read_text())["renewed"]
+    except ValueError:
+      time.sleep(0.01)
+  raise AssertionError("the lease stayed unreadable for 20 reads")
+
+
 def test_lease_is_renewed(bucket, monkeypatch):
   monkeypatch.setenv("SPARSIFINER_JAX_LEASE_SECONDS", "0.4")   # renewed every 0.1 s
   with workdir_lib.lock_workdir(paths.resolve(bucket)) as lease:
-    first = json.loads(_lease_path(bucket).read_text())["renewed"]
-    _eventually(lambda: json.loads(_lease_path(bucket).read_text())["renewed"] > first)
+    first = _renewed(bucket)
+    _eventually(lambda: _renewed(bucket) > first)
     lease.check()
 
 
