@@ -71,23 +71,30 @@ def now() -> int:
 # ------------------------------------------------------------------------------------------------
 # Pallas kernels: bundles weighted by loop trip counts.
 
-_BUNDLE = re.compile(r"^\s*(0x[0-9a-f]+|\d+)\s+(?:(LB|LH|LE|PB|PF|CT):|:)\s*>?\s*\{(.*)$")
+_BUNDLE = re.compile(r"^\s*(0x[0-9a-f]+|\d+)\s+(?:(LB|LH|LE|PB|PF|CT):|:)\s*(>*)\s*\{(.*)$")
 _EXIT_TEST = re.compile(r"scmp\.ge\.s32\.totalorder %\w+, (\d+) /\* loop exit test \*/")
 
 
-def _loops(bundles: list[str]) -> list[tuple[int, int, int]]:
-  """``(first, last, trips)`` bundle indices of each loop: from a bundle marked ``LB:`` to the branch back
-  after its ``loop exit test`` (``counter >= N``: N trips, counting from 0)."""
-  loops, starts, trips = [], [], None
-  for i, (marker, body) in enumerate(bundles):
+def _loops(bundles: list[tuple[str, int, str]]) -> list[tuple[int, int, int]]:
+  """``(first, last, trips)`` bundle indices of each loop whose trip count is static: from a bundle marked
+  ``LB:`` to the first branch after its ``loop exit test`` (``counter >= N``: N trips, counting from 0).
+  ``bundles`` are ``(marker, depth, text)``, the depth being the listing's ``>`` count (the grid loop is
+  ``>``, a loop inside the kernel ``>>``): an exit test belongs to the latest loop begun at its depth. A
+  loop with a dynamic trip count (its exit test compares with a register, unannotated: e.g. a copy of a
+  run of rows) is left unweighted: its body counts once."""
+  loops, open_loops, closing = [], [], None     # open_loops: (first, depth); closing: (first, trips)
+  for i, (marker, depth, body) in enumerate(bundles):
     if marker == "LB":
-      starts.append(i)
+      open_loops.append((i, depth))
     test = _EXIT_TEST.search(body)
-    if test and starts:
-      trips = int(test[1])
-    elif trips is not None and "sbr.rel" in body:
-      loops.append((starts.pop(), i, trips))
-      trips = None
+    if test:
+      while open_loops and open_loops[-1][1] > depth:   # deeper loops that ended unannotated
+        open_loops.pop()
+      if open_loops and open_loops[-1][1] == depth:
+        closing = (open_loops.pop()[0], int(test[1]))
+    elif closing is not None and "sbr.rel" in body:
+      loops.append((closing[0], i, closing[1]))
+      closing = None
   return loops
 
 
@@ -95,7 +102,7 @@ def static_cycles(bundles_text: str) -> int:
   """Cycles of a kernel's final bundles: every bundle once, times the trip count of each loop around
   it. The grid loop runs ``iteration_bounds`` steps plus two pipeline steps (the first and last DMA
   stages, mostly predicated off); it is counted as its grid steps."""
-  bundles = [(m[2], m[3]) for m in map(_BUNDLE.match, bundles_text.splitlines()) if m]
+  bundles = [(m[2], len(m[3]), m[4]) for m in map(_BUNDLE.match, bundles_text.splitlines()) if m]
   grid = [math.prod(int(x) for x in b.split(",") if x.strip())
           for b in re.findall(r"^iteration_bounds: \(([\d, ]+)\)", bundles_text, re.M)]
   weight = [1] * len(bundles)

@@ -17,8 +17,9 @@ from sparsifiner_jax.compile import clock
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 # A kernel listing in libtpu's format: 2 bundles before the grid loop, a 4-bundle loop body whose exit
-# test says 5 trips (3 grid steps + 2 pipeline steps), a 3-bundle inner loop of 8 trips inside it, and 1
-# bundle after.
+# test says 5 trips (3 grid steps + 2 pipeline steps), a 3-bundle inner loop of 8 trips inside it (one
+# level deeper: ``>>``), a 2-bundle inner loop with a dynamic trip count (its exit test compares with a
+# register: counted once), and 1 bundle after.
 BUNDLES = textwrap.dedent("""\
     = control target key start
     LB: loop body
@@ -27,20 +28,22 @@ BUNDLES = textwrap.dedent("""\
          0   :  { %s1 = smov 0 }
        0x1   :  { %s2 = smov 0 }
        0x2 LB: > { %s3 = sadd.s32 1, %s2 }
-       0x3 LB: > { %v1 = vadd.f32 %v0, %v0 }
-       0x4   : > { %p1 = scmp.ge.s32.totalorder %s9, 8 /* loop exit test */ }
-       0x5   : > { %10 = sbr.rel (!%p1) target = $region7 }
-       0x6   : > { %p2 = scmp.ge.s32.totalorder %s3, 5 /* loop exit test */ }
-       0x7   : > { %11 = sbr.rel (!%p2) target = $region3 }
-       0x8   :  { %12 = vsyncpa [#allocation1], 1 }
+       0x3 LB: >> { %v1 = vadd.f32 %v0, %v0 }
+       0x4   : >> { %p1 = scmp.ge.s32.totalorder %s9, 8 /* loop exit test */ }
+       0x5   : >> { %10 = sbr.rel (!%p1) target = $region7 }
+       0x6 LB: >> { %p3 = scmp.ge.s32.totalorder %s7, %s8  ;;  %v2 = vld [vmem:[%s4] sm:$0xf] }
+       0x7   : >> { %13 = sbr.rel (!%p3) target = $region9 }
+       0x8   : > { %p2 = scmp.ge.s32.totalorder %s3, 5 /* loop exit test */ }
+       0x9   : > { %11 = sbr.rel (!%p2) target = $region3 }
+       0xa   :  { %12 = vsyncpa [#allocation1], 1 }
     iteration_bounds: (3, 1, 1)
     """)
 
 
 def test_static_cycles_weight_bundles_by_their_loops():
-  # Outside: 0, 0x1, 0x8. Grid loop (0x2..0x7, 3 grid steps): 0x2, 0x6, 0x7 once per step, the inner
+  # Outside: 0, 0x1, 0xa. Grid loop (0x2..0x9, 3 grid steps): 0x2, 0x6..0x9 once per step, the inner
   # loop (0x3..0x5) 8 times per step.
-  assert clock.static_cycles(BUNDLES) == 3 + 3 * (3 + 3 * 8)
+  assert clock.static_cycles(BUNDLES) == 3 + 3 * (5 + 3 * 8)
 
 
 HLO = textwrap.dedent("""\
