@@ -82,13 +82,31 @@ def _reference(q, k, v, table, block, dense_rows=0):
   return executors.masked_attention(q, k, v, mask)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+# TPU has two forwards: the resident one (a head group's whole sequence in VMEM, kept blocks gathered
+# there) where it fits, else the per-block grid; ``_RESIDENT_BYTES = 0`` forces the grid.
+KERNEL_SETS = [("tpu", "resident"), ("tpu", "per_block"), ("gpu", None)]
+FORWARD_KERNEL = {"resident": "block_sparse_attention_resident_fwd", "per_block": "block_sparse_attention_fwd"}
+
+
+def _use_forward(forward, monkeypatch):
+  if forward == "per_block":
+    monkeypatch.setattr(block_sparse, "_RESIDENT_BYTES", 0)
+
+
+def _assert_forward_kernel(fn, args, forward):
+  jaxpr = str(jax.make_jaxpr(fn)(*args))
+  for name, kernel in FORWARD_KERNEL.items():
+    assert (kernel in jaxpr) == (name == forward), f"{kernel} in the {forward} forward: {kernel in jaxpr}"
+
+
+@pytest.mark.parametrize("backend,forward", KERNEL_SETS, ids=["tpu_resident", "tpu_per_block", "gpu"])
 @pytest.mark.parametrize("n,block,kept,dense_rows", [
     (37, 16, 2, 0), (32, 16, 1, 0), (70, 32, 3, 0), (37, 16, 3, 0), (200, 128, 1, 0),
     (37, 16, 1, 1), (32, 16, 1, 1), (200, 128, 1, 1)],
     ids=["ragged", "exact", "ragged32", "keep_all", "gpu_tiles", "cls_ragged", "cls_exact", "cls_gpu_tiles"])
-def test_kernels_match_masked_attention(backend, n, block, kept, dense_rows, monkeypatch):
+def test_kernels_match_masked_attention(backend, forward, n, block, kept, dense_rows, monkeypatch):
   """``cls_*``: the first row attends to every key (the TPU kernels compute it, GPU in XLA)."""
+  _use_forward(forward, monkeypatch)
   rng = np.random.default_rng(n + kept)
   b, h, d = 2, 3, 8
   q, k, v = (jnp.asarray(rng.normal(size=(b, n, h, d)), jnp.float32) for _ in range(3))
@@ -110,9 +128,34 @@ def test_kernels_match_masked_attention(backend, n, block, kept, dense_rows, mon
   want = jax.grad(loss(reference), argnums=(0, 1, 2))(q, k, v)
   for g, w in zip(got, want):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=0)
+  if backend == "tpu":
+    _assert_forward_kernel(fused, (q, k, v), forward)
   if backend == "tpu" and dense_rows:        # the dense row is computed in the kernels, not in XLA
     monkeypatch.setattr(block_sparse, "mixed_einsum", None)
     jax.grad(loss(fused), argnums=(0, 1, 2))(q, k, v)
+
+
+@pytest.mark.parametrize("forward", ["resident", "per_block"])
+def test_tpu_kernels_in_the_qkv_layout(forward, monkeypatch):
+  """DeiT's layout: heads of 64 in pairs whose lanes form one 128-lane tile, read where the qkv projection
+  wrote them (``cfg.lanes``), at 197 tokens in blocks of 32 (ragged) with the dense CLS row; float32
+  outputs and gradients within 1e-5 of the masked reference."""
+  _use_forward(forward, monkeypatch)
+  rng = np.random.default_rng(11)
+  n, block, h, d = 197, 32, 4, 64
+  q, k, v = (jnp.asarray(rng.normal(size=(2, n, h, d)), jnp.float32) for _ in range(3))
+  table = _random_table(rng, (2, h), blocks.count(n, block), 2)
+  weights = jnp.asarray(rng.normal(size=(2, n, h, d)), jnp.float32)
+  fused = lambda q, k, v: block_sparse.block_sparse_attention(   # noqa: E731
+      q, k, v, table, block=block, scale=d ** -0.5, dense_rows=1, interpret=True)
+  reference = lambda q, k, v: _reference(q, k, v, table, block, 1)   # noqa: E731
+  _assert_forward_kernel(fused, (q, k, v), forward)
+  np.testing.assert_allclose(np.asarray(fused(q, k, v)), np.asarray(reference(q, k, v)), atol=1e-5, rtol=0)
+  loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v) * weights)   # noqa: E731
+  got = jax.grad(loss(fused), argnums=(0, 1, 2))(q, k, v)
+  want = jax.grad(loss(reference), argnums=(0, 1, 2))(q, k, v)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=0)
 
 
 def test_tpu_backward_over_the_transposed_table(monkeypatch):
@@ -138,7 +181,9 @@ def test_tpu_backward_over_the_transposed_table(monkeypatch):
   assert "block_sparse_attention_dkv" in jaxpr and "block_sparse_attention_bwd" not in jaxpr
 
 
-def test_bf16_kernel_matches_masked_attention():
+@pytest.mark.parametrize("forward", ["resident", "per_block"])
+def test_bf16_kernel_matches_masked_attention(forward, monkeypatch):
+  _use_forward(forward, monkeypatch)
   rng = np.random.default_rng(5)
   n, block = 37, 16
   q, k, v = (jnp.asarray(rng.normal(size=(2, n, 2, 16)), jnp.bfloat16) for _ in range(3))

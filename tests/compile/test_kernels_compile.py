@@ -110,21 +110,30 @@ def test_gpu_kernel_stats_from_ptxas(tmp_path):
   assert stats.shared_bytes > 0 and stats.ptx_bytes > 0
 
 
-BLOCK_KERNELS = {   # TPU: one backward pass (dk, dv of the whole sequence in VMEM) and the CLS row's kernels;
-    # GPU: dq, then dk/dv (the CLS row in XLA)
-    "tpu": ("block_sparse_attention_fwd", "block_sparse_attention_bwd", "block_sparse_attention_cls_fwd",
+BLOCK_KERNELS = {   # TPU: the resident forward (the CLS row in it), one backward pass (dk, dv of the whole
+    # sequence in VMEM) and the CLS row's backward; GPU: dq, then dk/dv (the CLS row in XLA)
+    "tpu": ("block_sparse_attention_resident_fwd", "block_sparse_attention_bwd",
             "block_sparse_attention_cls_bwd"),
     "gpu": ("block_sparse_attention_fwd", "block_sparse_attention_dq", "block_sparse_attention_dkv"),
 }
 
 
-@pytest.mark.parametrize("n,block", [(197, 32), (785, 128)])
-@pytest.mark.parametrize("topology", TARGETS)
-def test_block_kernels_compile(topology, n, block):
+PER_BLOCK_KERNELS = ("block_sparse_attention_fwd", "block_sparse_attention_cls_fwd",
+                     "block_sparse_attention_bwd", "block_sparse_attention_cls_bwd")
+
+
+@pytest.mark.parametrize("topology,n,block,forward", [
+    (t, n, b, f) for t in TARGETS for n, b, f in [(197, 32, "resident"), (785, 128, "resident"),
+                                                  (785, 128, "per_block")]
+    if f == "resident" or targets.platform(t) == "tpu"])
+def test_block_kernels_compile(topology, n, block, forward, monkeypatch):
   """The block-sparse kernels (forward and backward; bf16) at DeiT-S 224 px in blocks of 32 and 448 px in
   blocks of 128 (both with a ragged last block), with the dense CLS row as the models run them: on TPU two
-  heads of 64 per grid step in the qkv layout, the CLS row in the kernels."""
+  heads of 64 per grid step in the qkv layout, the CLS row in the kernels; ``per_block``: the TPU forward
+  that sequences too long for the resident one take (its grid over kept blocks, the CLS row apart)."""
   need_compiler_for(topology)
+  if forward == "per_block":
+    monkeypatch.setattr(block_sparse, "_RESIDENT_BYTES", 0)
   platform = targets.platform(topology)
   spec = NamedSharding(Mesh(np.array([_device(topology)]), ("data",)), P())
   nb = blocks.count(n, block)
@@ -141,5 +150,5 @@ def test_block_kernels_compile(topology, n, block):
     compiled = targets.compile_lowered(jax.jit(program).trace(qkv, qkv, qkv, table).lower(), platform)
   text = compiled.as_text()
   call = "tpu_custom_call" if platform == "tpu" else "__gpu$xla.gpu.triton"
-  expected = BLOCK_KERNELS[platform]
+  expected = PER_BLOCK_KERNELS if forward == "per_block" else BLOCK_KERNELS[platform]
   assert text.count(call) == len(expected) and all(name in text for name in expected)

@@ -2,10 +2,17 @@
 
 ``block_sparse_attention(q, k, v, table, block=b, scale=...)``: every query row of query block ``i``
 attends to the tokens of the key blocks ``table[b, h, i, :]`` (``attention.blocks``), softmax in float32,
-products in q's dtype with float32 accumulation. Only kept blocks are ever loaded:
+products in q's dtype with float32 accumulation. Only kept blocks are ever computed, and, but for the
+resident TPU forward, ever loaded:
 
-* forward and dq: the grid (TPU) or the loop (GPU) runs over the ``K`` entries of the table, and the
-  index map of k and v reads the kept key block from the table (prefetched into SMEM on TPU);
+* forward, TPU, where a head group's whole sequence fits in VMEM (``_resident``: up to a few thousand
+  tokens): one grid step per example and head group reads q, k and v once and, per query block,
+  gathers the kept key blocks from VMEM and takes their softmax in one pass. The per-block grid below
+  reads every kept block once per query block that keeps it (``nb K b`` rows of k and v against ``N``)
+  and pays a grid step's overhead per (query block, kept block); by the clock the resident forward is
+  5-7x faster at 197 to 3,137 tokens;
+* forward elsewhere, and dq: the grid (TPU) or the loop (GPU) runs over the ``K`` entries of the table,
+  and the index map of k and v reads the kept key block from the table (prefetched into SMEM on TPU);
 * dk, dv: on TPU in the same pass as dq (``_tpu_bwd_kernel``), accumulated for the whole sequence in
   VMEM; on GPU, and on TPU where that does not fit, over the transposed table (``blocks.transpose``): for
   each key block, the query blocks that keep it. Its static length is ``nb``; steps past a key block's
@@ -44,6 +51,8 @@ from sparsifiner_jax.precision import mixed_einsum
 
 Array = jax.Array
 _FUSED_BACKWARD_BYTES = 24 * 2 ** 20   # TPU: VMEM for the one-pass backward's whole-sequence dk, dv
+_RESIDENT_BYTES = 12 * 2 ** 20    # TPU: VMEM for the resident forward's sequence, output and scratch
+_UNROLL_BLOCKS = 32     # TPU: the resident forward unrolls its loop over query blocks up to this many
 _GPU_TILE = 64          # GPU: the most rows (and keys) a program's tile holds (shared memory at 128)
 
 
@@ -167,6 +176,75 @@ def _tpu_dense_row_bwd_kernel(q_ref, k_ref, v_ref, do_ref, o_ref, lse_ref, dq_re
     dq_ref[:, lanes] = lax.dot_general(ds.astype(k.dtype), k, NN, preferred_element_type=F32) * cfg.scale
     dk_ref[:, lanes] = lax.dot_general(ds.astype(q.dtype), q, tn, preferred_element_type=F32)
     dv_ref[:, lanes] = lax.dot_general(p.astype(v.dtype), do, tn, preferred_element_type=F32)
+
+
+# Sequences whose head group fits in VMEM (``_resident``) take another forward: a ``(B, head group)`` grid
+# whose step reads the group's q, k and v once, and for each query block gathers its kept key blocks from
+# VMEM (dynamic slices at the table's offsets) and takes the softmax over them in one pass. Per group it
+# reads N rows of k and v where the per-block grid reads nb K b (every query block re-reads its kept
+# blocks), and it pays one grid step's overhead where the per-block grid pays nb K. The sequence is copied
+# into zero-padded scratch (a whole number of blocks: every gather is in bounds); keys past N get -inf.
+
+
+def _kept_keys(starts: list, cfg: _Config) -> Array:
+  """The token of each column of a query block's gathered keys: ``[1, K b]`` int32, column ``j b + t``
+  being token ``t`` of the block that starts at ``starts[j]``."""
+  col = lax.broadcasted_iota(jnp.int32, (1, cfg.kept * cfg.block), 1)
+  first = starts[0]
+  for j in range(1, cfg.kept):
+    first = jnp.where(col >= j * cfg.block, starts[j], first)
+  return first + col % cfg.block
+
+
+def _softmax_rows(s: Array, v: Array) -> tuple[Array, Array]:
+  """``(softmax(s) @ v [r, d], lse [r, 1])`` float32 for logits ``s [r, c]`` with a finite entry per row."""
+  m = jnp.max(s, axis=1, keepdims=True)
+  p = jnp.exp(s - m)
+  l = jnp.sum(p, axis=1, keepdims=True)
+  out = lax.dot_general(p.astype(v.dtype), v, NN, preferred_element_type=F32) / l
+  return out, m + jnp.log(l)
+
+
+def _tpu_resident_fwd_kernel(tab_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *refs, cfg: _Config):
+  """``q_ref, k_ref, v_ref, o_ref [N, g d]``, ``lse_ref [nb, g, b]`` (and, with ``cfg.dense_row``,
+  ``row_lse_ref [g, 8]``); scratch ``[nb b, g d]`` for q, k, v and the output."""
+  row_lse_ref, (q_sc, k_sc, v_sc, o_sc) = (refs[0] if cfg.dense_row else None), refs[-4:]
+  b, grp = pl.program_id(0), pl.program_id(1)
+  n, bl, d = cfg.n, cfg.block, cfg.head_dim
+  for src, dst in ((q_ref, q_sc), (k_ref, k_sc), (v_ref, v_sc)):
+    if cfg.ragged:
+      dst[(cfg.nb - 1) * bl:, :] = jnp.zeros((bl, dst.shape[1]), dst.dtype)
+    dst[:n, :] = src[...]
+
+  for slot in range(cfg.group):
+    lanes = slice(slot * d, (slot + 1) * d)
+
+    def query_block(i, carry, slot=slot, lanes=lanes):
+      starts = [pl.multiple_of(_entry(tab_ref, cfg, cfg.kept, b, grp * cfg.group + slot, i, j) * bl, bl)
+                for j in range(cfg.kept)]
+      k = jnp.concatenate([k_sc[pl.ds(s, bl), lanes] for s in starts], axis=0)          # [K b, d]
+      v = jnp.concatenate([v_sc[pl.ds(s, bl), lanes] for s in starts], axis=0)
+      rows = pl.ds(pl.multiple_of(i * bl, bl), bl)
+      s = lax.dot_general(scaled(q_sc[rows, lanes], cfg.scale, k.dtype), k, NT,
+                          preferred_element_type=F32)                                  # [b, K b]
+      if cfg.ragged:
+        s = jnp.where(_kept_keys(starts, cfg) < n, s, -jnp.inf)
+      out, lse = _softmax_rows(s, v)
+      o_sc[rows, lanes] = out.astype(o_sc.dtype)
+      lse_ref[i, slot:slot + 1, :] = col_to_row(lse)
+      return carry
+
+    lax.fori_loop(0, cfg.nb, query_block, 0, unroll=cfg.nb <= _UNROLL_BLOCKS)
+    if cfg.dense_row:
+      k = k_sc[:, lanes]                                                               # [nb b, d]
+      s = lax.dot_general(scaled(q_sc[:_TILE_ROWS, lanes], cfg.scale, k.dtype), k, NT,
+                          preferred_element_type=F32)                                  # [8, nb b]
+      s = _real_keys(s, 0, cfg, 1)
+      out, lse = _softmax_rows(s, v_sc[:, lanes])
+      o_sc[:1, lanes] = out[:1].astype(o_sc.dtype)
+      row_lse_ref[slot:slot + 1, :] = col_to_row(lse)
+      lse_ref[0, slot:slot + 1, :1] = jnp.full((1, 1), jnp.inf, F32)   # the block backward skips row 0
+  o_ref[...] = o_sc[:n, :]
 
 
 def _tpu_fwd_kernel(tab_ref, q_ref, *refs, cfg: _Config):
@@ -418,6 +496,45 @@ def _tpu_forward(cfg: _Config, qkv, table, out_dtype):
   )(table.reshape(-1), qkv, *[qkv] * (2 * g))
 
 
+def _resident(cfg: _Config, itemsize: int) -> bool:
+  """Whether the forward takes ``_tpu_resident_fwd_kernel``: the group's q, k, v (double-buffered), the
+  output and the four padded scratch copies fit ``_RESIDENT_BYTES`` of VMEM, and a block is whole packed
+  sublane tiles (the gathers concatenate blocks along sublanes)."""
+  rows = 3 * 2 * cfg.n + 2 * cfg.n + 4 * cfg.nb * cfg.block
+  return (cfg.block * itemsize) % 32 == 0 and rows * cfg.group * cfg.head_dim * itemsize <= _RESIDENT_BYTES
+
+
+def _tpu_resident_forward(cfg: _Config, qkv, table, out_dtype):
+  """``qkv [B, A, N, W]`` -> ``(out, lse [B, G, nb, g, b], row_lse [B, G, g, 8] | None)`` as
+  ``_tpu_attention`` returns them, in one grid step per example and head group."""
+  bsz, n = qkv.shape[0], qkv.shape[2]
+  g, d = cfg.group, cfg.head_dim
+  specs = _Specs(cfg, None)
+  pairs = cfg.pairs(bsz) + (bsz * cfg.heads * _TILE_ROWS * cfg.nb * cfg.block if cfg.dense_row else 0)
+  rows = bsz * cfg.heads * cfg.nb * cfg.block
+  cost = pl.CostEstimate(flops=4 * pairs * d, transcendentals=pairs + rows,
+                         bytes_accessed=nbytes(qkv, table) + nbytes(qkv) // 3 * jnp.dtype(out_dtype).itemsize
+                         // qkv.dtype.itemsize + 4 * rows)
+  out_shape = [out_struct(cfg.side_shape(bsz, n), qkv, out_dtype),
+               out_struct((bsz, cfg.heads // g, cfg.nb, g, cfg.block), qkv)]
+  out_specs = [specs.sequence(0), pl.BlockSpec((None, None, cfg.nb, g, cfg.block),
+                                               lambda b, grp, *_: (b, grp, 0, 0, 0))]
+  if cfg.dense_row:
+    out_shape.append(out_struct((bsz, cfg.heads // g, g, _TILE_ROWS), qkv))
+    out_specs.append(pl.BlockSpec((None, None, g, _TILE_ROWS), lambda b, grp, *_: (b, grp, 0, 0)))
+  padded = pltpu.VMEM((cfg.nb * cfg.block, g * d), qkv.dtype)
+  result = pl.pallas_call(
+      functools.partial(_tpu_resident_fwd_kernel, cfg=cfg),
+      out_shape=tuple(out_shape),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=1, grid=(bsz, cfg.heads // g),
+          in_specs=[specs.sequence(0), specs.sequence(1), specs.sequence(2)], out_specs=out_specs,
+          scratch_shapes=[padded] * 3 + [pltpu.VMEM((cfg.nb * cfg.block, g * d), out_dtype)]),
+      **_tpu_params("block_sparse_attention_resident_fwd", cost, cfg, semantics=("parallel", "parallel")),
+  )(table.reshape(-1), qkv, qkv, qkv)
+  return tuple(result) + (() if cfg.dense_row else (None,))
+
+
 def _fused_backward_fits(cfg: _Config) -> bool:
   """Whether the one-pass backward's whole-sequence dk, dv (scratch and output blocks) fit its VMEM
   budget (``_FUSED_BACKWARD_BYTES``)."""
@@ -532,6 +649,8 @@ def _tpu_dense_row_backward(cfg: _Config, qkv, do, out, row_lse):
 def _tpu_attention(cfg: _Config, qkv, table):
   """``(out, lse, row_lse)``: the block kernels' output and rows, with the dense first row in place
   (``row_lse`` its lse; the block backward's lse is +inf there) when ``cfg.dense_row``, else None."""
+  if _resident(cfg, qkv.dtype.itemsize):
+    return _tpu_resident_forward(cfg, qkv, table, qkv.dtype)
   out, lse = _tpu_forward(cfg, qkv, table, qkv.dtype)
   if not cfg.dense_row:
     return out, lse, None
