@@ -82,10 +82,11 @@ def _reference(q, k, v, table, block, dense_rows=0):
   return executors.masked_attention(q, k, v, mask)
 
 
-# TPU has two forwards: the resident one (a head group's whole sequence in VMEM, kept blocks gathered
+# TPU has two kernel sets: the resident one (a head group's whole sequence in VMEM, kept blocks gathered
 # there) where it fits, else the per-block grid; ``_RESIDENT_BYTES = 0`` forces the grid.
 KERNEL_SETS = [("tpu", "resident"), ("tpu", "per_block"), ("gpu", None)]
 FORWARD_KERNEL = {"resident": "block_sparse_attention_resident_fwd", "per_block": "block_sparse_attention_fwd"}
+BACKWARD_KERNEL = {"resident": "block_sparse_attention_resident_bwd", "per_block": "block_sparse_attention_bwd"}
 
 
 def _use_forward(forward, monkeypatch):
@@ -93,10 +94,12 @@ def _use_forward(forward, monkeypatch):
     monkeypatch.setattr(block_sparse, "_RESIDENT_BYTES", 0)
 
 
-def _assert_forward_kernel(fn, args, forward):
-  jaxpr = str(jax.make_jaxpr(fn)(*args))
-  for name, kernel in FORWARD_KERNEL.items():
-    assert (kernel in jaxpr) == (name == forward), f"{kernel} in the {forward} forward: {kernel in jaxpr}"
+def _assert_kernels(fn, args, kernels):
+  """``fn``'s forward and gradient ran the ``kernels`` set ("resident" or "per_block") and not the other."""
+  jaxpr = str(jax.make_jaxpr(jax.grad(lambda *a: jnp.sum(fn(*a)), argnums=(0, 1, 2)))(*args))
+  for names in (FORWARD_KERNEL, BACKWARD_KERNEL):
+    for name, kernel in names.items():
+      assert (kernel in jaxpr) == (name == kernels), f"{kernel} with the {kernels} kernels: {kernel in jaxpr}"
 
 
 @pytest.mark.parametrize("backend,forward", KERNEL_SETS, ids=["tpu_resident", "tpu_per_block", "gpu"])
@@ -129,7 +132,7 @@ def test_kernels_match_masked_attention(backend, forward, n, block, kept, dense_
   for g, w in zip(got, want):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=0)
   if backend == "tpu":
-    _assert_forward_kernel(fused, (q, k, v), forward)
+    _assert_kernels(fused, (q, k, v), forward)
   if backend == "tpu" and dense_rows:        # the dense row is computed in the kernels, not in XLA
     monkeypatch.setattr(block_sparse, "mixed_einsum", None)
     jax.grad(loss(fused), argnums=(0, 1, 2))(q, k, v)
@@ -149,7 +152,7 @@ def test_tpu_kernels_in_the_qkv_layout(forward, monkeypatch):
   fused = lambda q, k, v: block_sparse.block_sparse_attention(   # noqa: E731
       q, k, v, table, block=block, scale=d ** -0.5, dense_rows=1, interpret=True)
   reference = lambda q, k, v: _reference(q, k, v, table, block, 1)   # noqa: E731
-  _assert_forward_kernel(fused, (q, k, v), forward)
+  _assert_kernels(fused, (q, k, v), forward)
   np.testing.assert_allclose(np.asarray(fused(q, k, v)), np.asarray(reference(q, k, v)), atol=1e-5, rtol=0)
   loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v) * weights)   # noqa: E731
   got = jax.grad(loss(fused), argnums=(0, 1, 2))(q, k, v)
@@ -162,6 +165,7 @@ def test_tpu_backward_over_the_transposed_table(monkeypatch):
   """Where dk and dv of a whole sequence do not fit the one-pass backward's VMEM budget, dq runs over the
   table and dk, dv over the transposed one, the dense first row in XLA: the same gradients."""
   monkeypatch.setattr(block_sparse, "_FUSED_BACKWARD_BYTES", 0)
+  monkeypatch.setattr(block_sparse, "_RESIDENT_BYTES", 0)
   rng = np.random.default_rng(6)
   n, block, d = 37, 16, 8
   q, k, v = (jnp.asarray(rng.normal(size=(2, n, 3, d)), jnp.float32) for _ in range(3))
@@ -179,6 +183,29 @@ def test_tpu_backward_over_the_transposed_table(monkeypatch):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=0)
   jaxpr = str(jax.make_jaxpr(jax.grad(loss(fused)))(q, k, v))
   assert "block_sparse_attention_dkv" in jaxpr and "block_sparse_attention_bwd" not in jaxpr
+
+
+def test_tpu_resident_forward_with_the_per_block_backward(monkeypatch):
+  """A sequence whose forward fits the resident budget but whose backward does not: the per-block
+  backward reads the resident forward's rows (lse, the CLS row's apart) as its own."""
+  fits = block_sparse._resident
+  monkeypatch.setattr(block_sparse, "_resident", lambda cfg, itemsize, backward=False: not backward
+                      and fits(cfg, itemsize))
+  rng = np.random.default_rng(7)
+  n, block, d = 37, 16, 8
+  q, k, v = (jnp.asarray(rng.normal(size=(2, n, 3, d)), jnp.float32) for _ in range(3))
+  table = _random_table(rng, (2, 3), blocks.count(n, block), 2)
+  weights = jnp.asarray(rng.normal(size=(2, n, 3, d)), jnp.float32)
+  loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v) * weights)   # noqa: E731
+  fused = lambda q, k, v: block_sparse.block_sparse_attention(   # noqa: E731
+      q, k, v, table, block=block, scale=d ** -0.5, dense_rows=1, interpret=True)
+  got = jax.grad(loss(fused), argnums=(0, 1, 2))(q, k, v)
+  want = jax.grad(loss(lambda q, k, v: _reference(q, k, v, table, block, 1)), argnums=(0, 1, 2))(q, k, v)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=0)
+  jaxpr = str(jax.make_jaxpr(jax.grad(loss(fused)))(q, k, v))
+  assert "block_sparse_attention_resident_fwd" in jaxpr and "block_sparse_attention_bwd" in jaxpr
+  assert "block_sparse_attention_resident_bwd" not in jaxpr
 
 
 @pytest.mark.parametrize("forward", ["resident", "per_block"])

@@ -110,10 +110,9 @@ def test_gpu_kernel_stats_from_ptxas(tmp_path):
   assert stats.shared_bytes > 0 and stats.ptx_bytes > 0
 
 
-BLOCK_KERNELS = {   # TPU: the resident forward (the CLS row in it), one backward pass (dk, dv of the whole
-    # sequence in VMEM) and the CLS row's backward; GPU: dq, then dk/dv (the CLS row in XLA)
-    "tpu": ("block_sparse_attention_resident_fwd", "block_sparse_attention_bwd",
-            "block_sparse_attention_cls_bwd"),
+BLOCK_KERNELS = {   # TPU: the resident forward and backward (the CLS row in them); GPU: dq, then dk/dv (the
+    # CLS row in XLA)
+    "tpu": ("block_sparse_attention_resident_fwd", "block_sparse_attention_resident_bwd"),
     "gpu": ("block_sparse_attention_fwd", "block_sparse_attention_dq", "block_sparse_attention_dkv"),
 }
 
@@ -129,8 +128,8 @@ PER_BLOCK_KERNELS = ("block_sparse_attention_fwd", "block_sparse_attention_cls_f
 def test_block_kernels_compile(topology, n, block, forward, monkeypatch):
   """The block-sparse kernels (forward and backward; bf16) at DeiT-S 224 px in blocks of 32 and 448 px in
   blocks of 128 (both with a ragged last block), with the dense CLS row as the models run them: on TPU two
-  heads of 64 per grid step in the qkv layout, the CLS row in the kernels; ``per_block``: the TPU forward
-  that sequences too long for the resident one take (its grid over kept blocks, the CLS row apart)."""
+  heads of 64 per grid step in the qkv layout, the CLS row in the kernels; ``per_block``: the TPU kernels
+  that sequences too long for the resident ones take (grids over kept blocks, the CLS row apart)."""
   need_compiler_for(topology)
   if forward == "per_block":
     monkeypatch.setattr(block_sparse, "_RESIDENT_BYTES", 0)

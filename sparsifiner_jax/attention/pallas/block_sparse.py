@@ -247,6 +247,71 @@ def _tpu_resident_fwd_kernel(tab_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *refs
   o_ref[...] = o_sc[:n, :]
 
 
+def _tpu_resident_bwd_kernel(tab_ref, q_ref, k_ref, v_ref, do_ref, o_ref, lse_ref, *refs, cfg: _Config):
+  """The resident forward's backward: ``q_ref ... o_ref [N, g d]``, ``lse_ref [nb, g, b]`` (and with
+  ``cfg.dense_row`` ``row_lse_ref [g, 8]``) -> ``dq_ref, dk_ref, dv_ref [N, g d]``. Per query block the
+  kept blocks' probabilities are recomputed from the saved lse, dq written, and dk, dv added at the kept
+  blocks' offsets into whole-sequence float32 scratch; the dense CLS row adds its own gradients."""
+  extra = 1 if cfg.dense_row else 0
+  row_lse_ref = refs[0] if cfg.dense_row else None
+  dq_ref, dk_ref, dv_ref = refs[extra:extra + 3]
+  q_sc, k_sc, v_sc, do_sc, o_sc, dq_sc, dk_sc, dv_sc = refs[extra + 3:]
+  b, grp = pl.program_id(0), pl.program_id(1)
+  n, bl, d = cfg.n, cfg.block, cfg.head_dim
+  tn = (((0,), (0,)), ((), ()))        # a.T @ b
+  for src, dst in ((q_ref, q_sc), (k_ref, k_sc), (v_ref, v_sc), (do_ref, do_sc), (o_ref, o_sc)):
+    if cfg.ragged:
+      dst[(cfg.nb - 1) * bl:, :] = jnp.zeros((bl, dst.shape[1]), dst.dtype)
+    dst[:n, :] = src[...]
+  dk_sc[...] = jnp.zeros(dk_sc.shape, F32)
+  dv_sc[...] = jnp.zeros(dv_sc.shape, F32)
+
+  def grads(q, do, o, k, v, s, lse):
+    """``(p, ds)`` of logits ``s`` given the rows' ``lse`` and their q, do, o (rows) and k, v (keys)."""
+    p = jnp.exp(s - lse)
+    delta = jnp.sum(do.astype(F32) * o.astype(F32), axis=1, keepdims=True)
+    dp = lax.dot_general(do, v, NT, preferred_element_type=F32)
+    return p, p * (dp - delta)
+
+  for slot in range(cfg.group):
+    lanes = slice(slot * d, (slot + 1) * d)
+
+    def query_block(i, carry, slot=slot, lanes=lanes):
+      starts = [pl.multiple_of(_entry(tab_ref, cfg, cfg.kept, b, grp * cfg.group + slot, i, j) * bl, bl)
+                for j in range(cfg.kept)]
+      k = jnp.concatenate([k_sc[pl.ds(s, bl), lanes] for s in starts], axis=0)          # [K b, d]
+      v = jnp.concatenate([v_sc[pl.ds(s, bl), lanes] for s in starts], axis=0)
+      rows = pl.ds(pl.multiple_of(i * bl, bl), bl)
+      q = scaled(q_sc[rows, lanes], cfg.scale, k.dtype)
+      do = do_sc[rows, lanes]
+      s = lax.dot_general(q, k, NT, preferred_element_type=F32)                        # [b, K b]
+      if cfg.ragged:
+        s = jnp.where(_kept_keys(starts, cfg) < n, s, -jnp.inf)
+      p, ds = grads(q, do, o_sc[rows, lanes], k, v, s, row_to_col(lse_ref[i, slot:slot + 1, :]))
+      dq_sc[rows, lanes] = lax.dot_general(ds.astype(k.dtype), k, NN, preferred_element_type=F32) * cfg.scale
+      dk = lax.dot_general(ds.astype(q.dtype), q, tn, preferred_element_type=F32)      # [K b, d]
+      dv = lax.dot_general(p.astype(do.dtype), do, tn, preferred_element_type=F32)
+      for j, start in enumerate(starts):
+        dk_sc[pl.ds(start, bl), lanes] += dk[j * bl:(j + 1) * bl]
+        dv_sc[pl.ds(start, bl), lanes] += dv[j * bl:(j + 1) * bl]
+      return carry
+
+    lax.fori_loop(0, cfg.nb, query_block, 0, unroll=cfg.nb <= _UNROLL_BLOCKS)
+    if cfg.dense_row:
+      rows = slice(0, _TILE_ROWS)
+      k, v = k_sc[:, lanes], v_sc[:, lanes]                                            # [nb b, d]
+      q, do = scaled(q_sc[rows, lanes], cfg.scale, k.dtype), do_sc[rows, lanes]        # [8, d]
+      s = _real_keys(lax.dot_general(q, k, NT, preferred_element_type=F32), 0, cfg, 1)
+      lse = _first_row(jnp.full((_TILE_ROWS, 1), jnp.inf, F32), row_to_col(row_lse_ref[slot:slot + 1, :]))
+      p, ds = grads(q, do, o_sc[rows, lanes], k, v, s, lse)                            # rows 1..: 0
+      dq_sc[rows, lanes] += lax.dot_general(ds.astype(k.dtype), k, NN, preferred_element_type=F32) * cfg.scale
+      dk_sc[:, lanes] += lax.dot_general(ds.astype(q.dtype), q, tn, preferred_element_type=F32)
+      dv_sc[:, lanes] += lax.dot_general(p.astype(do.dtype), do, tn, preferred_element_type=F32)
+  dq_ref[...] = dq_sc[:n, :].astype(dq_ref.dtype)
+  dk_ref[...] = dk_sc[:n, :].astype(dk_ref.dtype)
+  dv_ref[...] = dv_sc[:n, :].astype(dv_ref.dtype)
+
+
 def _tpu_fwd_kernel(tab_ref, q_ref, *refs, cfg: _Config):
   g = cfg.group
   k_refs, v_refs, (o_ref, lse_ref, m_sc, l_sc, acc_sc) = refs[:g], refs[g:2 * g], refs[2 * g:]
@@ -496,12 +561,16 @@ def _tpu_forward(cfg: _Config, qkv, table, out_dtype):
   )(table.reshape(-1), qkv, *[qkv] * (2 * g))
 
 
-def _resident(cfg: _Config, itemsize: int) -> bool:
-  """Whether the forward takes ``_tpu_resident_fwd_kernel``: the group's q, k, v (double-buffered), the
-  output and the four padded scratch copies fit ``_RESIDENT_BYTES`` of VMEM, and a block is whole packed
-  sublane tiles (the gathers concatenate blocks along sublanes)."""
-  rows = 3 * 2 * cfg.n + 2 * cfg.n + 4 * cfg.nb * cfg.block
-  return (cfg.block * itemsize) % 32 == 0 and rows * cfg.group * cfg.head_dim * itemsize <= _RESIDENT_BYTES
+def _resident(cfg: _Config, itemsize: int, backward: bool = False) -> bool:
+  """Whether the resident kernels run (``_tpu_resident_fwd_kernel``, with ``backward`` its backward): a
+  block is whole packed sublane tiles (the gathers concatenate blocks along sublanes), and the group's
+  operands (double-buffered), results and padded scratch fit ``_RESIDENT_BYTES`` of VMEM."""
+  n_pad = cfg.nb * cfg.block
+  if backward:   # q, k, v, do, o in; dq, dk, dv out; scratch: the 5 inputs and 3 float32 gradients
+    row_bytes = (2 * 5 + 2 * 3) * cfg.n * itemsize + (5 * itemsize + 3 * 4) * n_pad
+  else:          # q, k, v in; out; scratch: q, k, v, out
+    row_bytes = (2 * 3 + 2) * cfg.n * itemsize + 4 * itemsize * n_pad
+  return (cfg.block * itemsize) % 32 == 0 and row_bytes * cfg.group * cfg.head_dim <= _RESIDENT_BYTES
 
 
 def _tpu_resident_forward(cfg: _Config, qkv, table, out_dtype):
@@ -533,6 +602,35 @@ def _tpu_resident_forward(cfg: _Config, qkv, table, out_dtype):
       **_tpu_params("block_sparse_attention_resident_fwd", cost, cfg, semantics=("parallel", "parallel")),
   )(table.reshape(-1), qkv, qkv, qkv)
   return tuple(result) + (() if cfg.dense_row else (None,))
+
+
+def _tpu_resident_backward(cfg: _Config, qkv, table, do, out, lse, row_lse):
+  """``(dq, dk, dv)`` (the output's shape, ``qkv``'s dtype), the dense CLS row's included, in one grid
+  step per example and head group."""
+  bsz, n = qkv.shape[0], qkv.shape[2]
+  g, d = cfg.group, cfg.head_dim
+  specs = _Specs(cfg, None)
+  pairs = cfg.pairs(bsz) + (bsz * cfg.heads * _TILE_ROWS * cfg.nb * cfg.block if cfg.dense_row else 0)
+  # Products s, dp, dq, dk, dv (5 x 2 d flops per pair); q, k, v, do, out read once, dq, dk, dv written.
+  cost = pl.CostEstimate(flops=10 * pairs * d, transcendentals=pairs,
+                         bytes_accessed=nbytes(qkv, table, do, out, lse) + nbytes(qkv))
+  grad = out_struct(cfg.side_shape(bsz, n), qkv, qkv.dtype)
+  rows_spec = pl.BlockSpec((None, None, cfg.nb, g, cfg.block), lambda b, grp, *_: (b, grp, 0, 0, 0))
+  in_specs = [specs.sequence(s) for s in range(3)] + [specs.sequence(0)] * 2 + [rows_spec]
+  args = [qkv, qkv, qkv, do, out, lse]
+  if cfg.dense_row:
+    in_specs.append(pl.BlockSpec((None, None, g, _TILE_ROWS), lambda b, grp, *_: (b, grp, 0, 0)))
+    args.append(row_lse)
+  padded = lambda dtype: pltpu.VMEM((cfg.nb * cfg.block, g * d), dtype)   # noqa: E731
+  return pl.pallas_call(
+      functools.partial(_tpu_resident_bwd_kernel, cfg=cfg),
+      out_shape=(grad, grad, grad),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=1, grid=(bsz, cfg.heads // g), in_specs=in_specs,
+          out_specs=[specs.sequence(0)] * 3,
+          scratch_shapes=[padded(qkv.dtype)] * 5 + [padded(F32)] * 3),
+      **_tpu_params("block_sparse_attention_resident_bwd", cost, cfg, semantics=("parallel", "parallel")),
+  )(table.reshape(-1), *args)
 
 
 def _fused_backward_fits(cfg: _Config) -> bool:
@@ -680,6 +778,9 @@ def _delta_rows(cfg: _Config, do, out) -> Array:
 def _tpu_core_bwd(cfg: _Config, res, dout):
   qkv, table, out, lse, row_lse = res
   dout = dout.astype(qkv.dtype)
+  if _resident(cfg, qkv.dtype.itemsize, backward=True):
+    dq, dk, dv = _tpu_resident_backward(cfg, qkv, table, dout, out, lse, row_lse)
+    return jnp.concatenate([dq, dk, dv], axis=-1 if cfg.lanes else 1), None
   dq, dk, dv = _tpu_backward(cfg, qkv, table, dout, out, lse)
   if cfg.dense_row:
     row_dq, row_dk, row_dv = _tpu_dense_row_backward(cfg, qkv, dout, out, row_lse)
