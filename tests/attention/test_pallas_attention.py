@@ -180,6 +180,31 @@ def test_dense_kernel_with_token_pruning_key_mask_fp32(backend):
   _check_dense(backend, (2, 65, 2, 16), key_valid=key_valid)
 
 
+@pytest.mark.parametrize("n", [150, 256])
+def test_tpu_dense_runs_on_the_resident_block_kernels(n):
+  """On TPU a dense layer without key masks takes the resident block kernels with every block of 128
+  kept (ragged at 150, exact at 256): XLA's softmax attention, float32 within 1e-5, gradients too;
+  with token-pruning key masks, the flash-style kernel."""
+  from sparsifiner_jax.attention import backend as backend_lib   # pylint: disable=g-import-not-at-top
+  from sparsifiner_jax.attention import executors   # pylint: disable=g-import-not-at-top
+  q, k, v = _qkv((2, n, 2, 16), seed=3)
+
+  def fused(q, k, v, key_valid=None):
+    with backend_lib.compiling_for("tpu", interpret=True):
+      return executors.fused_dense_attention(q, k, v, key_valid)
+
+  ref = _grads(lambda q, k, v: executors.softmax_attention(q, k, v, None), q, k, v)
+  for name, r, g in zip(("out", "dq", "dk", "dv"), ref, _grads(fused, q, k, v)):
+    tol = 1e-5 * max(1.0, float(jnp.max(jnp.abs(r))))
+    np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=tol, rtol=0, err_msg=name)
+  grad = lambda key_valid: str(jax.make_jaxpr(jax.grad(   # noqa: E731
+      lambda q: jnp.sum(fused(q, k, v, key_valid))))(q))
+  text = grad(None)
+  assert "block_sparse_attention_resident_fwd" in text and "block_sparse_attention_resident_bwd" in text
+  text = grad(jnp.ones((2, n), bool))
+  assert "block_sparse_attention" not in text and "sparse_attention_fwd" in text
+
+
 def test_fused_executor_is_refused_off_accelerators():
   from sparsifiner_jax.attention import executors   # pylint: disable=g-import-not-at-top
   q, k, v = _qkv((1, 9, 2, 8))
