@@ -29,6 +29,7 @@ from flax import nnx
 from sparsifiner_jax import precision
 from sparsifiner_jax.attention import blocks, cpu, selection
 from sparsifiner_jax.attention import mask as mask_lib
+from sparsifiner_jax.attention.pallas import token_products
 
 Array = jax.Array
 
@@ -133,6 +134,11 @@ class MaskPredictor(nnx.Module):
     """
     q, k = qkv[:, :, 0], qkv[:, :, 1]
     factors = self.factors(k, token_index=token_index, key_keep=key_keep)
+    if self.block and token_index is None and key_keep is None and token_products.applies(qkv):
+      # TPU: kᵀP and the pooled q from q and k in place (XLA would copy qkv transposed first).
+      k_proj, q_blocks = token_products.token_products(qkv, factors[1][0], block=self.block, dtype=self.dtype)
+      weights = query_weights(*factors, self.dtype, k_proj=k_proj)
+      return self.block_mask(q, weights, recon, token_index, key_keep, q_blocks=q_blocks)
     weights = query_weights(*factors, self.dtype)                     # [B, H, d + 1, m]
     if self.block:
       return self.block_mask(q, weights, recon, token_index, key_keep)
@@ -149,15 +155,18 @@ class MaskPredictor(nnx.Module):
     return mask, approx
 
   def block_mask(self, q: Array, weights: Array, recon: bool, token_index: Array | None,
-                 key_keep: Array | None) -> tuple[mask_lib.AttentionMask | None, Array]:
+                 key_keep: Array | None, q_blocks: Array | None = None
+                 ) -> tuple[mask_lib.AttentionMask | None, Array]:
     """Block mode: ``(mask, block_scores [B, H, nb, nb])`` from raw q ``[B, N, H, d]`` and
     ``query_weights(...)``. The scores are the predictor's approximation pooled per block: coefficient
     logits of each query block's mean q (the logits are linear in q, so this is their mean), combined with
     the basis summed over each key block's tokens (pruned keys, ``key_keep`` False, contribute nothing).
     In reconstruction mode they approximate the teacher's ``blocks.attention_mass`` and no mask is made.
-    Cost O(B H (N/b)^2 m), no ``N x N`` array."""
+    ``q_blocks``: the pooled q ``[B, nb, H, d]`` where already computed. Cost O(B H (N/b)^2 m), no
+    ``N x N`` array."""
     n = q.shape[1]
-    q_blocks = blocks.pool(q, self.block, axis=1, mean=True)                # [B, nb, H, d]
+    if q_blocks is None:
+      q_blocks = blocks.pool(q, self.block, axis=1, mean=True)              # [B, nb, H, d]
     logits = coefficient_logits(q_blocks, weights, self.logit_scale, self.dtype, first_row=0)
     basis = self.basis_rows(recon, token_index)                             # [m, N] or [B, m, N]
     if key_keep is not None:
@@ -191,8 +200,8 @@ def token_rows(param: Array, token_index: Array | None) -> Array:
   return param[None] if token_index is None else param[token_index]
 
 
-def query_weights(keys: Array, proj_n: Array, w_k: Array, b_k: Array, w_q: Array, b_q: Array, dtype
-                  ) -> Array:
+def query_weights(keys: Array, proj_n: Array, w_k: Array, b_k: Array, w_q: Array, b_q: Array, dtype,
+                  k_proj: Array | None = None) -> Array:
   """``[W_q; b_q] K̂``, ``[B, H, d + 1, m]`` float32 (the offset ``b_q K̂`` as the last row), with
   ``K̂ = W_kᵀ (kᵀ P) + b_k (1ᵀ P)`` from keys ``[B, N, H, d]``, ``P = proj_n [1|B, N, m]``,
   ``w_k, w_q [d, c]`` and ``b_k, b_q [c]``; products in ``dtype`` (``precision.mixed_einsum``).
@@ -200,10 +209,12 @@ def query_weights(keys: Array, proj_n: Array, w_k: Array, b_k: Array, w_q: Array
   The coefficients' logits are ``q_r K̂`` with ``q_r = q W_q + b_q``, ``K̂ = (k W_k + b_k)ᵀ P``. Computed
   reassociated, ``q (W_q K̂) + b_q K̂``: the same products without projecting every token to c dims
   first (two thin matmuls and their copies). ``cpu.lowrank_topk_mask`` computes the same on CPU.
+  ``k_proj``: ``kᵀ P`` ``[B, H, d, m]`` where already computed (``pallas.token_products``).
   """
   mm = lambda spec, a, b: precision.mixed_einsum(spec, a, b, dtype)   # noqa: E731
-  spec = "bnhd,nm->bhdm" if proj_n.shape[0] == 1 else "bnhd,bnm->bhdm"
-  k_proj = mm(spec, keys, proj_n[0] if proj_n.shape[0] == 1 else proj_n)   # kᵀ P: [B, H, d, m]
+  if k_proj is None:
+    spec = "bnhd,nm->bhdm" if proj_n.shape[0] == 1 else "bnhd,bnm->bhdm"
+    k_proj = mm(spec, keys, proj_n[0] if proj_n.shape[0] == 1 else proj_n)   # kᵀ P: [B, H, d, m]
   # (This operand order: XLA:CPU lacks a bf16 x bf16 -> f32 DotThunk for the other.)
   k_hat = mm("dc,bhdm->bhcm", w_k, k_proj)                             # [B, H, c, m]
   k_hat = k_hat + b_k[:, None] * jnp.sum(proj_n, axis=1)[:, None, None, :]
