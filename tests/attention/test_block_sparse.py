@@ -85,8 +85,10 @@ def _reference(q, k, v, table, block, dense_rows=0):
 # TPU has two kernel sets: the resident one (a head group's whole sequence in VMEM, kept blocks gathered
 # there) where it fits, else the per-block grid; ``_RESIDENT_BYTES = 0`` forces the grid.
 KERNEL_SETS = [("tpu", "resident"), ("tpu", "per_block"), ("gpu", None)]
-FORWARD_KERNEL = {"resident": "block_sparse_attention_resident_fwd", "per_block": "block_sparse_attention_fwd"}
-BACKWARD_KERNEL = {"resident": "block_sparse_attention_resident_bwd", "per_block": "block_sparse_attention_bwd"}
+FORWARD_KERNEL = {"resident": "block_sparse_attention_resident_fwd",
+                  "per_block": "block_sparse_attention_fwd"}
+BACKWARD_KERNEL = {"resident": "block_sparse_attention_resident_bwd",
+                   "per_block": "block_sparse_attention_bwd"}
 
 
 def _use_forward(forward, monkeypatch):

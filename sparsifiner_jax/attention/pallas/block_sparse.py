@@ -206,25 +206,37 @@ def _softmax_rows(s: Array, v: Array) -> tuple[Array, Array]:
   return out, m + jnp.log(l)
 
 
+def _to_padded(pairs, cfg: _Config) -> None:
+  """Copies each ``(ref [N, W], scratch [nb b, W])`` pair into its scratch, the rows past N zeroed."""
+  for src, dst in pairs:
+    if cfg.ragged:
+      dst[(cfg.nb - 1) * cfg.block:, :] = jnp.zeros((cfg.block, dst.shape[1]), dst.dtype)
+    dst[:cfg.n, :] = src[...]
+
+
+def _gather_kept(tab_ref, k_sc, v_sc, lanes: slice, cfg: _Config, b, h, i):
+  """Query block ``i`` of head ``h``: ``(starts, k, v)``, its kept blocks' first rows and their keys and
+  values ``[K b, d]`` gathered from the padded scratch (``lanes``: the head's lanes)."""
+  starts = [pl.multiple_of(_entry(tab_ref, cfg, cfg.kept, b, h, i, j) * cfg.block, cfg.block)
+            for j in range(cfg.kept)]
+  k = jnp.concatenate([k_sc[pl.ds(s, cfg.block), lanes] for s in starts], axis=0)
+  v = jnp.concatenate([v_sc[pl.ds(s, cfg.block), lanes] for s in starts], axis=0)
+  return starts, k, v
+
+
 def _tpu_resident_fwd_kernel(tab_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *refs, cfg: _Config):
   """``q_ref, k_ref, v_ref, o_ref [N, g d]``, ``lse_ref [nb, g, b]`` (and, with ``cfg.dense_row``,
   ``row_lse_ref [g, 8]``); scratch ``[nb b, g d]`` for q, k, v and the output."""
   row_lse_ref, (q_sc, k_sc, v_sc, o_sc) = (refs[0] if cfg.dense_row else None), refs[-4:]
   b, grp = pl.program_id(0), pl.program_id(1)
   n, bl, d = cfg.n, cfg.block, cfg.head_dim
-  for src, dst in ((q_ref, q_sc), (k_ref, k_sc), (v_ref, v_sc)):
-    if cfg.ragged:
-      dst[(cfg.nb - 1) * bl:, :] = jnp.zeros((bl, dst.shape[1]), dst.dtype)
-    dst[:n, :] = src[...]
+  _to_padded(((q_ref, q_sc), (k_ref, k_sc), (v_ref, v_sc)), cfg)
 
   for slot in range(cfg.group):
     lanes = slice(slot * d, (slot + 1) * d)
 
     def query_block(i, carry, slot=slot, lanes=lanes):
-      starts = [pl.multiple_of(_entry(tab_ref, cfg, cfg.kept, b, grp * cfg.group + slot, i, j) * bl, bl)
-                for j in range(cfg.kept)]
-      k = jnp.concatenate([k_sc[pl.ds(s, bl), lanes] for s in starts], axis=0)          # [K b, d]
-      v = jnp.concatenate([v_sc[pl.ds(s, bl), lanes] for s in starts], axis=0)
+      starts, k, v = _gather_kept(tab_ref, k_sc, v_sc, lanes, cfg, b, grp * cfg.group + slot, i)
       rows = pl.ds(pl.multiple_of(i * bl, bl), bl)
       s = lax.dot_general(scaled(q_sc[rows, lanes], cfg.scale, k.dtype), k, NT,
                           preferred_element_type=F32)                                  # [b, K b]
@@ -260,10 +272,7 @@ def _tpu_resident_bwd_kernel(tab_ref, q_ref, k_ref, v_ref, do_ref, o_ref, lse_re
   b, grp = pl.program_id(0), pl.program_id(1)
   n, bl, d = cfg.n, cfg.block, cfg.head_dim
   tn = (((0,), (0,)), ((), ()))        # a.T @ b
-  for src, dst in ((q_ref, q_sc), (k_ref, k_sc), (v_ref, v_sc), (do_ref, do_sc), (o_ref, o_sc)):
-    if cfg.ragged:
-      dst[(cfg.nb - 1) * bl:, :] = jnp.zeros((bl, dst.shape[1]), dst.dtype)
-    dst[:n, :] = src[...]
+  _to_padded(((q_ref, q_sc), (k_ref, k_sc), (v_ref, v_sc), (do_ref, do_sc), (o_ref, o_sc)), cfg)
   dk_sc[...] = jnp.zeros(dk_sc.shape, F32)
   dv_sc[...] = jnp.zeros(dv_sc.shape, F32)
 
@@ -278,10 +287,7 @@ def _tpu_resident_bwd_kernel(tab_ref, q_ref, k_ref, v_ref, do_ref, o_ref, lse_re
     lanes = slice(slot * d, (slot + 1) * d)
 
     def query_block(i, carry, slot=slot, lanes=lanes):
-      starts = [pl.multiple_of(_entry(tab_ref, cfg, cfg.kept, b, grp * cfg.group + slot, i, j) * bl, bl)
-                for j in range(cfg.kept)]
-      k = jnp.concatenate([k_sc[pl.ds(s, bl), lanes] for s in starts], axis=0)          # [K b, d]
-      v = jnp.concatenate([v_sc[pl.ds(s, bl), lanes] for s in starts], axis=0)
+      starts, k, v = _gather_kept(tab_ref, k_sc, v_sc, lanes, cfg, b, grp * cfg.group + slot, i)
       rows = pl.ds(pl.multiple_of(i * bl, bl), bl)
       q = scaled(q_sc[rows, lanes], cfg.scale, k.dtype)
       do = do_sc[rows, lanes]

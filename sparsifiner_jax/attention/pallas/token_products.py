@@ -11,8 +11,9 @@ MXU as a transposed-operand product.
 ``token_products(qkv, proj_n, block=b, dtype=...)`` -> ``(k_proj [B, H, d, m], q_pool [B, nb, H, d])``:
 ``mixed_einsum("bnhd,nm->bhdm", k, proj_n, dtype)`` (products in ``dtype``) rounded to ``dtype``, which its
 only consumer, the next product in ``dtype``, does anyway (a float32 result took a convert of its own,
-costlier than the kernel: its minor axis is ``m``), and ``blocks.pool(q, b, axis=1, mean=True)`` (float32). The gradient is XLA's, of those same products: only
-the reconstruction phase, which trains ``P``, takes it.
+costlier than the kernel: its minor axis is ``m``), and ``blocks.pool(q, b, axis=1, mean=True)``
+(float32). The gradient is XLA's, of those same products: only the reconstruction phase, which trains
+``P``, takes it.
 """
 
 from __future__ import annotations
