@@ -134,14 +134,13 @@ class MaskPredictor(nnx.Module):
     """
     q, k = qkv[:, :, 0], qkv[:, :, 1]
     factors = self.factors(k, token_index=token_index, key_keep=key_keep)
+    k_proj = q_blocks = None
     if self.block and token_index is None and key_keep is None and token_products.applies(qkv):
       # TPU: kᵀP and the pooled q from q and k in place (XLA would copy qkv transposed first).
       k_proj, q_blocks = token_products.token_products(qkv, factors[1][0], block=self.block, dtype=self.dtype)
-      weights = query_weights(*factors, self.dtype, k_proj=k_proj)
-      return self.block_mask(q, weights, recon, token_index, key_keep, q_blocks=q_blocks)
-    weights = query_weights(*factors, self.dtype)                     # [B, H, d + 1, m]
+    weights = query_weights(*factors, self.dtype, k_proj=k_proj)      # [B, H, d + 1, m]
     if self.block:
-      return self.block_mask(q, weights, recon, token_index, key_keep)
+      return self.block_mask(q, weights, recon, token_index, key_keep, q_blocks=q_blocks)
     logits = coefficient_logits(q, weights, self.logit_scale, self.dtype)
     basis = self.basis_rows(recon, token_index)
     approx = self.combine(logits, basis, recon)
