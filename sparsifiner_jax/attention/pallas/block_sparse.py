@@ -3,14 +3,15 @@
 ``block_sparse_attention(q, k, v, table, block=b, scale=...)``: every query row of query block ``i``
 attends to the tokens of the key blocks ``table[b, h, i, :]`` (``attention.blocks``), softmax in float32,
 products in q's dtype with float32 accumulation. Only kept blocks are ever computed, and, but for the
-resident TPU forward, ever loaded:
+resident TPU kernels, ever loaded:
 
-* forward, TPU, where a head group's whole sequence fits in VMEM (``_resident``: up to a few thousand
-  tokens): one grid step per example and head group reads q, k and v once and, per query block,
-  gathers the kept key blocks from VMEM and takes their softmax in one pass. The per-block grid below
-  reads every kept block once per query block that keeps it (``nb K b`` rows of k and v against ``N``)
-  and pays a grid step's overhead per (query block, kept block); by the clock the resident forward is
-  5-7x faster at 197 to 3,137 tokens;
+* TPU, where a head group's whole sequence fits in VMEM (``_resident``: DeiT-S up to about 4,000 tokens
+  forward, 1,800 backward): one grid step per example and head group reads q, k and v (and do, o) once
+  and, per query block, gathers the kept key blocks from VMEM; the forward takes their softmax in one
+  pass, the backward adds dk and dv at the kept blocks' offsets. The per-block grid below reads every
+  kept block once per query block that keeps it (``nb K b`` rows of k and v against ``N``) and pays a
+  grid step's overhead per (query block, kept block); by the clock the resident forward is 5-7x faster
+  at 197 to 3,137 tokens, forward and backward 2.3-3.2x at 197 and 785;
 * forward elsewhere, and dq: the grid (TPU) or the loop (GPU) runs over the ``K`` entries of the table,
   and the index map of k and v reads the kept key block from the table (prefetched into SMEM on TPU);
 * dk, dv: on TPU in the same pass as dq (``_tpu_bwd_kernel``), accumulated for the whole sequence in
@@ -51,9 +52,9 @@ from sparsifiner_jax.precision import mixed_einsum
 
 Array = jax.Array
 _FUSED_BACKWARD_BYTES = 24 * 2 ** 20   # TPU: VMEM for the one-pass backward's whole-sequence dk, dv
-_RESIDENT_BYTES = 12 * 2 ** 20    # TPU: VMEM for the resident forward's sequence, output and scratch
+_RESIDENT_BYTES = 12 * 2 ** 20    # TPU: VMEM for the resident kernels' operands, results and scratch
 _RESIDENT_KEYS = 1024    # TPU: the most kept keys per query block the resident kernels take
-_UNROLL_BLOCKS = 32     # TPU: the resident forward unrolls its loop over query blocks up to this many
+_UNROLL_BLOCKS = 32     # TPU: the resident kernels unroll their loop over query blocks up to this many
 _GPU_TILE = 64          # GPU: the most rows (and keys) a program's tile holds (shared memory at 128)
 
 
@@ -179,12 +180,13 @@ def _tpu_dense_row_bwd_kernel(q_ref, k_ref, v_ref, do_ref, o_ref, lse_ref, dq_re
     dv_ref[:, lanes] = lax.dot_general(p.astype(v.dtype), do, tn, preferred_element_type=F32)
 
 
-# Sequences whose head group fits in VMEM (``_resident``) take another forward: a ``(B, head group)`` grid
+# Sequences whose head group fits in VMEM (``_resident``) take other kernels: a ``(B, head group)`` grid
 # whose step reads the group's q, k and v once, and for each query block gathers its kept key blocks from
-# VMEM (dynamic slices at the table's offsets) and takes the softmax over them in one pass. Per group it
-# reads N rows of k and v where the per-block grid reads nb K b (every query block re-reads its kept
-# blocks), and it pays one grid step's overhead where the per-block grid pays nb K. The sequence is copied
-# into zero-padded scratch (a whole number of blocks: every gather is in bounds); keys past N get -inf.
+# VMEM (dynamic slices at the table's offsets); the forward takes the softmax over them in one pass. Per
+# group it reads N rows of k and v where the per-block grid reads nb K b (every query block re-reads its
+# kept blocks), and it pays one grid step's overhead where the per-block grid pays nb K. The sequence is
+# copied into zero-padded scratch (a whole number of blocks: every gather is in bounds); keys past N get
+# -inf.
 
 
 def _kept_keys(starts: list, cfg: _Config) -> Array:
