@@ -41,17 +41,20 @@ def block_sizes(n: int, block: int) -> Array:
   return (jnp.minimum(starts + block, n) - starts).astype(jnp.float32)
 
 
+def pooling_matrix(n: int, block: int, *, mean: bool) -> Array:
+  """``[N, nb]`` float32: column ``j`` sums (or, ``mean``, averages over its real tokens) block ``j``."""
+  member = (jnp.arange(n)[:, None] // block) == jnp.arange(count(n, block))[None, :]
+  return (member / (block_sizes(n, block) if mean else 1.0)).astype(jnp.float32)
+
+
 def pool(x: Array, block: int, axis: int, *, mean: bool) -> Array:
   """Sums (or means, over the real tokens of a ragged last block) of ``x`` over blocks of ``block``
   entries along ``axis``: that axis goes from ``N`` to ``count(N, block)``. float32.
 
   One product with the ``[N, nb]`` pooling matrix (full float32 precision): on a TPU it reads ``x`` once
   on the MXU, where a padded reshape and a reduction would copy it in float32 first."""
-  n = x.shape[axis]
-  nb = count(n, block)
-  member = (jnp.arange(n)[:, None] // block) == jnp.arange(nb)[None, :]            # [N, nb]
-  weights = member / (block_sizes(n, block) if mean else 1.0)
-  pooled = jnp.tensordot(x.astype(jnp.float32), weights.astype(jnp.float32), axes=([axis], [0]),
+  weights = pooling_matrix(x.shape[axis], block, mean=mean)
+  pooled = jnp.tensordot(x.astype(jnp.float32), weights, axes=([axis], [0]),
                          precision=jax.lax.Precision.HIGHEST)
   return jnp.moveaxis(pooled, -1, axis)
 

@@ -163,37 +163,10 @@ def test_tpu_kernels_in_the_qkv_layout(forward, monkeypatch):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=0)
 
 
-def test_tpu_backward_over_the_transposed_table(monkeypatch):
-  """Where dk and dv of a whole sequence do not fit the one-pass backward's VMEM budget, dq runs over the
-  table and dk, dv over the transposed one, the dense first row in XLA: the same gradients."""
-  monkeypatch.setattr(block_sparse, "_FUSED_BACKWARD_BYTES", 0)
-  monkeypatch.setattr(block_sparse, "_RESIDENT_BYTES", 0)
-  rng = np.random.default_rng(6)
-  n, block, d = 37, 16, 8
-  q, k, v = (jnp.asarray(rng.normal(size=(2, n, 3, d)), jnp.float32) for _ in range(3))
-  table = _random_table(rng, (2, 3), blocks.count(n, block), 2)
-  weights = jnp.asarray(rng.normal(size=(2, n, 3, d)), jnp.float32)
-
-  def loss(fn):
-    return lambda q, k, v: jnp.sum(fn(q, k, v) * weights)
-
-  fused = lambda q, k, v: block_sparse.block_sparse_attention(   # noqa: E731
-      q, k, v, table, block=block, scale=d ** -0.5, dense_rows=1, interpret=True)
-  got = jax.grad(loss(fused), argnums=(0, 1, 2))(q, k, v)
-  want = jax.grad(loss(lambda q, k, v: _reference(q, k, v, table, block, 1)), argnums=(0, 1, 2))(q, k, v)
-  for g, w in zip(got, want):
-    np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=0)
-  jaxpr = str(jax.make_jaxpr(jax.grad(loss(fused)))(q, k, v))
-  assert "block_sparse_attention_dkv" in jaxpr and "block_sparse_attention_bwd" not in jaxpr
-
-
-def test_tpu_resident_forward_with_the_per_block_backward(monkeypatch):
-  """A sequence whose forward fits the resident budget but whose backward does not: the per-block
-  backward reads the resident forward's rows (lse, the CLS row's apart) as its own."""
-  fits = block_sparse._resident
-  monkeypatch.setattr(block_sparse, "_resident", lambda cfg, itemsize, backward=False: not backward
-                      and fits(cfg, itemsize))
-  rng = np.random.default_rng(7)
+def _cls_gradients_match(seed: int) -> str:
+  """TPU kernels (interpreted) with the dense CLS row at 37 tokens in blocks of 16, 3 heads of 8: asserts
+  their float32 gradients equal the masked reference's within 1e-5; returns the gradient's jaxpr."""
+  rng = np.random.default_rng(seed)
   n, block, d = 37, 16, 8
   q, k, v = (jnp.asarray(rng.normal(size=(2, n, 3, d)), jnp.float32) for _ in range(3))
   table = _random_table(rng, (2, 3), blocks.count(n, block), 2)
@@ -205,7 +178,25 @@ def test_tpu_resident_forward_with_the_per_block_backward(monkeypatch):
   want = jax.grad(loss(lambda q, k, v: _reference(q, k, v, table, block, 1)), argnums=(0, 1, 2))(q, k, v)
   for g, w in zip(got, want):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=0)
-  jaxpr = str(jax.make_jaxpr(jax.grad(loss(fused)))(q, k, v))
+  return str(jax.make_jaxpr(jax.grad(loss(fused)))(q, k, v))
+
+
+def test_tpu_backward_over_the_transposed_table(monkeypatch):
+  """Where dk and dv of a whole sequence do not fit the one-pass backward's VMEM budget, dq runs over the
+  table and dk, dv over the transposed one, the dense first row in XLA: the same gradients."""
+  monkeypatch.setattr(block_sparse, "_FUSED_BACKWARD_BYTES", 0)
+  monkeypatch.setattr(block_sparse, "_RESIDENT_BYTES", 0)
+  jaxpr = _cls_gradients_match(seed=6)
+  assert "block_sparse_attention_dkv" in jaxpr and "block_sparse_attention_bwd" not in jaxpr
+
+
+def test_tpu_resident_forward_with_the_per_block_backward(monkeypatch):
+  """A sequence whose forward fits the resident budget but whose backward does not: the per-block
+  backward reads the resident forward's rows (lse, the CLS row's apart) as its own."""
+  fits = block_sparse._resident
+  monkeypatch.setattr(block_sparse, "_resident", lambda cfg, itemsize, backward=False: not backward
+                      and fits(cfg, itemsize))
+  jaxpr = _cls_gradients_match(seed=7)
   assert "block_sparse_attention_resident_fwd" in jaxpr and "block_sparse_attention_bwd" in jaxpr
   assert "block_sparse_attention_resident_bwd" not in jaxpr
 

@@ -534,7 +534,12 @@ class _Specs:
 
   def row_lse(self) -> pl.BlockSpec:
     """The dense first rows' lse ``[g, 8]`` of the group, on a ``(B, group)`` grid."""
-    return pl.BlockSpec((None, None, self.cfg.group, _TILE_ROWS), lambda b, grp: (b, grp, 0, 0))
+    return pl.BlockSpec((None, None, self.cfg.group, _TILE_ROWS), lambda b, grp, *_: (b, grp, 0, 0))
+
+  def all_rows(self) -> pl.BlockSpec:
+    """Every block's lse rows ``[nb, g, b]`` of the group, on a ``(B, group)`` grid."""
+    c = self.cfg
+    return pl.BlockSpec((None, None, c.nb, c.group, c.block), lambda b, grp, *_: (b, grp, 0, 0, 0))
 
   def row(self, slot: int | None = None) -> pl.BlockSpec:
     """The group's lse/delta rows ``[g, b]`` of block ``i`` or of head ``slot``'s table block."""
@@ -597,11 +602,10 @@ def _tpu_resident_forward(cfg: _Config, qkv, table, out_dtype):
                          // qkv.dtype.itemsize + 4 * rows)
   out_shape = [out_struct(cfg.side_shape(bsz, n), qkv, out_dtype),
                out_struct((bsz, cfg.heads // g, cfg.nb, g, cfg.block), qkv)]
-  out_specs = [specs.sequence(0), pl.BlockSpec((None, None, cfg.nb, g, cfg.block),
-                                               lambda b, grp, *_: (b, grp, 0, 0, 0))]
+  out_specs = [specs.sequence(0), specs.all_rows()]
   if cfg.dense_row:
     out_shape.append(out_struct((bsz, cfg.heads // g, g, _TILE_ROWS), qkv))
-    out_specs.append(pl.BlockSpec((None, None, g, _TILE_ROWS), lambda b, grp, *_: (b, grp, 0, 0)))
+    out_specs.append(specs.row_lse())
   padded = pltpu.VMEM((cfg.nb * cfg.block, g * d), qkv.dtype)
   result = pl.pallas_call(
       functools.partial(_tpu_resident_fwd_kernel, cfg=cfg),
@@ -626,11 +630,10 @@ def _tpu_resident_backward(cfg: _Config, qkv, table, do, out, lse, row_lse):
   cost = pl.CostEstimate(flops=10 * pairs * d, transcendentals=pairs,
                          bytes_accessed=nbytes(qkv, table, do, out, lse) + nbytes(qkv))
   grad = out_struct(cfg.side_shape(bsz, n), qkv, qkv.dtype)
-  rows_spec = pl.BlockSpec((None, None, cfg.nb, g, cfg.block), lambda b, grp, *_: (b, grp, 0, 0, 0))
-  in_specs = [specs.sequence(s) for s in range(3)] + [specs.sequence(0)] * 2 + [rows_spec]
+  in_specs = [specs.sequence(s) for s in range(3)] + [specs.sequence(0)] * 2 + [specs.all_rows()]
   args = [qkv, qkv, qkv, do, out, lse]
   if cfg.dense_row:
-    in_specs.append(pl.BlockSpec((None, None, g, _TILE_ROWS), lambda b, grp, *_: (b, grp, 0, 0)))
+    in_specs.append(specs.row_lse())
     args.append(row_lse)
   padded = lambda dtype: pltpu.VMEM((cfg.nb * cfg.block, g * d), dtype)   # noqa: E731
   return pl.pallas_call(
@@ -789,15 +792,15 @@ def _delta_rows(cfg: _Config, do, out) -> Array:
 def _tpu_core_bwd(cfg: _Config, res, dout):
   qkv, table, out, lse, row_lse = res
   dout = dout.astype(qkv.dtype)
-  if _resident(cfg, qkv.dtype.itemsize, backward=True):
+  if _resident(cfg, qkv.dtype.itemsize, backward=True):   # the dense row's gradients included
     dq, dk, dv = _tpu_resident_backward(cfg, qkv, table, dout, out, lse, row_lse)
-    return jnp.concatenate([dq, dk, dv], axis=-1 if cfg.lanes else 1), None
-  dq, dk, dv = _tpu_backward(cfg, qkv, table, dout, out, lse)
-  if cfg.dense_row:
-    row_dq, row_dk, row_dv = _tpu_dense_row_backward(cfg, qkv, dout, out, row_lse)
-    add = lambda x, y: (x.astype(F32) + y).astype(x.dtype)   # noqa: E731
-    dq = dq.at[:, :, :_TILE_ROWS].set(add(dq[:, :, :_TILE_ROWS], row_dq))
-    dk, dv = add(dk, row_dk), add(dv, row_dv)
+  else:
+    dq, dk, dv = _tpu_backward(cfg, qkv, table, dout, out, lse)
+    if cfg.dense_row:
+      row_dq, row_dk, row_dv = _tpu_dense_row_backward(cfg, qkv, dout, out, row_lse)
+      add = lambda x, y: (x.astype(F32) + y).astype(x.dtype)   # noqa: E731
+      dq = dq.at[:, :, :_TILE_ROWS].set(add(dq[:, :, :_TILE_ROWS], row_dq))
+      dk, dv = add(dk, row_dk), add(dv, row_dv)
   return jnp.concatenate([dq, dk, dv], axis=-1 if cfg.lanes else 1), None
 
 

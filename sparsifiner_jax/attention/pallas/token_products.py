@@ -63,8 +63,7 @@ def _forward(qkv: Array, proj_n: Array, block: int, dtype, interpret: bool) -> t
   bsz, n, _, nh, d = qkv.shape
   lanes = 128
   groups, m, nb = nh * d // lanes, proj_n.shape[-1], blocks.count(n, block)
-  member = (jnp.arange(n)[:, None] // block) == jnp.arange(nb)[None, :]                # [N, nb]
-  weights = (member / blocks.block_sizes(n, block)).astype(F32)
+  weights = blocks.pooling_matrix(n, block, mean=True)                                 # [N, nb]
   flat = qkv.reshape(bsz, 1, n, 3 * nh * d)
   flat, p, weights = same_vma(flat, proj_n.astype(dtype), weights)
   section = lambda s: pl.BlockSpec((None, None, n, lanes),                            # noqa: E731
