@@ -41,21 +41,23 @@ def block_sizes(n: int, block: int) -> Array:
   return (jnp.minimum(starts + block, n) - starts).astype(jnp.float32)
 
 
-def pooling_matrix(n: int, block: int, *, mean: bool) -> Array:
-  """``[N, nb]`` float32: column ``j`` sums (or, ``mean``, averages over its real tokens) block ``j``."""
-  member = (jnp.arange(n)[:, None] // block) == jnp.arange(count(n, block))[None, :]
-  return (member / (block_sizes(n, block) if mean else 1.0)).astype(jnp.float32)
+def membership(n: int, block: int, dtype=jnp.float32) -> Array:
+  """``[N, nb]``: 1 where token ``i`` lies in block ``j``, else 0."""
+  return ((jnp.arange(n)[:, None] // block) == jnp.arange(count(n, block))[None, :]).astype(dtype)
 
 
 def pool(x: Array, block: int, axis: int, *, mean: bool) -> Array:
   """Sums (or means, over the real tokens of a ragged last block) of ``x`` over blocks of ``block``
   entries along ``axis``: that axis goes from ``N`` to ``count(N, block)``. float32.
 
-  One product with the ``[N, nb]`` pooling matrix (full float32 precision): on a TPU it reads ``x`` once
-  on the MXU, where a padded reshape and a reduction would copy it in float32 first."""
-  weights = pooling_matrix(x.shape[axis], block, mean=mean)
-  pooled = jnp.tensordot(x.astype(jnp.float32), weights, axes=([axis], [0]),
+  One product with the ``[N, nb]`` ``membership`` matrix (full float32 precision; a mean divides the sums
+  after): on a TPU it reads ``x`` once on the MXU, where a padded reshape and a reduction would copy it
+  in float32 first."""
+  n = x.shape[axis]
+  pooled = jnp.tensordot(x.astype(jnp.float32), membership(n, block), axes=([axis], [0]),
                          precision=jax.lax.Precision.HIGHEST)
+  if mean:
+    pooled = pooled / block_sizes(n, block)
   return jnp.moveaxis(pooled, -1, axis)
 
 

@@ -122,9 +122,10 @@ class AttentionMask:
       return jnp.sum(self.to_dense(), axis=(-1, -2))
     if self.table is not None:          # from the table alone: no N x N array
       n, b, nd = self.num_keys, self.block_size, self.num_dense_rows
-      starts = jnp.arange(self.table.shape[-2]) * b
-      size = jnp.minimum(starts + b, n) - starts                          # tokens per block
-      keys = jnp.sum(size[self.table], axis=-1)                           # keys of each query block's rows
+      nb = self.table.shape[-2]
+      size = jnp.full(nb, b).at[-1].set(n - (nb - 1) * b)                 # tokens per block
+      # Keys of each query block's rows: whole blocks, the ragged last one where kept (no gather).
+      keys = jnp.sum(jnp.where(self.table == nb - 1, size[-1], b), axis=-1)
       return jnp.sum(keys * size.at[0].add(-nd), axis=-1) + nd * n
     per_sparse = (jnp.sum(self.valid, axis=(-1, -2)) if self.valid is not None
                   else jnp.full(self.indices.shape[:-2], self.indices.shape[-2] * self.keys_per_row))

@@ -29,7 +29,7 @@ from flax import nnx
 from sparsifiner_jax import precision
 from sparsifiner_jax.attention import blocks, cpu, selection
 from sparsifiner_jax.attention import mask as mask_lib
-from sparsifiner_jax.attention.pallas import token_products
+from sparsifiner_jax.attention.pallas import block_predictor
 
 Array = jax.Array
 
@@ -134,13 +134,9 @@ class MaskPredictor(nnx.Module):
     """
     q, k = qkv[:, :, 0], qkv[:, :, 1]
     factors = self.factors(k, token_index=token_index, key_keep=key_keep)
-    k_proj = q_blocks = None
-    if self.block and token_index is None and key_keep is None and token_products.applies(qkv):
-      # TPU: kᵀP and the pooled q from q and k in place (XLA would copy qkv transposed first).
-      k_proj, q_blocks = token_products.token_products(qkv, factors[1][0], block=self.block, dtype=self.dtype)
-    weights = query_weights(*factors, self.dtype, k_proj=k_proj)      # [B, H, d + 1, m]
     if self.block:
-      return self.block_mask(q, weights, recon, token_index, key_keep, q_blocks=q_blocks)
+      return self.block_mask(qkv, factors, recon, token_index, key_keep)
+    weights = query_weights(*factors, self.dtype)                      # [B, H, d + 1, m]
     logits = coefficient_logits(q, weights, self.logit_scale, self.dtype)
     basis = self.basis_rows(recon, token_index)
     approx = self.combine(logits, basis, recon)
@@ -153,20 +149,25 @@ class MaskPredictor(nnx.Module):
         signed_basis=self.signed_basis, compute_dtype=self.dtype, key_keep=key_keep)
     return mask, approx
 
-  def block_mask(self, q: Array, weights: Array, recon: bool, token_index: Array | None,
-                 key_keep: Array | None, q_blocks: Array | None = None
-                 ) -> tuple[mask_lib.AttentionMask | None, Array]:
-    """Block mode: ``(mask, block_scores [B, H, nb, nb])`` from raw q ``[B, N, H, d]`` and
-    ``query_weights(...)``. The scores are the predictor's approximation pooled per block: coefficient
-    logits of each query block's mean q (the logits are linear in q, so this is their mean), combined with
-    the basis summed over each key block's tokens (pruned keys, ``key_keep`` False, contribute nothing).
-    In reconstruction mode they approximate the teacher's ``blocks.attention_mass`` and no mask is made.
-    ``q_blocks``: the pooled q ``[B, nb, H, d]`` where already computed. Cost O(B H (N/b)^2 m), no
-    ``N x N`` array."""
-    n = q.shape[1]
-    if q_blocks is None:
-      q_blocks = blocks.pool(q, self.block, axis=1, mean=True)              # [B, nb, H, d]
-    logits = coefficient_logits(q_blocks, weights, self.logit_scale, self.dtype, first_row=0)
+  def block_mask(self, qkv: Array, factors: tuple, recon: bool, token_index: Array | None,
+                 key_keep: Array | None) -> tuple[mask_lib.AttentionMask | None, Array]:
+    """Block mode: ``(mask, block_scores [B, H, nb, nb])`` from ``qkv [B, N, S, H, d]`` and ``factors``.
+    The scores are the predictor's approximation pooled per block: coefficient logits of each query
+    block's mean q (the logits are linear in q, so this is their mean), combined with the basis summed
+    over each key block's tokens (pruned keys, ``key_keep`` False, contribute nothing). The logits are
+    ``q_r K̂`` with ``pallas.block_predictor``'s projections, in that order (projecting the ``nb`` pooled
+    queries to ``c`` dims is cheaper than ``query_weights``' reassociation). In reconstruction mode the
+    scores approximate the teacher's ``blocks.attention_mass`` and no mask is made. Cost
+    O(B H N d (m + N/b)) for the products over tokens, O(B H (N/b)^2 m) after; no ``N x N`` array."""
+    n = qkv.shape[1]
+    keys, proj_n, *params = factors
+    if token_index is None and key_keep is None and block_predictor.applies(qkv, proj_n):
+      # TPU: one kernel reads q and k in place (as XLA products, XLA would copy qkv transposed first).
+      q_r, k_hat = block_predictor.projections(qkv, proj_n, *params, block=self.block, dtype=self.dtype)
+    else:
+      q_r, k_hat = block_predictor.reference(qkv[:, :, 0], keys, proj_n, *params, block=self.block,
+                                             dtype=self.dtype)
+    logits = precision.mixed_einsum("bnhc,bmhc->bhnm", q_r, k_hat, self.dtype) * self.logit_scale
     basis = self.basis_rows(recon, token_index)                             # [m, N] or [B, m, N]
     if key_keep is not None:
       basis = basis * key_keep[:, None, :].astype(basis.dtype)
@@ -184,12 +185,12 @@ def threshold_basis(basis: Array, threshold: float, signed: bool = False) -> Arr
   return jnp.where(magnitude > threshold, basis if signed else magnitude, 0.0)
 
 
-def coefficient_logits(q: Array, weights: Array, scale: float, dtype, first_row: int = 1) -> Array:
-  """Logits of the basis coefficients ``[B, H, N - first_row, m]`` float32 from raw q ``[B, N, H, d]``
+def coefficient_logits(q: Array, weights: Array, scale: float, dtype) -> Array:
+  """Logits of the basis coefficients ``[B, H, N - 1, m]`` float32 from raw q ``[B, N, H, d]``
   and ``weights = query_weights(...)`` ``[B, H, d + 1, m]``: ``(q . weights[:d] + weights[d]) * scale``,
-  the product in ``dtype``; rows before ``first_row`` (the CLS row) are not predicted."""
+  the product in ``dtype``; the CLS row (row 0) is not predicted."""
   d = q.shape[-1]
-  scores = precision.mixed_einsum("bnhd,bhdm->bhnm", q[:, first_row:], weights[:, :, :d], dtype)
+  scores = precision.mixed_einsum("bnhd,bhdm->bhnm", q[:, 1:], weights[:, :, :d], dtype)
   return (scores + weights[:, :, d:]) * scale
 
 
@@ -199,8 +200,8 @@ def token_rows(param: Array, token_index: Array | None) -> Array:
   return param[None] if token_index is None else param[token_index]
 
 
-def query_weights(keys: Array, proj_n: Array, w_k: Array, b_k: Array, w_q: Array, b_q: Array, dtype,
-                  k_proj: Array | None = None) -> Array:
+def query_weights(keys: Array, proj_n: Array, w_k: Array, b_k: Array, w_q: Array, b_q: Array, dtype
+                  ) -> Array:
   """``[W_q; b_q] K̂``, ``[B, H, d + 1, m]`` float32 (the offset ``b_q K̂`` as the last row), with
   ``K̂ = W_kᵀ (kᵀ P) + b_k (1ᵀ P)`` from keys ``[B, N, H, d]``, ``P = proj_n [1|B, N, m]``,
   ``w_k, w_q [d, c]`` and ``b_k, b_q [c]``; products in ``dtype`` (``precision.mixed_einsum``).
@@ -208,12 +209,10 @@ def query_weights(keys: Array, proj_n: Array, w_k: Array, b_k: Array, w_q: Array
   The coefficients' logits are ``q_r K̂`` with ``q_r = q W_q + b_q``, ``K̂ = (k W_k + b_k)ᵀ P``. Computed
   reassociated, ``q (W_q K̂) + b_q K̂``: the same products without projecting every token to c dims
   first (two thin matmuls and their copies). ``cpu.lowrank_topk_mask`` computes the same on CPU.
-  ``k_proj``: ``kᵀ P`` ``[B, H, d, m]`` where already computed (``pallas.token_products``).
   """
   mm = lambda spec, a, b: precision.mixed_einsum(spec, a, b, dtype)   # noqa: E731
-  if k_proj is None:
-    spec = "bnhd,nm->bhdm" if proj_n.shape[0] == 1 else "bnhd,bnm->bhdm"
-    k_proj = mm(spec, keys, proj_n[0] if proj_n.shape[0] == 1 else proj_n)   # kᵀ P: [B, H, d, m]
+  spec = "bnhd,nm->bhdm" if proj_n.shape[0] == 1 else "bnhd,bnm->bhdm"
+  k_proj = mm(spec, keys, proj_n[0] if proj_n.shape[0] == 1 else proj_n)     # kᵀ P: [B, H, d, m]
   # (This operand order: XLA:CPU lacks a bf16 x bf16 -> f32 DotThunk for the other.)
   k_hat = mm("dc,bhdm->bhcm", w_k, k_proj)                             # [B, H, c, m]
   k_hat = k_hat + b_k[:, None] * jnp.sum(proj_n, axis=1)[:, None, None, :]

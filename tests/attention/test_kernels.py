@@ -114,6 +114,20 @@ def test_fallback_path_is_the_reference(no_kernel):
   np.testing.assert_array_equal(cpu.topk_keep_mask(x, 5), cpu.topk_keep_mask_xla(x, 5))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, jnp.bfloat16])
+def test_reference_marks_exactly_the_top_k_indices(dtype):
+  """``topk_keep_mask_xla`` (elementwise, no scatter) marks the indices ``lax.top_k`` returns, on rows
+  full of ties, signed zeros, infinities and NaNs of both signs."""
+  rng = np.random.default_rng(5)
+  x = rng.choice(np.array([0.0, -0.0, 1.0, -1.0, np.inf, -np.inf, np.nan, -np.nan, 2.0]), size=(64, 13))
+  x = jnp.asarray(x, dtype)
+  for k in (1, 3, 6, 12):
+    _, idx = jax.lax.top_k(x, k)
+    want = np.zeros(x.shape, bool)
+    np.put_along_axis(want, np.asarray(idx), True, axis=-1)
+    np.testing.assert_array_equal(np.asarray(cpu.topk_keep_mask_xla(x, k)), want, err_msg=f"k={k}")
+
+
 @pytest.mark.parametrize("k", [0, -1, 11])
 def test_bad_k_raises(k):
   with pytest.raises(ValueError, match=r"top-k budget k=.* must be in \[1, 10\]"):

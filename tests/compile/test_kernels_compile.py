@@ -154,22 +154,23 @@ def test_block_kernels_compile(topology, n, block, forward, monkeypatch):
 
 
 @pytest.mark.parametrize("topology", [t for t in TARGETS if targets.platform(t) == "tpu"])
-def test_predictor_token_products_compile(topology):
-  """Block mode's predictor products over tokens (``pallas.token_products``, TPU only) at DeiT-S 224 px
-  in blocks of 32, bf16, forward and the reconstruction phase's gradient."""
+def test_block_predictor_compiles(topology):
+  """Block mode's predictor projections (``pallas.block_predictor``, TPU only) at DeiT-S 224 px in blocks
+  of 32, bf16, forward and the reconstruction phase's gradient."""
   need_compiler_for(topology)
-  from sparsifiner_jax.attention.pallas import token_products   # pylint: disable=import-outside-toplevel
+  from sparsifiner_jax.attention.pallas import block_predictor   # pylint: disable=import-outside-toplevel
   spec = NamedSharding(Mesh(np.array([_device(topology)]), ("data",)), P())
-  n = 197
+  n, m, c = 197, 197 // 6, D // 2
 
-  def program(qkv, proj_n):
-    products = lambda a, p: token_products.token_products(a, p, block=32, dtype=jnp.bfloat16)   # noqa: E731
-    loss = lambda a, p: sum(jnp.sum(x.astype(jnp.float32)) for x in products(a, p))   # noqa: E731
-    return jax.value_and_grad(loss, argnums=(0, 1))(qkv, proj_n)
+  def program(qkv, *params):
+    run = lambda *a: block_predictor.projections(*a, block=32, dtype=jnp.bfloat16)   # noqa: E731
+    loss = lambda *a: sum(jnp.sum(x) for x in run(*a))   # noqa: E731
+    return jax.value_and_grad(loss, argnums=tuple(range(6)))(qkv, *params)
 
-  qkv = jax.ShapeDtypeStruct((B, n, 3, H, D), jnp.bfloat16, sharding=spec)
-  proj_n = jax.ShapeDtypeStruct((n, n // 4), jnp.float32, sharding=spec)
+  shapes = [((B, n, 3, H, D), jnp.bfloat16), ((1, n, m), jnp.float32)] + [((D, c), jnp.float32),
+                                                                          ((c,), jnp.float32)] * 2
+  args = [jax.ShapeDtypeStruct(s, t, sharding=spec) for s, t in shapes]
   with backend.compiling_for("tpu"):
-    compiled = targets.compile_lowered(jax.jit(program).trace(qkv, proj_n).lower(), "tpu")
+    compiled = targets.compile_lowered(jax.jit(program).trace(*args).lower(), "tpu")
   text = compiled.as_text()
-  assert text.count("tpu_custom_call") == 1 and "predictor_token_products" in text
+  assert text.count("tpu_custom_call") == 1 and "block_predictor_projections" in text

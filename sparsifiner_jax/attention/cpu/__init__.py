@@ -132,12 +132,20 @@ def kernel_status() -> dict:
 
 
 def topk_keep_mask_xla(x: Array, k: int) -> Array:
-  """Reference: ``lax.top_k`` indices scattered into a boolean ``[..., n]`` mask."""
-  n = x.shape[-1]
-  _, idx = jax.lax.top_k(x, k)
-  rows = idx.reshape(-1, k)
-  out = jnp.zeros((rows.shape[0], n), bool).at[jnp.arange(rows.shape[0])[:, None], rows].set(True)
-  return out.reshape(x.shape)
+  """Reference: the entries ``lax.top_k`` picks, as a boolean ``[..., n]`` mask. top_k ranks by a total
+  order (-NaN < -inf < ... < -0.0 < +0.0 < ... < +inf < NaN) and takes ties lowest index first, so it
+  picks every entry above its k-th pick ``v`` and the entries equal to ``v`` up to that pick's index:
+  elementwise comparisons of order keys, where a scatter costs a TPU several passes."""
+  values, idx = jax.lax.top_k(x, k)
+  key, v = _order_key(x), _order_key(values[..., -1:])
+  position = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+  return (key > v) | ((key == v) & (position <= idx[..., -1:]))
+
+
+def _order_key(x: Array) -> Array:
+  """Signed integers ordered as top_k orders the floats ``x``: the bits, magnitude flipped if negative."""
+  bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"int{8 * x.dtype.itemsize}"))
+  return bits ^ ((bits >> (8 * x.dtype.itemsize - 1)) & jnp.iinfo(bits.dtype).max)
 
 
 def _ffi_topk_keep_mask(x: Array, k: int) -> Array:
