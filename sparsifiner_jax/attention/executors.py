@@ -199,8 +199,18 @@ def fused_dense_attention(q: Array, k: Array, v: Array, key_valid: Array | None 
   no mask read and no bits expanded; with ``key_valid [B, N]`` (token pruning) the kept keys travel as
   one packed row per example, broadcast over heads and queries. On TPU, without ``key_valid`` and where
   a head group's sequence fits in VMEM, the resident block kernels with every block kept (the faster by
-  the clock: ``block_sparse.resident_dense_fits``). ``[B, N, H, d]`` float32."""
+  the clock: ``block_sparse.resident_dense_fits``); where only their forward fits, the flash kernel's
+  gradient (recomputed), which beats the per-block grid's. ``[B, N, H, d]`` float32."""
   target = backend.target()
+
+  def flash(q, k, v, *packed):
+    return pallas_attention.flash_attention(q, k, v, packed[0] if packed else None,
+                                             scale=q.shape[-1] ** -0.5, backend=target.platform,
+                                             interpret=target.interpret)
+
+  def per_shard(fn):
+    return lambda q, k, v: sharding.per_batch_shard(fn, (q, k, v), (True, True, True))
+
   if (key_valid is None and target.platform == "tpu"
       and pallas_block_sparse.resident_dense_fits(q.shape, q.dtype)):
     table = pallas_block_sparse.dense_table(q.shape[1], q.shape[2])
@@ -209,18 +219,32 @@ def fused_dense_attention(q: Array, k: Array, v: Array, key_valid: Array | None 
       return pallas_block_sparse.block_sparse_attention(
           q, k, v, table, block=pallas_block_sparse.DENSE_BLOCK, scale=q.shape[-1] ** -0.5, backend="tpu",
           interpret=target.interpret)
-    return sharding.per_batch_shard(resident, (q, k, v), (True, True, True))
-
-  def run(q, k, v, *packed):
-    return pallas_attention.flash_attention(q, k, v, packed[0] if packed else None,
-                                             scale=q.shape[-1] ** -0.5, backend=target.platform,
-                                             interpret=target.interpret)
+    if pallas_block_sparse.resident_dense_fits(q.shape, q.dtype, backward=True):
+      return per_shard(resident)(q, k, v)
+    return _with_gradient_of(per_shard(resident), per_shard(flash))(q, k, v)
 
   if key_valid is None:
-    return sharding.per_batch_shard(run, (q, k, v), (True, True, True))
+    return per_shard(flash)(q, k, v)
   row = bitmask.pack(key_valid[:, None, None, :])                         # [B, 1, W, 1]
   packed = jnp.broadcast_to(row, (*row.shape[:3], q.shape[1]))
-  return sharding.per_batch_shard(run, (q, k, v, packed), (True,) * 4)
+  return sharding.per_batch_shard(flash, (q, k, v, packed), (True,) * 4)
+
+
+def _with_gradient_of(forward, other):
+  """``forward(q, k, v)``'s values with ``other``'s gradient (``other`` recomputed in the backward): two
+  implementations of one function."""
+  @jax.custom_vjp
+  def fn(q, k, v):
+    return forward(q, k, v)
+
+  def fn_fwd(q, k, v):
+    return forward(q, k, v), (q, k, v)
+
+  def fn_bwd(residuals, cotangent):
+    return jax.vjp(other, *residuals)[1](cotangent)
+
+  fn.defvjp(fn_fwd, fn_bwd)
+  return fn
 
 
 def unmasked_attention(q: Array, k: Array, v: Array, key_valid: Array | None, executor: str) -> Array:

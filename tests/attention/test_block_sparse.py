@@ -112,6 +112,22 @@ def _assert_kernels(fn, args, kernels):
 def test_kernels_match_masked_attention(backend, forward, n, block, kept, dense_rows, monkeypatch):
   """``cls_*``: the first row attends to every key (the TPU kernels compute it, GPU in XLA)."""
   _use_forward(forward, monkeypatch)
+  _check_against_masked(backend, forward, n, block, kept, dense_rows, monkeypatch)
+
+
+@pytest.mark.parametrize("n,block,kept,dense_rows", [(37, 16, 3, 0), (70, 32, 3, 1)], ids=["ragged", "cls"])
+def test_tpu_resident_kernels_in_chunks_of_kept_blocks(n, block, kept, dense_rows, monkeypatch):
+  """A query block's kept blocks in chunks of one block (``_RESIDENT_KEYS = block``): the forward's
+  softmax online over the chunks, the backward chunk by chunk."""
+  monkeypatch.setattr(block_sparse, "_RESIDENT_KEYS", block)
+  cfg = block_sparse._Config(scale=1.0, interpret=True, block=block, nb=blocks.count(n, block), kept=kept,
+                             n=n, heads=3, head_dim=8)
+  assert [list(c) for c in block_sparse._chunks(cfg)] == [[j] for j in range(kept)]
+  _check_against_masked("tpu", "resident", n, block, kept, dense_rows, monkeypatch)
+
+
+def _check_against_masked(backend, forward, n, block, kept, dense_rows, monkeypatch):
+  """The block kernels on a random table: outputs and gradients within 1e-5 of the masked reference."""
   rng = np.random.default_rng(n + kept)
   b, h, d = 2, 3, 8
   q, k, v = (jnp.asarray(rng.normal(size=(b, n, h, d)), jnp.float32) for _ in range(3))

@@ -180,13 +180,18 @@ def test_dense_kernel_with_token_pruning_key_mask_fp32(backend):
   _check_dense(backend, (2, 65, 2, 16), key_valid=key_valid)
 
 
-@pytest.mark.parametrize("n", [150, 256])
-def test_tpu_dense_runs_on_the_resident_block_kernels(n):
+@pytest.mark.parametrize("n,backward", [(150, "resident"), (256, "resident"), (150, "flash")])
+def test_tpu_dense_runs_on_the_resident_block_kernels(n, backward, monkeypatch):
   """On TPU a dense layer without key masks takes the resident block kernels with every block of 128
   kept (ragged at 150, exact at 256): XLA's softmax attention, float32 within 1e-5, gradients too;
+  where only their forward fits VMEM (``backward="flash"``, forced here), the flash kernel's gradient;
   with token-pruning key masks, the flash-style kernel."""
   from sparsifiner_jax.attention import backend as backend_lib   # pylint: disable=g-import-not-at-top
   from sparsifiner_jax.attention import executors   # pylint: disable=g-import-not-at-top
+  from sparsifiner_jax.attention.pallas import block_sparse   # pylint: disable=g-import-not-at-top
+  if backward == "flash":
+    fits = block_sparse._resident
+    monkeypatch.setattr(block_sparse, "_resident", lambda *a, backward=False: not backward and fits(*a))
   q, k, v = _qkv((2, n, 2, 16), seed=3)
 
   def fused(q, k, v, key_valid=None):
@@ -200,7 +205,9 @@ def test_tpu_dense_runs_on_the_resident_block_kernels(n):
   grad = lambda key_valid: str(jax.make_jaxpr(jax.grad(   # noqa: E731
       lambda q: jnp.sum(fused(q, k, v, key_valid))))(q))
   text = grad(None)
-  assert "block_sparse_attention_resident_fwd" in text and "block_sparse_attention_resident_bwd" in text
+  assert "block_sparse_attention_resident_fwd" in text
+  assert ("block_sparse_attention_resident_bwd" in text) == (backward == "resident")
+  assert ("sparse_attention_dkv" in text) == (backward == "flash")
   text = grad(jnp.ones((2, n), bool))
   assert "block_sparse_attention" not in text and "sparse_attention_fwd" in text
 

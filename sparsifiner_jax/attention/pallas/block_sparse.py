@@ -53,7 +53,7 @@ from sparsifiner_jax.precision import mixed_einsum
 Array = jax.Array
 _FUSED_BACKWARD_BYTES = 24 * 2 ** 20   # TPU: VMEM for the one-pass backward's whole-sequence dk, dv
 _RESIDENT_BYTES = 12 * 2 ** 20    # TPU: VMEM for the resident kernels' operands, results and scratch
-_RESIDENT_KEYS = 1024    # TPU: the most kept keys per query block the resident kernels take
+_RESIDENT_KEYS = 1024    # TPU: the resident kernels take a query block's kept keys in chunks of at most this
 _UNROLL_BLOCKS = 32     # TPU: the resident kernels unroll their loop over query blocks up to this many
 _GPU_TILE = 64          # GPU: the most rows (and keys) a program's tile holds (shared memory at 128)
 
@@ -186,15 +186,23 @@ def _tpu_dense_row_bwd_kernel(q_ref, k_ref, v_ref, do_ref, o_ref, lse_ref, dq_re
 # group it reads N rows of k and v where the per-block grid reads nb K b (every query block re-reads its
 # kept blocks), and it pays one grid step's overhead where the per-block grid pays nb K. The sequence is
 # copied into zero-padded scratch (a whole number of blocks: every gather is in bounds); keys past N get
-# -inf.
+# -inf. A query block's kept blocks are taken in chunks of at most ``_RESIDENT_KEYS`` keys (``_chunks``),
+# which bound its float32 logits in VMEM: the forward's softmax is one pass over a single chunk, online
+# over several.
+
+
+def _chunks(cfg: _Config) -> list[range]:
+  """The table slots of each chunk of a query block's kept blocks: ``_RESIDENT_KEYS`` keys at most."""
+  per = max(1, _RESIDENT_KEYS // cfg.block)
+  return [range(c, min(c + per, cfg.kept)) for c in range(0, cfg.kept, per)]
 
 
 def _kept_keys(starts: list, cfg: _Config) -> Array:
-  """The token of each column of a query block's gathered keys: ``[1, K b]`` int32, column ``j b + t``
+  """The token of each column of a chunk's gathered keys: ``[1, len(starts) b]`` int32, column ``j b + t``
   being token ``t`` of the block that starts at ``starts[j]``."""
-  col = lax.broadcasted_iota(jnp.int32, (1, cfg.kept * cfg.block), 1)
+  col = lax.broadcasted_iota(jnp.int32, (1, len(starts) * cfg.block), 1)
   first = starts[0]
-  for j in range(1, cfg.kept):
+  for j in range(1, len(starts)):
     first = jnp.where(col >= j * cfg.block, starts[j], first)
   return first + col % cfg.block
 
@@ -208,6 +216,23 @@ def _softmax_rows(s: Array, v: Array) -> tuple[Array, Array]:
   return out, m + jnp.log(l)
 
 
+def _masked_logits(q: Array, k: Array, starts: list, cfg: _Config) -> Array:
+  """``q kᵀ`` ``[b, len(starts) b]`` float32 for a chunk's gathered keys, keys past N at -inf."""
+  s = lax.dot_general(q, k, NT, preferred_element_type=F32)
+  return jnp.where(_kept_keys(starts, cfg) < cfg.n, s, -jnp.inf) if cfg.ragged else s
+
+
+def _empty_rows(rows: int, d: int) -> tuple[Array, Array, Array]:
+  """The online softmax's start ``(m, l, acc)``: nothing seen yet."""
+  return jnp.full((rows, 1), -jnp.inf, F32), jnp.zeros((rows, 1), F32), jnp.zeros((rows, d), F32)
+
+
+def _unrolled(cfg: _Config) -> bool:
+  """Whether the loop over query blocks is unrolled: up to ``_UNROLL_BLOCKS`` blocks of one chunk each
+  (unrolled chunked bodies keep their temporaries apart: 22 MB of VMEM for a 1,500-token backward)."""
+  return cfg.nb <= _UNROLL_BLOCKS and len(_chunks(cfg)) == 1
+
+
 def _to_padded(pairs, cfg: _Config) -> None:
   """Copies each ``(ref [N, W], scratch [nb b, W])`` pair into its scratch, the rows past N zeroed."""
   for src, dst in pairs:
@@ -216,11 +241,12 @@ def _to_padded(pairs, cfg: _Config) -> None:
     dst[:cfg.n, :] = src[...]
 
 
-def _gather_kept(tab_ref, k_sc, v_sc, lanes: slice, cfg: _Config, b, h, i):
-  """Query block ``i`` of head ``h``: ``(starts, k, v)``, its kept blocks' first rows and their keys and
-  values ``[K b, d]`` gathered from the padded scratch (``lanes``: the head's lanes)."""
+def _gather_kept(tab_ref, k_sc, v_sc, lanes: slice, cfg: _Config, b, h, i, slots: range):
+  """Query block ``i`` of head ``h``, table ``slots`` (a chunk): ``(starts, k, v)``, the kept blocks' first
+  rows and their keys and values ``[len(slots) b, d]`` gathered from the padded scratch (``lanes``: the
+  head's lanes). Keys past N get -inf from ``_masked_logits``."""
   starts = [pl.multiple_of(_entry(tab_ref, cfg, cfg.kept, b, h, i, j) * cfg.block, cfg.block)
-            for j in range(cfg.kept)]
+            for j in slots]
   k = jnp.concatenate([k_sc[pl.ds(s, cfg.block), lanes] for s in starts], axis=0)
   v = jnp.concatenate([v_sc[pl.ds(s, cfg.block), lanes] for s in starts], axis=0)
   return starts, k, v
@@ -238,18 +264,24 @@ def _tpu_resident_fwd_kernel(tab_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *refs
     lanes = slice(slot * d, (slot + 1) * d)
 
     def query_block(i, carry, slot=slot, lanes=lanes):
-      starts, k, v = _gather_kept(tab_ref, k_sc, v_sc, lanes, cfg, b, grp * cfg.group + slot, i)
       rows = pl.ds(pl.multiple_of(i * bl, bl), bl)
-      s = lax.dot_general(scaled(q_sc[rows, lanes], cfg.scale, k.dtype), k, NT,
-                          preferred_element_type=F32)                                  # [b, K b]
-      if cfg.ragged:
-        s = jnp.where(_kept_keys(starts, cfg) < n, s, -jnp.inf)
-      out, lse = _softmax_rows(s, v)
+      q = scaled(q_sc[rows, lanes], cfg.scale, k_sc.dtype)
+      chunks = _chunks(cfg)
+      state = None
+      for slots in chunks:
+        starts, k, v = _gather_kept(tab_ref, k_sc, v_sc, lanes, cfg, b, grp * cfg.group + slot, i, slots)
+        s = _masked_logits(q, k, starts, cfg)                                          # [b, chunk]
+        if len(chunks) == 1:
+          out, lse = _softmax_rows(s, v)
+        else:
+          state = online_softmax_step(s, *(state or _empty_rows(bl, d)), v)
+      if len(chunks) > 1:
+        out, lse = finalize(*state)
       o_sc[rows, lanes] = out.astype(o_sc.dtype)
       lse_ref[i, slot:slot + 1, :] = col_to_row(lse)
       return carry
 
-    lax.fori_loop(0, cfg.nb, query_block, 0, unroll=cfg.nb <= _UNROLL_BLOCKS)
+    lax.fori_loop(0, cfg.nb, query_block, 0, unroll=_unrolled(cfg))
     if cfg.dense_row:
       k = k_sc[:, lanes]                                                               # [nb b, d]
       s = lax.dot_general(scaled(q_sc[:_TILE_ROWS, lanes], cfg.scale, k.dtype), k, NT,
@@ -278,10 +310,10 @@ def _tpu_resident_bwd_kernel(tab_ref, q_ref, k_ref, v_ref, do_ref, o_ref, lse_re
   dk_sc[...] = jnp.zeros(dk_sc.shape, F32)
   dv_sc[...] = jnp.zeros(dv_sc.shape, F32)
 
-  def grads(q, do, o, k, v, s, lse):
-    """``(p, ds)`` of logits ``s`` given the rows' ``lse`` and their q, do, o (rows) and k, v (keys)."""
+  def grads(do, k, v, s, lse, delta):
+    """``(p, ds)`` of logits ``s`` given the rows' ``lse``, ``delta = rowsum(do * o)`` and ``do``, and the
+    keys' ``v``."""
     p = jnp.exp(s - lse)
-    delta = jnp.sum(do.astype(F32) * o.astype(F32), axis=1, keepdims=True)
     dp = lax.dot_general(do, v, NT, preferred_element_type=F32)
     return p, p * (dp - delta)
 
@@ -289,30 +321,33 @@ def _tpu_resident_bwd_kernel(tab_ref, q_ref, k_ref, v_ref, do_ref, o_ref, lse_re
     lanes = slice(slot * d, (slot + 1) * d)
 
     def query_block(i, carry, slot=slot, lanes=lanes):
-      starts, k, v = _gather_kept(tab_ref, k_sc, v_sc, lanes, cfg, b, grp * cfg.group + slot, i)
       rows = pl.ds(pl.multiple_of(i * bl, bl), bl)
-      q = scaled(q_sc[rows, lanes], cfg.scale, k.dtype)
+      q = scaled(q_sc[rows, lanes], cfg.scale, k_sc.dtype)
       do = do_sc[rows, lanes]
-      s = lax.dot_general(q, k, NT, preferred_element_type=F32)                        # [b, K b]
-      if cfg.ragged:
-        s = jnp.where(_kept_keys(starts, cfg) < n, s, -jnp.inf)
-      p, ds = grads(q, do, o_sc[rows, lanes], k, v, s, row_to_col(lse_ref[i, slot:slot + 1, :]))
-      dq_sc[rows, lanes] = lax.dot_general(ds.astype(k.dtype), k, NN, preferred_element_type=F32) * cfg.scale
-      dk = lax.dot_general(ds.astype(q.dtype), q, tn, preferred_element_type=F32)      # [K b, d]
-      dv = lax.dot_general(p.astype(do.dtype), do, tn, preferred_element_type=F32)
-      for j, start in enumerate(starts):
-        dk_sc[pl.ds(start, bl), lanes] += dk[j * bl:(j + 1) * bl]
-        dv_sc[pl.ds(start, bl), lanes] += dv[j * bl:(j + 1) * bl]
+      lse = row_to_col(lse_ref[i, slot:slot + 1, :])
+      delta = jnp.sum(do.astype(F32) * o_sc[rows, lanes].astype(F32), axis=1, keepdims=True)
+      dq = jnp.zeros((bl, d), F32)
+      for slots in _chunks(cfg):
+        starts, k, v = _gather_kept(tab_ref, k_sc, v_sc, lanes, cfg, b, grp * cfg.group + slot, i, slots)
+        p, ds = grads(do, k, v, _masked_logits(q, k, starts, cfg), lse, delta)
+        dq += lax.dot_general(ds.astype(k.dtype), k, NN, preferred_element_type=F32)
+        dk = lax.dot_general(ds.astype(q.dtype), q, tn, preferred_element_type=F32)    # [chunk, d]
+        dv = lax.dot_general(p.astype(do.dtype), do, tn, preferred_element_type=F32)
+        for j, start in enumerate(starts):
+          dk_sc[pl.ds(start, bl), lanes] += dk[j * bl:(j + 1) * bl]
+          dv_sc[pl.ds(start, bl), lanes] += dv[j * bl:(j + 1) * bl]
+      dq_sc[rows, lanes] = dq * cfg.scale
       return carry
 
-    lax.fori_loop(0, cfg.nb, query_block, 0, unroll=cfg.nb <= _UNROLL_BLOCKS)
+    lax.fori_loop(0, cfg.nb, query_block, 0, unroll=_unrolled(cfg))
     if cfg.dense_row:
       rows = slice(0, _TILE_ROWS)
       k, v = k_sc[:, lanes], v_sc[:, lanes]                                            # [nb b, d]
       q, do = scaled(q_sc[rows, lanes], cfg.scale, k.dtype), do_sc[rows, lanes]        # [8, d]
       s = _real_keys(lax.dot_general(q, k, NT, preferred_element_type=F32), 0, cfg, 1)
       lse = _first_row(jnp.full((_TILE_ROWS, 1), jnp.inf, F32), row_to_col(row_lse_ref[slot:slot + 1, :]))
-      p, ds = grads(q, do, o_sc[rows, lanes], k, v, s, lse)                            # rows 1..: 0
+      delta = jnp.sum(do.astype(F32) * o_sc[rows, lanes].astype(F32), axis=1, keepdims=True)
+      p, ds = grads(do, k, v, s, lse, delta)                                           # rows 1..: 0
       dq_sc[rows, lanes] += lax.dot_general(ds.astype(k.dtype), k, NN, preferred_element_type=F32) * cfg.scale
       dk_sc[:, lanes] += lax.dot_general(ds.astype(q.dtype), q, tn, preferred_element_type=F32)
       dv_sc[:, lanes] += lax.dot_general(p.astype(do.dtype), do, tn, preferred_element_type=F32)
@@ -577,16 +612,15 @@ def _tpu_forward(cfg: _Config, qkv, table, out_dtype):
 
 def _resident(cfg: _Config, itemsize: int, backward: bool = False) -> bool:
   """Whether the resident kernels run (``_tpu_resident_fwd_kernel``, with ``backward`` its backward): a
-  block is whole packed sublane tiles (the gathers concatenate blocks along sublanes), a query block's
-  kept keys are at most ``_RESIDENT_KEYS`` (its float32 logits and their companions live in VMEM), and
-  the group's operands (double-buffered), results and padded scratch fit ``_RESIDENT_BYTES``."""
+  block is whole packed sublane tiles (the gathers concatenate blocks along sublanes), and the group's
+  operands (double-buffered), results and padded scratch fit ``_RESIDENT_BYTES`` (a query block's float32
+  logits, at most ``_RESIDENT_KEYS`` wide, come on top)."""
   n_pad = cfg.nb * cfg.block
   if backward:   # q, k, v, do, o in; dq, dk, dv out; scratch: the 5 inputs and 3 float32 gradients
     row_bytes = (2 * 5 + 2 * 3) * cfg.n * itemsize + (5 * itemsize + 3 * 4) * n_pad
   else:          # q, k, v in; out; scratch: q, k, v, out
     row_bytes = (2 * 3 + 2) * cfg.n * itemsize + 4 * itemsize * n_pad
-  return ((cfg.block * itemsize) % 32 == 0 and cfg.kept * cfg.block <= _RESIDENT_KEYS
-          and row_bytes * cfg.group * cfg.head_dim <= _RESIDENT_BYTES)
+  return (cfg.block * itemsize) % 32 == 0 and row_bytes * cfg.group * cfg.head_dim <= _RESIDENT_BYTES
 
 
 def _tpu_resident_forward(cfg: _Config, qkv, table, out_dtype):
@@ -987,17 +1021,17 @@ def _tpu_layout(cfg: _Config, **changes) -> _Config:
 DENSE_BLOCK = 128   # TPU: blocks of the dense attention on the resident kernels (every block kept)
 
 
-def resident_dense_fits(shape: tuple[int, ...], dtype) -> bool:
-  """Whether dense attention of ``q [B, N, H, d]`` runs on the TPU resident kernels, forward and backward
-  (``dense_table``, blocks of ``DENSE_BLOCK``): by the clock they beat the flash-style kernel
-  (``pallas.attention``) 1.25x at 197 tokens and 6.7x at 785 (DeiT-S, v5e), whose grid pays a step's
-  fixed cost per (query block, key block) and rescales an online softmax."""
+def resident_dense_fits(shape: tuple[int, ...], dtype, backward: bool = False) -> bool:
+  """Whether dense attention of ``q [B, N, H, d]`` runs on the TPU resident kernels (``dense_table``,
+  blocks of ``DENSE_BLOCK``), the forward (DeiT-S: up to about 4,000 tokens) or with ``backward`` the
+  backward (up to about 1,750). By the clock they beat the flash-style kernel (``pallas.attention``)
+  1.25x at 197 tokens, 6.7x at 785 and 6.8x at 3,137 (DeiT-S, v5e, forward), whose grid pays a step's
+  fixed cost per (query block, key block) and rescales an online softmax at every key block."""
   _, n, nh, d = shape
   nb = blocks.count(n, DENSE_BLOCK)
   cfg = _tpu_layout(_Config(scale=1.0, interpret=False, block=DENSE_BLOCK, nb=nb, kept=nb, n=n, heads=nh,
                             head_dim=d))
-  itemsize = jnp.dtype(dtype).itemsize
-  return _resident(cfg, itemsize) and _resident(cfg, itemsize, backward=True)
+  return _resident(cfg, jnp.dtype(dtype).itemsize, backward=backward)
 
 
 def dense_table(n: int, heads: int) -> Array:
