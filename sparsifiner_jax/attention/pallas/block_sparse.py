@@ -241,15 +241,35 @@ def _to_padded(pairs, cfg: _Config) -> None:
     dst[:cfg.n, :] = src[...]
 
 
-def _gather_kept(tab_ref, k_sc, v_sc, lanes: slice, cfg: _Config, b, h, i, slots: range):
+def _gather_kept(tab_ref, k_sc, v_sc, cfg: _Config, b, h, i, slots: range):
   """Query block ``i`` of head ``h``, table ``slots`` (a chunk): ``(starts, k, v)``, the kept blocks' first
-  rows and their keys and values ``[len(slots) b, d]`` gathered from the padded scratch (``lanes``: the
-  head's lanes). Keys past N get -inf from ``_masked_logits``."""
+  rows and their keys and values ``[len(slots) b, g d]`` (the group's lanes) gathered from the padded
+  scratch. Keys past N get -inf from ``_masked_logits``."""
   starts = [pl.multiple_of(_entry(tab_ref, cfg, cfg.kept, b, h, i, j) * cfg.block, cfg.block)
             for j in slots]
-  k = jnp.concatenate([k_sc[pl.ds(s, cfg.block), lanes] for s in starts], axis=0)
-  v = jnp.concatenate([v_sc[pl.ds(s, cfg.block), lanes] for s in starts], axis=0)
+  k = jnp.concatenate([k_sc[pl.ds(s, cfg.block), :] for s in starts], axis=0)
+  v = jnp.concatenate([v_sc[pl.ds(s, cfg.block), :] for s in starts], axis=0)
   return starts, k, v
+
+
+def _head_lanes(cfg: _Config) -> list:
+  """Per head of the group, its lanes as a ``[1, g d]`` mask (``[None]`` for a group of one). Every head's
+  products take the group's whole lane tile, the other heads' lanes of q (and do) zeroed: no lane shifts,
+  and the MXU contracts 128 lanes as cheaply as 64; each head's lanes of the results are then merged."""
+  if cfg.group == 1:
+    return [None]
+  lane = lax.broadcasted_iota(jnp.int32, (1, cfg.group * cfg.head_dim), 1)
+  return [(lane >= h * cfg.head_dim) & (lane < (h + 1) * cfg.head_dim) for h in range(cfg.group)]
+
+
+def _only(x: Array, own) -> Array:
+  """``x`` on the lanes of ``own`` (a ``_head_lanes`` mask), zeros elsewhere."""
+  return x if own is None else jnp.where(own, x, jnp.zeros_like(x))
+
+
+def _merge(tile, x: Array, own) -> Array:
+  """``tile`` with the lanes of ``own`` taken from ``x`` (``x`` itself for the first head)."""
+  return x if tile is None else jnp.where(own, x, tile)
 
 
 def _tpu_resident_fwd_kernel(tab_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *refs, cfg: _Config):
@@ -260,37 +280,41 @@ def _tpu_resident_fwd_kernel(tab_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *refs
   n, bl, d = cfg.n, cfg.block, cfg.head_dim
   _to_padded(((q_ref, q_sc), (k_ref, k_sc), (v_ref, v_sc)), cfg)
 
-  for slot in range(cfg.group):
-    lanes = slice(slot * d, (slot + 1) * d)
+  heads = _head_lanes(cfg)
 
-    def query_block(i, carry, slot=slot, lanes=lanes):
-      rows = pl.ds(pl.multiple_of(i * bl, bl), bl)
-      q = scaled(q_sc[rows, lanes], cfg.scale, k_sc.dtype)
+  def query_block(i, carry):
+    rows = pl.ds(pl.multiple_of(i * bl, bl), bl)
+    q_all = scaled(q_sc[rows, :], cfg.scale, k_sc.dtype)
+    tile = None
+    for slot, own in enumerate(heads):
+      q = _only(q_all, own)
       chunks = _chunks(cfg)
       state = None
       for slots in chunks:
-        starts, k, v = _gather_kept(tab_ref, k_sc, v_sc, lanes, cfg, b, grp * cfg.group + slot, i, slots)
+        starts, k, v = _gather_kept(tab_ref, k_sc, v_sc, cfg, b, grp * cfg.group + slot, i, slots)
         s = _masked_logits(q, k, starts, cfg)                                          # [b, chunk]
         if len(chunks) == 1:
           out, lse = _softmax_rows(s, v)
         else:
-          state = online_softmax_step(s, *(state or _empty_rows(bl, d)), v)
+          state = online_softmax_step(s, *(state or _empty_rows(bl, cfg.group * d)), v)
       if len(chunks) > 1:
         out, lse = finalize(*state)
-      o_sc[rows, lanes] = out.astype(o_sc.dtype)
+      tile = _merge(tile, out, own)
       lse_ref[i, slot:slot + 1, :] = col_to_row(lse)
-      return carry
+    o_sc[rows, :] = tile.astype(o_sc.dtype)
+    return carry
 
-    lax.fori_loop(0, cfg.nb, query_block, 0, unroll=_unrolled(cfg))
-    if cfg.dense_row:
-      k = k_sc[:, lanes]                                                               # [nb b, d]
-      s = lax.dot_general(scaled(q_sc[:_TILE_ROWS, lanes], cfg.scale, k.dtype), k, NT,
-                          preferred_element_type=F32)                                  # [8, nb b]
-      s = _real_keys(s, 0, cfg, 1)
-      out, lse = _softmax_rows(s, v_sc[:, lanes])
-      o_sc[:1, lanes] = out[:1].astype(o_sc.dtype)
+  lax.fori_loop(0, cfg.nb, query_block, 0, unroll=_unrolled(cfg))
+  if cfg.dense_row:                       # the CLS row (in a tile of 8) against every key
+    q_all, k, v = scaled(q_sc[:_TILE_ROWS, :], cfg.scale, k_sc.dtype), k_sc[...], v_sc[...]
+    tile = None
+    for slot, own in enumerate(heads):
+      s = lax.dot_general(_only(q_all, own), k, NT, preferred_element_type=F32)      # [8, nb b]
+      out, lse = _softmax_rows(_real_keys(s, 0, cfg, 1), v)
+      tile = _merge(tile, out, own)
       row_lse_ref[slot:slot + 1, :] = col_to_row(lse)
       lse_ref[0, slot:slot + 1, :1] = jnp.full((1, 1), jnp.inf, F32)   # the block backward skips row 0
+    o_sc[:1, :] = tile[:1].astype(o_sc.dtype)
   o_ref[...] = o_sc[:n, :]
 
 
@@ -304,7 +328,7 @@ def _tpu_resident_bwd_kernel(tab_ref, q_ref, k_ref, v_ref, do_ref, o_ref, lse_re
   dq_ref, dk_ref, dv_ref = refs[extra:extra + 3]
   q_sc, k_sc, v_sc, do_sc, o_sc, dq_sc, dk_sc, dv_sc = refs[extra + 3:]
   b, grp = pl.program_id(0), pl.program_id(1)
-  n, bl, d = cfg.n, cfg.block, cfg.head_dim
+  n, bl = cfg.n, cfg.block
   tn = (((0,), (0,)), ((), ()))        # a.T @ b
   _to_padded(((q_ref, q_sc), (k_ref, k_sc), (v_ref, v_sc), (do_ref, do_sc), (o_ref, o_sc)), cfg)
   dk_sc[...] = jnp.zeros(dk_sc.shape, F32)
@@ -317,40 +341,49 @@ def _tpu_resident_bwd_kernel(tab_ref, q_ref, k_ref, v_ref, do_ref, o_ref, lse_re
     dp = lax.dot_general(do, v, NT, preferred_element_type=F32)
     return p, p * (dp - delta)
 
-  for slot in range(cfg.group):
-    lanes = slice(slot * d, (slot + 1) * d)
+  heads = _head_lanes(cfg)
 
-    def query_block(i, carry, slot=slot, lanes=lanes):
-      rows = pl.ds(pl.multiple_of(i * bl, bl), bl)
-      q = scaled(q_sc[rows, lanes], cfg.scale, k_sc.dtype)
-      do = do_sc[rows, lanes]
+  def query_block(i, carry):
+    rows = pl.ds(pl.multiple_of(i * bl, bl), bl)
+    q_all, do_all = scaled(q_sc[rows, :], cfg.scale, k_sc.dtype), do_sc[rows, :]
+    o_all = o_sc[rows, :].astype(F32)
+    dq_tile = None
+    for slot, own in enumerate(heads):
+      q, do = _only(q_all, own), _only(do_all, own)         # zeros elsewhere: so are dk and dv
       lse = row_to_col(lse_ref[i, slot:slot + 1, :])
-      delta = jnp.sum(do.astype(F32) * o_sc[rows, lanes].astype(F32), axis=1, keepdims=True)
-      dq = jnp.zeros((bl, d), F32)
+      delta = jnp.sum(do.astype(F32) * o_all, axis=1, keepdims=True)
+      dq = None
       for slots in _chunks(cfg):
-        starts, k, v = _gather_kept(tab_ref, k_sc, v_sc, lanes, cfg, b, grp * cfg.group + slot, i, slots)
+        starts, k, v = _gather_kept(tab_ref, k_sc, v_sc, cfg, b, grp * cfg.group + slot, i, slots)
         p, ds = grads(do, k, v, _masked_logits(q, k, starts, cfg), lse, delta)
-        dq += lax.dot_general(ds.astype(k.dtype), k, NN, preferred_element_type=F32)
-        dk = lax.dot_general(ds.astype(q.dtype), q, tn, preferred_element_type=F32)    # [chunk, d]
+        dq_chunk = lax.dot_general(ds.astype(k.dtype), k, NN, preferred_element_type=F32)
+        dq = dq_chunk if dq is None else dq + dq_chunk
+        dk = lax.dot_general(ds.astype(q.dtype), q, tn, preferred_element_type=F32)    # [chunk, g d]
         dv = lax.dot_general(p.astype(do.dtype), do, tn, preferred_element_type=F32)
         for j, start in enumerate(starts):
-          dk_sc[pl.ds(start, bl), lanes] += dk[j * bl:(j + 1) * bl]
-          dv_sc[pl.ds(start, bl), lanes] += dv[j * bl:(j + 1) * bl]
-      dq_sc[rows, lanes] = dq * cfg.scale
-      return carry
+          dk_sc[pl.ds(start, bl), :] += dk[j * bl:(j + 1) * bl]
+          dv_sc[pl.ds(start, bl), :] += dv[j * bl:(j + 1) * bl]
+      dq_tile = _merge(dq_tile, dq, own)
+    dq_sc[rows, :] = dq_tile * cfg.scale
+    return carry
 
-    lax.fori_loop(0, cfg.nb, query_block, 0, unroll=_unrolled(cfg))
-    if cfg.dense_row:
-      rows = slice(0, _TILE_ROWS)
-      k, v = k_sc[:, lanes], v_sc[:, lanes]                                            # [nb b, d]
-      q, do = scaled(q_sc[rows, lanes], cfg.scale, k.dtype), do_sc[rows, lanes]        # [8, d]
+  lax.fori_loop(0, cfg.nb, query_block, 0, unroll=_unrolled(cfg))
+  if cfg.dense_row:                       # the CLS row (in a tile of 8) against every key
+    rows = slice(0, _TILE_ROWS)
+    k, v = k_sc[...], v_sc[...]                                                        # [nb b, g d]
+    q_all, do_all = scaled(q_sc[rows, :], cfg.scale, k.dtype), do_sc[rows, :]          # [8, g d]
+    o_all = o_sc[rows, :].astype(F32)
+    dq_tile = None
+    for slot, own in enumerate(heads):
+      q, do = _only(q_all, own), _only(do_all, own)
       s = _real_keys(lax.dot_general(q, k, NT, preferred_element_type=F32), 0, cfg, 1)
       lse = _first_row(jnp.full((_TILE_ROWS, 1), jnp.inf, F32), row_to_col(row_lse_ref[slot:slot + 1, :]))
-      delta = jnp.sum(do.astype(F32) * o_sc[rows, lanes].astype(F32), axis=1, keepdims=True)
+      delta = jnp.sum(do.astype(F32) * o_all, axis=1, keepdims=True)
       p, ds = grads(do, k, v, s, lse, delta)                                           # rows 1..: 0
-      dq_sc[rows, lanes] += lax.dot_general(ds.astype(k.dtype), k, NN, preferred_element_type=F32) * cfg.scale
-      dk_sc[:, lanes] += lax.dot_general(ds.astype(q.dtype), q, tn, preferred_element_type=F32)
-      dv_sc[:, lanes] += lax.dot_general(p.astype(do.dtype), do, tn, preferred_element_type=F32)
+      dq_tile = _merge(dq_tile, lax.dot_general(ds.astype(k.dtype), k, NN, preferred_element_type=F32), own)
+      dk_sc[...] += lax.dot_general(ds.astype(q.dtype), q, tn, preferred_element_type=F32)
+      dv_sc[...] += lax.dot_general(p.astype(do.dtype), do, tn, preferred_element_type=F32)
+    dq_sc[rows, :] += dq_tile * cfg.scale
   dq_ref[...] = dq_sc[:n, :].astype(dq_ref.dtype)
   dk_ref[...] = dk_sc[:n, :].astype(dk_ref.dtype)
   dv_ref[...] = dv_sc[:n, :].astype(dv_ref.dtype)
