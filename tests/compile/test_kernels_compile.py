@@ -153,6 +153,35 @@ def test_block_kernels_compile(topology, n, block, forward, monkeypatch):
   assert text.count(call) == len(expected) and all(name in text for name in expected)
 
 
+@pytest.mark.parametrize("n,kept,backward", [(3137, 7, False), (3137, 25, False), (1500, 12, True)],
+                         ids=["blocks896", "dense896", "dense_1500_tokens_backward"])
+def test_resident_kernels_fit_vmem_at_long_sequences(n, kept, backward):
+  """The resident kernels where their VMEM is tightest (v5e: 16 MiB scoped): 896 px in blocks of 128, 7
+  kept of 25 with the CLS row (one chunk; its loop over query blocks rolled) and every block kept (four
+  chunks); 1,500 tokens dense, forward and backward (two chunks). Unrolled, the first needed 30 MB and
+  the last 22 MB: Mosaic keeps the temporaries of unrolled bodies apart."""
+  topology = "v5e:2x2"
+  need_compiler_for(topology)
+  spec = NamedSharding(Mesh(np.array([_device(topology)]), ("data",)), P())
+  nb = blocks.count(n, 128)
+  dense_rows = 0 if kept == nb else 1
+
+  def program(q, k, v, table):
+    attend = lambda q, k, v: block_sparse.block_sparse_attention(   # noqa: E731
+        q, k, v, table, block=128, scale=D ** -0.5, dense_rows=dense_rows, backend="tpu")
+    if backward:
+      return jax.value_and_grad(lambda *qkv: jnp.sum(attend(*qkv)), argnums=(0, 1, 2))(q, k, v)
+    return attend(q, k, v)
+
+  qkv = jax.ShapeDtypeStruct((1, n, H, D), jnp.bfloat16, sharding=spec)
+  table = jax.ShapeDtypeStruct((1, H, nb, kept), jnp.int32, sharding=spec)
+  with backend.compiling_for("tpu"):
+    compiled = targets.compile_lowered(jax.jit(program).trace(qkv, qkv, qkv, table).lower(), "tpu")
+  text = compiled.as_text()
+  assert "block_sparse_attention_resident_fwd" in text
+  assert ("block_sparse_attention_resident_bwd" in text) == backward
+
+
 @pytest.mark.parametrize("topology", [t for t in TARGETS if targets.platform(t) == "tpu"])
 def test_block_predictor_compiles(topology):
   """Block mode's predictor projections (``pallas.block_predictor``, TPU only) at DeiT-S 224 px in blocks

@@ -54,7 +54,7 @@ Array = jax.Array
 _FUSED_BACKWARD_BYTES = 24 * 2 ** 20   # TPU: VMEM for the one-pass backward's whole-sequence dk, dv
 _RESIDENT_BYTES = 12 * 2 ** 20    # TPU: VMEM for the resident kernels' operands, results and scratch
 _RESIDENT_KEYS = 1024    # TPU: the resident kernels take a query block's kept keys in chunks of at most this
-_UNROLL_BLOCKS = 32     # TPU: the resident kernels unroll their loop over query blocks up to this many
+_UNROLL_BLOCKS = 32     # TPU: the resident kernels unroll their loop over query blocks up to this many bodies
 _GPU_TILE = 64          # GPU: the most rows (and keys) a program's tile holds (shared memory at 128)
 
 
@@ -228,9 +228,10 @@ def _empty_rows(rows: int, d: int) -> tuple[Array, Array, Array]:
 
 
 def _unrolled(cfg: _Config) -> bool:
-  """Whether the loop over query blocks is unrolled: up to ``_UNROLL_BLOCKS`` blocks of one chunk each
-  (unrolled chunked bodies keep their temporaries apart: 22 MB of VMEM for a 1,500-token backward)."""
-  return cfg.nb <= _UNROLL_BLOCKS and len(_chunks(cfg)) == 1
+  """Whether the loop over query blocks is unrolled: up to ``_UNROLL_BLOCKS`` bodies (a query block of one
+  head, in one chunk). Unrolled bodies keep their temporaries apart: 22 MB of VMEM for a 1,500-token
+  backward in chunks, 30 MB for 25 blocks of 128 against 7 kept, two heads each."""
+  return cfg.nb * cfg.group <= _UNROLL_BLOCKS and len(_chunks(cfg)) == 1
 
 
 def _to_padded(pairs, cfg: _Config) -> None:
