@@ -73,7 +73,6 @@ class _Config:
   sub: int = 0           # GPU: rows and keys per tile (a block is block / sub tiles a side)
   lanes: bool = False    # TPU: operands in the qkv layout ``[B, 1, N, 3 H d]`` (else heads-first)
   dense_row: bool = False  # TPU: the first query row (CLS) attends to every key (its own kernels)
-  stats: bool = True     # TPU resident forward: also write the rows' lse (for the backward)
 
   def side_shape(self, bsz: int, n: int) -> tuple[int, ...]:
     """TPU: the query- or key-side operand shape (out, do, dq, dk, dv)."""
@@ -274,11 +273,10 @@ def _merge(tile, x: Array, own) -> Array:
   return x if tile is None else jnp.where(own, x, tile)
 
 
-def _tpu_resident_fwd_kernel(tab_ref, q_ref, k_ref, v_ref, o_ref, *refs, cfg: _Config):
-  """``q_ref, k_ref, v_ref, o_ref [N, g d]``; with ``cfg.stats`` ``lse_ref [nb, g, b]`` (and, with
-  ``cfg.dense_row``, ``row_lse_ref [g, 8]``); scratch ``[nb b, g d]`` for q, k, v and the output."""
-  lse_ref, row_lse_ref = refs[0] if cfg.stats else None, refs[1] if cfg.stats and cfg.dense_row else None
-  q_sc, k_sc, v_sc, o_sc = refs[-4:]
+def _tpu_resident_fwd_kernel(tab_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *refs, cfg: _Config):
+  """``q_ref, k_ref, v_ref, o_ref [N, g d]``, ``lse_ref [nb, g, b]`` (and, with ``cfg.dense_row``,
+  ``row_lse_ref [g, 8]``); scratch ``[nb b, g d]`` for q, k, v and the output."""
+  row_lse_ref, (q_sc, k_sc, v_sc, o_sc) = (refs[0] if cfg.dense_row else None), refs[-4:]
   b, grp = pl.program_id(0), pl.program_id(1)
   n, bl, d = cfg.n, cfg.block, cfg.head_dim
   _to_padded(((q_ref, q_sc), (k_ref, k_sc), (v_ref, v_sc)), cfg)
@@ -303,8 +301,7 @@ def _tpu_resident_fwd_kernel(tab_ref, q_ref, k_ref, v_ref, o_ref, *refs, cfg: _C
       if len(chunks) > 1:
         out, lse = finalize(*state)
       tile = _merge(tile, out, own)
-      if cfg.stats:
-        lse_ref[i, slot:slot + 1, :] = col_to_row(lse)
+      lse_ref[i, slot:slot + 1, :] = col_to_row(lse)
     o_sc[rows, :] = tile.astype(o_sc.dtype)
     return carry
 
@@ -316,9 +313,8 @@ def _tpu_resident_fwd_kernel(tab_ref, q_ref, k_ref, v_ref, o_ref, *refs, cfg: _C
       s = lax.dot_general(_only(q_all, own), k, NT, preferred_element_type=F32)      # [8, nb b]
       out, lse = _softmax_rows(_real_keys(s, 0, cfg, 1), v)
       tile = _merge(tile, out, own)
-      if cfg.stats:
-        row_lse_ref[slot:slot + 1, :] = col_to_row(lse)
-        lse_ref[0, slot:slot + 1, :1] = jnp.full((1, 1), jnp.inf, F32)   # the block backward skips row 0
+      row_lse_ref[slot:slot + 1, :] = col_to_row(lse)
+      lse_ref[0, slot:slot + 1, :1] = jnp.full((1, 1), jnp.inf, F32)   # the block backward skips row 0
     o_sc[:1, :] = tile[:1].astype(o_sc.dtype)
   o_ref[...] = o_sc[:n, :]
 
@@ -663,8 +659,7 @@ def _resident(cfg: _Config, itemsize: int, backward: bool = False) -> bool:
 
 def _tpu_resident_forward(cfg: _Config, qkv, table, out_dtype):
   """``qkv [B, A, N, W]`` -> ``(out, lse [B, G, nb, g, b], row_lse [B, G, g, 8] | None)`` as
-  ``_tpu_attention`` returns them, in one grid step per example and head group (without
-  ``cfg.stats``: ``(out, None, None)``)."""
+  ``_tpu_attention`` returns them, in one grid step per example and head group."""
   bsz, n = qkv.shape[0], qkv.shape[2]
   g, d = cfg.group, cfg.head_dim
   specs = _Specs(cfg, None)
@@ -673,11 +668,10 @@ def _tpu_resident_forward(cfg: _Config, qkv, table, out_dtype):
   cost = pl.CostEstimate(flops=4 * pairs * d, transcendentals=pairs + rows,
                          bytes_accessed=nbytes(qkv, table) + nbytes(qkv) // 3 * jnp.dtype(out_dtype).itemsize
                          // qkv.dtype.itemsize + 4 * rows)
-  out_shape, out_specs = [out_struct(cfg.side_shape(bsz, n), qkv, out_dtype)], [specs.sequence(0)]
-  if cfg.stats:
-    out_shape.append(out_struct((bsz, cfg.heads // g, cfg.nb, g, cfg.block), qkv))
-    out_specs.append(specs.all_rows())
-  if cfg.stats and cfg.dense_row:
+  out_shape = [out_struct(cfg.side_shape(bsz, n), qkv, out_dtype),
+               out_struct((bsz, cfg.heads // g, cfg.nb, g, cfg.block), qkv)]
+  out_specs = [specs.sequence(0), specs.all_rows()]
+  if cfg.dense_row:
     out_shape.append(out_struct((bsz, cfg.heads // g, g, _TILE_ROWS), qkv))
     out_specs.append(specs.row_lse())
   padded = pltpu.VMEM((cfg.nb * cfg.block, g * d), qkv.dtype)
@@ -690,7 +684,7 @@ def _tpu_resident_forward(cfg: _Config, qkv, table, out_dtype):
           scratch_shapes=[padded] * 3 + [pltpu.VMEM((cfg.nb * cfg.block, g * d), out_dtype)]),
       **_tpu_params("block_sparse_attention_resident_fwd", cost, cfg, semantics=("parallel", "parallel")),
   )(table.reshape(-1), qkv, qkv, qkv)
-  return (tuple(result) + (None,) * 3)[:3]
+  return tuple(result) + (() if cfg.dense_row else (None,))
 
 
 def _tpu_resident_backward(cfg: _Config, qkv, table, do, out, lse, row_lse):
@@ -846,8 +840,7 @@ def _tpu_attention(cfg: _Config, qkv, table):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _tpu_core(cfg: _Config, qkv, table):
-  # Not differentiated: nothing reads the lse rows, so the resident forward does not write them.
-  return _tpu_attention(dataclasses.replace(cfg, stats=False), qkv, table)[0]
+  return _tpu_attention(cfg, qkv, table)[0]
 
 
 def _tpu_core_fwd(cfg: _Config, qkv, table):
