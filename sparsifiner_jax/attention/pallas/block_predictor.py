@@ -18,8 +18,9 @@ result keeps the heads on the lanes.
 ``projections(qkv, proj_n, w_k, b_k, w_q, b_q, block=b, dtype=...)`` -> ``(q_r [B, nb, H, c],
 k_hat [B, m, H, c])`` in ``dtype`` (their consumer, the logits' product in ``dtype``, would round them
 anyway); products in ``dtype`` (operands rounded to it, float32 accumulation, biases added in float32),
-the pooling in float32. ``reference`` is the same in XLA (any backend; per-example ``P`` for token sparsity);
-its gradient is the kernel's (only the reconstruction phase, which trains the predictor, takes one).
+the pooling in float32. ``reference`` is the same in XLA (any backend; per-example ``P`` for token
+sparsity), and its gradient is the kernel's (only the reconstruction phase, which trains the predictor,
+takes one).
 """
 
 from __future__ import annotations
