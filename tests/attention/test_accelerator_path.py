@@ -28,7 +28,7 @@ CASES = {   # name: model overrides (vit_test: 17 tokens at 16 px, 2 layers, 2 h
     # Block mode: 82 tokens in blocks of 16 (the last one ragged: 2 tokens).
     "blocks": dict(keep_rate=0.4, img_size=36, mask_block=16),
     "blocks_keep1.0": dict(keep_rate=1.0, img_size=36, mask_block=16),
-    # Heads of 64 in pairs (one 128-lane tile): on TPU the predictor's token products run in their kernel.
+    # Heads of 64 in pairs (one 128-lane tile): on TPU the block predictor's projections run in their kernel.
     "blocks_lanes": dict(keep_rate=0.4, img_size=36, mask_block=16, embed_dim=128, num_heads=2),
     "blocks_tokens_drop": dict(keep_rate=0.5, img_size=36, depth=3, mask_block=16, token_keep_rate=0.5,
                                token_pruning_layers=(1,)),
