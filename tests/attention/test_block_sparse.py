@@ -229,6 +229,32 @@ def test_bf16_kernel_matches_masked_attention(forward, monkeypatch):
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-2, rtol=0)
 
 
+def test_tpu_resident_forward_sums_on_the_mxu(monkeypatch):
+  """bfloat16 heads of 64 in lane pairs (DeiT's layout) at 197 tokens, blocks of 32, the CLS row dense: the
+  resident forward takes its softmax sums as products (``_group_softmax``). Outputs within 2e-2 of the
+  float32 masked reference; outputs and gradients (whose backward reads the forward's lse rows) within
+  2e-2 of the same kernels with the sums as cross-lane reductions (the rounded probabilities they add
+  differ by bfloat16 rounding)."""
+  rng = np.random.default_rng(12)
+  n, block, h, d = 197, 32, 4, 64
+  q, k, v = (jnp.asarray(rng.normal(size=(2, n, h, d)), jnp.float32) for _ in range(3))
+  table = _random_table(rng, (2, h), blocks.count(n, block), 2)
+  weights = jnp.asarray(rng.normal(size=(2, n, h, d)), jnp.float32)
+  fused = lambda q, k, v: block_sparse.block_sparse_attention(   # noqa: E731
+      q, k, v, table, block=block, scale=d ** -0.5, dense_rows=1, interpret=True)
+  cfg = block_sparse._tpu_layout(block_sparse._Config(scale=1.0, interpret=True, block=block, nb=7, kept=2,
+                                                      n=n, heads=h, head_dim=d))
+  assert block_sparse._sums_on_mxu(cfg, jnp.bfloat16) and not block_sparse._sums_on_mxu(cfg, jnp.float32)
+  low = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+  out = fused(*low)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(_reference(q, k, v, table, block, 1)), atol=2e-2)
+  grads = jax.grad(lambda *a: jnp.sum(fused(*a) * weights), argnums=(0, 1, 2))(*low)
+  monkeypatch.setattr(block_sparse, "_sums_on_mxu", lambda cfg, dtype: False)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(fused(*low)), atol=2e-2)
+  for g, w in zip(grads, jax.grad(lambda *a: jnp.sum(fused(*a) * weights), argnums=(0, 1, 2))(*low)):
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), atol=2e-2)
+
+
 def _visited(spec, grid, *tables):
   """The block index ``spec``'s index map gives at every grid point, in grid order."""
   return {point: spec.index_map(*point, *tables) for point in np.ndindex(*grid)}

@@ -273,6 +273,40 @@ def _merge(tile, x: Array, own) -> Array:
   return x if tile is None else jnp.where(own, x, tile)
 
 
+def _sums_on_mxu(cfg: _Config, dtype) -> bool:
+  """Whether the resident forward takes its softmax sums on the MXU (``_group_softmax``): heads in lane
+  groups, one chunk, bfloat16 products (whose rounded probabilities the sums then add exactly as the
+  output's products weigh them)."""
+  return cfg.group > 1 and len(_chunks(cfg)) == 1 and jnp.dtype(dtype) == jnp.bfloat16
+
+
+def _group_softmax(q_all, tab_ref, k_sc, v_sc, cfg: _Config, b, grp, i, heads) -> tuple[Array, Array]:
+  """Query block ``i`` of a head group in one chunk: ``(out [b, g d], lse [g d, b])`` float32, head ``h``'s
+  output on its lanes and its logsumexp as row ``h d`` of ``lse``.
+
+  Each head's probabilities multiply its kept values with ones on the other heads' lanes, so those lanes
+  of the product hold the head's row sums: the MXU adds them where cross-lane reductions (the forward's
+  busiest unit) did. The sums of head ``h + 1`` merged onto head ``h``'s lanes, rotated by ``d`` lanes,
+  give every head its own sums on its own lanes; one transpose of the group's tile gives the lse rows."""
+  d = cfg.head_dim
+  products, maxima = [], []
+  for slot, own in enumerate(heads):
+    starts, k, v = _gather_kept(tab_ref, k_sc, v_sc, cfg, b, grp * cfg.group + slot, i, range(cfg.kept))
+    s = _masked_logits(_only(q_all, own), k, starts, cfg)                           # [b, K b]
+    m = jnp.max(s, axis=1, keepdims=True)
+    p = jnp.exp(s - m).astype(v.dtype)
+    products.append(lax.dot_general(p, jnp.where(own, v, jnp.ones_like(v)), NN, preferred_element_type=F32))
+    maxima.append(m)
+  shifted = None          # lanes of head h: the sums of head h + 1
+  numerators = maxima_tile = None
+  for slot, own in enumerate(heads):
+    shifted = _merge(shifted, products[(slot + 1) % cfg.group], own)
+    numerators = _merge(numerators, products[slot], own)
+    maxima_tile = _merge(maxima_tile, jnp.broadcast_to(maxima[slot], products[slot].shape), own)
+  sums = pltpu.roll(shifted, d, 1)
+  return numerators / sums, jnp.transpose(maxima_tile + jnp.log(sums))
+
+
 def _tpu_resident_fwd_kernel(tab_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *refs, cfg: _Config):
   """``q_ref, k_ref, v_ref, o_ref [N, g d]``, ``lse_ref [nb, g, b]`` (and, with ``cfg.dense_row``,
   ``row_lse_ref [g, 8]``); scratch ``[nb b, g d]`` for q, k, v and the output."""
@@ -286,6 +320,12 @@ def _tpu_resident_fwd_kernel(tab_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *refs
   def query_block(i, carry):
     rows = pl.ds(pl.multiple_of(i * bl, bl), bl)
     q_all = scaled(q_sc[rows, :], cfg.scale, k_sc.dtype)
+    if _sums_on_mxu(cfg, k_sc.dtype):
+      out, lse = _group_softmax(q_all, tab_ref, k_sc, v_sc, cfg, b, grp, i, heads)
+      o_sc[rows, :] = out.astype(o_sc.dtype)
+      for slot in range(cfg.group):
+        lse_ref[i, slot:slot + 1, :] = lse[slot * d:slot * d + 1, :]
+      return carry
     tile = None
     for slot, own in enumerate(heads):
       q = _only(q_all, own)
