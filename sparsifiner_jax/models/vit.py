@@ -233,7 +233,9 @@ class Attention(nnx.Module):
     keep = None if tokens is None else tokens.keep                   # [B, N] bool (full-length modes)
     if keep is not None and tokens.mode == "official":                # the official code zeroes q, k, v
       qkv = qkv * keep[:, :, None, None, None].astype(qkv.dtype)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]               # [B, N, H, d]
+    # Split, not indexed: the gradient is then a concatenation, which XLA folds into the kernels' single
+    # qkv-layout result (indexing's gradient adds three zero-padded copies).
+    q, k, v = (t[:, :, 0] for t in jnp.split(qkv, 3, axis=2))       # [B, N, H, d]
     mask, approx = None, None
     if self.mask_predictor is not None:
       mask, approx = self.mask_predictor(

@@ -9,6 +9,7 @@ not a multiple of the GPU blocks, one TPU block) and at 448 px (N = 785: a ragge
 on TPU, 64 on GPU)."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +21,7 @@ from sparsifiner_jax.attention import backend, bitmask, blocks
 from sparsifiner_jax.attention.pallas import attention as pallas_attention
 from sparsifiner_jax.attention.pallas import block_sparse
 from sparsifiner_jax.attention.pallas import topk_mask as pallas_topk_mask
-from sparsifiner_jax.compile import gpu_kernels, targets
+from sparsifiner_jax.compile import clock, gpu_kernels, targets
 from conftest import need_compiler_for
 
 TARGETS = ("h100:1", "v4:2x2x1", "v5e:2x2", "v5p:2x2x1", "v6e:2x2")
@@ -180,6 +181,40 @@ def test_resident_kernels_fit_vmem_at_long_sequences(n, kept, backward):
   text = compiled.as_text()
   assert "block_sparse_attention_resident_fwd" in text
   assert ("block_sparse_attention_resident_bwd" in text) == backward
+
+
+def test_resident_backward_writes_the_qkv_gradient_in_place():
+  """The resident backward writes dq, dk, dv into one result in the qkv projection's layout, and q, k, v
+  split off as the model does (``jnp.split``): the projection's weight gradient reads the kernel's result
+  directly. No other program op makes an array of the qkv gradient's size (three outputs left XLA a
+  concatenation, and indexed q, k, v three zero-padded copies: a third of a 785-token backward)."""
+  topology = "v5e:2x2"
+  need_compiler_for(topology)
+  spec = NamedSharding(Mesh(np.array([_device(topology)]), ("data",)), P())
+  bsz, n, block = 2, 197, 32
+  nb = blocks.count(n, block)
+
+  def program(x, w, table):
+    def loss(w):
+      qkv = (x @ w).reshape(bsz, n, 3, H, D)
+      q, k, v = (t[:, :, 0] for t in jnp.split(qkv, 3, axis=2))
+      return jnp.sum(block_sparse.block_sparse_attention(q, k, v, table, block=block, scale=D ** -0.5,
+                                                         dense_rows=1, backend="tpu"))
+    return jax.grad(loss)(w)
+
+  args = (jax.ShapeDtypeStruct((bsz, n, H * D), jnp.bfloat16, sharding=spec),
+          jax.ShapeDtypeStruct((H * D, 3 * H * D), jnp.bfloat16, sharding=spec),
+          jax.ShapeDtypeStruct((bsz, H, nb, 2), jnp.int32, sharding=spec))
+  with backend.compiling_for("tpu"):
+    text = targets.compile_lowered(jax.jit(program).trace(*args).lower(), "tpu").as_text()
+  computations, entry = clock._computations(text)
+  qkv_sized = []
+  for line in computations[entry]:
+    m = re.match(r"\s*(?:ROOT )?%(\S+) = \w+\[([\d,]+)\]\S* (\S+)\(", line)
+    if m and m[3] not in ("bitcast", "get-tuple-element", "parameter") and \
+        np.prod([int(x) for x in m[2].split(",")]) == bsz * n * 3 * H * D:
+      qkv_sized.append(m[1])
+  assert len(qkv_sized) == 2 and any("resident_bwd" in name for name in qkv_sized), qkv_sized
 
 
 @pytest.mark.parametrize("topology", [t for t in TARGETS if targets.platform(t) == "tpu"])
