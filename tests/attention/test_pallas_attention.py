@@ -103,6 +103,21 @@ def test_keep_all_empty_rows_skipped_blocks(backend):
   assert float(jnp.max(jnp.abs(out[1, jnp.array([21, 31])]))) == 0.0
 
 
+@pytest.mark.parametrize("n,blocks,in_place", [(64, dict(block_q=16, block_k=32), True), (70, {}, True),
+                                               (70, dict(block_q=16, block_k=32), False)],
+                         ids=["whole_blocks", "one_block", "ragged_blocks"])
+def test_tpu_gradient_in_the_qkv_layout_fp32(n, blocks, in_place):
+  """Heads filling whole 128-lane tiles (2 x 64): dq goes straight into the q section of a qkv-shaped
+  result and the dk/dv kernel fills the k and v sections by DMA, nothing concatenated; where the last of
+  several key blocks is ragged (70 tokens in blocks of 32: a DMA takes whole sublane tiles) the three
+  results are concatenated. Outputs and gradients within 1e-5 of the reference either way."""
+  q, k, v = _qkv((2, n, 2, 64))
+  mask, packed = _topk_mask(2, 2, n, 0.3)
+  _check_against_reference(q, k, v, mask, packed, "tpu", 1e-5, **blocks)
+  jaxpr = str(jax.make_jaxpr(jax.grad(lambda q: jnp.sum(_run(q, k, v, packed, "tpu", **blocks))))(q))
+  assert "sparse_attention_dkv" in jaxpr and ("concatenate" not in jaxpr) == in_place
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n,d,blocks", [(65, 16, dict(block_q=16, block_k=32)), (65, 16, {}), (197, 8, {})])

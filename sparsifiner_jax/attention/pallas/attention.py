@@ -68,6 +68,12 @@ class _Config:
   n_keys: int = 0        # the real key count (keys past it are padding; TPU: equal to n)
 
   @property
+  def in_place(self) -> bool:
+    """TPU: the backward writes the qkv gradient in qkv's layout (``_write_kv_sections``): split sections
+    and whole key blocks (a DMA takes whole sublane tiles: a ragged last block of several would not)."""
+    return self.split and (self.k_blocks == 1 or self.n_keys % self.bk == 0)
+
+  @property
   def nw(self) -> int:
     """Words per query and key block."""
     return bitmask.words(self.bk)
@@ -230,10 +236,15 @@ def _tpu_dq_kernel(occ_ref, q_ref, k_ref, v_ref, w_ref, do_ref, lse_ref, delta_r
       dq_ref[:, h * d:(h + 1) * d] = (dq_sc[h] * cfg.scale).astype(dq_ref.dtype)
 
 
-def _tpu_dkv_kernel(occ_ref, q_ref, k_ref, v_ref, w_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
-                    dk_sc, dv_sc, *, cfg: _Config):
+def _tpu_dkv_kernel(occ_ref, q_ref, k_ref, v_ref, w_ref, do_ref, lse_ref, delta_ref, *refs, cfg: _Config):
   """Keys on sublanes, queries on lanes: ``s.T [bk, bq]``, so lse/delta rows need no relayout and all
-  four products are plain or rhs-transposed matmuls."""
+  four products are plain or rhs-transposed matmuls. Results: ``dk_ref, dv_ref [bk, H d]``, or with
+  ``cfg.in_place`` the dq kernel's ``[B, N, 3 H d]`` result (in HBM, aliased), whose k and v sections this
+  kernel fills by DMA (``_write_kv_sections``)."""
+  if cfg.in_place:
+    _, dqkv_hbm, dk_sc, dv_sc, stage, sems = refs
+  else:
+    dk_ref, dv_ref, dk_sc, dv_sc = refs
   b, ki, qi = (pl.program_id(i) for i in range(3))
   d = cfg.head_dim
 
@@ -258,9 +269,31 @@ def _tpu_dkv_kernel(occ_ref, q_ref, k_ref, v_ref, w_ref, do_ref, lse_ref, delta_
 
   @pl.when(qi == cfg.q_blocks - 1)
   def _done():
+    if cfg.in_place:
+      _write_kv_sections(dqkv_hbm, stage, sems, dk_sc, dv_sc, cfg, b, ki)
+      return
     for h in range(cfg.heads):
       dk_ref[:, h * d:(h + 1) * d] = dk_sc[h].astype(dk_ref.dtype)
       dv_ref[:, h * d:(h + 1) * d] = dv_sc[h].astype(dv_ref.dtype)
+
+
+def _write_kv_sections(dqkv_hbm, stage, sems, dk_sc, dv_sc, cfg: _Config, b, ki) -> None:
+  """Key block ``ki``'s dk and dv (``[H, bk, d]`` float32 scratch) into the k and v sections of
+  ``dqkv_hbm [B, N, 3 H d]``, by DMA from a staging copy ``[2, bk, H d]``: the gradient of the qkv
+  projection in its own layout, where separate results left XLA to concatenate them (and convert them
+  from float32)."""
+  d, hd = cfg.head_dim, cfg.heads * cfg.head_dim
+  for section, grad in enumerate((dk_sc, dv_sc)):
+    for h in range(cfg.heads):
+      stage[section, :, h * d:(h + 1) * d] = grad[h].astype(stage.dtype)
+  start = 0 if cfg.k_blocks == 1 else pl.multiple_of(ki * cfg.bk, cfg.bk)   # (one block: bk = N)
+  copies = [pltpu.make_async_copy(stage.at[section],
+                                  dqkv_hbm.at[b, pl.ds(start, cfg.bk), pl.ds((section + 1) * hd, hd)],
+                                  sems.at[section]) for section in range(2)]
+  for c in copies:
+    c.start()
+  for c in copies:
+    c.wait()
 
 
 class _TpuSpecs(NamedTuple):
@@ -346,14 +379,16 @@ def _tpu_forward(cfg: _Config, qkv, words, occ, out_dtype):
 
 
 def _tpu_backward(cfg: _Config, qkv, words, occ, do, lse, delta):
-  """``d qkv [B, N, 3 H d]`` float32 from ``do [B, N, H d]`` and the rows
-  ``lse, delta [B, H, 1, N_q_pad]``."""
+  """``d qkv [B, N, 3 H d]`` (``qkv``'s dtype with split sections, else float32) from ``do [B, N, H d]``
+  and the rows ``lse, delta [B, H, 1, N_q_pad]``."""
   bsz, n, _ = qkv.shape
   nh, d = cfg.heads, cfg.head_dim
   pairs = bsz * nh * cfg.q_blocks * cfg.bq * cfg.k_blocks * cfg.bk
   section = _tpu_section_bytes(cfg, qkv)
   rows = nbytes(lse, delta)
-  grad = out_struct((bsz, n, nh * d), qkv)
+  # Split sections: dq written straight into the q section of a qkv-shaped result, k and v's by the dkv
+  # kernel (aliased); else three float32 results, concatenated.
+  grad = out_struct(qkv.shape, qkv, qkv.dtype) if cfg.in_place else out_struct((bsz, n, nh * d), qkv)
   dq_specs = _tpu_specs(cfg, kv_major=False)
   # dq: products s, dp, dq (3 x 2 bq bk d flops per head and pair); k, v read once per query block.
   dq_cost = pl.CostEstimate(
@@ -376,17 +411,25 @@ def _tpu_backward(cfg: _Config, qkv, words, occ, do, lse, delta):
       flops=8 * pairs * d, transcendentals=pairs,
       bytes_accessed=cfg.k_blocks * (section + nbytes(do) + rows) + 2 * section + nbytes(words, occ)
       + 2 * nbytes(grad))
-  dk, dv = pl.pallas_call(
+  scratch = [pltpu.VMEM((nh, cfg.bk, d), F32), pltpu.VMEM((nh, cfg.bk, d), F32)]
+  in_specs, args = dkv_specs.backward_inputs(), [occ, qkv, qkv, qkv, words, do, lse, delta]
+  if cfg.in_place:
+    in_specs, args = in_specs + [pl.BlockSpec(memory_space=pl.ANY)], args + [dq]
+    out_shape, out_specs = grad, pl.BlockSpec(memory_space=pl.ANY)
+    scratch += [pltpu.VMEM((2, cfg.bk, nh * d), qkv.dtype), pltpu.SemaphoreType.DMA((2,))]
+    aliases = {len(args) - 1: 0}          # (the scalar-prefetch operand counts)
+  else:
+    out_shape, out_specs, aliases = (grad, grad), [dkv_specs.kside, dkv_specs.kside], {}
+  result = pl.pallas_call(
       functools.partial(_tpu_dkv_kernel, cfg=cfg),
-      out_shape=(grad, grad),
+      out_shape=out_shape,
       grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=1, grid=(bsz, cfg.k_blocks, cfg.q_blocks),
-          in_specs=dkv_specs.backward_inputs(),
-          out_specs=[dkv_specs.kside, dkv_specs.kside],
-          scratch_shapes=[pltpu.VMEM((nh, cfg.bk, d), F32), pltpu.VMEM((nh, cfg.bk, d), F32)]),
+          num_scalar_prefetch=1, grid=(bsz, cfg.k_blocks, cfg.q_blocks), in_specs=in_specs,
+          out_specs=out_specs, scratch_shapes=scratch),
+      input_output_aliases=aliases,
       **_tpu_params(cfg, "sparse_attention_dkv", dkv_cost),
-  )(occ, qkv, qkv, qkv, words, do, lse, delta)
-  return jnp.concatenate([dq, dk, dv], axis=-1)
+  )(*args)
+  return result if cfg.in_place else jnp.concatenate([dq, *result], axis=-1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4))
