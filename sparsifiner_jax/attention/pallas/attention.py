@@ -379,15 +379,15 @@ def _tpu_forward(cfg: _Config, qkv, words, occ, out_dtype):
 
 
 def _tpu_backward(cfg: _Config, qkv, words, occ, do, lse, delta):
-  """``d qkv [B, N, 3 H d]`` (``qkv``'s dtype with split sections, else float32) from ``do [B, N, H d]``
+  """``d qkv [B, N, 3 H d]`` (``qkv``'s dtype when ``cfg.in_place``, else float32) from ``do [B, N, H d]``
   and the rows ``lse, delta [B, H, 1, N_q_pad]``."""
   bsz, n, _ = qkv.shape
   nh, d = cfg.heads, cfg.head_dim
   pairs = bsz * nh * cfg.q_blocks * cfg.bq * cfg.k_blocks * cfg.bk
   section = _tpu_section_bytes(cfg, qkv)
   rows = nbytes(lse, delta)
-  # Split sections: dq written straight into the q section of a qkv-shaped result, k and v's by the dkv
-  # kernel (aliased); else three float32 results, concatenated.
+  # In place (``cfg.in_place``): dq written straight into the q section of a qkv-shaped result, the k and
+  # v sections by the dkv kernel (aliased); else three float32 results, concatenated.
   grad = out_struct(qkv.shape, qkv, qkv.dtype) if cfg.in_place else out_struct((bsz, n, nh * d), qkv)
   dq_specs = _tpu_specs(cfg, kv_major=False)
   # dq: products s, dp, dq (3 x 2 bq bk d flops per head and pair); k, v read once per query block.
