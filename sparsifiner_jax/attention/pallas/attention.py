@@ -41,9 +41,9 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
 from sparsifiner_jax.attention import bitmask
-from sparsifiner_jax.attention.pallas.common import (F32, NN, NT, col_to_row, finalize, gpu_flash_core,
-                                                   nbytes, next_pow2, online_softmax_step, out_struct,
-                                                   row_to_col, same_vma, scaled)
+from sparsifiner_jax.attention.pallas.common import (F32, NN, NT, col_to_row, copy_all, finalize,
+                                                   gpu_flash_core, nbytes, next_pow2, online_softmax_step,
+                                                   out_struct, row_to_col, same_vma, scaled)
 
 Array = jax.Array
 BITS = bitmask.BITS
@@ -287,13 +287,8 @@ def _write_kv_sections(dqkv_hbm, stage, sems, dk_sc, dv_sc, cfg: _Config, b, ki)
     for h in range(cfg.heads):
       stage[section, :, h * d:(h + 1) * d] = grad[h].astype(stage.dtype)
   start = 0 if cfg.k_blocks == 1 else pl.multiple_of(ki * cfg.bk, cfg.bk)   # (one block: bk = N)
-  copies = [pltpu.make_async_copy(stage.at[section],
-                                  dqkv_hbm.at[b, pl.ds(start, cfg.bk), pl.ds((section + 1) * hd, hd)],
-                                  sems.at[section]) for section in range(2)]
-  for c in copies:
-    c.start()
-  for c in copies:
-    c.wait()
+  copy_all([(stage.at[s], dqkv_hbm.at[b, pl.ds(start, cfg.bk), pl.ds((s + 1) * hd, hd)]) for s in range(2)],
+           sems)
 
 
 class _TpuSpecs(NamedTuple):

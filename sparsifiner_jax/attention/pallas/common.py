@@ -13,6 +13,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental.pallas import tpu as pltpu
 
 Array = jax.Array
 F32 = jnp.float32
@@ -69,6 +70,16 @@ def col_to_row(col: Array) -> Array:
   """``[n, 1] -> [1, n]``, the inverse relayout, as a transpose of a full 128-lane tile: a reshape would
   lower to a sublane gather, which TPUs before v5 (v4) do not have."""
   return jnp.transpose(jnp.broadcast_to(col, (col.shape[0], 128)))[:1, :]
+
+
+def copy_all(pairs, sems) -> None:
+  """TPU: DMAs each ``(src, dst)`` ref pair (pair ``i`` signalling ``sems.at[i]``), all started before
+  any is waited for, so the copies overlap."""
+  copies = [pltpu.make_async_copy(src, dst, sems.at[i]) for i, (src, dst) in enumerate(pairs)]
+  for c in copies:
+    c.start()
+  for c in copies:
+    c.wait()
 
 
 def out_struct(shape, like: Array, dtype=F32) -> jax.ShapeDtypeStruct:
