@@ -156,20 +156,31 @@ def _check_against_masked(backend, forward, n, block, kept, dense_rows, monkeypa
     jax.grad(loss(fused), argnums=(0, 1, 2))(q, k, v)
 
 
+DEIT_N, DEIT_BLOCK, DEIT_HEADS, DEIT_D = 197, 32, 4, 64
+
+
+def _deit_layout(seed: int):
+  """DeiT's layout: ``DEIT_HEADS`` heads of 64 in lane pairs at 197 tokens, blocks of 32 (ragged), 2 kept,
+  the CLS row dense. Returns float32 ``(q, k, v, table, weights)`` and ``fused``, the TPU kernels
+  (interpreted) on that table."""
+  rng = np.random.default_rng(seed)
+  shape = (2, DEIT_N, DEIT_HEADS, DEIT_D)
+  q, k, v = (jnp.asarray(rng.normal(size=shape), jnp.float32) for _ in range(3))
+  table = _random_table(rng, (2, DEIT_HEADS), blocks.count(DEIT_N, DEIT_BLOCK), 2)
+  weights = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  fused = lambda q, k, v: block_sparse.block_sparse_attention(   # noqa: E731
+      q, k, v, table, block=DEIT_BLOCK, scale=DEIT_D ** -0.5, dense_rows=1, interpret=True)
+  return (q, k, v, table, weights), fused
+
+
 @pytest.mark.parametrize("forward", ["resident", "per_block"])
 def test_tpu_kernels_in_the_qkv_layout(forward, monkeypatch):
   """DeiT's layout: heads of 64 in pairs whose lanes form one 128-lane tile, read where the qkv projection
   wrote them (``cfg.lanes``), at 197 tokens in blocks of 32 (ragged) with the dense CLS row; float32
   outputs and gradients within 1e-5 of the masked reference."""
   _use_forward(forward, monkeypatch)
-  rng = np.random.default_rng(11)
-  n, block, h, d = 197, 32, 4, 64
-  q, k, v = (jnp.asarray(rng.normal(size=(2, n, h, d)), jnp.float32) for _ in range(3))
-  table = _random_table(rng, (2, h), blocks.count(n, block), 2)
-  weights = jnp.asarray(rng.normal(size=(2, n, h, d)), jnp.float32)
-  fused = lambda q, k, v: block_sparse.block_sparse_attention(   # noqa: E731
-      q, k, v, table, block=block, scale=d ** -0.5, dense_rows=1, interpret=True)
-  reference = lambda q, k, v: _reference(q, k, v, table, block, 1)   # noqa: E731
+  (q, k, v, table, weights), fused = _deit_layout(seed=11)
+  reference = lambda q, k, v: _reference(q, k, v, table, DEIT_BLOCK, 1)   # noqa: E731
   _assert_kernels(fused, (q, k, v), forward)
   np.testing.assert_allclose(np.asarray(fused(q, k, v)), np.asarray(reference(q, k, v)), atol=1e-5, rtol=0)
   loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v) * weights)   # noqa: E731
@@ -235,19 +246,15 @@ def test_tpu_resident_forward_sums_on_the_mxu(monkeypatch):
   float32 masked reference; outputs and gradients (whose backward reads the forward's lse rows) within
   2e-2 of the same kernels with the sums as cross-lane reductions (the rounded probabilities they add
   differ by bfloat16 rounding)."""
-  rng = np.random.default_rng(12)
-  n, block, h, d = 197, 32, 4, 64
-  q, k, v = (jnp.asarray(rng.normal(size=(2, n, h, d)), jnp.float32) for _ in range(3))
-  table = _random_table(rng, (2, h), blocks.count(n, block), 2)
-  weights = jnp.asarray(rng.normal(size=(2, n, h, d)), jnp.float32)
-  fused = lambda q, k, v: block_sparse.block_sparse_attention(   # noqa: E731
-      q, k, v, table, block=block, scale=d ** -0.5, dense_rows=1, interpret=True)
-  cfg = block_sparse._tpu_layout(block_sparse._Config(scale=1.0, interpret=True, block=block, nb=7, kept=2,
-                                                      n=n, heads=h, head_dim=d))
+  (q, k, v, table, weights), fused = _deit_layout(seed=12)
+  cfg = block_sparse._tpu_layout(block_sparse._Config(
+      scale=1.0, interpret=True, block=DEIT_BLOCK, nb=table.shape[2], kept=2, n=DEIT_N, heads=DEIT_HEADS,
+      head_dim=DEIT_D))
   assert block_sparse._sums_on_mxu(cfg, jnp.bfloat16) and not block_sparse._sums_on_mxu(cfg, jnp.float32)
   low = [x.astype(jnp.bfloat16) for x in (q, k, v)]
   out = fused(*low)
-  np.testing.assert_allclose(np.asarray(out), np.asarray(_reference(q, k, v, table, block, 1)), atol=2e-2)
+  want = _reference(q, k, v, table, DEIT_BLOCK, 1)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=2e-2)
   grads = jax.grad(lambda *a: jnp.sum(fused(*a) * weights), argnums=(0, 1, 2))(*low)
   monkeypatch.setattr(block_sparse, "_sums_on_mxu", lambda cfg, dtype: False)
   np.testing.assert_allclose(np.asarray(out), np.asarray(fused(*low)), atol=2e-2)
