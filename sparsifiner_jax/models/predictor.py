@@ -161,8 +161,8 @@ class MaskPredictor(nnx.Module):
     O(B H N d (m + N/b)) for the products over tokens, O(B H (N/b)^2 m) after; no ``N x N`` array."""
     n = qkv.shape[1]
     keys, proj_n, *params = factors
-    if token_index is None and key_keep is None and block_predictor.applies(qkv, proj_n):
-      # TPU: one kernel reads q and k in place (as XLA products, XLA would copy qkv transposed first).
+    kernel = token_index is None and key_keep is None and block_predictor.applies(qkv, proj_n)
+    if kernel:   # TPU: one kernel reads q and k in place (XLA products would copy qkv transposed first)
       q_r, k_hat = block_predictor.projections(qkv, proj_n, *params, block=self.block, dtype=self.dtype)
     else:
       q_r, k_hat = block_predictor.reference(qkv[:, :, 0], keys, proj_n, *params, block=self.block,
@@ -171,10 +171,17 @@ class MaskPredictor(nnx.Module):
     basis = self.basis_rows(recon, token_index)                             # [m, N] or [B, m, N]
     if key_keep is not None:
       basis = basis * key_keep[:, None, :].astype(basis.dtype)
-    scores = self.combine(logits, blocks.pool(basis, self.block, axis=-1, mean=False), recon)
+    pooled = blocks.pool(basis, self.block, axis=-1, mean=False)
+    scores = self.combine(logits, pooled, recon)
     if recon:
       return None, scores
-    table = blocks.select(scores, blocks.budget(self.keep_rate, n, self.block))
+    keep = blocks.budget(self.keep_rate, n, self.block)
+    if kernel:   # the same table in one pass: the scores' small XLA ops cost more than the kernel
+      selection = block_predictor.Selection(keep, self.coef_topk, self.logit_scale)
+      table = block_predictor.table(qkv, proj_n, *params, pooled, block=self.block, dtype=self.dtype,
+                                    selection=selection)
+    else:
+      table = blocks.select(scores, keep)
     return blocks.block_mask(table, n, self.block, num_dense_rows=1), scores
 
 

@@ -1,14 +1,17 @@
 """``pallas.block_predictor``: block mode's predictor projections on TPU (interpreted), against the XLA
 products they replace (``reference``), float32 within 1e-5 (values of order 1), with bfloat16 products
-(``dtype``) too: both sides round the same operands to ``dtype`` and accumulate in float32."""
+(``dtype``) too: both sides round the same operands to ``dtype`` and accumulate in float32. The kept-block
+table it computes in the same pass equals the XLA selection's exactly."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparsifiner_jax.attention import backend
+from sparsifiner_jax.attention import backend, blocks
 from sparsifiner_jax.attention.pallas import block_predictor
+from sparsifiner_jax.models import predictor
+from sparsifiner_jax.precision import mixed_einsum
 
 
 def _operands(n=37, heads=4, d=64, m=9, c=24, seed=0):
@@ -78,3 +81,49 @@ def test_applies_on_tpu_to_heads_filling_whole_lane_tiles(platform, heads, d, ba
   qkv = jnp.zeros((2, 5, 3, heads, d))
   with backend.compiling_for(platform, interpret=platform != "cpu"):
     assert block_predictor.applies(qkv, jnp.zeros((2 if batched_p else 1, 5, 4))) == runs
+
+
+def _xla_table(qkv, params, basis, block, keep, coef_k, scale, dtype):
+  """``MaskPredictor.block_mask``'s XLA selection: logits, softmax, the top ``coef_k`` coefficients (ranked
+  by the logits), block scores against the pooled basis, ``blocks.select``."""
+  q_r, k_hat = block_predictor.reference(qkv[:, :, 0], qkv[:, :, 1], *params, block=block, dtype=dtype)
+  logits = mixed_einsum("bnhc,bmhc->bhnm", q_r, k_hat, dtype) * scale
+  coef = predictor.keep_topk_values(jax.nn.softmax(logits, axis=-1), coef_k, by=logits)
+  return blocks.select(mixed_einsum("bhnm,mk->bhnk", coef, basis, dtype), keep)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("n,block,keep,coef_k", [
+    (37, 16, 2, 4),     # ragged last block (5 tokens)
+    (37, 16, 3, 4),     # keep every block (keep rate 1.0)
+    (37, 8, 2, 9),      # coef_k >= m: every coefficient
+    (70, 8, 3, 4),      # 9 blocks: two sublane tiles of block rows
+])
+def test_table_is_the_xla_selection(dtype, n, block, keep, coef_k):
+  """The kernel's table equals ``blocks.select`` of the XLA scores, entry for entry."""
+  qkv, params = _operands(n=n)
+  rng = np.random.default_rng(5)
+  basis = blocks.pool(jnp.asarray(np.abs(rng.normal(size=(9, n))), jnp.float32), block, axis=-1, mean=False)
+  selection = block_predictor.Selection(keep, coef_k, 0.5)
+  with backend.compiling_for("tpu", interpret=True):
+    got = block_predictor.table(qkv, *params, basis, block=block, dtype=dtype, selection=selection)
+  want = _xla_table(qkv, params, basis, block, keep, coef_k, 0.5, dtype)
+  assert got.shape == want.shape == (2, 4, blocks.count(n, block), keep) and got.dtype == jnp.int32
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  assert (np.diff(np.asarray(got), axis=-1) > 0).all() and (np.asarray(got)[..., 0] == 0).all()
+
+
+def test_table_breaks_ties_by_the_lowest_index():
+  """Tie-heavy scores: a basis with equal block sums (every score tied), one with a single nonzero block,
+  one with block 0 (the CLS key's) at zero: the kept blocks are block 0 (always) and the lowest-numbered
+  ties, as ``blocks.select`` takes them."""
+  qkv, params = _operands(n=64)
+  selection = block_predictor.Selection(3, 4, 0.5)
+  ones = jnp.ones((9, 8))
+  for basis, want in ((ones, [0, 1, 2]), (jnp.zeros((9, 8)).at[:, 5].set(1.0), [0, 1, 5]),
+                      (ones.at[:, 0].set(0.0), [0, 1, 2])):
+    with backend.compiling_for("tpu", interpret=True):
+      got = np.asarray(block_predictor.table(qkv, *params, basis, block=8, dtype=jnp.float32,
+                                             selection=selection))
+    np.testing.assert_array_equal(got, np.asarray(_xla_table(qkv, params, basis, 8, 3, 4, 0.5, jnp.float32)))
+    np.testing.assert_array_equal(got, np.broadcast_to(want, got.shape))

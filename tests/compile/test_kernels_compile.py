@@ -219,8 +219,8 @@ def test_resident_backward_writes_the_qkv_gradient_in_place():
 
 @pytest.mark.parametrize("topology", [t for t in TARGETS if targets.platform(t) == "tpu"])
 def test_block_predictor_compiles(topology):
-  """Block mode's predictor projections (``pallas.block_predictor``, TPU only) at DeiT-S 224 px in blocks
-  of 32, bf16, forward and the reconstruction phase's gradient."""
+  """Block mode's predictor kernels (``pallas.block_predictor``, TPU only) at DeiT-S 224 px in blocks
+  of 32, bf16: the projections, forward and the reconstruction phase's gradient; the kept-block table."""
   need_compiler_for(topology)
   from sparsifiner_jax.attention.pallas import block_predictor   # pylint: disable=import-outside-toplevel
   spec = NamedSharding(Mesh(np.array([_device(topology)]), ("data",)), P())
@@ -231,10 +231,16 @@ def test_block_predictor_compiles(topology):
     loss = lambda *a: sum(jnp.sum(x) for x in run(*a))   # noqa: E731
     return jax.value_and_grad(loss, argnums=tuple(range(6)))(qkv, *params)
 
+  def table(qkv, *params):
+    return block_predictor.table(qkv, *params, block=32, dtype=jnp.bfloat16,
+                                 selection=block_predictor.Selection(2, 8, H ** -0.5))
+
   shapes = [((B, n, 3, H, D), jnp.bfloat16), ((1, n, m), jnp.float32)] + [((D, c), jnp.float32),
                                                                           ((c,), jnp.float32)] * 2
   args = [jax.ShapeDtypeStruct(s, t, sharding=spec) for s, t in shapes]
+  basis = jax.ShapeDtypeStruct((m, 7), jnp.float32, sharding=spec)
   with backend.compiling_for("tpu"):
-    compiled = targets.compile_lowered(jax.jit(program).trace(*args).lower(), "tpu")
-  text = compiled.as_text()
+    text = targets.compile_lowered(jax.jit(program).trace(*args).lower(), "tpu").as_text()
+    table_text = targets.compile_lowered(jax.jit(table).trace(*args, basis).lower(), "tpu").as_text()
   assert text.count("tpu_custom_call") == 1 and "block_predictor_projections" in text
+  assert table_text.count("tpu_custom_call") == 1 and "block_predictor_table" in table_text

@@ -15,6 +15,11 @@ products with the constants ``Pᵀ [m, N]`` and the block membership ``[nb, N]``
 projections one product each with a block-diagonal ``[H d, H c]`` copy of ``W_k`` or ``W_q``, so every
 result keeps the heads on the lanes.
 
+In sparse mode ``table(...)`` goes on in the same pass to the kept-block table (``attention.blocks``):
+logits ``q_r K̂``, their softmax cut to the top ``coef_k``, block scores against the pooled basis, the top
+``keep`` key blocks per query block (block 0 forced). In XLA those steps are some 15 small ops per layer,
+each a few microseconds, together more than the kernel (DeiT-S, 224 px, v5e by the clock).
+
 ``projections(qkv, proj_n, w_k, b_k, w_q, b_q, block=b, dtype=...)`` -> ``(q_r [B, nb, H, c],
 k_hat [B, m, H, c])`` in ``dtype`` (their consumer, the logits' product in ``dtype``, would round them
 anyway); products in ``dtype`` (operands rounded to it, float32 accumulation, biases added in float32),
@@ -25,6 +30,7 @@ takes one).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -34,7 +40,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from sparsifiner_jax import sharding
 from sparsifiner_jax.attention import backend, blocks
-from sparsifiner_jax.attention.pallas.common import F32, out_struct, same_vma
+from sparsifiner_jax.attention.pallas.common import F32, NT, nbytes, out_struct, round_up, same_vma
 from sparsifiner_jax.precision import mixed_einsum
 
 Array = jax.Array
@@ -59,22 +65,29 @@ def reference(q: Array, k: Array, proj_n: Array, w_k: Array, b_k: Array, w_q: Ar
   return q_r.astype(dtype), k_hat.astype(dtype)
 
 
-def _kernel(pt_ref, member_ref, size_ref, wk_ref, kb_ref, wq_ref, qb_ref, q_ref, k_ref, qr_ref, kh_ref):
-  """One example. ``pt_ref [m, N]`` (Pᵀ, compute dtype), ``member_ref [nb, N]`` (``blocks.membership``ᵀ in
-  q's dtype) and ``size_ref [nb, 1]`` (tokens per block, float32),
-  ``wk_ref, wq_ref [H d, H c]`` (block-diagonal, compute dtype), ``kb_ref [m, H c]`` and ``qb_ref [1, H c]``
-  (the biases' terms, float32), ``q_ref, k_ref [N, H d]`` -> ``qr_ref [nb, H c]``, ``kh_ref [m, H c]``
-  (compute dtype)."""
+def _project(pt_ref, member_ref, size_ref, wk_ref, kb_ref, wq_ref, qb_ref, q_ref, k_ref):
+  """One example's projections, float32: ``(q_r [rows of member_ref, H c], k_hat [rows of pt_ref, H c])``.
+  ``pt_ref [m, N]`` (Pᵀ, compute dtype), ``member_ref [nb, N]`` (``blocks.membership``ᵀ in q's dtype) and
+  ``size_ref [nb, 1]`` (tokens per block, float32), ``wk_ref, wq_ref [H d, H c]`` (block-diagonal, compute
+  dtype), ``kb_ref [m, H c]`` and ``qb_ref [1, H c]`` (the biases' terms, float32), ``q_ref, k_ref [N, H d]``.
+  Rows past the real ``m`` or ``nb`` (zero rows of ``pt_ref``, ``member_ref``) give ``0`` and ``b_q``."""
   dtype = pt_ref.dtype
   pk = jnp.dot(pt_ref[...], k_ref[...].astype(dtype), preferred_element_type=F32)            # [m, H d]
   k_hat = jnp.dot(pk.astype(dtype), wk_ref[...], preferred_element_type=F32) + kb_ref[...]
-  kh_ref[...] = k_hat.astype(kh_ref.dtype)
   # Block sums, exact on one pass for bf16 q (products by 0 or 1, float32 accumulation); then means.
   q = q_ref[...]
   exact = jax.lax.Precision.HIGHEST if q.dtype == F32 else None
   q_pool = jnp.dot(member_ref[...], q, preferred_element_type=F32, precision=exact) / size_ref[...]
   q_r = jnp.dot(q_pool.astype(dtype), wq_ref[...], preferred_element_type=F32) + qb_ref[...]
+  return q_r, k_hat
+
+
+def _kernel(*refs):
+  """``_project``'s refs -> ``qr_ref [nb, H c]``, ``kh_ref [m, H c]`` (compute dtype)."""
+  *in_refs, qr_ref, kh_ref = refs
+  q_r, k_hat = _project(*in_refs)
   qr_ref[...] = q_r.astype(qr_ref.dtype)
+  kh_ref[...] = k_hat.astype(kh_ref.dtype)
 
 
 def _block_diagonal(w: Array, heads: int) -> Array:
@@ -82,34 +95,47 @@ def _block_diagonal(w: Array, heads: int) -> Array:
   return jnp.kron(jnp.eye(heads, dtype=w.dtype), w)
 
 
-def _forward(qkv, proj_n, w_k, b_k, w_q, b_q, block, dtype, interpret):
+def _call(kernel, name: str, qkv, proj_n, w_k, b_k, w_q, b_q, extra, out_shape, out_specs, *, block: int,
+          query_rows: int, dtype, interpret: bool, flops: int = 0, transcendentals: int = 0):
+  """One grid step per example over ``qkv [B, N, 3, H d]``'s q and k sections, with ``_project``'s
+  constants (the block rows padded with zero rows to ``query_rows``), q, k, then ``extra`` (whole arrays)."""
   bsz, n, _, nh, d = qkv.shape
-  m, c, nb = proj_n.shape[-1], w_k.shape[-1], blocks.count(n, block)
-  width, out_width = nh * d, nh * c
-  constants = (proj_n[0].T.astype(dtype), blocks.membership(n, block, qkv.dtype).T,
-               blocks.block_sizes(n, block)[:, None],
+  m, nb = proj_n.shape[-1], blocks.count(n, block)
+  width, out_width = nh * d, nh * w_k.shape[-1]
+  pad = query_rows - nb
+  constants = (proj_n[0].T.astype(dtype),
+               jnp.pad(blocks.membership(n, block, qkv.dtype).T, ((0, pad), (0, 0))),
+               jnp.pad(blocks.block_sizes(n, block)[:, None], ((0, pad), (0, 0)), constant_values=1.0),
                _block_diagonal(w_k.astype(dtype), nh),
                jnp.tile(jnp.sum(proj_n[0], axis=0)[:, None] * b_k, (1, nh)).astype(F32),
                _block_diagonal(w_q.astype(dtype), nh), jnp.tile(b_q, nh)[None].astype(F32))
   flat = qkv.reshape(bsz, 1, n, 3 * width)
-  flat, *constants = same_vma(flat, *constants)
+  flat, *operands = same_vma(flat, *constants, *extra)
+  constants, extra = operands[:len(constants)], operands[len(constants):]
   section = lambda s: pl.BlockSpec((None, None, n, width), lambda b: (b, 0, 0, s))        # noqa: E731
   whole = lambda x: pl.BlockSpec(x.shape, lambda b: (0, 0))                               # noqa: E731
-  per_example = lambda rows: pl.BlockSpec((None, rows, out_width), lambda b: (b, 0, 0))   # noqa: E731
+  out_bytes = sum(nbytes(x) for x in (out_shape if isinstance(out_shape, tuple) else (out_shape,)))
   cost = pl.CostEstimate(
-      flops=2 * bsz * (n * width * (m + nb) + (m + nb) * width * out_width), transcendentals=0,
-      bytes_accessed=2 * flat.size // 3 * flat.dtype.itemsize
-      + jnp.dtype(dtype).itemsize * bsz * (m + nb) * out_width)
-  q_r, k_hat = pl.pallas_call(
-      _kernel,
-      out_shape=(out_struct((bsz, nb, out_width), flat, dtype), out_struct((bsz, m, out_width), flat, dtype)),
-      grid=(bsz,),
-      in_specs=[whole(x) for x in constants] + [section(0), section(1)],
-      out_specs=[per_example(nb), per_example(m)],
+      flops=2 * bsz * (n * width * (m + query_rows) + (m + query_rows) * width * out_width) + flops,
+      transcendentals=transcendentals,
+      bytes_accessed=2 * flat.size // 3 * flat.dtype.itemsize + out_bytes)
+  return pl.pallas_call(
+      kernel, out_shape=out_shape, grid=(bsz,),
+      in_specs=[whole(x) for x in constants] + [section(0), section(1)] + [whole(x) for x in extra],
+      out_specs=out_specs,
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
-      cost_estimate=cost, interpret=pltpu.InterpretParams() if interpret else False,
-      name="block_predictor_projections",
-  )(*constants, flat, flat)
+      cost_estimate=cost, interpret=pltpu.InterpretParams() if interpret else False, name=name,
+  )(*constants, flat, flat, *extra)
+
+
+def _forward(qkv, proj_n, w_k, b_k, w_q, b_q, block, dtype, interpret):
+  bsz, n, _, nh, _ = qkv.shape
+  m, c, nb = proj_n.shape[-1], w_k.shape[-1], blocks.count(n, block)
+  per_example = lambda rows: pl.BlockSpec((None, rows, nh * c), lambda b: (b, 0, 0))   # noqa: E731
+  out_shape = (out_struct((bsz, nb, nh * c), qkv, dtype), out_struct((bsz, m, nh * c), qkv, dtype))
+  q_r, k_hat = _call(_kernel, "block_predictor_projections", qkv, proj_n, w_k, b_k, w_q, b_q, (), out_shape,
+                     [per_example(nb), per_example(m)], block=block, query_rows=nb, dtype=dtype,
+                     interpret=interpret)
   return q_r.reshape(bsz, nb, nh, c), k_hat.reshape(bsz, m, nh, c)
 
 
@@ -141,3 +167,100 @@ def projections(qkv: Array, proj_n: Array, w_k: Array, b_k: Array, w_q: Array, b
   def run(qkv, *params):
     return _projections(qkv, *params, block, jnp.dtype(dtype), interpret)
   return sharding.per_batch_shard(run, (qkv, proj_n, w_k, b_k, w_q, b_q), (True,) + (False,) * 5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sparse mode: the kept-block table in the same pass.
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+  """Sparse mode's choice (``MaskPredictor.block_mask``): each head and query block keeps ``keep`` key
+  blocks (key block 0 always), ranked by the block scores of the ``coef_k`` largest coefficients of each
+  row, whose logits are ``q_r K̂`` times ``scale``."""
+  keep: int
+  coef_k: int
+  scale: float
+
+
+def _top_down_columns(x: Array, k: int) -> tuple[Array, Array]:
+  """Boolean ``[L, C]``: each column's ``k`` largest entries of float32 ``x [L, C]`` (ties: lowest index;
+  ``-0.0`` equal to ``+0.0``, as ``topk_mask.topk_keep`` counts them), taken one at a time: per pick a
+  maximum and a least index over sublanes. For the few picks here (``k <= 8``) a shorter chain of
+  dependent steps than ``topk_keep``'s 32-step bisection. Needs ``k <= L``; entries may be ``-inf``."""
+  position = jax.lax.broadcasted_iota(jnp.int32, x.shape, 0).astype(F32)
+  kept = jnp.zeros(x.shape, bool)
+  for _ in range(k):
+    left = jnp.where(kept, -jnp.inf, x)
+    top = jnp.max(left, axis=0, keepdims=True)
+    first = jnp.min(jnp.where((left == top) & ~kept, position, float(x.shape[0])), axis=0, keepdims=True)
+    kept = kept | (position == first)
+  return kept, position
+
+
+def _table_kernel(*refs, heads: int, nb: int, sel: Selection, unroll: bool):
+  """One example: ``_project``'s refs (block rows padded to ``nbp``, a multiple of 8) and ``basis_ref [nbp,
+  m]`` (the block-pooled basis transposed, compute dtype, zero rows past ``nb``) -> ``tab_ref [keep, H
+  nbp]`` int32, column ``h nbp + i`` the key blocks query block ``i`` of head ``h`` keeps, increasing.
+
+  Every head at once, each row's values down a column: the heads' ``q_r`` rows stacked, each with the
+  other heads' lanes zeroed (``[H nbp, H c]``), make one product with ``K̂`` give every head's logits
+  ``zᵀ [m, H nbp]``; the softmax, the coefficients' top-k and the blocks' top-k (``topk_mask.topk_keep``)
+  then reduce over sublanes. The values are those of the XLA path: ``q_r`` and ``K̂`` rounded to the
+  compute dtype, products accumulated in float32, ``jax.nn.softmax``'s steps."""
+  *in_refs, basis_ref, tab_ref = refs
+  dtype = basis_ref.dtype
+  q_r, k_hat = _project(*in_refs)                                           # [nbp, H c], [m, H c]
+  q_r = q_r.astype(dtype).astype(F32)
+  lane = jax.lax.broadcasted_iota(jnp.int32, q_r.shape, 1)
+  c = q_r.shape[1] // heads
+  stacked = jnp.concatenate([jnp.where((lane >= h * c) & (lane < (h + 1) * c), q_r, 0.0)
+                             for h in range(heads)])                        # [H nbp, H c]
+  z = jax.lax.dot_general(k_hat.astype(dtype), stacked.astype(dtype), NT,
+                          preferred_element_type=F32) * sel.scale          # [m, H nbp]
+  e = jnp.exp(z - jnp.max(z, axis=0, keepdims=True))
+  coef = e / jnp.sum(e, axis=0, keepdims=True)
+  m = z.shape[0]
+  if sel.coef_k < m:
+    coef = jnp.where(_top_down_columns(z, sel.coef_k)[0], coef, 0.0)
+  scores = jnp.dot(basis_ref[...], coef.astype(dtype), preferred_element_type=F32)   # [nbp, H nbp]
+  index = jax.lax.broadcasted_iota(jnp.int32, scores.shape, 0)
+  scores = jnp.where(index == 0, jnp.inf, jnp.where(index < nb, scores, -jnp.inf))   # CLS block; padding
+  kept, _ = _top_down_columns(scores, sel.keep)
+  position = index.astype(F32)
+  rows = []
+  for _ in range(sel.keep):                                                # increasing: the least left
+    first = jnp.min(jnp.where(kept, position, float(scores.shape[0])), axis=0, keepdims=True)
+    rows.append(first)
+    kept = kept & (position != first)
+  tab_ref[...] = jnp.concatenate(rows).astype(jnp.int32)
+
+
+def _table(qkv, proj_n, w_k, b_k, w_q, b_q, basis, block, dtype, sel, interpret):
+  bsz, n, _, nh, _ = qkv.shape
+  m, nb = proj_n.shape[-1], blocks.count(n, block)
+  nbp = round_up(nb, 8)
+  columns = nh * nbp
+  basis_t = jnp.pad(basis.T.astype(dtype), ((0, nbp - nb), (0, 0)))        # [nbp, m]
+  kernel = functools.partial(_table_kernel, heads=nh, nb=nb, sel=sel, unroll=not interpret)
+  steps = lambda length: 32 + max(length - 1, 1).bit_length()              # noqa: E731  (topk_keep's)
+  flops = bsz * columns * (2 * (m * nh * w_k.shape[-1] + m * nbp) + m * steps(m) + nbp * steps(nbp))
+  out = _call(kernel, "block_predictor_table", qkv, proj_n, w_k, b_k, w_q, b_q, (basis_t,),
+              out_struct((bsz, sel.keep, columns), qkv, jnp.int32),
+              pl.BlockSpec((None, sel.keep, columns), lambda b: (b, 0, 0)), block=block, query_rows=nbp,
+              dtype=dtype, interpret=interpret, flops=flops, transcendentals=bsz * columns * m)
+  return jnp.transpose(out.reshape(bsz, sel.keep, nh, nbp), (0, 2, 3, 1))[:, :, :nb]
+
+
+def table(qkv: Array, proj_n: Array, w_k: Array, b_k: Array, w_q: Array, b_q: Array, basis: Array, *,
+          block: int, dtype, selection: Selection) -> Array:
+  """The kept-block table ``[B, H, nb, keep]`` int32 (``attention.blocks``' format) in one pass from
+  ``projections``' operands and the block-pooled basis ``basis [m, nb]``: the table ``blocks.select``
+  takes from the scores ``MaskPredictor.block_mask`` computes in XLA (those scores' ~15 small XLA ops, a
+  few microseconds each, cost DeiT-S at 224 px as much as the kernel). Not differentiable (a
+  selection); per batch shard (``applies`` must hold)."""
+  interpret = backend.target().interpret
+  def run(qkv, *params):
+    return _table(qkv, *params, block, jnp.dtype(dtype), selection, interpret)
+  operands = [jax.lax.stop_gradient(x) for x in (qkv, proj_n, w_k, b_k, w_q, b_q, basis)]
+  return sharding.per_batch_shard(run, operands, (True,) + (False,) * 6)
