@@ -14,11 +14,11 @@ from sparsifiner_jax.models import predictor
 from sparsifiner_jax.precision import mixed_einsum
 
 
-def _operands(n=37, heads=4, d=64, m=9, c=24, seed=0):
-  """``qkv [2, n, 3, heads, d]`` and the predictor's ``(proj_n [1, n, m], w_k, b_k, w_q, b_q)``."""
+def _operands(n=37, heads=4, d=64, m=9, c=24, seed=0, batch=2):
+  """``qkv [batch, n, 3, heads, d]`` and the predictor's ``(proj_n [1, n, m], w_k, b_k, w_q, b_q)``."""
   rng = np.random.default_rng(seed)
   normal = lambda *shape, scale=1.0: jnp.asarray(rng.normal(size=shape) * scale, jnp.float32)   # noqa: E731
-  return normal(2, n, 3, heads, d), (normal(1, n, m, scale=0.1), normal(d, c, scale=0.1), normal(c),
+  return normal(batch, n, 3, heads, d), (normal(1, n, m, scale=0.1), normal(d, c, scale=0.1), normal(c),
                                      normal(d, c, scale=0.1), normal(c))
 
 
@@ -93,24 +93,33 @@ def _xla_table(qkv, params, basis, block, keep, coef_k, scale, dtype):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("n,block,keep,coef_k", [
-    (37, 16, 2, 4),     # ragged last block (5 tokens)
-    (37, 16, 3, 4),     # keep every block (keep rate 1.0)
-    (37, 8, 2, 9),      # coef_k >= m: every coefficient
-    (70, 8, 3, 4),      # 9 blocks: two sublane tiles of block rows
+@pytest.mark.parametrize("n,block,keep,coef_k,batch", [
+    (37, 16, 2, 4, 2),     # ragged last block (5 tokens); 2 examples a grid step
+    (37, 16, 3, 4, 4),     # keep every block (keep rate 1.0); 4 examples a grid step
+    (37, 8, 2, 9, 3),      # coef_k >= m: every coefficient; an odd batch, one example a step
+    (70, 8, 3, 4, 2),      # 9 blocks: two sublane tiles of block rows
 ])
-def test_table_is_the_xla_selection(dtype, n, block, keep, coef_k):
-  """The kernel's table equals ``blocks.select`` of the XLA scores, entry for entry."""
-  qkv, params = _operands(n=n)
+def test_table_is_the_xla_selection(dtype, n, block, keep, coef_k, batch):
+  """The kernel's table equals ``blocks.select`` of the XLA scores, entry for entry, with one or several
+  examples to a grid step (4 heads of 8 or 16 block rows: 32 or 64 columns each)."""
+  qkv, params = _operands(n=n, batch=batch)
   rng = np.random.default_rng(5)
   basis = blocks.pool(jnp.asarray(np.abs(rng.normal(size=(9, n))), jnp.float32), block, axis=-1, mean=False)
   selection = block_predictor.Selection(keep, coef_k, 0.5)
   with backend.compiling_for("tpu", interpret=True):
     got = block_predictor.table(qkv, *params, basis, block=block, dtype=dtype, selection=selection)
   want = _xla_table(qkv, params, basis, block, keep, coef_k, 0.5, dtype)
-  assert got.shape == want.shape == (2, 4, blocks.count(n, block), keep) and got.dtype == jnp.int32
+  assert got.shape == want.shape == (batch, 4, blocks.count(n, block), keep) and got.dtype == jnp.int32
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
   assert (np.diff(np.asarray(got), axis=-1) > 0).all() and (np.asarray(got)[..., 0] == 0).all()
+
+
+@pytest.mark.parametrize("batch,columns,want", [
+    (4, 32, (4, 32)), (2, 32, (2, 32)), (3, 32, (1, 32)), (16, 48, (2, 64)), (16, 96, (1, 96)),
+    (4, 192, (1, 192))])
+def test_examples_share_a_lane_tile(batch, columns, want):
+  """``(examples per grid step, columns each)``: as many as fill 128 lanes and divide the batch."""
+  assert block_predictor._examples_per_step(batch, columns) == want
 
 
 def test_table_breaks_ties_by_the_lowest_index():

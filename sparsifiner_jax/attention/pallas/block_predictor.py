@@ -40,7 +40,8 @@ from jax.experimental.pallas import tpu as pltpu
 
 from sparsifiner_jax import sharding
 from sparsifiner_jax.attention import backend, blocks
-from sparsifiner_jax.attention.pallas.common import F32, NT, nbytes, out_struct, round_up, same_vma
+from sparsifiner_jax.attention.pallas.common import (F32, NT, nbytes, next_pow2, out_struct, round_up,
+                                                     same_vma)
 from sparsifiner_jax.precision import mixed_einsum
 
 Array = jax.Array
@@ -96,9 +97,10 @@ def _block_diagonal(w: Array, heads: int) -> Array:
 
 
 def _call(kernel, name: str, qkv, proj_n, w_k, b_k, w_q, b_q, extra, out_shape, out_specs, *, block: int,
-          query_rows: int, dtype, interpret: bool, flops: int = 0, transcendentals: int = 0):
-  """One grid step per example over ``qkv [B, N, 3, H d]``'s q and k sections, with ``_project``'s
-  constants (the block rows padded with zero rows to ``query_rows``), q, k, then ``extra`` (whole arrays)."""
+          query_rows: int, dtype, interpret: bool, examples: int = 1, flops: int = 0, transcendentals: int = 0):
+  """One grid step per ``examples`` examples over ``qkv [B, N, 3, H d]``'s q and k sections, with
+  ``_project``'s constants (the block rows padded with zero rows to ``query_rows``), q, k (``[N, H d]``, or
+  ``[examples, N, H d]`` when more than one), then ``extra`` (whole arrays)."""
   bsz, n, _, nh, d = qkv.shape
   m, nb = proj_n.shape[-1], blocks.count(n, block)
   width, out_width = nh * d, nh * w_k.shape[-1]
@@ -112,7 +114,8 @@ def _call(kernel, name: str, qkv, proj_n, w_k, b_k, w_q, b_q, extra, out_shape, 
   flat = qkv.reshape(bsz, 1, n, 3 * width)
   flat, *operands = same_vma(flat, *constants, *extra)
   constants, extra = operands[:len(constants)], operands[len(constants):]
-  section = lambda s: pl.BlockSpec((None, None, n, width), lambda b: (b, 0, 0, s))        # noqa: E731
+  rows = None if examples == 1 else examples
+  section = lambda s: pl.BlockSpec((rows, None, n, width), lambda b: (b, 0, 0, s))        # noqa: E731
   whole = lambda x: pl.BlockSpec(x.shape, lambda b: (0, 0))                               # noqa: E731
   out_bytes = sum(nbytes(x) for x in (out_shape if isinstance(out_shape, tuple) else (out_shape,)))
   cost = pl.CostEstimate(
@@ -120,7 +123,7 @@ def _call(kernel, name: str, qkv, proj_n, w_k, b_k, w_q, b_q, extra, out_shape, 
       transcendentals=transcendentals,
       bytes_accessed=2 * flat.size // 3 * flat.dtype.itemsize + out_bytes)
   return pl.pallas_call(
-      kernel, out_shape=out_shape, grid=(bsz,),
+      kernel, out_shape=out_shape, grid=(bsz // examples,),
       in_specs=[whole(x) for x in constants] + [section(0), section(1)] + [whole(x) for x in extra],
       out_specs=out_specs,
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
@@ -198,32 +201,42 @@ def _top_down_columns(x: Array, k: int) -> tuple[Array, Array]:
   return kept, position
 
 
-def _table_kernel(*refs, heads: int, nb: int, sel: Selection, unroll: bool):
-  """One example: ``_project``'s refs (block rows padded to ``nbp``, a multiple of 8) and ``basis_ref [nbp,
-  m]`` (the block-pooled basis transposed, compute dtype, zero rows past ``nb``) -> ``tab_ref [keep, H
-  nbp]`` int32, column ``h nbp + i`` the key blocks query block ``i`` of head ``h`` keeps, increasing.
+def _table_kernel(*refs, heads: int, nb: int, examples: int, sel: Selection):
+  """``examples`` examples: ``_project``'s refs (block rows padded to ``nbp``, a multiple of 8; q and k
+  ``[examples, N, H d]``) and ``basis_ref [nbp, m]`` (the block-pooled basis transposed, compute dtype,
+  zero rows past ``nb``) -> ``tab_ref [keep, examples * R]`` int32 (``R >= H nbp``): column ``e R + h nbp +
+  i`` lists the key blocks query block ``i`` of head ``h`` of example ``e`` keeps, increasing.
 
-  Every head at once, each row's values down a column: the heads' ``q_r`` rows stacked, each with the
-  other heads' lanes zeroed (``[H nbp, H c]``), make one product with ``K̂`` give every head's logits
-  ``zᵀ [m, H nbp]``; the softmax, the coefficients' top-k and the blocks' top-k (``topk_mask.topk_keep``)
-  then reduce over sublanes. The values are those of the XLA path: ``q_r`` and ``K̂`` rounded to the
-  compute dtype, products accumulated in float32, ``jax.nn.softmax``'s steps."""
-  *in_refs, basis_ref, tab_ref = refs
+  Every head of every example at once, each row's values down a column: each example's ``q_r`` rows,
+  stacked per head with the other heads' lanes zeroed, in its own ``R`` of the columns (zeros elsewhere),
+  make one product with its ``K̂`` whose sum over the examples is every logit ``zᵀ [m, examples * R]``;
+  the softmax, the coefficients' top-k and the blocks' top-k then reduce over sublanes
+  (:func:`_top_down_columns`), once for all the examples. The values are those of the XLA path: ``q_r``
+  and ``K̂`` rounded to the compute dtype, products accumulated in float32 (the other examples' columns
+  add exact zeros), ``jax.nn.softmax``'s steps."""
+  *constants, q_ref, k_ref, basis_ref, tab_ref = refs
   dtype = basis_ref.dtype
-  q_r, k_hat = _project(*in_refs)                                           # [nbp, H c], [m, H c]
-  q_r = q_r.astype(dtype).astype(F32)
-  lane = jax.lax.broadcasted_iota(jnp.int32, q_r.shape, 1)
-  c = q_r.shape[1] // heads
-  stacked = jnp.concatenate([jnp.where((lane >= h * c) & (lane < (h + 1) * c), q_r, 0.0)
-                             for h in range(heads)])                        # [H nbp, H c]
-  z = jax.lax.dot_general(k_hat.astype(dtype), stacked.astype(dtype), NT,
-                          preferred_element_type=F32) * sel.scale          # [m, H nbp]
+  width = tab_ref.shape[-1]
+  columns = width // examples
+  z = 0.0
+  for ex in range(examples):
+    q, k = (q_ref, k_ref) if examples == 1 else (q_ref.at[ex], k_ref.at[ex])
+    q_r, k_hat = _project(*constants, q, k)                                  # [nbp, H c], [m, H c]
+    q_r = q_r.astype(dtype).astype(F32)
+    lane = jax.lax.broadcasted_iota(jnp.int32, q_r.shape, 1)
+    c = q_r.shape[1] // heads
+    stacked = [jnp.where((lane >= h * c) & (lane < (h + 1) * c), q_r, 0.0) for h in range(heads)]
+    pad = lambda rows: [jnp.zeros((rows, q_r.shape[1]), F32)] if rows else []   # noqa: E731
+    stacked = pad(ex * columns) + stacked + pad(width - ex * columns - heads * q_r.shape[0])
+    z = z + jax.lax.dot_general(k_hat.astype(dtype), jnp.concatenate(stacked).astype(dtype), NT,
+                                preferred_element_type=F32)                  # [m, examples R]
+  z = z * sel.scale
   e = jnp.exp(z - jnp.max(z, axis=0, keepdims=True))
   coef = e / jnp.sum(e, axis=0, keepdims=True)
   m = z.shape[0]
   if sel.coef_k < m:
     coef = jnp.where(_top_down_columns(z, sel.coef_k)[0], coef, 0.0)
-  scores = jnp.dot(basis_ref[...], coef.astype(dtype), preferred_element_type=F32)   # [nbp, H nbp]
+  scores = jnp.dot(basis_ref[...], coef.astype(dtype), preferred_element_type=F32)   # [nbp, examples R]
   index = jax.lax.broadcasted_iota(jnp.int32, scores.shape, 0)
   scores = jnp.where(index == 0, jnp.inf, jnp.where(index < nb, scores, -jnp.inf))   # CLS block; padding
   kept, _ = _top_down_columns(scores, sel.keep)
@@ -236,20 +249,36 @@ def _table_kernel(*refs, heads: int, nb: int, sel: Selection, unroll: bool):
   tab_ref[...] = jnp.concatenate(rows).astype(jnp.int32)
 
 
+def _examples_per_step(bsz: int, columns: int) -> tuple[int, int]:
+  """``(examples, R)``: examples per grid step and the columns each takes (``R >= columns``), so that a
+  step's columns fill one 128-lane tile where ``columns`` leaves room (the selection's steps cost per
+  tile, not per column); ``examples`` divides ``bsz``."""
+  if columns >= 128:
+    return 1, columns
+  width = next_pow2(columns)
+  examples = 128 // width
+  while bsz % examples:
+    examples //= 2
+  return examples, width if examples > 1 else columns
+
+
 def _table(qkv, proj_n, w_k, b_k, w_q, b_q, basis, block, dtype, sel, interpret):
   bsz, n, _, nh, _ = qkv.shape
   m, nb = proj_n.shape[-1], blocks.count(n, block)
   nbp = round_up(nb, 8)
-  columns = nh * nbp
+  examples, columns = _examples_per_step(bsz, nh * nbp)
   basis_t = jnp.pad(basis.T.astype(dtype), ((0, nbp - nb), (0, 0)))        # [nbp, m]
-  kernel = functools.partial(_table_kernel, heads=nh, nb=nb, sel=sel, unroll=not interpret)
-  steps = lambda length: 32 + max(length - 1, 1).bit_length()              # noqa: E731  (topk_keep's)
-  flops = bsz * columns * (2 * (m * nh * w_k.shape[-1] + m * nbp) + m * steps(m) + nbp * steps(nbp))
+  kernel = functools.partial(_table_kernel, heads=nh, nb=nb, examples=examples, sel=sel)
+  width = examples * columns
+  picks = (sel.coef_k if sel.coef_k < m else 0) * m + (sel.keep + 1) * nbp   # elements the picks scan
+  flops = bsz // examples * width * (2 * examples * m * nh * w_k.shape[-1] + 2 * m * nbp + 6 * picks)
   out = _call(kernel, "block_predictor_table", qkv, proj_n, w_k, b_k, w_q, b_q, (basis_t,),
-              out_struct((bsz, sel.keep, columns), qkv, jnp.int32),
-              pl.BlockSpec((None, sel.keep, columns), lambda b: (b, 0, 0)), block=block, query_rows=nbp,
-              dtype=dtype, interpret=interpret, flops=flops, transcendentals=bsz * columns * m)
-  return jnp.transpose(out.reshape(bsz, sel.keep, nh, nbp), (0, 2, 3, 1))[:, :, :nb]
+              out_struct((bsz // examples, sel.keep, width), qkv, jnp.int32),
+              pl.BlockSpec((None, sel.keep, width), lambda b: (b, 0, 0)), block=block, query_rows=nbp,
+              dtype=dtype, interpret=interpret, examples=examples, flops=flops,
+              transcendentals=bsz // examples * width * m)
+  out = jnp.moveaxis(out.reshape(bsz // examples, sel.keep, examples, columns), 1, -1)
+  return out.reshape(bsz, columns, sel.keep)[:, :nh * nbp].reshape(bsz, nh, nbp, sel.keep)[:, :, :nb]
 
 
 def table(qkv: Array, proj_n: Array, w_k: Array, b_k: Array, w_q: Array, b_q: Array, basis: Array, *,
