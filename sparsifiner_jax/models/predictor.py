@@ -176,7 +176,7 @@ class MaskPredictor(nnx.Module):
     if recon:
       return None, scores
     keep = blocks.budget(self.keep_rate, n, self.block)
-    if kernel:   # the same table in one pass: the scores' small XLA ops cost more than the kernel
+    if kernel and block_predictor.table_applies(qkv, proj_n, self.block):   # the same table in one pass
       selection = block_predictor.Selection(keep, self.coef_topk, self.logit_scale)
       table = block_predictor.table(qkv, proj_n, *params, pooled, block=self.block, dtype=self.dtype,
                                     selection=selection)

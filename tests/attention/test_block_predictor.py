@@ -136,3 +136,13 @@ def test_table_breaks_ties_by_the_lowest_index():
                                              selection=selection))
     np.testing.assert_array_equal(got, np.asarray(_xla_table(qkv, params, basis, 8, 3, 4, 0.5, jnp.float32)))
     np.testing.assert_array_equal(got, np.broadcast_to(want, got.shape))
+
+
+@pytest.mark.parametrize("n,block,runs", [(197, 32, True), (785, 128, True), (3137, 128, False)])
+def test_table_runs_where_it_beats_xla(n, block, runs):
+  """DeiT-S (6 heads of 64, m = N // 6): the table kernel at 224 and 448 px; at 896 px (m = 522, 25
+  blocks) XLA's selection, which the clock found cheaper there."""
+  qkv = jax.ShapeDtypeStruct((4, n, 3, 6, 64), jnp.bfloat16)
+  proj_n = jax.ShapeDtypeStruct((1, n, n // 6), jnp.float32)
+  with backend.compiling_for("tpu", interpret=True):
+    assert block_predictor.table_applies(qkv, proj_n, block) == runs

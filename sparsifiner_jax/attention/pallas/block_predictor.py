@@ -55,6 +55,21 @@ def applies(qkv: Array, proj_n: Array) -> bool:
           and nh * d % 128 == 0)
 
 
+# The table kernel's logits ``zᵀ [m, H nbp]`` of one example, in float32 vregs (8 x 128 values), up to
+# which it beats XLA's selection: DeiT-S by the clock (v5e), per layer, 0.006 ms more kernel against
+# 0.026 ms of XLA ops at 197 tokens (m = 32: 4 vregs); 0.007 against 0.017 at 785 (m = 130: 17 vregs);
+# at 3,137 tokens (m = 522, 25 blocks: 132 vregs) the kernel's picks over every row took 0.021 ms more
+# and the forward got slower (9.77 -> 9.92 ms).
+_TABLE_MAX_VREGS = 32
+
+
+def table_applies(qkv: Array, proj_n: Array, block: int) -> bool:
+  """Whether ``table`` runs (``applies`` holds and the logits are small enough to beat XLA's selection)."""
+  *_, n, _, nh, _ = qkv.shape
+  m, nbp = proj_n.shape[-1], round_up(blocks.count(n, block), 8)
+  return applies(qkv, proj_n) and round_up(m, 8) * round_up(nh * nbp, 128) <= _TABLE_MAX_VREGS * 1024
+
+
 def reference(q: Array, k: Array, proj_n: Array, w_k: Array, b_k: Array, w_q: Array, b_q: Array, *,
               block: int, dtype) -> tuple[Array, Array]:
   """The projections in XLA, from ``q, k [B, N, H, d]``, ``proj_n [1|B, N, m]``, ``w_k, w_q [d, c]``,
@@ -202,11 +217,11 @@ def _top_down_columns(x: Array, k: int) -> Array:
   return kept
 
 
-def _table_kernel(*refs, heads: int, nb: int, examples: int, sel: Selection):
+def _table_kernel(*refs, heads: int, examples: int, sel: Selection):
   """``examples`` examples: ``_project``'s refs (block rows padded to ``nbp``, a multiple of 8; q and k
-  ``[examples, N, H d]``) and ``basis_ref [nbp, m]`` (the block-pooled basis transposed, compute dtype,
-  zero rows past ``nb``) -> ``tab_ref [keep, examples * R]`` int32 (``R >= H nbp``): column ``e R + h nbp +
-  i`` lists the key blocks query block ``i`` of head ``h`` of example ``e`` keeps, increasing.
+  ``[examples, N, H d]``) and ``basis_ref [nb, m]`` (the block-pooled basis transposed, compute dtype) ->
+  ``tab_ref [keep, examples * R]`` int32 (``R >= H nbp``): column ``e R + h nbp + i`` lists the key
+  blocks query block ``i < nb`` of head ``h`` of example ``e`` keeps, increasing.
 
   Every head of every example at once, each row's values down a column: each example's ``q_r`` rows,
   stacked per head with the other heads' lanes zeroed, in its own ``R`` of the columns (zeros elsewhere),
@@ -237,9 +252,9 @@ def _table_kernel(*refs, heads: int, nb: int, examples: int, sel: Selection):
   m = z.shape[0]
   if sel.coef_k < m:
     coef = jnp.where(_top_down_columns(z, sel.coef_k), coef, 0.0)
-  scores = jnp.dot(basis_ref[...], coef.astype(dtype), preferred_element_type=F32)   # [nbp, examples R]
+  scores = jnp.dot(basis_ref[...], coef.astype(dtype), preferred_element_type=F32)   # [nb, examples R]
   index = jax.lax.broadcasted_iota(jnp.int32, scores.shape, 0)
-  scores = jnp.where(index == 0, jnp.inf, jnp.where(index < nb, scores, -jnp.inf))   # CLS block; padding
+  scores = jnp.where(index == 0, jnp.inf, scores)                          # the CLS key's block
   kept = _top_down_columns(scores, sel.keep)
   position = index.astype(F32)
   rows = []
@@ -268,8 +283,8 @@ def _table(qkv, proj_n, w_k, b_k, w_q, b_q, basis, block, dtype, sel, interpret)
   m, nb = proj_n.shape[-1], blocks.count(n, block)
   nbp = round_up(nb, 8)
   examples, columns = _examples_per_step(bsz, nh * nbp)
-  basis_t = jnp.pad(basis.T.astype(dtype), ((0, nbp - nb), (0, 0)))        # [nbp, m]
-  kernel = functools.partial(_table_kernel, heads=nh, nb=nb, examples=examples, sel=sel)
+  basis_t = basis.T.astype(dtype)                                          # [nb, m]
+  kernel = functools.partial(_table_kernel, heads=nh, examples=examples, sel=sel)
   width = examples * columns
   # Per column: the logits' and scores' products, and some six vector operations per element a pick scans
   # (the coefficients' picks over m rows, the blocks' picks and their ordering over nbp).
