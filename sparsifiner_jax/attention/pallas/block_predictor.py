@@ -206,9 +206,9 @@ class Selection:
 
 def _top_down_columns(x: Array, k: int) -> Array:
   """Boolean ``[L, C]``: each column's ``k`` largest entries of float32 ``x [L, C]`` (ties: lowest index;
-  ``-0.0`` equal to ``+0.0``, as ``topk_mask.topk_keep`` counts them), taken one at a time: per pick a
+  ``-0.0`` equal to ``+0.0``, as ``topk_mask._topk_keep`` counts them), taken one at a time: per pick a
   maximum and a least index over sublanes. For the few picks here (``k <= 8``) a shorter chain of
-  dependent steps than ``topk_keep``'s 32-step bisection. Needs ``k <= L``; entries may be ``-inf``."""
+  dependent steps than ``_topk_keep``'s 32-step bisection. Needs ``k <= L``; entries may be ``-inf``."""
   position = jax.lax.broadcasted_iota(jnp.int32, x.shape, 0).astype(F32)
   kept = jnp.zeros(x.shape, bool)
   for _ in range(k):

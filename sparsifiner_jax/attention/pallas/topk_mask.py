@@ -11,7 +11,7 @@ Per (batch b, head h, block of query rows) the kernel computes, for each query r
 and writes only the packed row (``bitmask`` format): neither ``z`` nor ``a`` reaches HBM. This is
 ``MaskPredictor.combine`` followed by ``lax.top_k`` without the ``[B, H, N-1, N]`` float32 intermediate.
 
-Top-k without a sort (:func:`topk_keep`): a bisection over the order-preserving int32 image of the
+Top-k without a sort (:func:`_topk_keep`): a bisection over the order-preserving int32 image of the
 float32 values (32 steps of ``count(key >= t)`` per row) finds the k-th largest key ``t``; every key ``> t``
 is kept, and of the keys ``== t`` the first ``k - count(key > t)`` by index, found by a second bisection
 over the index (``log2`` of the row length steps). On TPU each query row's scores are held as a
@@ -125,7 +125,7 @@ def _loop(steps: int, body, init, unroll: bool):
   return carry
 
 
-def topk_keep(x: Array, k: int, valid: Array, unroll: bool, axis: int = 1) -> Array:
+def _topk_keep(x: Array, k: int, valid: Array, unroll: bool, axis: int = 1) -> Array:
   """Boolean ``[R, L]``: each row's ``k`` largest valid entries of float32 ``x [R, L]`` (ties: lowest
   index), ``valid [R|1, L]``; needs ``1 <= k <= count(valid)`` per row. ``unroll``: unroll the bisections
   or keep them loops (:func:`_unroll` decides). ``axis``: the axis the rows run along (1: rows are rows;
@@ -194,14 +194,14 @@ def _kernel_rows(q_ref, wq_ref, bias_ref, basis_ref, out_ref, *, sizes: _Sizes, 
   e = jnp.exp(z - jnp.max(z, axis=-1, keepdims=True))
   coef = e / jnp.sum(e, axis=-1, keepdims=True)                           # jax.nn.softmax's steps
   if coef_k < s.m:
-    coef = jnp.where(topk_keep(z, coef_k, m_valid, unroll), coef, 0.0)
+    coef = jnp.where(_topk_keep(z, coef_k, m_valid, unroll), coef, 0.0)
   basis = basis_ref[...]
   approx = jnp.dot(coef.astype(basis.dtype), basis, preferred_element_type=jnp.float32)   # [rows, n_pad]
   n_valid = jax.lax.broadcasted_iota(jnp.int32, approx.shape, 1) < s.n
   row = pl.program_id(2) * s.rows + jax.lax.broadcasted_iota(jnp.int32, approx.shape, 0)
   keep = n_valid
   if k < s.n:   # (bool operands: logical ops, not selects, which Mosaic widens to i8)
-    keep = (row < num_dense_rows) & n_valid | topk_keep(approx, k, n_valid, unroll)
+    keep = (row < num_dense_rows) & n_valid | _topk_keep(approx, k, n_valid, unroll)
   out_ref[...] = _pack(keep, s.w_pad)                                     # [rows, w_pad]
 
 
@@ -230,7 +230,7 @@ def _kernel_columns(q_ref, w_ref, basis_ref, out_ref, *, sizes: _Sizes, heads_pe
   e = jnp.exp(z - jnp.max(z, axis=0, keepdims=True))
   coef = e / jnp.sum(e, axis=0, keepdims=True)
   if coef_k < s.m:
-    coef = jnp.where(topk_keep(z, coef_k, m_valid, unroll, axis=0), coef, 0.0)
+    coef = jnp.where(_topk_keep(z, coef_k, m_valid, unroll, axis=0), coef, 0.0)
   basis = basis_ref[...]
   approx = jax.lax.dot_general(basis, coef.astype(basis.dtype), (((0,), (0,)), ((), ())),
                                preferred_element_type=jnp.float32)          # [n_pad, rows]
@@ -238,7 +238,7 @@ def _kernel_columns(q_ref, w_ref, basis_ref, out_ref, *, sizes: _Sizes, heads_pe
   row = pl.program_id(2) * s.rows + jax.lax.broadcasted_iota(jnp.int32, approx.shape, 1)
   keep = n_valid
   if k < s.n:
-    keep = (row < num_dense_rows) & n_valid | topk_keep(approx, k, n_valid, unroll, axis=0)
+    keep = (row < num_dense_rows) & n_valid | _topk_keep(approx, k, n_valid, unroll, axis=0)
   out_ref[...] = _pack_columns(keep, out_ref.shape[0])                    # [words, rows]
 
 
@@ -382,7 +382,7 @@ def _gpu_call(q, weights, basis, s: _Sizes, dtype, kernel_args):
 
 
 def _unroll(backend: str, interpret: bool) -> bool:
-  """Whether the bisection loops of :func:`topk_keep` are unrolled.
+  """Whether the bisection loops of :func:`_topk_keep` are unrolled.
 
   TPU: unrolled (Mosaic schedules the straight-line steps together). GPU: rolled loops, always, the
   form that is compiled also being the one the interpreted tests run. Pallas' Triton lowering rejects
