@@ -297,6 +297,7 @@ def _table(qkv, proj_n, w_k, b_k, w_q, b_q, basis, block, dtype, sel, interpret)
               pl.BlockSpec((None, sel.keep, width), lambda b: (b, 0, 0)), block=block, query_rows=nbp,
               dtype=dtype, interpret=interpret, examples=examples, flops=flops,
               transcendentals=bsz // examples * width * m)
+  # [steps, keep, examples R] -> [B, R, keep] -> the real columns [B, H, nbp, keep] -> the real blocks.
   out = jnp.moveaxis(out.reshape(bsz // examples, sel.keep, examples, columns), 1, -1)
   return out.reshape(bsz, columns, sel.keep)[:, :nh * nbp].reshape(bsz, nh, nbp, sel.keep)[:, :, :nb]
 
