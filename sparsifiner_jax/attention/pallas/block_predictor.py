@@ -42,8 +42,8 @@ from jax.experimental.pallas import tpu as pltpu
 
 from sparsifiner_jax import sharding
 from sparsifiner_jax.attention import backend, blocks
-from sparsifiner_jax.attention.pallas.common import (F32, NT, nbytes, next_pow2, out_struct, round_up,
-                                                     same_vma)
+from sparsifiner_jax.attention.pallas.common import (F32, NT, lane_masks, nbytes, next_pow2, out_struct,
+                                                     round_up, same_vma)
 from sparsifiner_jax.precision import mixed_einsum
 
 Array = jax.Array
@@ -114,11 +114,12 @@ def _block_diagonal(w: Array, heads: int) -> Array:
 
 
 def _call(kernel, name: str, qkv, proj_n, w_k, b_k, w_q, b_q, extra, out_shape, out_specs, *, block: int,
-          query_rows: int, dtype, interpret: bool, examples: int = 1, flops: int = 0,
+          query_rows: int, dtype, interpret: bool, examples: int | None = None, flops: int = 0,
           transcendentals: int = 0):
-  """One grid step per ``examples`` examples over ``qkv [B, N, 3, H d]``'s q and k sections, with
-  ``_project``'s constants (the block rows padded with zero rows to ``query_rows``), q, k (``[N, H d]``, or
-  ``[examples, N, H d]`` when more than one), then ``extra`` (whole arrays)."""
+  """One grid step per example (``examples`` None: q and k ``[N, H d]``) or per ``examples`` examples (q
+  and k ``[examples, N, H d]``) over ``qkv [B, N, 3, H d]``'s q and k sections, with ``_project``'s
+  constants (the block rows padded with zero rows to ``query_rows``), q, k, then ``extra`` (whole
+  arrays)."""
   bsz, n, _, nh, d = qkv.shape
   m, nb = proj_n.shape[-1], blocks.count(n, block)
   width, out_width = nh * d, nh * w_k.shape[-1]
@@ -132,8 +133,7 @@ def _call(kernel, name: str, qkv, proj_n, w_k, b_k, w_q, b_q, extra, out_shape, 
   flat = qkv.reshape(bsz, 1, n, 3 * width)
   flat, *operands = same_vma(flat, *constants, *extra)
   constants, extra = operands[:len(constants)], operands[len(constants):]
-  rows = None if examples == 1 else examples
-  section = lambda s: pl.BlockSpec((rows, None, n, width), lambda b: (b, 0, 0, s))        # noqa: E731
+  section = lambda s: pl.BlockSpec((examples, None, n, width), lambda b: (b, 0, 0, s))    # noqa: E731
   whole = lambda x: pl.BlockSpec(x.shape, lambda b: (0, 0))                               # noqa: E731
   out_bytes = sum(nbytes(x) for x in (out_shape if isinstance(out_shape, tuple) else (out_shape,)))
   cost = pl.CostEstimate(
@@ -141,7 +141,7 @@ def _call(kernel, name: str, qkv, proj_n, w_k, b_k, w_q, b_q, extra, out_shape, 
       transcendentals=transcendentals,
       bytes_accessed=2 * flat.size // 3 * flat.dtype.itemsize + out_bytes)
   return pl.pallas_call(
-      kernel, out_shape=out_shape, grid=(bsz // examples,),
+      kernel, out_shape=out_shape, grid=(bsz // (examples or 1),),
       in_specs=[whole(x) for x in constants] + [section(0), section(1)] + [whole(x) for x in extra],
       out_specs=out_specs,
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
@@ -204,6 +204,12 @@ class Selection:
   scale: float
 
 
+def _least_row(mask: Array, position: Array) -> Array:
+  """``[1, C]``: the least row index where each column of ``mask [L, C]`` is True (``L`` where none);
+  ``position`` is the row index as float32 (``L`` is exact)."""
+  return jnp.min(jnp.where(mask, position, float(mask.shape[0])), axis=0, keepdims=True)
+
+
 def _top_down_columns(x: Array, k: int) -> Array:
   """Boolean ``[L, C]``: each column's ``k`` largest entries of float32 ``x [L, C]`` (ties: lowest index;
   ``-0.0`` equal to ``+0.0``, as ``topk_mask._topk_keep`` counts them), taken one at a time: per pick a
@@ -214,8 +220,7 @@ def _top_down_columns(x: Array, k: int) -> Array:
   for _ in range(k):
     left = jnp.where(kept, -jnp.inf, x)
     top = jnp.max(left, axis=0, keepdims=True)
-    first = jnp.min(jnp.where((left == top) & ~kept, position, float(x.shape[0])), axis=0, keepdims=True)
-    kept = kept | (position == first)
+    kept = kept | (position == _least_row((left == top) & ~kept, position))
   return kept
 
 
@@ -236,14 +241,12 @@ def _table_kernel(*refs, heads: int, examples: int, sel: Selection):
   dtype = basis_ref.dtype
   width = tab_ref.shape[-1]
   columns = width // examples
+  own = lane_masks(heads, constants[-1].shape[1] // heads)     # qb_ref [1, H c]: each head's c lanes
   z = 0.0
   for ex in range(examples):
-    q, k = (q_ref, k_ref) if examples == 1 else (q_ref.at[ex], k_ref.at[ex])
-    q_r, k_hat = _project(*constants, q, k)                                  # [nbp, H c], [m, H c]
+    q_r, k_hat = _project(*constants, q_ref.at[ex], k_ref.at[ex])            # [nbp, H c], [m, H c]
     q_r = q_r.astype(dtype).astype(F32)
-    lane = jax.lax.broadcasted_iota(jnp.int32, q_r.shape, 1)
-    c = q_r.shape[1] // heads
-    stacked = [jnp.where((lane >= h * c) & (lane < (h + 1) * c), q_r, 0.0) for h in range(heads)]
+    stacked = [jnp.where(lanes, q_r, 0.0) for lanes in own]
     pad = lambda rows: [jnp.zeros((rows, q_r.shape[1]), F32)] if rows else []   # noqa: E731
     stacked = pad(ex * columns) + stacked + pad(width - ex * columns - heads * q_r.shape[0])
     z = z + jax.lax.dot_general(k_hat.astype(dtype), jnp.concatenate(stacked).astype(dtype), NT,
@@ -261,9 +264,8 @@ def _table_kernel(*refs, heads: int, examples: int, sel: Selection):
   position = index.astype(F32)
   rows = []
   for _ in range(sel.keep):                                                # increasing: the least left
-    first = jnp.min(jnp.where(kept, position, float(scores.shape[0])), axis=0, keepdims=True)
-    rows.append(first)
-    kept = kept & (position != first)
+    rows.append(_least_row(kept, position))
+    kept = kept & (position != rows[-1])
   tab_ref[...] = jnp.concatenate(rows).astype(jnp.int32)
 
 

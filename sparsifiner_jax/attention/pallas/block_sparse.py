@@ -46,8 +46,9 @@ from jax.experimental.pallas import triton as plgpu
 
 from sparsifiner_jax.attention import blocks
 from sparsifiner_jax.attention.pallas.common import (F32, NN, NT, col_to_row, copy_all, finalize,
-                                                   gpu_flash_core, nbytes, next_pow2, online_softmax_step,
-                                                   out_struct, row_to_col, same_vma, scaled)
+                                                   gpu_flash_core, lane_masks, nbytes, next_pow2,
+                                                   online_softmax_step, out_struct, row_to_col, same_vma,
+                                                   scaled)
 from sparsifiner_jax.precision import mixed_einsum
 
 Array = jax.Array
@@ -257,10 +258,7 @@ def _head_lanes(cfg: _Config) -> list:
   """Per head of the group, its lanes as a ``[1, g d]`` mask (``[None]`` for a group of one). Every head's
   products take the group's whole lane tile, the other heads' lanes of q (and do) zeroed: no lane shifts,
   and the MXU contracts 128 lanes as cheaply as 64; each head's lanes of the results are then merged."""
-  if cfg.group == 1:
-    return [None]
-  lane = lax.broadcasted_iota(jnp.int32, (1, cfg.group * cfg.head_dim), 1)
-  return [(lane >= h * cfg.head_dim) & (lane < (h + 1) * cfg.head_dim) for h in range(cfg.group)]
+  return [None] if cfg.group == 1 else lane_masks(cfg.group, cfg.head_dim)
 
 
 def _only(x: Array, own) -> Array:

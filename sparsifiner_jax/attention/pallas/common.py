@@ -72,6 +72,13 @@ def col_to_row(col: Array) -> Array:
   return jnp.transpose(jnp.broadcast_to(col, (col.shape[0], 128)))[:1, :]
 
 
+def lane_masks(heads: int, width: int) -> list[Array]:
+  """Per head, its lanes of a ``[1, heads * width]`` tile as a boolean mask (heads side by side on the
+  lanes, ``width`` each)."""
+  lane = lax.broadcasted_iota(jnp.int32, (1, heads * width), 1)
+  return [(lane >= h * width) & (lane < (h + 1) * width) for h in range(heads)]
+
+
 def copy_all(pairs, sems) -> None:
   """TPU: DMAs each ``(src, dst)`` ref pair (pair ``i`` signalling ``sems.at[i]``), all started before
   any is waited for, so the copies overlap."""
