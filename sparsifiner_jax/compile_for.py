@@ -153,7 +153,9 @@ def compile_step(config, devices, what: str, *, phase: str | None = None,
   if what == "eval":
     step = make_eval_step(graphdef, mesh)
     cast = sharding.abstract(models.cast_kernels(params, config.model.dtype), params_sh)
-    args = (cast, rest_abs, images, labels, jax.ShapeDtypeStruct((batch,), jnp.bool_, sharding=bs))
+    consts = jax.eval_shape(functools.partial(models.inference_constants, graphdef), cast, rest_abs)
+    consts = sharding.abstract(consts, jax.tree.map(lambda _: sharding.replicated(mesh), consts))
+    args = (cast, rest_abs, consts, images, labels, jax.ShapeDtypeStruct((batch,), jnp.bool_, sharding=bs))
   else:
     ph = _phase(config, phase)
     info["phase"] = ph.name

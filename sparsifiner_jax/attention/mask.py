@@ -121,12 +121,7 @@ class AttentionMask:
     if self.key_valid is not None:
       return jnp.sum(self.to_dense(), axis=(-1, -2))
     if self.table is not None:          # from the table alone: no N x N array
-      n, b, nd = self.num_keys, self.block_size, self.num_dense_rows
-      nb = self.table.shape[-2]
-      size = jnp.full(nb, b).at[-1].set(n - (nb - 1) * b)                 # tokens per block
-      # Keys of each query block's rows: whole blocks, the ragged last one where kept (no gather).
-      keys = jnp.sum(jnp.where(self.table == nb - 1, size[-1], b), axis=-1)
-      return jnp.sum(keys * size.at[0].add(-nd), axis=-1) + nd * n
+      return table_nnz(self.table, self.num_keys, self.block_size, self.num_dense_rows)
     per_sparse = (jnp.sum(self.valid, axis=(-1, -2)) if self.valid is not None
                   else jnp.full(self.indices.shape[:-2], self.indices.shape[-2] * self.keys_per_row))
     return per_sparse + self.num_dense_rows * self.num_keys
@@ -144,6 +139,30 @@ class AttentionMask:
   def density(self) -> Array:
     """Mean fraction of the (live) attention matrix that is kept (scalar)."""
     return jnp.mean(self.density_per_example())
+
+
+def table_nnz(table: Array, n: int, block: int, num_dense_rows: int) -> Array:
+  """Kept entries of a block mask from its kept-block ``table [..., nb, K]``: ``[...]`` (whole blocks, the
+  ragged last one where kept; the dense rows keep all ``n`` keys)."""
+  nb = table.shape[-2]
+  size = jnp.full(nb, block).at[-1].set(n - (nb - 1) * block)            # tokens per block
+  keys = jnp.sum(jnp.where(table == nb - 1, size[-1], block), axis=-1)    # each query block's rows' keys
+  return jnp.sum(keys * size.at[0].add(-num_dense_rows), axis=-1) + num_dense_rows * n
+
+
+def layer_densities(masks: list[AttentionMask | None], batch: int) -> Array:
+  """``[batch, len(masks)]``: each layer's ``density_per_example`` (1 for a dense layer, None). Block masks
+  of one shape (a block-mode model without token pruning) are counted together from their stacked tables:
+  one small op for every layer where each layer took two (a microsecond or so each on TPU)."""
+  tables = [m for m in masks if m is not None and m.table is not None and m.key_valid is None]
+  shapes = {(m.table.shape, m.num_keys, m.block_size, m.num_dense_rows) for m in tables}
+  if masks and len(tables) == len(masks) and len(shapes) == 1:
+    m = masks[0]
+    nnz = table_nnz(jnp.stack([m.table for m in masks]), m.num_keys, m.block_size, m.num_dense_rows)
+    per_layer = jnp.mean(nnz, axis=-1) / jnp.float32(m.num_keys) ** 2                  # [L, B|1]
+    return jnp.broadcast_to(per_layer.T, (batch, len(masks)))
+  return jnp.stack([jnp.ones(batch) if m is None else jnp.broadcast_to(m.density_per_example(), (batch,))
+                    for m in masks], axis=-1)
 
 
 def indices_to_dense(indices: Array, n: int, valid: Array | None = None) -> Array:

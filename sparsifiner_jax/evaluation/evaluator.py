@@ -6,6 +6,7 @@ masked sum divided by the number of real examples, so nothing is dropped or coun
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -13,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparsifiner_jax import models, sharding
+from sparsifiner_jax.attention import mask as mask_lib
 from sparsifiner_jax.evaluation import recall as recall_lib
 
 Array = jax.Array
@@ -34,13 +36,7 @@ def per_example_stats(model, images, labels, *, recall: bool = False):
   out = dict(correct1=topk_accuracy(logits, labels, 1),
              correct5=topk_accuracy(logits, labels, k5),
              loss=-jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0])
-  dens = []
-  for m in aux["masks"]:
-    if m is None:
-      dens.append(jnp.ones(logits.shape[:1]))
-    else:
-      dens.append(jnp.broadcast_to(m.density_per_example(), logits.shape[:1]))
-  layer = jnp.stack(dens, axis=-1)
+  layer = mask_lib.layer_densities(aux["masks"], logits.shape[0])
   out["layer_density"] = layer
   out["density"] = jnp.mean(layer, axis=-1)
   if recall:
@@ -50,12 +46,13 @@ def per_example_stats(model, images, labels, *, recall: bool = False):
 
 
 def make_eval_step(graphdef, mesh, *, recall: bool = False):
-  """``step(params, rest, images, labels, mask) -> sums`` jitted over ``mesh``: the masked per-batch sums
-  of ``per_example_stats`` (and ``count``), replicated; the batch split over the batch axes, the
-  parameters placed as they come. ``recall`` adds the attention-recall sums; off by default, so the
-  step that ``compile_for`` measures is the model's inference alone."""
-  def step(params, rest, images, labels, mask):
-    model = models.merge_params(graphdef, params, rest)
+  """``step(params, rest, constants, images, labels, mask) -> sums`` jitted over ``mesh``: the masked
+  per-batch sums of ``per_example_stats`` (and ``count``), replicated; the batch split over the batch
+  axes, the parameters placed as they come. ``constants``: ``models.inference_constants`` of ``params``
+  (None: the predictors compute them in the forward). ``recall`` adds the attention-recall sums; off by
+  default, so the step that ``compile_for`` measures is the model's inference alone."""
+  def step(params, rest, constants, images, labels, mask):
+    model = models.use_constants(models.merge_params(graphdef, params, rest), constants)
     stats = per_example_stats(model, images, labels, recall=recall)
     w = mask.astype(jnp.float32)
     sums = {k: jnp.sum(v * (w if v.ndim == 1 else w[:, None]), axis=0) for k, v in stats.items()}
@@ -63,7 +60,7 @@ def make_eval_step(graphdef, mesh, *, recall: bool = False):
     return sums
 
   bs = sharding.batch_sharding(mesh)
-  return jax.jit(step, in_shardings=(None, None, bs, bs, bs), out_shardings=sharding.replicated(mesh))
+  return jax.jit(step, in_shardings=(None, None, None, bs, bs, bs), out_shardings=sharding.replicated(mesh))
 
 
 class Evaluator:
@@ -79,11 +76,12 @@ class Evaluator:
     self.mesh = mesh
     self.split = split or config.input.eval_split
     self.recall = recall
-    self._fn = None
+    self._fn = self._constants = None
 
   def _compiled(self, graphdef):
     if self._fn is None:
       self._fn = make_eval_step(graphdef, self.mesh, recall=self.recall)
+      self._constants = jax.jit(functools.partial(models.inference_constants, graphdef))
     return self._fn
 
   def run(self, graphdef, params, rest) -> dict[str, Any]:
@@ -96,10 +94,11 @@ class Evaluator:
         process_index=jax.process_index(), process_count=jax.process_count())
     bs = sharding.batch_sharding(self.mesh)
     params = models.cast_kernels(params, cfg.model.dtype)    # once, not in every batch's forward
+    constants = self._constants(params, rest)                # likewise the predictors' parameter-only work
     total = None
     for local in it:
       arrays = [jax.make_array_from_process_local_data(bs, local[k]) for k in ("image", "label", "mask")]
-      sums = fn(params, rest, *arrays)
+      sums = fn(params, rest, constants, *arrays)
       total = sums if total is None else jax.tree.map(jnp.add, total, sums)
     total = jax.device_get(total)
     n = max(float(total["count"]), 1.0)

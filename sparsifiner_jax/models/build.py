@@ -2,7 +2,9 @@
 
 ``build_model(config)`` is ``config.model_name`` with ``config.model``'s fields; the teacher is the dense
 version of the same architecture (``build_teacher``). ``split_params``/``merge_params`` are the one
-place that knows the parameter groups and the order ``nnx.merge`` takes them in.
+place that knows the parameter groups and the order ``nnx.merge`` takes them in;
+``inference_constants``/``use_constants`` carry the predictors' parameter-only work out of a forward
+whose weights stay fixed.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 from flax import nnx
 
 from sparsifiner_jax.models import zoo
+from sparsifiner_jax.models.predictor import MaskPredictor
 
 IS_PREDICTOR = nnx.All(nnx.Param, nnx.PathContains("mask_predictor"))
 
@@ -56,3 +59,26 @@ def merge_params(graphdef: nnx.GraphDef, params: dict[str, nnx.State], rest: nnx
   return nnx.merge(graphdef, params["predictor"], params["backbone"], rest)
 
 
+
+
+def predictors(model: nnx.Module) -> list[MaskPredictor]:
+  """The model's learned mask predictors, in graph order."""
+  return [node for _, node in nnx.iter_graph(model) if isinstance(node, MaskPredictor)]
+
+
+def inference_constants(graphdef: nnx.GraphDef, params: dict[str, nnx.State], rest: nnx.State
+                        ) -> list[Any]:
+  """Per predictor (``predictors`` order), block mode's parameter-only kernel operands
+  (``MaskPredictor.kernel_constants``; None in token mode): for weights that stay fixed over many
+  forwards (evaluation), computed once ahead like ``cast_kernels``, instead of in every forward;
+  ``use_constants`` hands them to the merged model. The outputs are bit-identical."""
+  model = merge_params(graphdef, params, rest)
+  return [p.kernel_constants() if p.block else None for p in predictors(model)]
+
+
+def use_constants(model: nnx.Module, constants: list[Any] | None) -> nnx.Module:
+  """``model`` with ``inference_constants``' operands set on its predictors (None: computed per call)."""
+  if constants is not None:
+    for predictor, consts in zip(predictors(model), constants, strict=True):
+      predictor.prepared = consts
+  return model

@@ -73,6 +73,9 @@ class MaskPredictor(nnx.Module):
     init = nnx.initializers.normal(0.02)
     self.proj_n = nnx.Param(init(rngs.params(), (num_tokens, reduced_n), jnp.float32))
     self.proj_back_n = nnx.Param(init(rngs.params(), (num_tokens, reduced_n), jnp.float32))
+    # Block mode's parameter-only kernel operands, where the caller computed them once for weights that
+    # stay fixed (``kernel_constants``; evaluation: ``models.inference_constants``); None: every call.
+    self.prepared = nnx.data(None)
 
   def basis(self, recon: bool) -> Array:
     """The up-projection basis ``[m, N]`` for the given mode."""
@@ -94,13 +97,26 @@ class MaskPredictor(nnx.Module):
     if token_index is None and n != self.num_tokens:
       raise ValueError(f"predictor was built for {self.num_tokens} tokens but got {n}; resize its "
                        "token parameters (io.resample.resize_token_params) for a new resolution")
-    rounded = lambda x: x.astype(self.dtype).astype(jnp.float32)       # noqa: E731
     proj_n = token_rows(self.proj_n[...], token_index)                 # [1|B, N, m]
     if key_keep is not None:                                           # pruned keys contribute nothing
       k = k * key_keep[:, :, None, None].astype(k.dtype)
       proj_n = proj_n * key_keep[:, :, None].astype(proj_n.dtype)
-    return (k, rounded(proj_n), rounded(self.proj_c_k.kernel[...]), self.proj_c_k.bias[...],
-            rounded(self.proj_c_q.kernel[...]), rounded(self.proj_c_q.bias[...]))
+    return (k, self._rounded(proj_n), *self._weights())
+
+  def _rounded(self, x: Array) -> Array:
+    return x.astype(self.dtype).astype(jnp.float32)
+
+  def _weights(self) -> tuple[Array, Array, Array, Array]:
+    """``(w_k, b_k, w_q, b_q)`` as ``factors`` gives them."""
+    return (self._rounded(self.proj_c_k.kernel[...]), self.proj_c_k.bias[...],
+            self._rounded(self.proj_c_q.kernel[...]), self._rounded(self.proj_c_q.bias[...]))
+
+  def kernel_constants(self) -> block_predictor.Constants:
+    """Block mode's parameter-only kernel operands (``block_predictor.constants``, the pooled basis of the
+    sparse mode included) for the full sequence: what ``block_mask`` takes from ``prepared`` when set."""
+    pooled = blocks.pool(self.basis_rows(False), self.block, axis=-1, mean=False)
+    return block_predictor.constants(self._rounded(self.proj_n[...][None]), *self._weights(),
+                                     heads=self.num_heads, dtype=self.dtype, pooled=pooled)
 
   @property
   def logit_scale(self) -> float:
@@ -178,8 +194,11 @@ class MaskPredictor(nnx.Module):
     keep = blocks.budget(self.keep_rate, n, self.block)
     if kernel and block_predictor.table_applies(qkv, proj_n, self.block):   # the same table in one pass
       selection = block_predictor.Selection(keep, self.coef_topk, self.logit_scale)
-      table = block_predictor.table(qkv, proj_n, *params, pooled, block=self.block, dtype=self.dtype,
-                                    selection=selection)
+      consts = self.prepared
+      if consts is None:
+        consts = block_predictor.constants(proj_n, *params, heads=self.num_heads, dtype=self.dtype,
+                                           pooled=pooled)
+      table = block_predictor.table(qkv, consts, block=self.block, selection=selection)
     else:
       table = blocks.select(scores, keep)
     return blocks.block_mask(table, n, self.block, num_dense_rows=1), scores

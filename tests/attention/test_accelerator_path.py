@@ -126,3 +126,30 @@ def test_pallas_can_be_switched_off(monkeypatch):
   on = hlo()
   # Interpreted kernels lower to loops over the grid (while ops); masked attention has none.
   assert on.count("stablehlo.while") > off.count("stablehlo.while")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_prepared_constants_change_nothing(dtype):
+  """Evaluation computes block mode's parameter-only kernel operands once ahead
+  (``models.inference_constants``; on TPU the table kernel takes them): logits and masks bit-identical to
+  the model computing them in its forward. Corrupted constants change the masks: the kernel reads them."""
+  fast, _ = _pair(dtype=dtype, **CASES["blocks_lanes"])
+  images = random_images(2, fast.config.img_size, seed=7)
+  graphdef, params, rest = models.split_params(fast)
+  consts = models.inference_constants(graphdef, params, rest)
+  assert len(consts) == fast.config.depth and all(c.basis is not None for c in consts)
+
+  @jax.jit
+  def forward(params, rest, consts, images):
+    model = models.use_constants(models.merge_params(graphdef, params, rest), consts)
+    logits, aux = model(images)
+    return logits, [m.packed_rows() for m in aux["masks"]]
+
+  want_logits, want_masks = _on("tpu", forward, params, rest, None, images)
+  got_logits, got_masks = _on("tpu", forward, params, rest, consts, images)
+  np.testing.assert_array_equal(np.asarray(got_logits, np.float32), np.asarray(want_logits, np.float32))
+  for want, got in zip(want_masks, got_masks):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  flat = [c._replace(basis=c.basis[:, ::-1]) for c in consts]     # key blocks' scores reversed
+  _, bad_masks = _on("tpu", forward, params, rest, flat, images)
+  assert any((np.asarray(b) != np.asarray(w)).any() for b, w in zip(bad_masks, want_masks))

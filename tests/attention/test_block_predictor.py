@@ -92,6 +92,11 @@ def _xla_table(qkv, params, basis, block, keep, coef_k, scale, dtype):
   return blocks.select(mixed_einsum("bhnm,mk->bhnk", coef, basis, dtype), keep)
 
 
+def _kernel_table(qkv, params, basis, block, dtype, selection):
+  consts = block_predictor.constants(*params, heads=qkv.shape[3], dtype=dtype, pooled=basis)
+  return block_predictor.table(qkv, consts, block=block, selection=selection)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("n,block,keep,coef_k,batch", [
     (37, 16, 2, 4, 2),     # ragged last block (5 tokens); 2 examples a grid step
@@ -107,7 +112,7 @@ def test_table_is_the_xla_selection(dtype, n, block, keep, coef_k, batch):
   basis = blocks.pool(jnp.asarray(np.abs(rng.normal(size=(9, n))), jnp.float32), block, axis=-1, mean=False)
   selection = block_predictor.Selection(keep, coef_k, 0.5)
   with backend.compiling_for("tpu", interpret=True):
-    got = block_predictor.table(qkv, *params, basis, block=block, dtype=dtype, selection=selection)
+    got = _kernel_table(qkv, params, basis, block, dtype, selection)
   want = _xla_table(qkv, params, basis, block, keep, coef_k, 0.5, dtype)
   assert got.shape == want.shape == (batch, 4, blocks.count(n, block), keep) and got.dtype == jnp.int32
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
@@ -132,8 +137,7 @@ def test_table_breaks_ties_by_the_lowest_index():
   for basis, want in ((ones, [0, 1, 2]), (jnp.zeros((9, 8)).at[:, 5].set(1.0), [0, 1, 5]),
                       (ones.at[:, 0].set(0.0), [0, 1, 2])):
     with backend.compiling_for("tpu", interpret=True):
-      got = np.asarray(block_predictor.table(qkv, *params, basis, block=8, dtype=jnp.float32,
-                                             selection=selection))
+      got = np.asarray(_kernel_table(qkv, params, basis, 8, jnp.float32, selection))
     np.testing.assert_array_equal(got, np.asarray(_xla_table(qkv, params, basis, 8, 3, 4, 0.5, jnp.float32)))
     np.testing.assert_array_equal(got, np.broadcast_to(want, got.shape))
 

@@ -232,8 +232,8 @@ def test_block_predictor_compiles(topology):
     return jax.value_and_grad(loss, argnums=tuple(range(6)))(qkv, *params)
 
   def table(qkv, *params):
-    return block_predictor.table(qkv, *params, block=32, dtype=jnp.bfloat16,
-                                 selection=block_predictor.Selection(2, 8, H ** -0.5))
+    consts = block_predictor.constants(*params[:5], heads=H, dtype=jnp.bfloat16, pooled=params[5])
+    return block_predictor.table(qkv, consts, block=32, selection=block_predictor.Selection(2, 8, H ** -0.5))
 
   shapes = [((B, n, 3, H, D), jnp.bfloat16), ((1, n, m), jnp.float32)] + [((D, c), jnp.float32),
                                                                           ((c,), jnp.float32)] * 2

@@ -160,8 +160,8 @@ def test_eval_step_sums_recall_over_real_examples_only():
   real = jnp.asarray([True, True, True, False])
   step = evaluator.make_eval_step(graphdef, mesh, recall=True)
   with jax.set_mesh(mesh):
-    sums = jax.device_get(step(params, rest, images, labels, real))
-    padded = jax.device_get(step(params, rest, images.at[3].set(5.0), labels, real))
+    sums = jax.device_get(step(params, rest, None, images, labels, real))
+    padded = jax.device_get(step(params, rest, None, images.at[3].set(5.0), labels, real))
   per_example = evaluator.per_example_stats(model, images, labels, recall=True)
   want = np.asarray(per_example["layer_recall"])[:3].sum(0)
   assert sums["layer_recall"].shape == (2,) and float(sums["count"]) == 3
@@ -169,7 +169,7 @@ def test_eval_step_sums_recall_over_real_examples_only():
   np.testing.assert_allclose(sums["recall"], want.mean(), atol=1e-5, rtol=0)
   np.testing.assert_allclose(padded["layer_recall"], sums["layer_recall"], atol=1e-5, rtol=0)
   assert "recall" not in jax.device_get(evaluator.make_eval_step(graphdef, mesh)(
-      params, rest, images, labels, real))                       # off by default (compile_for)
+      params, rest, None, images, labels, real))                       # off by default (compile_for)
 
 
 @pytest.mark.parametrize("keep_rate", [None, 0.25])

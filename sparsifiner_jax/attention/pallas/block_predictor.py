@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -113,23 +114,44 @@ def _block_diagonal(w: Array, heads: int) -> Array:
   return jnp.kron(jnp.eye(heads, dtype=w.dtype), w)
 
 
-def _call(kernel, name: str, qkv, proj_n, w_k, b_k, w_q, b_q, extra, out_shape, out_specs, *, block: int,
-          query_rows: int, dtype, interpret: bool, examples: int | None = None, flops: int = 0,
+class Constants(NamedTuple):
+  """The kernels' operands that depend on the predictor's parameters alone (``constants``): fixed while
+  the weights are, so evaluation computes them once (``MaskPredictor.prepared``) instead of in every
+  forward, where they are some ten small XLA ops a layer (DeiT-S on v5e by the clock: 0.1 ms of the
+  forward at 224 px, 0.135 ms at 448)."""
+  pt: Array                  # Pᵀ [m, N], compute dtype
+  wk: Array                  # W_k block-diagonal [H d, H c], compute dtype
+  kb: Array                  # (1ᵀ P)ᵀ b_k, per head [m, H c] float32: the key bias through P
+  wq: Array                  # W_q block-diagonal [H d, H c], compute dtype
+  qb: Array                  # b_q per head [1, H c] float32
+  basis: Array | None = None  # the block-pooled basis transposed [nb, m], compute dtype (``table``'s)
+
+
+def constants(proj_n: Array, w_k: Array, b_k: Array, w_q: Array, b_q: Array, *, heads: int, dtype,
+              pooled: Array | None = None) -> Constants:
+  """``Constants`` from ``reference``'s parameters (``proj_n [1, N, m]``) and, for ``table``, the
+  block-pooled basis ``pooled [m, nb]``."""
+  return Constants(
+      pt=proj_n[0].T.astype(dtype), wk=_block_diagonal(w_k.astype(dtype), heads),
+      kb=jnp.tile(jnp.sum(proj_n[0], axis=0)[:, None] * b_k, (1, heads)).astype(F32),
+      wq=_block_diagonal(w_q.astype(dtype), heads), qb=jnp.tile(b_q, heads)[None].astype(F32),
+      basis=None if pooled is None else pooled.T.astype(dtype))
+
+
+def _call(kernel, name: str, qkv, consts: Constants, extra, out_shape, out_specs, *, block: int,
+          query_rows: int, interpret: bool, examples: int | None = None, flops: int = 0,
           transcendentals: int = 0):
   """One grid step per example (``examples`` None: q and k ``[N, H d]``) or per ``examples`` examples (q
   and k ``[examples, N, H d]``) over ``qkv [B, N, 3, H d]``'s q and k sections, with ``_project``'s
-  constants (the block rows padded with zero rows to ``query_rows``), q, k, then ``extra`` (whole
-  arrays)."""
+  constants (the block membership and sizes padded with zero rows to ``query_rows``), q, k, then
+  ``extra`` (whole arrays)."""
   bsz, n, _, nh, d = qkv.shape
-  m, nb = proj_n.shape[-1], blocks.count(n, block)
-  width, out_width = nh * d, nh * w_k.shape[-1]
+  m, nb = consts.pt.shape[0], blocks.count(n, block)
+  width, out_width = nh * d, consts.wk.shape[-1]
   pad = query_rows - nb
-  constants = (proj_n[0].T.astype(dtype),
-               jnp.pad(blocks.membership(n, block, qkv.dtype).T, ((0, pad), (0, 0))),
+  constants = (consts.pt, jnp.pad(blocks.membership(n, block, qkv.dtype).T, ((0, pad), (0, 0))),
                jnp.pad(blocks.block_sizes(n, block)[:, None], ((0, pad), (0, 0)), constant_values=1.0),
-               _block_diagonal(w_k.astype(dtype), nh),
-               jnp.tile(jnp.sum(proj_n[0], axis=0)[:, None] * b_k, (1, nh)).astype(F32),
-               _block_diagonal(w_q.astype(dtype), nh), jnp.tile(b_q, nh)[None].astype(F32))
+               consts.wk, consts.kb, consts.wq, consts.qb)
   flat = qkv.reshape(bsz, 1, n, 3 * width)
   flat, *operands = same_vma(flat, *constants, *extra)
   constants, extra = operands[:len(constants)], operands[len(constants):]
@@ -154,9 +176,9 @@ def _forward(qkv, proj_n, w_k, b_k, w_q, b_q, block, dtype, interpret):
   m, c, nb = proj_n.shape[-1], w_k.shape[-1], blocks.count(n, block)
   per_example = lambda rows: pl.BlockSpec((None, rows, nh * c), lambda b: (b, 0, 0))   # noqa: E731
   out_shape = (out_struct((bsz, nb, nh * c), qkv, dtype), out_struct((bsz, m, nh * c), qkv, dtype))
-  q_r, k_hat = _call(_kernel, "block_predictor_projections", qkv, proj_n, w_k, b_k, w_q, b_q, (), out_shape,
-                     [per_example(nb), per_example(m)], block=block, query_rows=nb, dtype=dtype,
-                     interpret=interpret)
+  consts = constants(proj_n, w_k, b_k, w_q, b_q, heads=nh, dtype=dtype)
+  q_r, k_hat = _call(_kernel, "block_predictor_projections", qkv, consts, (), out_shape,
+                     [per_example(nb), per_example(m)], block=block, query_rows=nb, interpret=interpret)
   return q_r.reshape(bsz, nb, nh, c), k_hat.reshape(bsz, m, nh, c)
 
 
@@ -282,37 +304,35 @@ def _examples_per_step(bsz: int, columns: int) -> tuple[int, int]:
   return examples, width if examples > 1 else columns
 
 
-def _table(qkv, proj_n, w_k, b_k, w_q, b_q, basis, block, dtype, sel, interpret):
+def _table(qkv, consts: Constants, block, sel, interpret):
   bsz, n, _, nh, _ = qkv.shape
-  m, nb = proj_n.shape[-1], blocks.count(n, block)
+  (m, c), nb = consts.kb.shape, blocks.count(n, block)
   nbp = round_up(nb, 8)
   examples, columns = _examples_per_step(bsz, nh * nbp)
-  basis_t = basis.T.astype(dtype)                                          # [nb, m]
   kernel = functools.partial(_table_kernel, heads=nh, examples=examples, sel=sel)
   width = examples * columns
   # Per column: the logits' and scores' products, and some six vector operations per element a pick scans
   # (the coefficients' picks over m rows, the blocks' picks and their ordering over nbp).
   picks = (sel.coef_k if sel.coef_k < m else 0) * m + 2 * sel.keep * nbp
-  flops = bsz // examples * width * (2 * examples * m * nh * w_k.shape[-1] + 2 * m * nbp + 6 * picks)
-  out = _call(kernel, "block_predictor_table", qkv, proj_n, w_k, b_k, w_q, b_q, (basis_t,),
+  flops = bsz // examples * width * (2 * examples * m * c + 2 * m * nbp + 6 * picks)
+  out = _call(kernel, "block_predictor_table", qkv, consts, (consts.basis,),
               out_struct((bsz // examples, sel.keep, width), qkv, jnp.int32),
               pl.BlockSpec((None, sel.keep, width), lambda b: (b, 0, 0)), block=block, query_rows=nbp,
-              dtype=dtype, interpret=interpret, examples=examples, flops=flops,
+              interpret=interpret, examples=examples, flops=flops,
               transcendentals=bsz // examples * width * m)
   # [steps, keep, examples R] -> [B, R, keep] -> the real columns [B, H, nbp, keep] -> the real blocks.
   out = jnp.moveaxis(out.reshape(bsz // examples, sel.keep, examples, columns), 1, -1)
   return out.reshape(bsz, columns, sel.keep)[:, :nh * nbp].reshape(bsz, nh, nbp, sel.keep)[:, :, :nb]
 
 
-def table(qkv: Array, proj_n: Array, w_k: Array, b_k: Array, w_q: Array, b_q: Array, basis: Array, *,
-          block: int, dtype, selection: Selection) -> Array:
+def table(qkv: Array, consts: Constants, *, block: int, selection: Selection) -> Array:
   """The kept-block table ``[B, H, nb, keep]`` int32 (``attention.blocks``' format) in one pass from
-  ``projections``' operands and the block-pooled basis ``basis [m, nb]``: the table ``blocks.select``
-  takes from the scores ``MaskPredictor.block_mask`` computes in XLA (whose ~15 small XLA ops a layer
-  took 0.31 ms of a DeiT-S forward at 224 px on v5e by the clock, against 0.07 ms that the table adds to
-  the kernel). Not differentiable (a selection); per batch shard (``applies`` must hold)."""
+  ``qkv`` and the predictor's ``constants`` (with the pooled basis): the table ``blocks.select`` takes
+  from the scores ``MaskPredictor.block_mask`` computes in XLA (whose ~15 small XLA ops a layer took 0.31
+  ms of a DeiT-S forward at 224 px on v5e by the clock, against 0.07 ms that the table adds to the
+  kernel). Not differentiable (a selection); per batch shard (``applies`` must hold)."""
   interpret = backend.target().interpret
-  def run(qkv, *params):
-    return _table(qkv, *params, block, jnp.dtype(dtype), selection, interpret)
-  operands = [jax.lax.stop_gradient(x) for x in (qkv, proj_n, w_k, b_k, w_q, b_q, basis)]
-  return sharding.per_batch_shard(run, operands, (True,) + (False,) * 6)
+  def run(qkv, consts):
+    return _table(qkv, consts, block, selection, interpret)
+  operands = jax.lax.stop_gradient((qkv, consts))
+  return sharding.per_batch_shard(run, operands, (True, False))
