@@ -121,7 +121,8 @@ class AttentionMask:
     if self.key_valid is not None:
       return jnp.sum(self.to_dense(), axis=(-1, -2))
     if self.table is not None:          # from the table alone: no N x N array
-      return table_nnz(self.table, self.num_keys, self.block_size, self.num_dense_rows)
+      keys = _table_keys(self.table, self.num_keys, self.block_size, self.num_dense_rows)
+      return jnp.sum(keys, axis=(-2, -1)) + self.num_dense_rows * self.num_keys
     per_sparse = (jnp.sum(self.valid, axis=(-1, -2)) if self.valid is not None
                   else jnp.full(self.indices.shape[:-2], self.indices.shape[-2] * self.keys_per_row))
     return per_sparse + self.num_dense_rows * self.num_keys
@@ -134,6 +135,11 @@ class AttentionMask:
 
   def density_per_example(self) -> Array:
     """Kept fraction of each example's live ``N_l x N_l`` attention matrix, head mean: ``[B|1]``."""
+    n = self.num_keys
+    if self.table is not None and self.key_valid is None:   # one reduction over the table (one XLA op)
+      keys = _table_keys(self.table, n, self.block_size, self.num_dense_rows)
+      heads = self.table.shape[-3]
+      return (jnp.sum(keys, axis=(-3, -2, -1)) / heads + self.num_dense_rows * n) / jnp.float32(n * n)
     return jnp.mean(self.nnz(), axis=-1) / jnp.square(self.live_tokens().astype(jnp.float32))
 
   def density(self) -> Array:
@@ -141,28 +147,13 @@ class AttentionMask:
     return jnp.mean(self.density_per_example())
 
 
-def table_nnz(table: Array, n: int, block: int, num_dense_rows: int) -> Array:
-  """Kept entries of a block mask from its kept-block ``table [..., nb, K]``: ``[...]`` (whole blocks, the
-  ragged last one where kept; the dense rows keep all ``n`` keys)."""
+def _table_keys(table: Array, n: int, block: int, num_dense_rows: int) -> Array:
+  """A block mask's kept entries per table entry, ``[..., nb, K]`` int32 from its kept-block ``table [...,
+  nb, K]``: the entry's block's tokens (the ragged last block's fewer) times its query block's sparse
+  rows (the first block's less the ``num_dense_rows`` dense ones, which keep all ``n`` keys)."""
   nb = table.shape[-2]
   size = jnp.full(nb, block).at[-1].set(n - (nb - 1) * block)            # tokens per block
-  keys = jnp.sum(jnp.where(table == nb - 1, size[-1], block), axis=-1)    # each query block's rows' keys
-  return jnp.sum(keys * size.at[0].add(-num_dense_rows), axis=-1) + num_dense_rows * n
-
-
-def layer_densities(masks: list[AttentionMask | None], batch: int) -> Array:
-  """``[batch, len(masks)]``: each layer's ``density_per_example`` (1 for a dense layer, None). Block masks
-  of one shape (a block-mode model without token pruning) are counted together from their stacked tables:
-  one small op for every layer where each layer took two (a microsecond or so each on TPU)."""
-  tables = [m for m in masks if m is not None and m.table is not None and m.key_valid is None]
-  shapes = {(m.table.shape, m.num_keys, m.block_size, m.num_dense_rows) for m in tables}
-  if masks and len(tables) == len(masks) and len(shapes) == 1:
-    m = masks[0]
-    nnz = table_nnz(jnp.stack([m.table for m in masks]), m.num_keys, m.block_size, m.num_dense_rows)
-    per_layer = jnp.mean(nnz, axis=-1) / jnp.float32(m.num_keys) ** 2                  # [L, B|1]
-    return jnp.broadcast_to(per_layer.T, (batch, len(masks)))
-  return jnp.stack([jnp.ones(batch) if m is None else jnp.broadcast_to(m.density_per_example(), (batch,))
-                    for m in masks], axis=-1)
+  return jnp.where(table == nb - 1, size[-1], block) * size.at[0].add(-num_dense_rows)[:, None]
 
 
 def indices_to_dense(indices: Array, n: int, valid: Array | None = None) -> Array:

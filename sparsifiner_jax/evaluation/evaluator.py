@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparsifiner_jax import models, sharding
-from sparsifiner_jax.attention import mask as mask_lib
 from sparsifiner_jax.evaluation import recall as recall_lib
 
 Array = jax.Array
@@ -36,7 +35,13 @@ def per_example_stats(model, images, labels, *, recall: bool = False):
   out = dict(correct1=topk_accuracy(logits, labels, 1),
              correct5=topk_accuracy(logits, labels, k5),
              loss=-jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0])
-  layer = mask_lib.layer_densities(aux["masks"], logits.shape[0])
+  dens = []
+  for m in aux["masks"]:
+    if m is None:
+      dens.append(jnp.ones(logits.shape[:1]))
+    else:
+      dens.append(jnp.broadcast_to(m.density_per_example(), logits.shape[:1]))
+  layer = jnp.stack(dens, axis=-1)
   out["layer_density"] = layer
   out["density"] = jnp.mean(layer, axis=-1)
   if recall:

@@ -13,7 +13,6 @@ import optax
 from flax import nnx
 
 from sparsifiner_jax import models, sharding
-from sparsifiner_jax.attention import mask as mask_lib
 from sparsifiner_jax.train import losses, mixup, optim
 from sparsifiner_jax.train.phases import (LOSS_TERMS, TEACHER_TERMS, TRAINABLE, Phase, make_optimizer,
                                           trainable_of)
@@ -66,7 +65,7 @@ def batch_stats(logits, aux, targets) -> dict:
   """``{"density", "train_acc"}``: the masks' mean kept fraction (1 for a dense model) and the top-1
   agreement of ``logits [B, K]`` with ``targets [B, K]``."""
   masks = [m for m in aux["masks"] if m is not None]
-  density = jnp.mean(mask_lib.layer_densities(masks, logits.shape[0])) if masks else jnp.float32(1.0)
+  density = jnp.mean(jnp.stack([m.density() for m in masks])) if masks else jnp.float32(1.0)
   acc = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(targets, -1))
   return dict(density=density, train_acc=acc)
 

@@ -150,3 +150,22 @@ def test_table_runs_where_it_beats_xla(n, block, runs):
   proj_n = jax.ShapeDtypeStruct((1, n, n // 6), jnp.float32)
   with backend.compiling_for("tpu", interpret=True):
     assert block_predictor.table_applies(qkv, proj_n, block) == runs
+
+
+@pytest.mark.parametrize("rows,k", [(7, 2), (9, 3), (32, 8), (40, 8), (16, 1)])
+@pytest.mark.parametrize("method", ["_top_down_columns", "_ranked_top"])
+def test_column_top_k_takes_the_lowest_index_among_ties(method, rows, k):
+  """Both of the table kernel's top-k forms (picks and ranks, ``_top_of_columns`` chooses by the column
+  height) keep each column's ``k`` largest entries, ties to the lowest index, ``-0.0`` equal to ``+0.0``,
+  ``-inf`` and ``+inf`` entries ordered: as a stable NumPy sort of the negated values."""
+  rng = np.random.default_rng(rows * 10 + k)
+  x = rng.integers(-2, 3, size=(rows, 128)).astype(np.float32)          # heavy ties
+  x[rng.random(x.shape) < 0.1] = -0.0
+  x[rng.random(x.shape) < 0.05] = -np.inf
+  x[0, :64] = np.inf
+  x[:, 100:] = rng.normal(size=(rows, 28))                              # no ties
+  order = np.argsort(-x, axis=0, kind="stable")
+  want = np.zeros(x.shape, bool)
+  np.put_along_axis(want, order[:k], True, axis=0)
+  got = getattr(block_predictor, method)(jnp.asarray(x), k)
+  np.testing.assert_array_equal(np.asarray(got), want)

@@ -11,7 +11,6 @@ import pytest
 
 from sparsifiner_jax import models
 from sparsifiner_jax.attention import blocks, executors
-from sparsifiner_jax.attention import mask as mask_lib
 from sparsifiner_jax.attention.pallas import block_sparse
 
 BACKENDS = ("tpu", "gpu")
@@ -347,21 +346,6 @@ def test_block_mask_counts_from_the_table_equal_the_expanded_mask():
   table = _random_table(rng, (2, 3), blocks.count(40, 16), 2)
   mask = blocks.block_mask(table, 40, 16)
   np.testing.assert_array_equal(np.asarray(mask.nnz()), np.asarray(mask.to_dense()).sum((-1, -2)))
+  np.testing.assert_allclose(np.asarray(mask.density_per_example()),            # float32, within 1e-6
+                             np.asarray(mask.to_dense()).mean((1, 2, 3)), rtol=1e-6)
 
-
-def test_layer_densities_count_the_stacked_tables_as_each_layer_would():
-  """``mask.layer_densities``: three block masks counted from their stacked tables equal each mask's own
-  ``density_per_example`` (and the expanded masks' mean), float32 within 1e-6 relative (XLA may fuse the
-  division differently); a mix with a dense layer (None) and a token mask takes the per-layer path."""
-  rng = np.random.default_rng(6)
-  masks = [blocks.block_mask(_random_table(rng, (2, 3), blocks.count(40, 16), 2), 40, 16) for _ in range(3)]
-  got = np.asarray(mask_lib.layer_densities(masks, 2))
-  want = np.stack([np.asarray(m.density_per_example()) for m in masks], axis=-1)
-  assert got.shape == (2, 3)
-  np.testing.assert_allclose(got, want, rtol=1e-6)
-  np.testing.assert_allclose(got[:, 1], np.asarray(masks[1].to_dense()).mean((1, 2, 3)), rtol=1e-6)
-  token = mask_lib.topk_mask(jnp.asarray(rng.normal(size=(2, 3, 39, 40)), jnp.float32), 10)
-  mixed = np.asarray(mask_lib.layer_densities([None, masks[0], token], 2))
-  np.testing.assert_array_equal(mixed[:, 0], 1.0)
-  np.testing.assert_allclose(mixed[:, 1], want[:, 0], rtol=1e-6)
-  np.testing.assert_allclose(mixed[:, 2], (39 * 10 + 40) / 1600, rtol=1e-6)
