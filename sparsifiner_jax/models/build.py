@@ -59,8 +59,6 @@ def merge_params(graphdef: nnx.GraphDef, params: dict[str, nnx.State], rest: nnx
   return nnx.merge(graphdef, params["predictor"], params["backbone"], rest)
 
 
-
-
 def predictors(model: nnx.Module) -> list[MaskPredictor]:
   """The model's learned mask predictors, in graph order."""
   return [node for _, node in nnx.iter_graph(model) if isinstance(node, MaskPredictor)]
