@@ -1,15 +1,16 @@
 """TPU compiler figures of Sparsifiner vs dense DeiT-S, per chip, in one run (no TPU needed; libtpu is).
 
-  python benchmarks/tpu_compile.py [--topology v5e:2x2] [--cases eval tokens train 448] [--json out.json]
+  python benchmarks/tpu_compile.py [--topology v5e:2x2] [--cases eval tokens train 448] [--keep_rate 0.25]
+      [--json out.json]
 
 Each case compiles the project's real step twice with ``sparsifiner_jax.compile_for`` (the model, and its
 dense counterpart: same config, ``keep_rate=None``, no token sparsity; its attention both ways, XLA's and
 the fused Pallas kernel, the faster kept) and prints, per chip, the clock's
 estimated time (``compile.clock``: XLA's estimated cycles for XLA ops, static bundles for the Pallas
 kernels), XLA's FLOPs, bytes accessed and temporary memory, with the model/dense ratios, as a Markdown
-table, and the top ops by time. DeiT-S in bfloat16, keep 0.25. XLA counts a Pallas kernel by its declared
-``pl.CostEstimate`` (its FLOPs; its operand and result bytes as HBM traffic, k and v once per query
-block); only the clock sees how long its instructions take to issue.
+table, and the top ops by time. DeiT-S in bfloat16, keep 0.25 (``--keep_rate``). XLA counts a Pallas
+kernel by its declared ``pl.CostEstimate`` (its FLOPs; its operand and result bytes as HBM traffic, k and
+v once per query block); only the clock sees how long its instructions take to issue.
 
 Cases: ``eval`` (224 px, 64 images per chip), ``tokens`` (the same with token keep 0.7 at layers 3/6/9),
 ``train`` (the paper's phase-2 step: batch 1,344 on the topology, student and dense teacher), ``448``
@@ -52,12 +53,14 @@ CASES = {   # name: (what, batch per chip or None for the config's, model overri
 }
 
 
-def run_case(name: str, topology: str) -> dict:
+def run_case(name: str, topology: str, keep_rate: float | None = None) -> dict:
   what, batch, model, phase = CASES[name]
   config = deit_s_sparsifiner.get_config()
   config.model.dtype = "bfloat16"
   for key, value in model.items():
     config.model[key] = value
+  if keep_rate is not None:
+    config.model.keep_rate = keep_rate
   return compile_for.compare(config, topology, what, phase=phase, batch_per_chip=batch)
 
 
@@ -92,6 +95,7 @@ def main() -> None:
   parser.add_argument("--topology", default="v5e:2x2", help="eval cases (per-chip figures)")
   parser.add_argument("--train-topology", default="v5e:2x4", help="the train case (batch 1,344)")
   parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+  parser.add_argument("--keep_rate", type=float, default=None, help="instead of the config's 0.25")
   parser.add_argument("--json", default=None, help="also write the raw figures here")
   args = parser.parse_args()
   dump = tempfile.mkdtemp(prefix="sparsifiner_clock_")
@@ -101,11 +105,11 @@ def main() -> None:
     for name in args.cases:
       topology = args.train_topology if CASES[name][0] == "train" else args.topology
       print(f"compiling {name} for {topology} ...", file=sys.stderr, flush=True)
-      results[name] = run_case(name, topology)
+      results[name] = run_case(name, topology, args.keep_rate)
   finally:
     shutil.rmtree(dump, ignore_errors=True)
-  print(f"## TPU compiler figures, {datetime.date.today()}: DeiT-S bf16 keep 0.25, per chip, "
-        "model vs dense\n")
+  print(f"## TPU compiler figures, {datetime.date.today()}: DeiT-S bf16 keep {args.keep_rate or 0.25}, "
+        "per chip, model vs dense\n")
   print(table(results))
   print()
   print(top_ops(results))
