@@ -5,11 +5,11 @@
 1. a dense teacher from scratch (``configs/digits_dense.py:img_size=32``);
 2. from it, token-mode Sparsifiner (``configs/digits_blocks.py:mask_block=0``: top-k keys per row) and
    block-mode Sparsifiner (``configs/digits_blocks.py``: blocks of 16, patches in Z-order), both keep
-   0.25, both phases (10 recon, 60 distill epochs);
+   0.25, both phases (10 recon, 120 distill epochs);
 3. each evaluated as ``eval.py`` does: top-1 on the 360 test digits, attention density, attention recall.
 
-Prints a Markdown table. CPU time: about 75 minutes on 2 cores (each sparse run about 35). The runs resume
-if interrupted.
+Prints a Markdown table. CPU time: about two hours on 2 cores (each sparse run about an hour). The runs
+resume if interrupted.
 """
 
 from __future__ import annotations
