@@ -178,26 +178,30 @@ class MaskPredictor(nnx.Module):
     n = qkv.shape[1]
     keys, proj_n, *params = factors
     kernel = token_index is None and key_keep is None and block_predictor.applies(qkv, proj_n)
-    if kernel:   # TPU: one kernel reads q and k in place (XLA products would copy qkv transposed first)
+    prepared = self.prepared if kernel and not recon else None    # evaluation: computed ahead
+    if prepared is not None:
+      q_r, k_hat = block_predictor.prepared_projections(qkv, prepared, block=self.block)
+    elif kernel:   # TPU: one kernel reads q and k in place (XLA products would copy qkv transposed first)
       q_r, k_hat = block_predictor.projections(qkv, proj_n, *params, block=self.block, dtype=self.dtype)
     else:
       q_r, k_hat = block_predictor.reference(qkv[:, :, 0], keys, proj_n, *params, block=self.block,
                                              dtype=self.dtype)
     logits = precision.mixed_einsum("bnhc,bmhc->bhnm", q_r, k_hat, self.dtype) * self.logit_scale
-    basis = self.basis_rows(recon, token_index)                             # [m, N] or [B, m, N]
-    if key_keep is not None:
-      basis = basis * key_keep[:, None, :].astype(basis.dtype)
-    pooled = blocks.pool(basis, self.block, axis=-1, mean=False)
+    if prepared is None:
+      basis = self.basis_rows(recon, token_index)                           # [m, N] or [B, m, N]
+      if key_keep is not None:
+        basis = basis * key_keep[:, None, :].astype(basis.dtype)
+      pooled = blocks.pool(basis, self.block, axis=-1, mean=False)
+    else:   # the product rounds the pooled basis to the compute dtype, as the prepared one already is
+      pooled = prepared.basis.T
     scores = self.combine(logits, pooled, recon)
     if recon:
       return None, scores
     keep = blocks.budget(self.keep_rate, n, self.block)
     if kernel and block_predictor.table_applies(qkv, proj_n, self.block):   # the same table in one pass
       selection = block_predictor.Selection(keep, self.coef_topk, self.logit_scale)
-      consts = self.prepared
-      if consts is None:
-        consts = block_predictor.constants(proj_n, *params, heads=self.num_heads, dtype=self.dtype,
-                                           pooled=pooled)
+      consts = prepared if prepared is not None else block_predictor.constants(
+          proj_n, *params, heads=self.num_heads, dtype=self.dtype, pooled=pooled)
       table = block_predictor.table(qkv, consts, block=self.block, selection=selection)
     else:
       table = blocks.select(scores, keep)

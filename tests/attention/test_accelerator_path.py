@@ -16,6 +16,7 @@ from flax import nnx
 from conftest import random_images
 from sparsifiner_jax import models
 from sparsifiner_jax.attention import backend
+from sparsifiner_jax.attention.pallas import block_predictor
 
 BACKENDS = ("tpu", "gpu")
 CASES = {   # name: model overrides (vit_test: 17 tokens at 16 px, 2 layers, 2 heads)
@@ -128,11 +129,15 @@ def test_pallas_can_be_switched_off(monkeypatch):
   assert on.count("stablehlo.while") > off.count("stablehlo.while")
 
 
+@pytest.mark.parametrize("table_kernel", [True, False], ids=["table_kernel", "xla_selection"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_prepared_constants_change_nothing(dtype):
+def test_prepared_constants_change_nothing(dtype, table_kernel, monkeypatch):
   """Evaluation computes block mode's parameter-only kernel operands once ahead
-  (``models.inference_constants``; on TPU the table kernel takes them): logits and masks bit-identical to
-  the model computing them in its forward. Corrupted constants change the masks: the kernel reads them."""
+  (``models.inference_constants``; on TPU the predictor's kernels take them, the table kernel's or, where
+  XLA selects, as at 896 px, the projections kernel's): logits and masks bit-identical to the model
+  computing them in its forward. Corrupted constants change the masks: the kernels read them."""
+  if not table_kernel:
+    monkeypatch.setattr(block_predictor, "table_applies", lambda *_: False)
   fast, _ = _pair(dtype=dtype, **CASES["blocks_lanes"])
   images = random_images(2, fast.config.img_size, seed=7)
   graphdef, params, rest = models.split_params(fast)

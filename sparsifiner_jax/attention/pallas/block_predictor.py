@@ -174,26 +174,27 @@ def _call(kernel, name: str, qkv, consts: Constants, extra, out_shape, out_specs
   )(*constants, flat, flat, *extra)
 
 
-def _forward(qkv, proj_n, w_k, b_k, w_q, b_q, block, dtype, interpret):
+def _forward(qkv, consts: Constants, block, interpret):
   bsz, n, _, nh, _ = qkv.shape
-  m, c, nb = proj_n.shape[-1], w_k.shape[-1], blocks.count(n, block)
-  per_example = lambda rows: pl.BlockSpec((None, rows, nh * c), lambda b: (b, 0, 0))   # noqa: E731
-  out_shape = (out_struct((bsz, nb, nh * c), qkv, dtype), out_struct((bsz, m, nh * c), qkv, dtype))
-  consts = constants(proj_n, w_k, b_k, w_q, b_q, heads=nh, dtype=dtype)
+  (m, width), nb = consts.kb.shape, blocks.count(n, block)
+  per_example = lambda rows: pl.BlockSpec((None, rows, width), lambda b: (b, 0, 0))   # noqa: E731
+  dtype = consts.pt.dtype
+  out_shape = (out_struct((bsz, nb, width), qkv, dtype), out_struct((bsz, m, width), qkv, dtype))
   kernel = functools.partial(_kernel, block=block)
   q_r, k_hat = _call(kernel, "block_predictor_projections", qkv, consts, (), out_shape,
                      [per_example(nb), per_example(m)], block=block, query_rows=nb, interpret=interpret)
-  return q_r.reshape(bsz, nb, nh, c), k_hat.reshape(bsz, m, nh, c)
+  return q_r.reshape(bsz, nb, nh, width // nh), k_hat.reshape(bsz, m, nh, width // nh)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
 def _projections(qkv, proj_n, w_k, b_k, w_q, b_q, block, dtype, interpret):
-  return _forward(qkv, proj_n, w_k, b_k, w_q, b_q, block, dtype, interpret)
+  consts = constants(proj_n, w_k, b_k, w_q, b_q, heads=qkv.shape[3], dtype=dtype)
+  return _forward(qkv, consts, block, interpret)
 
 
 def _projections_fwd(qkv, proj_n, w_k, b_k, w_q, b_q, block, dtype, interpret):
   residuals = (qkv, proj_n, w_k, b_k, w_q, b_q)
-  return _forward(*residuals, block, dtype, interpret), residuals
+  return _projections(*residuals, block, dtype, interpret), residuals
 
 
 def _projections_bwd(block, dtype, interpret, res, cotangents):
@@ -214,6 +215,15 @@ def projections(qkv: Array, proj_n: Array, w_k: Array, b_k: Array, w_q: Array, b
   def run(qkv, *params):
     return _projections(qkv, *params, block, jnp.dtype(dtype), interpret)
   return sharding.per_batch_shard(run, (qkv, proj_n, w_k, b_k, w_q, b_q), (True,) + (False,) * 5)
+
+
+def prepared_projections(qkv: Array, consts: Constants, *, block: int) -> tuple[Array, Array]:
+  """``projections`` from the parameters' ``constants`` computed ahead (evaluation), in their compute
+  dtype; no gradient."""
+  interpret = backend.target().interpret
+  def run(qkv, consts):
+    return _forward(qkv, consts, block, interpret)
+  return sharding.per_batch_shard(run, jax.lax.stop_gradient((qkv, consts)), (True, False))
 
 
 # ----------------------------------------------------------------------------------------------------
