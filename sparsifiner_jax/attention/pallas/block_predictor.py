@@ -152,12 +152,12 @@ def _call(kernel, name: str, qkv, consts: Constants, extra, out_shape, out_specs
   m, nb = consts.pt.shape[0], blocks.count(n, block)
   width, out_width = nh * d, consts.wk.shape[-1]
   pad = query_rows - nb
-  constants = (consts.pt,
-               jnp.pad(blocks.block_sizes(n, block)[:, None], ((0, pad), (0, 0)), constant_values=1.0),
-               consts.wk, consts.kb, consts.wq, consts.qb)
+  fixed = (consts.pt,
+           jnp.pad(blocks.block_sizes(n, block)[:, None], ((0, pad), (0, 0)), constant_values=1.0),
+           consts.wk, consts.kb, consts.wq, consts.qb)
   flat = qkv.reshape(bsz, 1, n, 3 * width)
-  flat, *operands = same_vma(flat, *constants, *extra)
-  constants, extra = operands[:len(constants)], operands[len(constants):]
+  flat, *operands = same_vma(flat, *fixed, *extra)
+  fixed, extra = operands[:len(fixed)], operands[len(fixed):]
   section = lambda s: pl.BlockSpec((examples, None, n, width), lambda b: (b, 0, 0, s))    # noqa: E731
   whole = lambda x: pl.BlockSpec(x.shape, lambda b: (0, 0))                               # noqa: E731
   out_bytes = sum(nbytes(x) for x in (out_shape if isinstance(out_shape, tuple) else (out_shape,)))
@@ -167,11 +167,11 @@ def _call(kernel, name: str, qkv, consts: Constants, extra, out_shape, out_specs
       bytes_accessed=2 * flat.size // 3 * flat.dtype.itemsize + out_bytes)
   return pl.pallas_call(
       kernel, out_shape=out_shape, grid=(bsz // (examples or 1),),
-      in_specs=[whole(x) for x in constants] + [section(0), section(1)] + [whole(x) for x in extra],
+      in_specs=[whole(x) for x in fixed] + [section(0), section(1)] + [whole(x) for x in extra],
       out_specs=out_specs,
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
       cost_estimate=cost, interpret=pltpu.InterpretParams() if interpret else False, name=name,
-  )(*constants, flat, flat, *extra)
+  )(*fixed, flat, flat, *extra)
 
 
 def _forward(qkv, consts: Constants, block, interpret):
@@ -293,14 +293,14 @@ def _table_kernel(*refs, block: int, heads: int, examples: int, sel: Selection):
   (:func:`_top_of_columns`), once for all the examples. The values are those of the XLA path: ``q_r``
   and ``K̂`` rounded to the compute dtype, products accumulated in float32 (the other examples' columns
   add exact zeros), ``jax.nn.softmax``'s steps."""
-  *constants, q_ref, k_ref, basis_ref, tab_ref = refs
+  *fixed, q_ref, k_ref, basis_ref, tab_ref = refs
   dtype = basis_ref.dtype
   width = tab_ref.shape[-1]
   columns = width // examples
-  own = lane_masks(heads, constants[-1].shape[1] // heads)     # qb_ref [1, H c]: each head's c lanes
+  own = lane_masks(heads, fixed[-1].shape[1] // heads)     # qb_ref [1, H c]: each head's c lanes
   z = 0.0
   for ex in range(examples):
-    q_r, k_hat = _project(*constants, q_ref.at[ex], k_ref.at[ex], block=block)   # [nbp, H c], [m, H c]
+    q_r, k_hat = _project(*fixed, q_ref.at[ex], k_ref.at[ex], block=block)   # [nbp, H c], [m, H c]
     q_r = q_r.astype(dtype).astype(F32)
     stacked = [jnp.where(lanes, q_r, 0.0) for lanes in own]
     pad = lambda rows: [jnp.zeros((rows, q_r.shape[1]), F32)] if rows else []   # noqa: E731
