@@ -188,7 +188,7 @@ def block_attention(q: Array, k: Array, v: Array, mask: AttentionMask) -> Array:
   def run(q, k, v, table):
     return pallas_block_sparse.block_sparse_attention(
         q, k, v, table, block=mask.block_size, scale=q.shape[-1] ** -0.5,
-        dense_rows=mask.num_dense_rows, backend=target.platform, interpret=target.interpret)
+        dense_rows=mask.num_dense_rows, first_zero=True, backend=target.platform, interpret=target.interpret)
 
   table = mask.table
   return sharding.per_batch_shard(run, (q, k, v, table), (True, True, True, table.shape[0] > 1))

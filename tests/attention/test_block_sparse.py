@@ -190,6 +190,32 @@ def test_tpu_kernels_in_the_qkv_layout(forward, monkeypatch):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("forward", ["resident", "per_block"])
+def test_first_zero_takes_block_zero_without_reading_the_table(forward, monkeypatch):
+  """``first_zero`` (block mode's tables start with key block 0): the resident kernels take slot 0 as block
+  0 statically. On DeiT's layout its outputs and gradients equal the kernels' that read the table (exactly:
+  the same products), and with slot 0 of the table overwritten by another block they stay the same for
+  the resident kernels (the table's slot 0 is never read), while the per-block grid, which reads it,
+  changes."""
+  _use_forward(forward, monkeypatch)
+  (q, k, v, table, weights), _ = _deit_layout(seed=13)
+  assert np.all(np.asarray(table[..., 0]) == 0)
+  corrupt = table.at[..., 0].set(table.shape[2] - 1 - table[..., 1] % 2)   # a block != table[..., 1]
+
+  def run(tab, first_zero):
+    fn = lambda q, k, v: block_sparse.block_sparse_attention(   # noqa: E731
+        q, k, v, tab, block=DEIT_BLOCK, scale=DEIT_D ** -0.5, dense_rows=1, first_zero=first_zero,
+        interpret=True)
+    grads = jax.grad(lambda *a: jnp.sum(fn(*a) * weights), argnums=(0, 1, 2))(q, k, v)
+    return [np.asarray(x) for x in (fn(q, k, v), *grads)]
+
+  want = run(table, False)
+  for got, w in zip(run(table, True), want):
+    np.testing.assert_array_equal(got, w)
+  changed = [not np.array_equal(g, w) for g, w in zip(run(corrupt, True), want)]
+  assert changed == [forward == "per_block"] * 4
+
+
 def _cls_gradients_match(seed: int) -> str:
   """TPU kernels (interpreted) with the dense CLS row at 37 tokens in blocks of 16, 3 heads of 8: asserts
   their float32 gradients equal the masked reference's within 1e-5; returns the gradient's jaxpr."""
