@@ -164,7 +164,8 @@ def compile_step(config, devices, what: str, *, phase: str | None = None,
     step = make_train_step(graphdef, rest, t_graphdef, ph, tx, config, mesh, state_sh, t_sh)
     args = (state, t_params, dict(image=images, label=labels))
   platform = targets.platform_of(devices)
-  with backend.compiling_for(platform), jax.set_mesh(mesh):   # models are built (on the host) before
+  # Traced for the chip (its VMEM sizes some kernels' operands); the models were built on the host before.
+  with backend.compiling_for(platform, device_kind=devices[0].device_kind), jax.set_mesh(mesh):
     traced = step.trace(*args)
     start = clock.now()
     compiled = targets.compile_lowered(traced.lower(), platform)

@@ -119,6 +119,26 @@ def test_table_is_the_xla_selection(dtype, n, block, keep, coef_k, batch):
   assert (np.diff(np.asarray(got), axis=-1) > 0).all() and (np.asarray(got)[..., 0] == 0).all()
 
 
+def test_kernels_read_qkv_whole_from_vmem(monkeypatch):
+  """Traced for a chip whose VMEM holds qkv (a v5e) the kernels read q and k from all of qkv in place
+  (``common.whole_in_vmem``), each grid step at its examples (8 examples, 4 to a table step): the table
+  and the projections equal the windowed kernels' exactly."""
+  qkv, params = _operands(n=37, batch=8)
+  rng = np.random.default_rng(6)
+  basis = blocks.pool(jnp.asarray(np.abs(rng.normal(size=(9, 37))), jnp.float32), 16, axis=-1, mean=False)
+  decided = []
+  whole = block_predictor.whole_in_vmem
+  monkeypatch.setattr(block_predictor, "whole_in_vmem", lambda x: decided.append(whole(x)) or decided[-1])
+  results = []
+  for kind in (None, "TPU v5 lite"):
+    with backend.compiling_for("tpu", interpret=True, device_kind=kind):
+      table = _kernel_table(qkv, params, basis, 16, jnp.float32, block_predictor.Selection(2, 4, 0.5))
+      results.append([table, *block_predictor.projections(qkv, *params, block=16, dtype=jnp.float32)])
+  assert decided == [False, False, True, True]
+  for got, want in zip(results[1], results[0]):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 @pytest.mark.parametrize("batch,columns,want", [
     (4, 32, (4, 32)), (2, 32, (2, 32)), (3, 32, (1, 32)), (16, 48, (2, 64)), (16, 96, (1, 96)),
     (4, 192, (1, 192))])

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from sparsifiner_jax import models
-from sparsifiner_jax.attention import blocks, executors
-from sparsifiner_jax.attention.pallas import block_sparse
+from sparsifiner_jax.attention import backend, blocks, executors
+from sparsifiner_jax.attention.pallas import block_sparse, common
 
 BACKENDS = ("tpu", "gpu")
 
@@ -214,6 +214,37 @@ def test_first_zero_takes_block_zero_without_reading_the_table(forward, monkeypa
     np.testing.assert_array_equal(got, w)
   changed = [not np.array_equal(g, w) for g, w in zip(run(corrupt, True), want)]
   assert changed == [forward == "per_block"] * 4
+
+
+def test_tpu_resident_kernels_read_qkv_whole_from_vmem(monkeypatch):
+  """Traced for a chip whose VMEM holds qkv (a v5e), the resident forward reads q, k, v from all of qkv in
+  place and writes its output in place (``common.whole_in_vmem``); DeiT's layout, float32: outputs and
+  gradients equal the windowed kernels' exactly."""
+  (q, k, v, table, weights), fused = _deit_layout(seed=14)
+  decided = []
+  whole = block_sparse.whole_in_vmem
+  monkeypatch.setattr(block_sparse, "whole_in_vmem", lambda x: decided.append(whole(x)) or decided[-1])
+  results = []
+  for kind in (None, "TPU v5 lite"):
+    with backend.compiling_for("tpu", interpret=True, device_kind=kind):
+      grads = jax.grad(lambda *a: jnp.sum(fused(*a) * weights), argnums=(0, 1, 2))(q, k, v)
+      results.append([np.asarray(x) for x in (fused(q, k, v), *grads)])
+  assert decided == [False, False, True, True]      # per kind: the gradient's forward, then the output
+  for got, want in zip(results[1], results[0]):
+    np.testing.assert_array_equal(got, want)
+
+
+def test_whole_in_vmem_by_the_chips_vmem():
+  """Operands up to a quarter of the chip's VMEM: 64 images of DeiT-S's qkv (28 MiB) on a v5e (128 MiB),
+  not twice that, not on a v4 (16 MiB), not where the chip is unknown or not a TPU."""
+  qkv = jax.ShapeDtypeStruct((64, 1, 197, 1152), jnp.bfloat16)
+  twice = jax.ShapeDtypeStruct((128, 1, 197, 1152), jnp.bfloat16)
+  cases = [("tpu", "TPU v5 lite", qkv, True), ("tpu", "TPU v5 lite", twice, False),
+           ("tpu", "TPU v4", qkv, False), ("tpu", None, qkv, False),
+           ("gpu", "NVIDIA H100 80GB HBM3", qkv, False)]
+  for platform, kind, x, want in cases:
+    with backend.compiling_for(platform, device_kind=kind):
+      assert common.whole_in_vmem(x) == want, (platform, kind, x.shape)
 
 
 def _cls_gradients_match(seed: int) -> str:

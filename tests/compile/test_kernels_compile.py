@@ -130,7 +130,9 @@ def test_block_kernels_compile(topology, n, block, forward, monkeypatch):
   """The block-sparse kernels (forward and backward; bf16) at DeiT-S 224 px in blocks of 32 and 448 px in
   blocks of 128 (both with a ragged last block), with the dense CLS row as the models run them: on TPU two
   heads of 64 per grid step in the qkv layout, the CLS row in the kernels; ``per_block``: the TPU kernels
-  that sequences too long for the resident ones take (grids over kept blocks, the CLS row apart)."""
+  that sequences too long for the resident ones take (grids over kept blocks, the CLS row apart). Traced
+  for the chip (its ``device_kind``) as ``compile_for`` traces: the resident forward reads the small qkv
+  whole from VMEM (``common.whole_in_vmem``); the long-sequence tests below compile the windowed one."""
   need_compiler_for(topology)
   if forward == "per_block":
     monkeypatch.setattr(block_sparse, "_RESIDENT_BYTES", 0)
@@ -146,7 +148,7 @@ def test_block_kernels_compile(topology, n, block, forward, monkeypatch):
 
   qkv = jax.ShapeDtypeStruct((B, n, H, D), jnp.bfloat16, sharding=spec)
   table = jax.ShapeDtypeStruct((B, H, nb, kept), jnp.int32, sharding=spec)
-  with backend.compiling_for(platform):
+  with backend.compiling_for(platform, device_kind=_device(topology).device_kind):
     compiled = targets.compile_lowered(jax.jit(program).trace(qkv, qkv, qkv, table).lower(), platform)
   text = compiled.as_text()
   call = "tpu_custom_call" if platform == "tpu" else "__gpu$xla.gpu.triton"
@@ -220,7 +222,8 @@ def test_resident_backward_writes_the_qkv_gradient_in_place():
 @pytest.mark.parametrize("topology", [t for t in TARGETS if targets.platform(t) == "tpu"])
 def test_block_predictor_compiles(topology):
   """Block mode's predictor kernels (``pallas.block_predictor``, TPU only) at DeiT-S 224 px in blocks
-  of 32, bf16: the projections, forward and the reconstruction phase's gradient; the kept-block table."""
+  of 32, bf16: the projections, forward and the reconstruction phase's gradient; the kept-block table.
+  Each with q and k in windows (the chip unknown) and read whole from VMEM (``common.whole_in_vmem``)."""
   need_compiler_for(topology)
   from sparsifiner_jax.attention.pallas import block_predictor   # pylint: disable=import-outside-toplevel
   spec = NamedSharding(Mesh(np.array([_device(topology)]), ("data",)), P())
@@ -239,8 +242,9 @@ def test_block_predictor_compiles(topology):
                                                                           ((c,), jnp.float32)] * 2
   args = [jax.ShapeDtypeStruct(s, t, sharding=spec) for s, t in shapes]
   basis = jax.ShapeDtypeStruct((m, 7), jnp.float32, sharding=spec)
-  with backend.compiling_for("tpu"):
-    text = targets.compile_lowered(jax.jit(program).trace(*args).lower(), "tpu").as_text()
-    table_text = targets.compile_lowered(jax.jit(table).trace(*args, basis).lower(), "tpu").as_text()
-  assert text.count("tpu_custom_call") == 1 and "block_predictor_projections" in text
-  assert table_text.count("tpu_custom_call") == 1 and "block_predictor_table" in table_text
+  for kind in (None, _device(topology).device_kind):
+    with backend.compiling_for("tpu", device_kind=kind):
+      text = targets.compile_lowered(jax.jit(program).trace(*args).lower(), "tpu").as_text()
+      table_text = targets.compile_lowered(jax.jit(table).trace(*args, basis).lower(), "tpu").as_text()
+    assert text.count("tpu_custom_call") == 1 and "block_predictor_projections" in text
+    assert table_text.count("tpu_custom_call") == 1 and "block_predictor_table" in table_text

@@ -48,7 +48,7 @@ from sparsifiner_jax.attention import blocks
 from sparsifiner_jax.attention.pallas.common import (F32, NN, NT, col_to_row, copy_all, finalize,
                                                    gpu_flash_core, lane_masks, nbytes, next_pow2,
                                                    online_softmax_step, out_struct, row_to_col, same_vma,
-                                                   scaled)
+                                                   scaled, whole_in_vmem)
 from sparsifiner_jax.precision import mixed_einsum
 
 Array = jax.Array
@@ -76,6 +76,7 @@ class _Config:
   dense_row: bool = False  # TPU: the first query row (CLS) attends to every key (its own kernels)
   residuals: bool = True   # TPU: the forward writes the backward's logsumexp rows (not without a gradient)
   first_zero: bool = False  # every table row starts with key block 0 (block mode's: the CLS key's block)
+  whole: bool = False      # TPU resident kernels: qkv taken whole from VMEM (``common.whole_in_vmem``)
 
   def side_shape(self, bsz: int, n: int) -> tuple[int, ...]:
     """TPU: the query- or key-side operand shape (out, do, dq, dk, dv)."""
@@ -339,6 +340,9 @@ def _tpu_resident_fwd_kernel(tab_ref, q_ref, k_ref, v_ref, o_ref, *refs, cfg: _C
   lse_ref, row_lse_ref = (residuals + (None, None))[:2]
   b, grp = pl.program_id(0), pl.program_id(1)
   n, bl, d = cfg.n, cfg.block, cfg.head_dim
+  if cfg.whole:
+    q_ref, k_ref, v_ref = (_Specs(cfg, None).view(q_ref, s, b, grp) for s in range(3))
+    o_ref = _Specs(cfg, None).view(o_ref, 0, b, grp)
   _to_padded(((q_ref, q_sc), (k_ref, k_sc), (v_ref, v_sc)), cfg)
 
   heads = _head_lanes(cfg)
@@ -665,6 +669,14 @@ class _Specs:
     g = self.cfg.group
     return [self.tile(0)] + [self.tile(1, s) for s in range(g)] + [self.tile(2, s) for s in range(g)]
 
+  def view(self, ref, section: int, b, grp):
+    """With ``cfg.whole``: the group's ``[N, g d]`` of ``section`` for example ``b``, a view of all of qkv
+    ``ref [B, A, N, W]`` in VMEM."""
+    c = self.cfg
+    a, w = self.at(section, grp)
+    width = c.group * c.head_dim if c.lanes else c.head_dim
+    return ref.at[b, a, :, pl.ds(pl.multiple_of(w * width, width), width)]
+
   def sequence(self, section: int) -> pl.BlockSpec:
     """The whole sequence ``[N, g d]`` of ``section`` for the group (one block index per example and
     group: loaded once for all its steps)."""
@@ -746,6 +758,7 @@ def _tpu_resident_forward(cfg: _Config, qkv, table, out_dtype):
   ``cfg.residuals``, ``(out, None, None)``: no logsumexp is computed)."""
   bsz, n = qkv.shape[0], qkv.shape[2]
   g, d = cfg.group, cfg.head_dim
+  cfg = dataclasses.replace(cfg, whole=whole_in_vmem(qkv))
   specs = _Specs(cfg, None)
   pairs = cfg.pairs(bsz) + (bsz * cfg.heads * _TILE_ROWS * cfg.nb * cfg.block if cfg.dense_row else 0)
   rows = bsz * cfg.heads * cfg.nb * cfg.block if cfg.residuals else 0
@@ -753,7 +766,7 @@ def _tpu_resident_forward(cfg: _Config, qkv, table, out_dtype):
                          bytes_accessed=nbytes(qkv, table) + nbytes(qkv) // 3 * jnp.dtype(out_dtype).itemsize
                          // qkv.dtype.itemsize + 4 * rows)
   out_shape = [out_struct(cfg.side_shape(bsz, n), qkv, out_dtype)]
-  out_specs = [specs.sequence(0)]
+  out_specs = [pl.BlockSpec(memory_space=pltpu.VMEM) if cfg.whole else specs.sequence(0)]
   if cfg.residuals:
     out_shape.append(out_struct((bsz, cfg.heads // g, cfg.nb, g, cfg.block), qkv))
     out_specs.append(specs.all_rows())
@@ -767,7 +780,8 @@ def _tpu_resident_forward(cfg: _Config, qkv, table, out_dtype):
       out_shape=tuple(out_shape),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=1, grid=(bsz, cfg.heads // g),
-          in_specs=[specs.sequence(0), specs.sequence(1), specs.sequence(2)], out_specs=out_specs,
+          in_specs=([pl.BlockSpec(memory_space=pltpu.VMEM)] * 3 if cfg.whole
+                    else [specs.sequence(0), specs.sequence(1), specs.sequence(2)]), out_specs=out_specs,
           scratch_shapes=[padded, in_blocks, in_blocks, pltpu.VMEM((cfg.nb * cfg.block, g * d), out_dtype)]),
       **_tpu_params("block_sparse_attention_resident_fwd", cost, cfg, semantics=("parallel", "parallel")),
   )(table.reshape(-1), qkv, qkv, qkv)

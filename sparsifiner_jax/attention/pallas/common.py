@@ -15,6 +15,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental.pallas import tpu as pltpu
 
+from sparsifiner_jax.attention import backend
+
 Array = jax.Array
 F32 = jnp.float32
 NT = (((1,), (1,)), ((), ()))          # dot_general dimensions of a @ b.T
@@ -105,6 +107,21 @@ def same_vma(*xs: Array) -> list[Array]:
 def nbytes(*arrays) -> int:
   """Bytes of ``arrays`` together (for ``pl.CostEstimate``)."""
   return int(sum(a.size * jnp.dtype(a.dtype).itemsize for a in arrays))
+
+
+# An operand that XLA keeps in VMEM between ops (on v5e the qkv projection's output at 64 images of 197
+# tokens, 28 MiB) reaches a windowed BlockSpec through a copy of every window by vector loads and stores,
+# in the kernel's own bundles (the block predictor's table kernel: 230 of its 957 bundles a step). Taken
+# whole (``pl.BlockSpec(memory_space=pltpu.VMEM)``) it is read where it lies. Only operands up to this
+# share of the chip's VMEM are taken so: XLA must place them there, copying one it kept in HBM.
+_WHOLE_VMEM_SHARE = 4
+
+
+def whole_in_vmem(x) -> bool:
+  """Whether a TPU kernel takes ``x`` whole from VMEM: the traced-for chip's VMEM is known
+  (``backend.Target.vmem_bytes``) and ``x`` is at most ``1 / _WHOLE_VMEM_SHARE`` of it."""
+  vmem = backend.target().vmem_bytes
+  return vmem is not None and nbytes(x) * _WHOLE_VMEM_SHARE <= vmem
 
 
 def gpu_flash_core(forward, backward):
