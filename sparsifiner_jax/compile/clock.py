@@ -100,15 +100,18 @@ def _loops(bundles: list[tuple[str, int, str]]) -> list[tuple[int, int, int]]:
 
 def static_cycles(bundles_text: str) -> int:
   """Cycles of a kernel's final bundles: every bundle once, times the trip count of each loop around
-  it. The grid loop runs ``iteration_bounds`` steps plus two pipeline steps (the first and last DMA
-  stages, mostly predicated off); it is counted as its grid steps."""
+  it. The grid loop runs the grid's steps plus two pipeline steps (the first and last DMA stages,
+  mostly predicated off); it is counted as its grid steps: ``iteration_bounds`` where the listing gives
+  them (it does for kernels with windowed operands), else its trips less two, the loop being the one
+  whose first bundle carries the pipeline's ``iteration index`` (a kernel whose operands are all whole
+  has no window and no ``iteration_bounds`` line)."""
   bundles = [(m[2], len(m[3]), m[4]) for m in map(_BUNDLE.match, bundles_text.splitlines()) if m]
   grid = [math.prod(int(x) for x in b.split(",") if x.strip())
           for b in re.findall(r"^iteration_bounds: \(([\d, ]+)\)", bundles_text, re.M)]
   weight = [1] * len(bundles)
   for first, last, trips in _loops(bundles):
-    if grid and trips == grid[0] + 2:
-      trips = grid[0]
+    if (trips == grid[0] + 2) if grid else (trips > 2 and "iteration index" in bundles[first][2]):
+      trips -= 2
     for i in range(first, last + 1):
       weight[i] *= trips
   return sum(weight)

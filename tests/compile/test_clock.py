@@ -46,6 +46,17 @@ def test_static_cycles_weight_bundles_by_their_loops():
   assert clock.static_cycles(BUNDLES) == 3 + 3 * (5 + 3 * 8)
 
 
+def test_static_cycles_find_the_grid_loop_without_iteration_bounds():
+  """A kernel whose operands are all whole (no window) has no ``iteration_bounds`` line: its grid loop is
+  the one whose first bundle carries the pipeline's ``iteration index``, counted at its trips less the
+  two pipeline steps. Without the marker nothing says which loop is the grid: every loop at its trips."""
+  no_bounds = BUNDLES.replace("iteration_bounds: (3, 1, 1)\n", "")
+  marked = no_bounds.replace("%s2 }", "%s2 /* iteration index, stage = 0 */ }")
+  assert "iteration index" in marked and "iteration_bounds" not in marked
+  assert clock.static_cycles(marked) == 3 + 3 * (5 + 3 * 8)
+  assert clock.static_cycles(no_bounds) == 3 + 5 * (5 + 3 * 8)
+
+
 HLO = textwrap.dedent("""\
   HloModule jit_step, is_scheduled=true
 
