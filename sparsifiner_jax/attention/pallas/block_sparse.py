@@ -334,9 +334,11 @@ def _group_softmax(q_all, tab_ref, k_sc, v_sc, cfg: _Config, b, grp, i, heads) -
 
 
 def _tpu_resident_fwd_kernel(tab_ref, q_ref, k_ref, v_ref, o_ref, *refs, cfg: _Config):
-  """``q_ref, k_ref, v_ref, o_ref [N, g d]``; with ``cfg.residuals`` ``lse_ref [nb, g, b]`` (and, with
-  ``cfg.dense_row``, ``row_lse_ref [g, 8]``); scratch ``[nb b, g d]`` for q, k, v and the output."""
-  (q_sc, k_sc, v_sc, o_sc), residuals = refs[-4:], refs[:-4]    # k_sc, v_sc [nb, b, g d]
+  """``q_ref, k_ref, v_ref, o_ref [N, g d]`` (with ``cfg.whole`` all of qkv and of the output, in VMEM:
+  the group's views are taken here); with ``cfg.residuals`` ``lse_ref [nb, g, b]`` (and, with
+  ``cfg.dense_row``, ``row_lse_ref [g, 8]``); scratch ``[nb b, g d]`` for q and the output, ``[nb, b, g d]``
+  for k and v."""
+  (q_sc, k_sc, v_sc, o_sc), residuals = refs[-4:], refs[:-4]
   lse_ref, row_lse_ref = (residuals + (None, None))[:2]
   b, grp = pl.program_id(0), pl.program_id(1)
   n, bl, d = cfg.n, cfg.block, cfg.head_dim
