@@ -160,7 +160,7 @@ def _call(kernel, name: str, qkv, consts: Constants, extra, out_shape, out_specs
   and k ``[examples, N, H d]``) over ``qkv [B, N, 3, H d]``'s q and k sections, with ``_project``'s
   constants (the block sizes padded with ones to ``query_rows``), q, k, then ``extra`` (whole arrays).
   Where ``qkv`` is small enough to lie in VMEM (``whole_in_vmem``) q and k are all of it, read in place
-  (``_sections``; ``kernel`` gets ``whole=True``): 21.5 -> 16.6 us a layer for the table kernel at 64
+  (``_sections``; ``kernel`` gets ``whole=True``): 21.5 -> 15.6 us a layer for the table kernel at 64
   images of 197 tokens (v5e, by the clock), whose windows were copied by vector loads and stores."""
   bsz, n, _, nh, d = qkv.shape
   m, nb = consts.pt.shape[0], blocks.count(n, block)
