@@ -89,6 +89,23 @@ def v5e_mesh():
   return jax.sharding.Mesh(np.array(targets.devices("v5e:2x2")), ("data",))
 
 
+def windowed_and_whole(monkeypatch, module, run):
+  """``run()`` (arrays) traced for TPU twice, interpreted: for an unknown chip (kernel operands in
+  windows) and for a v5e (small operands read whole from VMEM, ``common.whole_in_vmem``). Returns
+  ``([windowed, whole], decided)``: each run's arrays in NumPy, and every decision ``module.whole_in_vmem``
+  took, in order."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from sparsifiner_jax.attention import backend  # pylint: disable=g-import-not-at-top
+  decided = []
+  decide = module.whole_in_vmem
+  monkeypatch.setattr(module, "whole_in_vmem", lambda x: decided.append(decide(x)) or decided[-1])
+  results = []
+  for kind in (None, "TPU v5 lite"):
+    with backend.compiling_for("tpu", interpret=True, device_kind=kind):
+      results.append([np.asarray(x) for x in run()])
+  return results, decided
+
+
 @pytest.fixture(scope="session")
 def timm():
   return import_timm()

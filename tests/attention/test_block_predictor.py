@@ -12,6 +12,7 @@ from sparsifiner_jax.attention import backend, blocks
 from sparsifiner_jax.attention.pallas import block_predictor
 from sparsifiner_jax.models import predictor
 from sparsifiner_jax.precision import mixed_einsum
+from conftest import windowed_and_whole
 
 
 def _operands(n=37, heads=4, d=64, m=9, c=24, seed=0, batch=2):
@@ -126,17 +127,15 @@ def test_kernels_read_qkv_whole_from_vmem(monkeypatch):
   qkv, params = _operands(n=37, batch=8)
   rng = np.random.default_rng(6)
   basis = blocks.pool(jnp.asarray(np.abs(rng.normal(size=(9, 37))), jnp.float32), 16, axis=-1, mean=False)
-  decided = []
-  whole = block_predictor.whole_in_vmem
-  monkeypatch.setattr(block_predictor, "whole_in_vmem", lambda x: decided.append(whole(x)) or decided[-1])
-  results = []
-  for kind in (None, "TPU v5 lite"):
-    with backend.compiling_for("tpu", interpret=True, device_kind=kind):
-      table = _kernel_table(qkv, params, basis, 16, jnp.float32, block_predictor.Selection(2, 4, 0.5))
-      results.append([table, *block_predictor.projections(qkv, *params, block=16, dtype=jnp.float32)])
+
+  def run():
+    table = _kernel_table(qkv, params, basis, 16, jnp.float32, block_predictor.Selection(2, 4, 0.5))
+    return [table, *block_predictor.projections(qkv, *params, block=16, dtype=jnp.float32)]
+
+  (windowed, whole), decided = windowed_and_whole(monkeypatch, block_predictor, run)
   assert decided == [False, False, True, True]
-  for got, want in zip(results[1], results[0]):
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  for got, want in zip(whole, windowed):
+    np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("batch,columns,want", [

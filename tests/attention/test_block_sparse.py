@@ -12,6 +12,7 @@ import pytest
 from sparsifiner_jax import models
 from sparsifiner_jax.attention import backend, blocks, executors
 from sparsifiner_jax.attention.pallas import block_sparse, common
+from conftest import windowed_and_whole
 
 BACKENDS = ("tpu", "gpu")
 
@@ -221,16 +222,14 @@ def test_tpu_resident_kernels_read_qkv_whole_from_vmem(monkeypatch):
   place and writes its output in place (``common.whole_in_vmem``); DeiT's layout, float32: outputs and
   gradients equal the windowed kernels' exactly."""
   (q, k, v, table, weights), fused = _deit_layout(seed=14)
-  decided = []
-  whole = block_sparse.whole_in_vmem
-  monkeypatch.setattr(block_sparse, "whole_in_vmem", lambda x: decided.append(whole(x)) or decided[-1])
-  results = []
-  for kind in (None, "TPU v5 lite"):
-    with backend.compiling_for("tpu", interpret=True, device_kind=kind):
-      grads = jax.grad(lambda *a: jnp.sum(fused(*a) * weights), argnums=(0, 1, 2))(q, k, v)
-      results.append([np.asarray(x) for x in (fused(q, k, v), *grads)])
+
+  def run():
+    grads = jax.grad(lambda *a: jnp.sum(fused(*a) * weights), argnums=(0, 1, 2))(q, k, v)
+    return [fused(q, k, v), *grads]
+
+  (windowed, whole), decided = windowed_and_whole(monkeypatch, block_sparse, run)
   assert decided == [False, False, True, True]      # per kind: the gradient's forward, then the output
-  for got, want in zip(results[1], results[0]):
+  for got, want in zip(whole, windowed):
     np.testing.assert_array_equal(got, want)
 
 

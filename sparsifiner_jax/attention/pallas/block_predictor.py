@@ -173,7 +173,7 @@ def _call(kernel, name: str, qkv, consts: Constants, extra, out_shape, out_specs
   flat, *operands = same_vma(flat, *fixed, *extra)
   fixed, extra = operands[:len(fixed)], operands[len(fixed):]
   section = lambda s: pl.BlockSpec((examples, None, n, width), lambda b: (b, 0, 0, s))    # noqa: E731
-  whole = lambda x: pl.BlockSpec(x.shape, lambda b: (0, 0))                               # noqa: E731
+  full = lambda x: pl.BlockSpec(x.shape, lambda b: (0, 0))                                # noqa: E731
   in_vmem = whole_in_vmem(flat)
   sections = [pl.BlockSpec(memory_space=pltpu.VMEM)] * 2 if in_vmem else [section(0), section(1)]
   out_bytes = sum(nbytes(x) for x in (out_shape if isinstance(out_shape, tuple) else (out_shape,)))
@@ -183,7 +183,7 @@ def _call(kernel, name: str, qkv, consts: Constants, extra, out_shape, out_specs
       bytes_accessed=2 * flat.size // 3 * flat.dtype.itemsize + out_bytes)
   return pl.pallas_call(
       functools.partial(kernel, whole=in_vmem), out_shape=out_shape, grid=(bsz // (examples or 1),),
-      in_specs=[whole(x) for x in fixed] + sections + [whole(x) for x in extra],
+      in_specs=[full(x) for x in fixed] + sections + [full(x) for x in extra],
       out_specs=out_specs,
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
       cost_estimate=cost, interpret=pltpu.InterpretParams() if interpret else False, name=name,

@@ -343,8 +343,9 @@ def _tpu_resident_fwd_kernel(tab_ref, q_ref, k_ref, v_ref, o_ref, *refs, cfg: _C
   b, grp = pl.program_id(0), pl.program_id(1)
   n, bl, d = cfg.n, cfg.block, cfg.head_dim
   if cfg.whole:
-    q_ref, k_ref, v_ref = (_Specs(cfg, None).view(q_ref, s, b, grp) for s in range(3))
-    o_ref = _Specs(cfg, None).view(o_ref, 0, b, grp)
+    specs = _Specs(cfg, None)
+    q_ref, k_ref, v_ref, o_ref = (specs.view(ref, s, b, grp) for ref, s in
+                                  ((q_ref, 0), (k_ref, 1), (v_ref, 2), (o_ref, 0)))
   _to_padded(((q_ref, q_sc), (k_ref, k_sc), (v_ref, v_sc)), cfg)
 
   heads = _head_lanes(cfg)
